@@ -1,0 +1,40 @@
+//! Choosing the compute device by name. grail never calls `Device::default()`: with a GPU
+//! backend compiled in it would pick that backend and fail on machines without a GPU.
+
+use burn::tensor::Device;
+
+use crate::error::{GrailError, Result};
+
+/// Parses a device name: `"cpu"` (the Flex backend), and with the matching cargo features
+/// `"vulkan"`/`"vulkan:N"` (N-th discrete GPU) or `"cuda"`/`"cuda:N"`.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let (kind, index) = match name.split_once(':') {
+        Some((k, i)) => {
+            let idx = i
+                .parse::<usize>()
+                .map_err(|_| GrailError::config("device", name, "the index after ':' must be a number"))?;
+            (k, idx)
+        }
+        None => (name, 0),
+    };
+    match kind {
+        "cpu" | "flex" => Ok(Device::flex()),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index))),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(index)),
+        "vulkan" | "cuda" => {
+            let _ = index;
+            Err(GrailError::config(
+                "device",
+                name,
+                format!("grail was built without the `{kind}` feature (rebuild with --features {kind})"),
+            ))
+        }
+        _ => Err(GrailError::config(
+            "device",
+            name,
+            "unknown device (expected \"cpu\", \"vulkan[:N]\" or \"cuda[:N]\")",
+        )),
+    }
+}

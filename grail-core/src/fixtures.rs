@@ -1,0 +1,103 @@
+//! Finding and reading the reference fixtures (`../shared/fixtures` or `$GRAIL_FIXTURES`) that
+//! parity tests in every grail crate check against. Tests discover every case they find, so a
+//! run on another fixtures root with other shapes must pass too.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{GrailError, Result};
+
+/// Environment variable naming the fixtures root.
+pub const FIXTURES_ENV: &str = "GRAIL_FIXTURES";
+
+/// The fixtures root: `$GRAIL_FIXTURES` if set, else `../shared/fixtures` from the workspace
+/// root (found from this crate's manifest directory).
+pub fn fixtures_root() -> PathBuf {
+    match std::env::var_os(FIXTURES_ENV) {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+    }
+}
+
+/// Every model folder under `<root>/models`, sorted. Panics if there is none, so a test cannot
+/// pass by finding nothing.
+pub fn model_dirs() -> Vec<PathBuf> {
+    let models = fixtures_root().join("models");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&models)
+        .unwrap_or_else(|e| panic!("cannot read fixtures at {}: {e} (set {FIXTURES_ENV})", models.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no model fixtures under {}", models.display());
+    dirs
+}
+
+/// A fixture tensor: its shape and its values widened to f64 (integers included).
+#[derive(Debug, Clone)]
+pub struct FixtureTensor {
+    /// Shape as stored.
+    pub shape: Vec<usize>,
+    /// Values in row-major order.
+    pub values: Vec<f64>,
+}
+
+impl FixtureTensor {
+    /// Values as f32.
+    pub fn f32(&self) -> Vec<f32> {
+        self.values.iter().map(|&v| v as f32).collect()
+    }
+
+    /// Values as token ids.
+    pub fn ids(&self) -> Vec<u32> {
+        self.values.iter().map(|&v| v as u32).collect()
+    }
+}
+
+/// Reads every tensor of a safetensors file (f64, f32, bf16, f16, i64, i32) as f64.
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, FixtureTensor>> {
+    let bytes = std::fs::read(path).map_err(|e| GrailError::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| GrailError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.iter() {
+        let d = view.data();
+        let values: Vec<f64> = match view.dtype() {
+            Dtype::F64 => d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
+            Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
+            Dtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Dtype::I32 => d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            other => {
+                return Err(GrailError::Safetensors {
+                    path: path.to_path_buf(),
+                    message: format!("fixture tensor `{name}` has unsupported dtype {other:?}"),
+                });
+            }
+        };
+        out.insert(
+            name.to_string(),
+            FixtureTensor {
+                shape: view.shape().to_vec(),
+                values,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// `max |a − b| / max |b|`, the agreement measure of the model fixtures.
+pub fn max_rel_diff(ours: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(ours.len(), reference.len(), "length mismatch");
+    let max_ref = reference.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+    let max_diff = ours
+        .iter()
+        .zip(reference)
+        .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+    max_diff / max_ref.max(f64::MIN_POSITIVE)
+}

@@ -1,0 +1,123 @@
+//! Grouped-query self-attention with rotate-half RoPE, over padded batches, packed rows and
+//! KV-cached continuations.
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use super::cache::KvCache;
+use super::layers::{Linear, Rope};
+use super::layout::Segment;
+
+/// How attention groups the tokens of a call.
+pub(crate) enum AttentionMode<'a> {
+    /// One right-padded sequence per row: one causal attention over the whole batch.
+    Padded,
+    /// Independent segments of rows; each attends causally to itself (and to its cache).
+    Segments {
+        segments: &'a [Segment],
+        /// One cache per segment when continuing generation.
+        caches: Option<&'a mut [KvCache]>,
+    },
+}
+
+const CAUSAL: AttentionModuleOptions = AttentionModuleOptions {
+    scale: None,
+    softcap: None,
+    is_causal: true,
+};
+
+/// Self-attention of one decoder layer, named as in Hugging Face checkpoints.
+///
+/// # Shapes
+/// - input and output `[rows, cols, hidden]`; q has `num_heads × head_dim` channels, k and v
+///   `num_kv_heads × head_dim` (each kv head serves `num_heads / num_kv_heads` query heads).
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// hidden → heads × head_dim.
+    pub q_proj: Linear,
+    /// hidden → kv_heads × head_dim.
+    pub k_proj: Linear,
+    /// hidden → kv_heads × head_dim.
+    pub v_proj: Linear,
+    /// heads × head_dim → hidden.
+    pub o_proj: Linear,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// Splits `[rows, cols, heads × head_dim]` into `[rows, heads, cols, head_dim]`.
+    fn heads(&self, x: Tensor<3>, heads: usize) -> Tensor<4> {
+        let [rows, cols, _] = x.dims();
+        x.reshape([rows, cols, heads, self.head_dim]).swap_dims(1, 2)
+    }
+
+    /// Repeats each kv head for the query heads that share it: `[r, kv, n, d] → [r, heads, n, d]`.
+    fn expand_kv(&self, x: Tensor<4>) -> Tensor<4> {
+        let group = self.num_heads / self.num_kv_heads;
+        if group == 1 {
+            return x;
+        }
+        let [r, kv, n, d] = x.dims();
+        x.reshape([r, kv, 1, n, d])
+            .expand([r, kv, group, n, d])
+            .reshape([r, kv * group, n, d])
+    }
+
+    /// Attention for `x` `[rows, cols, hidden]` with RoPE tables `cos`/`sin` `[rows, 1, cols, d]`.
+    pub(crate) fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mode: AttentionMode<'_>,
+        layer: usize,
+    ) -> Tensor<3> {
+        let [rows, cols, _] = x.dims();
+        let q = Rope::apply(self.heads(self.q_proj.forward(x.clone()), self.num_heads), cos, sin);
+        let k = Rope::apply(self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads), cos, sin);
+        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+
+        let out = match mode {
+            AttentionMode::Padded => {
+                // Right padding: causal masking alone keeps real tokens off the padding.
+                attention(q, self.expand_kv(k), self.expand_kv(v), None, None, CAUSAL)
+            }
+            AttentionMode::Segments { segments, mut caches } => {
+                let device = q.device();
+                let mut row_parts: Vec<Vec<Tensor<4>>> = vec![Vec::new(); rows];
+                let mut used = vec![0usize; rows];
+                for (i, seg) in segments.iter().enumerate() {
+                    let range = |t: &Tensor<4>| t.clone().slice_dim(0, seg.row..seg.row + 1).narrow(2, seg.start, seg.len);
+                    let (qs, mut ks, mut vs) = (range(&q), range(&k), range(&v));
+                    if let Some(caches) = caches.as_deref_mut() {
+                        (ks, vs) = caches[i].append(layer, ks, vs);
+                    }
+                    // Bottom-right aligned causal mask: new token j sees the cache and tokens ≤ j.
+                    let o = attention(qs, self.expand_kv(ks), self.expand_kv(vs), None, None, CAUSAL);
+                    row_parts[seg.row].push(o);
+                    used[seg.row] = used[seg.row].max(seg.start + seg.len);
+                }
+                let rows_out: Vec<Tensor<4>> = row_parts
+                    .into_iter()
+                    .zip(used)
+                    .map(|(mut parts, used)| {
+                        if used < cols {
+                            parts.push(Tensor::zeros([1, self.num_heads, cols - used, self.head_dim], &device));
+                        }
+                        Tensor::cat(parts, 2)
+                    })
+                    .collect();
+                Tensor::cat(rows_out, 0)
+            }
+        };
+        let out = out.swap_dims(1, 2).reshape([rows, cols, self.num_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+}

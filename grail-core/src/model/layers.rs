@@ -1,0 +1,229 @@
+//! The building blocks of the decoder, each holding its weights in Hugging Face layout so that a
+//! checkpoint maps onto them name by name.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Int, Tensor};
+
+/// A dense layer `y = x · Wᵀ + b` with `W` stored as Hugging Face stores it: `[out, in]`.
+///
+/// # Shapes
+/// - input `[..., in]`, output `[..., out]`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out_features, in_features]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[out_features]`, if the layer has a bias.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    /// A layer with weights drawn from N(0, std²) (biases zero), as HF initialises them.
+    pub fn init(in_features: usize, out_features: usize, bias: bool, std: f64, device: &Device) -> Self {
+        let weight = Tensor::random(
+            [out_features, in_features],
+            burn::tensor::Distribution::Normal(0.0, std),
+            device,
+        );
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([out_features], device))),
+        }
+    }
+
+    /// Applies the layer to the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// `x · weightᵀ + bias` over the last dimension, with `weight` `[out, in]`.
+pub fn project<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    let dims = x.dims();
+    let in_features = dims[D - 1];
+    let rows = x.shape().num_elements() / in_features;
+    let out_features = weight.dims()[0];
+    let y = x.reshape([rows, in_features]).matmul(weight.transpose());
+    let y = match bias {
+        Some(b) => y + b.unsqueeze::<2>(),
+        None => y,
+    };
+    let mut out = dims;
+    out[D - 1] = out_features;
+    y.reshape(out)
+}
+
+/// Root-mean-square normalisation as Hugging Face computes it:
+/// `y = w ⊙ x / sqrt(mean(x²) + eps)` over the last dimension (in f32).
+///
+/// # Shapes
+/// - input and output `[..., hidden]`; `weight` `[hidden]`.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// Per-channel gain, `[hidden]`.
+    pub weight: Param<Tensor<1>>,
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// A norm with unit gain.
+    pub fn init(hidden: usize, eps: f64, device: &Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([hidden], device)),
+            eps,
+        }
+    }
+
+    /// Normalises the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let inv_rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt().recip();
+        x * inv_rms * self.weight.val().unsqueeze()
+    }
+}
+
+/// Token embedding table, `[vocab, hidden]`.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// `[vocab_size, hidden_size]`.
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    /// A table drawn from N(0, std²).
+    pub fn init(vocab: usize, hidden: usize, std: f64, device: &Device) -> Self {
+        let weight = Tensor::random(
+            [vocab, hidden],
+            burn::tensor::Distribution::Normal(0.0, std),
+            device,
+        );
+        Self {
+            weight: Param::from_tensor(weight),
+        }
+    }
+
+    /// Looks up ids `[rows, cols]`, giving `[rows, cols, hidden]`.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [rows, cols] = ids.dims();
+        let weight = self.weight.val();
+        let hidden = weight.dims()[1];
+        weight
+            .select(0, ids.reshape([rows * cols]))
+            .reshape([rows, cols, hidden])
+    }
+}
+
+/// The SwiGLU MLP of Qwen2/Llama: `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// hidden → intermediate, through SiLU.
+    pub gate_proj: Linear,
+    /// hidden → intermediate, linear branch.
+    pub up_proj: Linear,
+    /// intermediate → hidden.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// Applies the MLP to `[..., hidden]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// The precision of RoPE's inverse-frequency buffer.
+///
+/// transformers keeps `inv_freq` as a module buffer, so it is cast with the model: a checkpoint
+/// whose `config.json` says `"dtype": "bfloat16"` runs with bf16-rounded frequencies even when
+/// the weights are later upcast to f32. Matching that keeps grail's logits within 1e-6 of
+/// transformers' instead of drifting ~1e-3 with position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RopePrecision {
+    /// Full f32 frequencies (checkpoints saved in f32, models built from scratch).
+    #[default]
+    F32,
+    /// Frequencies rounded to bfloat16.
+    BF16,
+    /// Frequencies rounded to IEEE half.
+    F16,
+}
+
+impl RopePrecision {
+    /// Rounds an f32 value to this precision (and back to f32).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            RopePrecision::F32 => x,
+            RopePrecision::BF16 => half::bf16::from_f32(x).to_f32(),
+            RopePrecision::F16 => half::f16::from_f32(x).to_f32(),
+        }
+    }
+
+    /// The precision for a `config.json` `dtype` / `torch_dtype` string.
+    pub fn from_hf_dtype(dtype: Option<&str>) -> Self {
+        match dtype {
+            Some("bfloat16") => RopePrecision::BF16,
+            Some("float16") => RopePrecision::F16,
+            _ => RopePrecision::F32,
+        }
+    }
+}
+
+/// Rotate-half rotary position embedding, Hugging Face's variant: channel `i` of the first half
+/// pairs with channel `i + d/2`, with inverse frequency `theta^(-2i/d)`.
+///
+/// The cos/sin values are computed on the host in f32 for the exact positions of a call, exactly
+/// as transformers computes them (f32 inverse frequencies times f32 positions), so parity does not
+/// depend on a table's size.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// Frequencies for heads of width `head_dim` (even) with base `theta`, held at `precision`.
+    pub fn new(head_dim: usize, theta: f64, precision: RopePrecision) -> Self {
+        let theta = theta as f32;
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| precision.round(1.0 / theta.powf((2 * i) as f32 / head_dim as f32)))
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// `(cos, sin)`, each `[rows, 1, cols, head_dim]`, for positions `[rows][cols]` (row-major).
+    pub fn tables(&self, positions: &[usize], rows: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let half = self.inv_freq.len();
+        let dim = 2 * half;
+        let cols = positions.len() / rows.max(1);
+        let mut cos = Vec::with_capacity(positions.len() * dim);
+        let mut sin = Vec::with_capacity(positions.len() * dim);
+        for &p in positions {
+            let start = cos.len();
+            for &f in &self.inv_freq {
+                let angle = f * p as f32;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+            // Both halves of a head use the same angles.
+            cos.extend_from_within(start..start + half);
+            sin.extend_from_within(start..start + half);
+        }
+        let make = |v: Vec<f32>| {
+            Tensor::<4>::from_data(
+                burn::tensor::TensorData::new(v, [rows, 1, cols, dim]),
+                device,
+            )
+        };
+        (make(cos), make(sin))
+    }
+
+    /// Applies the rotation to `x` `[rows, heads, cols, head_dim]`.
+    pub fn apply(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+        let [_, _, _, dim] = x.dims();
+        let half = dim / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.clone() + rotated * sin.clone()
+    }
+}

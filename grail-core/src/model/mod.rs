@@ -1,0 +1,292 @@
+//! The decoder-only transformer of the Qwen2 and Llama families.
+//!
+//! Struct and field names follow the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`),
+//! so loading and saving are a readable mapping (see [`CausalLm::build`] and
+//! [`CausalLm::for_each_tensor`]). `forward` reads top to bottom like the math:
+//! embed → (norm → attention → residual → norm → MLP → residual) × L → norm → lm_head.
+
+mod attention;
+mod cache;
+mod config;
+mod generate;
+mod layers;
+mod layout;
+mod weights;
+
+pub use attention::Attention;
+pub use cache::KvCache;
+pub use config::{ModelConfig, ModelFamily};
+pub use generate::{argmax_rows, greedy};
+pub use layers::{Embedding, Linear, Mlp, RmsNorm, Rope, RopePrecision};
+pub use layout::{Layout, Segment};
+pub use weights::{RandomInit, WeightSource};
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::error::{GrailError, Result};
+use attention::AttentionMode;
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Grouped-query self-attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// SwiGLU MLP.
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mode: AttentionMode<'_>, layer: usize) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mode, layer);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The transformer body (`model.*` in checkpoints).
+#[derive(Module, Debug)]
+pub struct DecoderModel {
+    /// Token embeddings.
+    pub embed_tokens: Embedding,
+    /// Decoder blocks.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+}
+
+/// A causal language model: the body plus the lm_head (absent when tied to the embeddings).
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    /// The transformer body.
+    pub model: DecoderModel,
+    /// Output projection `[vocab, hidden]`; `None` when `tie_word_embeddings` is set.
+    pub lm_head: Option<Linear>,
+    /// The configuration the model was built from.
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+impl CausalLm {
+    /// Builds the model for `config`, taking every tensor by its Hugging Face name from `source`
+    /// (a checkpoint, or [`RandomInit`] for a model trained from scratch).
+    pub fn build(config: &ModelConfig, source: &mut impl WeightSource) -> Result<Self> {
+        let c = config;
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let mut linear = |name: String, i: usize, o: usize, bias: bool| -> Result<Linear> {
+            Ok(Linear {
+                weight: source.param(&format!("{name}.weight"), [o, i])?,
+                bias: if bias { Some(source.param(&format!("{name}.bias"), [o])?) } else { None },
+            })
+        };
+        let mut layers_lin = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers_lin.push((
+                Attention {
+                    q_proj: linear(format!("{p}.self_attn.q_proj"), h, q, c.qkv_bias)?,
+                    k_proj: linear(format!("{p}.self_attn.k_proj"), h, kv, c.qkv_bias)?,
+                    v_proj: linear(format!("{p}.self_attn.v_proj"), h, kv, c.qkv_bias)?,
+                    o_proj: linear(format!("{p}.self_attn.o_proj"), q, h, c.o_bias)?,
+                    num_heads: c.num_attention_heads,
+                    num_kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                Mlp {
+                    gate_proj: linear(format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false)?,
+                    up_proj: linear(format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
+                    down_proj: linear(format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
+                },
+            ));
+        }
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(linear("lm_head".into(), h, c.vocab_size, false)?)
+        };
+        let mut norm = |name: String| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: source.param(&name, [h])?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for (l, (self_attn, mlp)) in layers_lin.into_iter().enumerate() {
+            layers.push(DecoderLayer {
+                input_layernorm: norm(format!("model.layers.{l}.input_layernorm.weight"))?,
+                self_attn,
+                post_attention_layernorm: norm(format!("model.layers.{l}.post_attention_layernorm.weight"))?,
+                mlp,
+            });
+        }
+        let final_norm = norm("model.norm.weight".into())?;
+        let embed_tokens = Embedding {
+            weight: source.param("model.embed_tokens.weight", [c.vocab_size, h])?,
+        };
+        source.finish()?;
+        Ok(Self {
+            model: DecoderModel {
+                embed_tokens,
+                layers,
+                norm: final_norm,
+            },
+            lm_head,
+            config: config.clone(),
+        })
+    }
+
+    /// A randomly initialised model (weights ~ N(0, 0.02²), norms 1, biases 0), seeded.
+    pub fn init(config: &ModelConfig, seed: u64, device: &Device) -> Self {
+        Self::build(config, &mut RandomInit::new(seed, 0.02, device))
+            .expect("random initialisation provides every tensor")
+    }
+
+    /// Calls `f(name, data)` for every tensor in Hugging Face naming and layout (tied
+    /// embeddings appear once, as `model.embed_tokens.weight`).
+    pub fn for_each_tensor(&self, mut f: impl FnMut(String, TensorData)) {
+        let mut lin = |name: String, l: &Linear| {
+            f(format!("{name}.weight"), l.weight.val().into_data());
+            if let Some(b) = &l.bias {
+                f(format!("{name}.bias"), b.val().into_data());
+            }
+        };
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &layer.self_attn;
+            lin(format!("{p}.self_attn.q_proj"), &a.q_proj);
+            lin(format!("{p}.self_attn.k_proj"), &a.k_proj);
+            lin(format!("{p}.self_attn.v_proj"), &a.v_proj);
+            lin(format!("{p}.self_attn.o_proj"), &a.o_proj);
+            lin(format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
+            lin(format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
+            lin(format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
+        }
+        if let Some(head) = &self.lm_head {
+            lin("lm_head".into(), head);
+        }
+        drop(lin);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            f(format!("{p}.input_layernorm.weight"), layer.input_layernorm.weight.val().into_data());
+            f(
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight.val().into_data(),
+            );
+        }
+        f("model.norm.weight".into(), self.model.norm.weight.val().into_data());
+        f("model.embed_tokens.weight".into(), self.model.embed_tokens.weight.val().into_data());
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.weight.dims()[0]
+    }
+
+    /// Hidden states `[rows, cols, hidden]` (after the final norm) for token ids laid out as
+    /// `layout` says. Ids must be below `vocab_size`.
+    pub fn forward_hidden(&self, ids: Tensor<2, Int>, layout: &Layout) -> Result<Tensor<3>> {
+        let [rows, cols] = ids.dims();
+        layout.validate(rows, cols)?;
+        let positions = layout.positions(rows, cols);
+        let segments = match layout {
+            Layout::Padded { .. } => None,
+            Layout::Packed { .. } => Some(layout.segments()),
+        };
+        Ok(self.run(ids, &positions, rows, segments.as_deref(), None))
+    }
+
+    /// Logits `[rows, cols, vocab]` for token ids laid out as `layout` says.
+    pub fn forward(&self, ids: Tensor<2, Int>, layout: &Layout) -> Result<Tensor<3>> {
+        Ok(self.logits(self.forward_hidden(ids, layout)?))
+    }
+
+    /// Incremental decoding: feeds `new_tokens[i]` to the sequence whose cache is `caches[i]`
+    /// (a prompt for an empty cache, one token per decode step, or any mix in one call), appends
+    /// their keys/values to the caches and returns the logits of each sequence's last new token,
+    /// `[sequences, vocab]`. All sequences run as one packed row: the projections and MLPs see
+    /// every token at once, attention stays per sequence.
+    pub fn forward_cached(&self, new_tokens: &[&[u32]], caches: &mut [KvCache]) -> Result<Tensor<2>> {
+        if new_tokens.len() != caches.len() || new_tokens.is_empty() {
+            return Err(GrailError::Input(format!(
+                "forward_cached: {} token lists for {} caches",
+                new_tokens.len(),
+                caches.len()
+            )));
+        }
+        let vocab = self.vocab_size();
+        let mut segments = Vec::with_capacity(new_tokens.len());
+        let mut flat = Vec::new();
+        for (i, (tokens, cache)) in new_tokens.iter().zip(caches.iter()).enumerate() {
+            if tokens.is_empty() {
+                return Err(GrailError::Input(format!("forward_cached: sequence {i} has no new tokens")));
+            }
+            if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(GrailError::Input(format!("token id {bad} is outside the vocabulary ({vocab})")));
+            }
+            segments.push(Segment { row: 0, start: flat.len(), len: tokens.len(), pos0: cache.len() });
+            flat.extend(tokens.iter().map(|&t| t as i64));
+        }
+        let total = flat.len();
+        let positions: Vec<usize> = segments.iter().flat_map(|s| s.pos0..s.pos0 + s.len).collect();
+        let device = self.device();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [1, total]), &device);
+        let hidden = self.run(ids, &positions, 1, Some(&segments), Some(caches));
+        let last: Vec<i64> = segments.iter().map(|s| (s.start + s.len - 1) as i64).collect();
+        let n = last.len();
+        let last = Tensor::<1, Int>::from_data(TensorData::new(last, [n]), &device);
+        let hidden = hidden.select(1, last).reshape([n, self.config.hidden_size]);
+        Ok(self.logits(hidden))
+    }
+
+    /// The shared body of every forward: embed, decoder layers, final norm.
+    fn run(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: &[usize],
+        rows: usize,
+        segments: Option<&[Segment]>,
+        mut caches: Option<&mut [KvCache]>,
+    ) -> Tensor<3> {
+        let device = self.device();
+        let rope = Rope::new(self.config.head_dim, self.config.rope_theta, self.config.rope_precision);
+        let (cos, sin) = rope.tables(positions, rows, &device);
+        let mut x = self.model.embed_tokens.forward(ids);
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            let mode = match segments {
+                None => AttentionMode::Padded,
+                Some(segments) => AttentionMode::Segments {
+                    segments,
+                    caches: caches.as_deref_mut(),
+                },
+            };
+            x = layer.forward(x, &cos, &sin, mode, l);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// The lm_head weight `[vocab, hidden]` (the embedding matrix when tied); the fused log-prob
+    /// path multiplies hidden states by it chunk by chunk.
+    pub fn lm_head_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.weight.val(),
+        }
+    }
+
+    /// Logits `[..., vocab]` from final hidden states `[..., hidden]`.
+    pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
+        layers::project(hidden, self.lm_head_weight(), None)
+    }
+}

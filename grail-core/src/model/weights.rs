@@ -1,0 +1,69 @@
+//! Where a model's tensors come from when it is built: a checkpoint or a seeded random init.
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+
+use crate::error::Result;
+
+/// A provider of named tensors for [`CausalLm::build`](super::CausalLm::build).
+pub trait WeightSource {
+    /// The f32 values of tensor `name`, which must have shape `shape`.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+
+    /// The device the parameters are created on.
+    fn device(&self) -> Device;
+
+    /// Called once every tensor was taken: a checkpoint reports tensors nobody asked for.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Tensor `name` as a trainable parameter.
+    fn param<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<D>>>
+    where
+        Self: Sized,
+    {
+        let values = self.take(name, &shape)?;
+        let tensor = Tensor::from_data(TensorData::new(values, shape), &self.device());
+        Ok(Param::from_tensor(tensor))
+    }
+}
+
+/// Seeded initialisation as Hugging Face does it: linear and embedding weights ~ N(0, std²),
+/// biases 0, norm gains 1. The same seed gives the same model on every backend.
+pub struct RandomInit {
+    rng: StdRng,
+    normal: Normal<f32>,
+    device: Device,
+}
+
+impl RandomInit {
+    /// A source drawing from N(0, `std`²) with a fixed seed.
+    pub fn new(seed: u64, std: f64, device: &Device) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            normal: Normal::new(0.0, std as f32).expect("std must be finite and non-negative"),
+            device: device.clone(),
+        }
+    }
+}
+
+impl WeightSource for RandomInit {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let n = shape.iter().product();
+        Ok(if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| self.normal.sample(&mut self.rng)).collect()
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+}
