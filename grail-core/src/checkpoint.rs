@@ -159,7 +159,9 @@ impl Checkpoint {
                 {
                     return Err(GrailError::Safetensors {
                         path: path.clone(),
-                        message: format!("tensor `{tname}` is not assigned to this shard by {INDEX_FILE}"),
+                        message: format!(
+                            "tensor `{tname}` is not assigned to this shard by {INDEX_FILE}"
+                        ),
                     });
                 }
                 let start = view.data().as_ptr() as usize - base;
@@ -194,7 +196,12 @@ impl Checkpoint {
         }
         let dtype = [Dtype::BF16, Dtype::F16, Dtype::F32]
             .into_iter()
-            .max_by_key(|d| dtype_counts.iter().find(|(x, _)| x == d).map_or(0, |(_, n)| *n))
+            .max_by_key(|d| {
+                dtype_counts
+                    .iter()
+                    .find(|(x, _)| x == d)
+                    .map_or(0, |(_, n)| *n)
+            })
             .map(|d| match d {
                 Dtype::BF16 => StorageDtype::BF16,
                 Dtype::F16 => StorageDtype::F16,
@@ -241,11 +248,14 @@ struct CheckpointSource<'a> {
 impl WeightSource for CheckpointSource<'_> {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let ck = self.checkpoint;
-        let entry = ck.tensors.get(name).ok_or_else(|| GrailError::MissingTensor {
-            path: ck.dir.clone(),
-            name: name.to_string(),
-            expected: shape.to_vec(),
-        })?;
+        let entry = ck
+            .tensors
+            .get(name)
+            .ok_or_else(|| GrailError::MissingTensor {
+                path: ck.dir.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+            })?;
         let (path, bytes) = &ck.files[entry.file];
         if entry.shape != shape {
             return Err(GrailError::ShapeMismatch {
@@ -259,7 +269,10 @@ impl WeightSource for CheckpointSource<'_> {
         self.taken.push(name.to_string());
         decode_f32(raw, entry.dtype).ok_or_else(|| GrailError::Safetensors {
             path: path.clone(),
-            message: format!("tensor `{name}` has dtype {:?}; grail reads F32, BF16, F16 and F64", entry.dtype),
+            message: format!(
+                "tensor `{name}` has dtype {:?}; grail reads F32, BF16, F16 and F64",
+                entry.dtype
+            ),
         })
     }
 
@@ -312,7 +325,11 @@ fn decode_f32(raw: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
 
 /// The f32 values of a tensor's data, whatever float dtype the backend holds it in.
 fn data_f32(data: TensorData) -> Vec<f32> {
-    let data = if data.dtype() == DType::F32 { data } else { data.convert::<f32>() };
+    let data = if data.dtype() == DType::F32 {
+        data
+    } else {
+        data.convert::<f32>()
+    };
     data.try_into_vec::<f32>().expect("f32 data")
 }
 
@@ -342,9 +359,11 @@ pub fn save_model(model: &CausalLm, dir: impl AsRef<Path>, dtype: StorageDtype) 
     let path = dir.join(WEIGHTS_FILE);
     // Write to a temporary name and rename, so an interrupted save never leaves a torn file.
     let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
-    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| GrailError::Safetensors {
-        path: tmp.clone(),
-        message: e.to_string(),
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| {
+        GrailError::Safetensors {
+            path: tmp.clone(),
+            message: e.to_string(),
+        }
     })?;
     std::fs::rename(&tmp, &path).map_err(|e| GrailError::io(&path, e))?;
     let index = dir.join(INDEX_FILE);
@@ -352,7 +371,8 @@ pub fn save_model(model: &CausalLm, dir: impl AsRef<Path>, dtype: StorageDtype) 
         // A stale index would make loaders look for shards we did not write.
         std::fs::remove_file(&index).map_err(|e| GrailError::io(&index, e))?;
     }
-    let config = serde_json::to_string_pretty(&model.config.to_hf_json(dtype.hf_name())).expect("JSON value");
+    let config = serde_json::to_string_pretty(&model.config.to_hf_json(dtype.hf_name()))
+        .expect("JSON value");
     let config_path = dir.join(CONFIG_FILE);
     std::fs::write(&config_path, config + "\n").map_err(|e| GrailError::io(&config_path, e))
 }

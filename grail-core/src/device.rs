@@ -10,9 +10,9 @@ use crate::error::{GrailError, Result};
 pub fn parse_device(name: &str) -> Result<Device> {
     let (kind, index) = match name.split_once(':') {
         Some((k, i)) => {
-            let idx = i
-                .parse::<usize>()
-                .map_err(|_| GrailError::config("device", name, "the index after ':' must be a number"))?;
+            let idx = i.parse::<usize>().map_err(|_| {
+                GrailError::config("device", name, "the index after ':' must be a number")
+            })?;
             (k, idx)
         }
         None => (name, 0),
@@ -28,7 +28,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
             Err(GrailError::config(
                 "device",
                 name,
-                format!("grail was built without the `{kind}` feature (rebuild with --features {kind})"),
+                format!(
+                    "grail was built without the `{kind}` feature (rebuild with --features {kind})"
+                ),
             ))
         }
         _ => Err(GrailError::config(

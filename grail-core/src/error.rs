@@ -6,13 +6,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum GrailError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file involved.
         path: PathBuf,
-        /// The underlying I/O error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying I/O error (shown in the message, so not chained as a source).
+        error: std::io::Error,
     },
     /// A JSON file (config.json, an index, tokenizer_config.json) is not valid JSON or misses a field.
     #[error("{path}: invalid JSON: {message}")]
@@ -89,7 +88,7 @@ impl GrailError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

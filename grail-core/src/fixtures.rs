@@ -26,12 +26,21 @@ pub fn fixtures_root() -> PathBuf {
 pub fn model_dirs() -> Vec<PathBuf> {
     let models = fixtures_root().join("models");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&models)
-        .unwrap_or_else(|e| panic!("cannot read fixtures at {}: {e} (set {FIXTURES_ENV})", models.display()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot read fixtures at {}: {e} (set {FIXTURES_ENV})",
+                models.display()
+            )
+        })
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
     dirs.sort();
-    assert!(!dirs.is_empty(), "no model fixtures under {}", models.display());
+    assert!(
+        !dirs.is_empty(),
+        "no model fixtures under {}",
+        models.display()
+    );
     dirs
 }
 
@@ -67,12 +76,30 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, FixtureTensor>> {
     for (name, view) in st.iter() {
         let d = view.data();
         let values: Vec<f64> = match view.dtype() {
-            Dtype::F64 => d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-            Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
-            Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
-            Dtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-            Dtype::I32 => d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Dtype::F64 => d
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect(),
+            Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
             other => {
                 return Err(GrailError::Safetensors {
                     path: path.to_path_buf(),

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use serde::Serialize;
 use serde_json::Value;
-use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
-use tokenizers::models::TrainerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
 use crate::error::{GrailError, Result};
 
@@ -73,10 +73,12 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| GrailError::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| GrailError::Json {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| GrailError::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
 }
 
 impl Tokenizer {
@@ -127,7 +129,10 @@ impl Tokenizer {
         if let Some(gen_cfg) = read_json_opt(&dir.join("generation_config.json"))? {
             let ids: Vec<u32> = match gen_cfg.get("eos_token_id") {
                 Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|n| n as u32)).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64().map(|n| n as u32))
+                    .collect(),
                 _ => Vec::new(),
             };
             for id in ids {
@@ -191,8 +196,11 @@ impl Tokenizer {
             "tokenizer_class": "PreTrainedTokenizerFast",
         });
         let path = dir.join("tokenizer_config.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&cfg).expect("JSON value"))
-            .map_err(|e| GrailError::io(&path, e))
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&cfg).expect("JSON value"),
+        )
+        .map_err(|e| GrailError::io(&path, e))
     }
 
     /// Number of tokens, added tokens included.
@@ -239,7 +247,11 @@ impl Tokenizer {
     /// Renders the chat template for `messages` as transformers' `apply_chat_template` does
     /// (`trim_blocks` and `lstrip_blocks` on; `bos_token`, `eos_token`, `add_generation_prompt`
     /// and `raise_exception` available; Python string methods such as `.strip()` supported).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
@@ -271,9 +283,15 @@ pub fn render_chat_template(
             .expect("default delimiters are valid"),
     );
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     let tmpl = env
         .template_from_str(template)
         .map_err(|e| GrailError::Template(format!("parse: {e}")))?;

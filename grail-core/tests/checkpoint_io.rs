@@ -22,11 +22,16 @@ fn raw_tensors(dir: &Path) -> HashMap<String, (safetensors::Dtype, Vec<usize>, V
     let mut out = HashMap::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "safetensors") && !path.ends_with("expected.safetensors") {
+        if path.extension().is_some_and(|e| e == "safetensors")
+            && !path.ends_with("expected.safetensors")
+        {
             let bytes = std::fs::read(&path).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             for (name, view) in st.iter() {
-                out.insert(name.to_string(), (view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+                out.insert(
+                    name.to_string(),
+                    (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
+                );
             }
         }
     }
@@ -43,20 +48,37 @@ fn load_save_load_is_bit_identical_for_every_fixture() {
         // Saved at the checkpoint's own dtype (bf16 stays bf16), the file holds the same tensors,
         // names, shapes and bytes as the one transformers wrote.
         save_model(&model, out.path(), checkpoint.dtype).unwrap();
-        assert_eq!(raw_tensors(out.path()), raw_tensors(&dir), "{}: saved tensors differ", dir.display());
+        assert_eq!(
+            raw_tensors(out.path()),
+            raw_tensors(&dir),
+            "{}: saved tensors differ",
+            dir.display()
+        );
         let reloaded = load_model(out.path(), &device).unwrap();
-        assert_eq!(tensors_of(&reloaded), tensors_of(&model), "{}", dir.display());
+        assert_eq!(
+            tensors_of(&reloaded),
+            tensors_of(&model),
+            "{}",
+            dir.display()
+        );
         assert_eq!(reloaded.config.rope_precision, model.config.rope_precision);
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(config["dtype"], checkpoint.dtype.hf_name());
-        assert_eq!(ModelConfig::from_hf_json(config).unwrap().num_parameters(), model.config.num_parameters());
+        assert_eq!(
+            ModelConfig::from_hf_json(config).unwrap().num_parameters(),
+            model.config.num_parameters()
+        );
     }
 }
 
 #[test]
 fn bf16_fixture_is_detected_and_f32_save_is_lossless() {
     let device = Device::flex();
-    let bf16_dir = model_dirs().into_iter().find(|d| Checkpoint::open(d).unwrap().dtype == StorageDtype::BF16);
+    let bf16_dir = model_dirs()
+        .into_iter()
+        .find(|d| Checkpoint::open(d).unwrap().dtype == StorageDtype::BF16);
     let Some(dir) = bf16_dir else {
         return; // another fixtures root may hold no bf16 checkpoint
     };
@@ -89,7 +111,13 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<u8>)>
     edit(&mut tensors);
     let views: Vec<_> = tensors
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
@@ -101,18 +129,29 @@ fn load_err(dir: &Path) -> GrailError {
 #[test]
 fn missing_tensor_is_named() {
     let (_tmp, dir) = scratch_copy();
-    rewrite(&dir, |t| t.retain(|(n, _, _)| n != "model.layers.0.mlp.up_proj.weight"));
+    rewrite(&dir, |t| {
+        t.retain(|(n, _, _)| n != "model.layers.0.mlp.up_proj.weight")
+    });
     let err = load_err(&dir);
     assert!(matches!(err, GrailError::MissingTensor { .. }), "{err}");
-    assert!(err.to_string().contains("model.layers.0.mlp.up_proj.weight"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("model.layers.0.mlp.up_proj.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
     let (_tmp, dir) = scratch_copy();
-    rewrite(&dir, |t| t.push(("model.layers.0.extra.weight".into(), vec![2], vec![0; 8])));
+    rewrite(&dir, |t| {
+        t.push(("model.layers.0.extra.weight".into(), vec![2], vec![0; 8]))
+    });
     let err = load_err(&dir);
-    assert!(err.to_string().contains("model.layers.0.extra.weight"), "{err}");
+    assert!(
+        err.to_string().contains("model.layers.0.extra.weight"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -120,7 +159,10 @@ fn wrong_shape_names_tensor_and_both_shapes() {
     let (_tmp, dir) = scratch_copy();
     let mut expected = Vec::new();
     rewrite(&dir, |t| {
-        let entry = t.iter_mut().find(|(n, _, _)| n == "model.norm.weight").unwrap();
+        let entry = t
+            .iter_mut()
+            .find(|(n, _, _)| n == "model.norm.weight")
+            .unwrap();
         expected = entry.1.clone();
         entry.1 = vec![entry.1[0] / 2, 2];
     });
@@ -129,7 +171,10 @@ fn wrong_shape_names_tensor_and_both_shapes() {
     assert!(matches!(err, GrailError::ShapeMismatch { .. }), "{msg}");
     assert!(msg.contains("model.norm.weight"), "{msg}");
     assert!(msg.contains(&format!("{:?}", expected)), "{msg}");
-    assert!(msg.contains(&format!("{:?}", [expected[0] / 2, 2])), "{msg}");
+    assert!(
+        msg.contains(&format!("{:?}", [expected[0] / 2, 2])),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -151,7 +196,10 @@ fn truncated_and_corrupt_files_are_errors_not_panics() {
 #[test]
 fn missing_directory_and_files_are_clear() {
     let err = load_err(Path::new("/nonexistent/grail-model"));
-    assert!(err.to_string().contains("/nonexistent/grail-model"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/grail-model"),
+        "{err}"
+    );
     let (_tmp, dir) = scratch_copy();
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     let err = load_err(&dir);
@@ -164,22 +212,35 @@ fn sharded_index_pointing_at_a_missing_shard_is_an_error() {
     let index = serde_json::json!({"metadata": {}, "weight_map": {"model.norm.weight": "model-00009-of-00009.safetensors"}});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let err = load_err(&dir);
-    assert!(err.to_string().contains("model-00009-of-00009.safetensors"), "{err}");
+    assert!(
+        err.to_string().contains("model-00009-of-00009.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unsupported_configs_name_the_field_and_value() {
-    let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model_dirs()[0].join("config.json")).unwrap()).unwrap();
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dirs()[0].join("config.json")).unwrap(),
+    )
+    .unwrap();
     // heads + 1 never divides heads, whatever the fixture.
     let bad_kv = base["num_attention_heads"].as_u64().unwrap() + 1;
     let bad_kv_shown = bad_kv.to_string();
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         ("model_type", serde_json::json!("mistral"), "mistral"),
         ("hidden_act", serde_json::json!("gelu"), "gelu"),
-        ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "yarn"),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            "yarn",
+        ),
         ("use_sliding_window", serde_json::json!(true), "true"),
-        ("num_key_value_heads", serde_json::json!(bad_kv), &bad_kv_shown),
+        (
+            "num_key_value_heads",
+            serde_json::json!(bad_kv),
+            &bad_kv_shown,
+        ),
         ("hidden_size", serde_json::json!(-1), "-1"),
         ("mlp_bias", serde_json::json!(true), "true"),
     ];
@@ -193,7 +254,10 @@ fn unsupported_configs_name_the_field_and_value() {
     let mut cfg = base.clone();
     cfg["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "rope_theta": 10000.0});
     let msg = ModelConfig::from_hf_json(cfg).unwrap_err().to_string();
-    assert!(msg.contains("rope_parameters.rope_type") && msg.contains("llama3"), "{msg}");
+    assert!(
+        msg.contains("rope_parameters.rope_type") && msg.contains("llama3"),
+        "{msg}"
+    );
     let mut cfg = base;
     cfg.as_object_mut().unwrap().remove("vocab_size");
     let msg = ModelConfig::from_hf_json(cfg).unwrap_err().to_string();
@@ -202,8 +266,10 @@ fn unsupported_configs_name_the_field_and_value() {
 
 #[test]
 fn rope_theta_is_read_from_top_level_or_rope_parameters() {
-    let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model_dirs()[0].join("config.json")).unwrap()).unwrap();
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dirs()[0].join("config.json")).unwrap(),
+    )
+    .unwrap();
     let mut top = base.clone();
     top.as_object_mut().unwrap().remove("rope_parameters");
     top["rope_theta"] = serde_json::json!(12345.0);

@@ -32,7 +32,10 @@ fn cases() -> Vec<Case> {
 fn sequences(expected: &HashMap<String, FixtureTensor>) -> Vec<(Vec<u32>, Vec<f32>)> {
     let mut out = Vec::new();
     for i in 0.. {
-        let (Some(ids), Some(logits)) = (expected.get(&format!("input_ids_{i}")), expected.get(&format!("logits_{i}"))) else {
+        let (Some(ids), Some(logits)) = (
+            expected.get(&format!("input_ids_{i}")),
+            expected.get(&format!("logits_{i}")),
+        ) else {
             break;
         };
         out.push((ids.ids(), logits.f32()));
@@ -56,7 +59,10 @@ fn to_vec(t: Tensor<3>) -> Vec<f32> {
 
 fn check(case: &str, what: &str, ours: &[f32], reference: &[f32]) {
     let rel = max_rel_diff(ours, reference);
-    assert!(rel <= TOL, "{case}: {what}: max|Δ|/max|ref| = {rel:e} > {TOL:e}");
+    assert!(
+        rel <= TOL,
+        "{case}: {what}: max|Δ|/max|ref| = {rel:e} > {TOL:e}"
+    );
 }
 
 #[test]
@@ -66,7 +72,12 @@ fn logits_match_transformers_for_every_sequence() {
         for (i, (ids, logits)) in sequences(&case.expected).iter().enumerate() {
             let out = case
                 .model
-                .forward(ids_tensor(std::slice::from_ref(ids), ids.len(), &device), &Layout::Padded { lengths: vec![ids.len()] })
+                .forward(
+                    ids_tensor(std::slice::from_ref(ids), ids.len(), &device),
+                    &Layout::Padded {
+                        lengths: vec![ids.len()],
+                    },
+                )
                 .unwrap();
             check(&case.name, &format!("logits_{i}"), &to_vec(out), logits);
         }
@@ -87,27 +98,53 @@ fn packed_row_matches_packed_logits() {
             }
             *lengths.last_mut().unwrap() += 1;
         }
-        assert!(lengths.len() > 1, "{}: packed fixture holds one sequence", case.name);
+        assert!(
+            lengths.len() > 1,
+            "{}: packed fixture holds one sequence",
+            case.name
+        );
         let layout = Layout::packed_single_row(lengths.clone());
-        assert_eq!(layout.positions(1, ids.len()), positions.iter().map(|&p| p as usize).collect::<Vec<_>>());
-        let out = case.model.forward(ids_tensor(&[ids.clone()], ids.len(), &device), &layout).unwrap();
-        check(&case.name, "packed_logits", &to_vec(out), &case.expected["packed_logits"].f32());
+        assert_eq!(
+            layout.positions(1, ids.len()),
+            positions.iter().map(|&p| p as usize).collect::<Vec<_>>()
+        );
+        let out = case
+            .model
+            .forward(ids_tensor(std::slice::from_ref(&ids), ids.len(), &device), &layout)
+            .unwrap();
+        check(
+            &case.name,
+            "packed_logits",
+            &to_vec(out),
+            &case.expected["packed_logits"].f32(),
+        );
 
         // The same sequences split over two rows, with a padded tail, give the same logits.
         let split = lengths.len() / 2;
-        let (first, second): (Vec<usize>, Vec<usize>) = (lengths[..split].to_vec(), lengths[split..].to_vec());
+        let (first, second): (Vec<usize>, Vec<usize>) =
+            (lengths[..split].to_vec(), lengths[split..].to_vec());
         let n_first: usize = first.iter().sum();
         let cols = n_first.max(ids.len() - n_first) + 3;
         let rows = vec![ids[..n_first].to_vec(), ids[n_first..].to_vec()];
         let out = case
             .model
-            .forward(ids_tensor(&rows, cols, &device), &Layout::Packed { rows: vec![first, second] })
+            .forward(
+                ids_tensor(&rows, cols, &device),
+                &Layout::Packed {
+                    rows: vec![first, second],
+                },
+            )
             .unwrap();
         let vocab = case.model.vocab_size();
         let out = to_vec(out);
         let mut real = out[..n_first * vocab].to_vec();
         real.extend_from_slice(&out[cols * vocab..(cols + ids.len() - n_first) * vocab]);
-        check(&case.name, "packed logits over two rows", &real, &case.expected["packed_logits"].f32());
+        check(
+            &case.name,
+            "packed logits over two rows",
+            &real,
+            &case.expected["packed_logits"].f32(),
+        );
     }
 }
 
@@ -119,7 +156,14 @@ fn padded_batch_matches_per_sequence_logits() {
         let rows: Vec<Vec<u32>> = seqs.iter().map(|(ids, _)| ids.clone()).collect();
         let cols = rows.iter().map(Vec::len).max().unwrap();
         let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
-        let out = to_vec(case.model.forward(ids_tensor(&rows, cols, &device), &Layout::Padded { lengths }).unwrap());
+        let out = to_vec(
+            case.model
+                .forward(
+                    ids_tensor(&rows, cols, &device),
+                    &Layout::Padded { lengths },
+                )
+                .unwrap(),
+        );
         let vocab = case.model.vocab_size();
         for (b, (ids, logits)) in seqs.iter().enumerate() {
             let real = &out[b * cols * vocab..(b * cols + ids.len()) * vocab];
@@ -146,8 +190,18 @@ fn batched_cached_prefill_and_decode_match_full_forward() {
         for (i, (ids, logits)) in seqs.iter().enumerate() {
             let n = ids.len();
             assert_eq!(caches[i].len(), n);
-            check(&case.name, &format!("prefill last logits {i}"), &prefill[i * vocab..(i + 1) * vocab], &logits[(n - 2) * vocab..(n - 1) * vocab]);
-            check(&case.name, &format!("decode step logits {i}"), &step[i * vocab..(i + 1) * vocab], &logits[(n - 1) * vocab..n * vocab]);
+            check(
+                &case.name,
+                &format!("prefill last logits {i}"),
+                &prefill[i * vocab..(i + 1) * vocab],
+                &logits[(n - 2) * vocab..(n - 1) * vocab],
+            );
+            check(
+                &case.name,
+                &format!("decode step logits {i}"),
+                &step[i * vocab..(i + 1) * vocab],
+                &logits[(n - 1) * vocab..n * vocab],
+            );
         }
     }
 }
@@ -160,7 +214,11 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
         let cached = greedy(&case.model, &prompt, want.len(), true).unwrap();
         assert_eq!(cached, want, "{}: greedy tokens with KV cache", case.name);
         let uncached = greedy(&case.model, &prompt, want.len(), false).unwrap();
-        assert_eq!(uncached, cached, "{}: greedy without cache differs from with cache", case.name);
+        assert_eq!(
+            uncached, cached,
+            "{}: greedy without cache differs from with cache",
+            case.name
+        );
     }
 }
 
@@ -168,5 +226,8 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
 fn fixtures_root_has_the_documented_models() {
     // Guards against a silently empty discovery.
     let dirs = model_dirs();
-    assert!(dirs.iter().all(|d| Path::new(d).join("config.json").is_file()));
+    assert!(
+        dirs.iter()
+            .all(|d| Path::new(d).join("config.json").is_file())
+    );
 }

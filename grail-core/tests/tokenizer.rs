@@ -10,20 +10,38 @@ const CORPUS: &[&str] = &[
 ];
 
 fn trained() -> Tokenizer {
-    Tokenizer::train_bpe(CORPUS.iter().copied(), 300, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap()
+    Tokenizer::train_bpe(
+        CORPUS.iter().copied(),
+        300,
+        &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    )
+    .unwrap()
 }
 
 #[test]
 fn trained_bpe_round_trips_any_text() {
     let tok = trained();
-    assert!(tok.vocab_size() > 256 && tok.vocab_size() <= 300, "vocab {}", tok.vocab_size());
-    for text in CORPUS.iter().copied().chain(["unseen words: zebra ünïcödé 🚀 \n\t  spaces", ""]) {
+    assert!(
+        tok.vocab_size() > 256 && tok.vocab_size() <= 300,
+        "vocab {}",
+        tok.vocab_size()
+    );
+    for text in CORPUS
+        .iter()
+        .copied()
+        .chain(["unseen words: zebra ünïcödé 🚀 \n\t  spaces", ""])
+    {
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
     }
     // Merges learned from the corpus make its text shorter than its bytes.
     let ids = tok.encode(CORPUS[1], false).unwrap();
-    assert!(ids.len() < CORPUS[1].len(), "{} tokens for {} bytes", ids.len(), CORPUS[1].len());
+    assert!(
+        ids.len() < CORPUS[1].len(),
+        "{} tokens for {} bytes",
+        ids.len(),
+        CORPUS[1].len()
+    );
 }
 
 #[test]
@@ -34,22 +52,37 @@ fn special_tokens_are_single_ids_and_training_is_deterministic() {
     let ids = tok.encode("<|im_start|>user<|im_end|>", false).unwrap();
     assert_eq!(ids.first(), Some(&1));
     assert_eq!(ids.last(), Some(&2));
-    assert_eq!(trained().encode(CORPUS[2], false).unwrap(), tok.encode(CORPUS[2], false).unwrap());
+    assert_eq!(
+        trained().encode(CORPUS[2], false).unwrap(),
+        tok.encode(CORPUS[2], false).unwrap()
+    );
 }
 
 #[test]
 fn save_and_load_from_dir_keeps_specials_and_template() {
     let mut tok = trained();
-    tok.chat_template = Some("{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}".into());
+    tok.chat_template =
+        Some("{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}".into());
     let dir = tempfile::tempdir().unwrap();
     tok.save(dir.path()).unwrap();
-    std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [0, 2]}"#).unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [0, 2]}"#,
+    )
+    .unwrap();
     let loaded = Tokenizer::from_dir(dir.path()).unwrap();
     assert_eq!(loaded.eos_token_ids, vec![0, 2]);
-    assert_eq!(loaded.encode(CORPUS[0], false).unwrap(), tok.encode(CORPUS[0], false).unwrap());
-    let text = loaded.apply_chat_template(&[ChatMessage::new("user", "hi")], false).unwrap();
+    assert_eq!(
+        loaded.encode(CORPUS[0], false).unwrap(),
+        tok.encode(CORPUS[0], false).unwrap()
+    );
+    let text = loaded
+        .apply_chat_template(&[ChatMessage::new("user", "hi")], false)
+        .unwrap();
     assert_eq!(text, "hi<|endoftext|>");
-    let err = Tokenizer::from_dir("/nonexistent/tok").unwrap_err().to_string();
+    let err = Tokenizer::from_dir("/nonexistent/tok")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
 }
 
@@ -72,8 +105,16 @@ fn chatml_template_renders_as_transformers_does() {
 fn templates_with_block_whitespace_python_methods_and_exceptions() {
     // trim_blocks/lstrip_blocks as transformers sets them, `.strip()` from Python, raise_exception.
     let template = "{{ bos_token }}\n{% for m in messages %}\n    {% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}\n[{{ m.role }}] {{ m.content.strip() }}\n{% endfor %}";
-    let ok = render_chat_template(template, &[ChatMessage::new("user", "  hi  ")], false, "<s>", "</s>").unwrap();
+    let ok = render_chat_template(
+        template,
+        &[ChatMessage::new("user", "  hi  ")],
+        false,
+        "<s>",
+        "</s>",
+    )
+    .unwrap();
     assert_eq!(ok, "<s>\n[user] hi\n");
-    let err = render_chat_template(template, &[ChatMessage::new("system", "x")], false, "", "").unwrap_err();
+    let err = render_chat_template(template, &[ChatMessage::new("system", "x")], false, "", "")
+        .unwrap_err();
     assert!(err.to_string().contains("no system"), "{err}");
 }

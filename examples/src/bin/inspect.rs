@@ -33,24 +33,44 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let device = parse_device(&args.device)?;
     let start = Instant::now();
-    let checkpoint = Checkpoint::open(&args.model_dir).with_context(|| format!("opening {}", args.model_dir.display()))?;
+    let checkpoint = Checkpoint::open(&args.model_dir)
+        .with_context(|| format!("opening {}", args.model_dir.display()))?;
     let model = checkpoint.load(&device)?;
     let c = &model.config;
-    println!("model       {} ({})", args.model_dir.display(), c.family.architecture());
+    println!(
+        "model       {} ({})",
+        args.model_dir.display(),
+        c.family.architecture()
+    );
     println!(
         "shape       hidden {} · intermediate {} · layers {} · heads {} (kv {}) · head_dim {}",
-        c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
     );
     println!(
         "vocab       {} · tied embeddings {} · rope_theta {} · rms_norm_eps {:e}",
         c.vocab_size, c.tie_word_embeddings, c.rope_theta, c.rms_norm_eps
     );
-    println!("parameters  {} ({:.2} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
-    println!("stored as   {} · loaded in {:.2?}", checkpoint.dtype.hf_name(), start.elapsed());
+    println!(
+        "parameters  {} ({:.2} M)",
+        c.num_parameters(),
+        c.num_parameters() as f64 / 1e6
+    );
+    println!(
+        "stored as   {} · loaded in {:.2?}",
+        checkpoint.dtype.hf_name(),
+        start.elapsed()
+    );
 
     let tokenizer = if args.model_dir.join("tokenizer.json").is_file() {
         Some(Tokenizer::from_dir(&args.model_dir)?)
@@ -62,11 +82,18 @@ fn main() -> Result<()> {
         None => args
             .prompt_ids
             .split(',')
-            .map(|s| s.trim().parse::<u32>().with_context(|| format!("--prompt-ids: {s:?} is not a token id")))
+            .map(|s| {
+                s.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("--prompt-ids: {s:?} is not a token id"))
+            })
             .collect::<Result<_>>()?,
     };
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= c.vocab_size) {
-        anyhow::bail!("prompt token {bad} is outside the vocabulary ({})", c.vocab_size);
+        anyhow::bail!(
+            "prompt token {bad} is outside the vocabulary ({})",
+            c.vocab_size
+        );
     }
     let start = Instant::now();
     let generated = greedy(&model, &prompt, args.max_new_tokens, true)?;

@@ -55,7 +55,8 @@ impl Attention {
     /// Splits `[rows, cols, heads × head_dim]` into `[rows, heads, cols, head_dim]`.
     fn heads(&self, x: Tensor<3>, heads: usize) -> Tensor<4> {
         let [rows, cols, _] = x.dims();
-        x.reshape([rows, cols, heads, self.head_dim]).swap_dims(1, 2)
+        x.reshape([rows, cols, heads, self.head_dim])
+            .swap_dims(1, 2)
     }
 
     /// Repeats each kv head for the query heads that share it: `[r, kv, n, d] → [r, heads, n, d]`.
@@ -80,8 +81,16 @@ impl Attention {
         layer: usize,
     ) -> Tensor<3> {
         let [rows, cols, _] = x.dims();
-        let q = Rope::apply(self.heads(self.q_proj.forward(x.clone()), self.num_heads), cos, sin);
-        let k = Rope::apply(self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads), cos, sin);
+        let q = Rope::apply(
+            self.heads(self.q_proj.forward(x.clone()), self.num_heads),
+            cos,
+            sin,
+        );
+        let k = Rope::apply(
+            self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads),
+            cos,
+            sin,
+        );
         let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
 
         let out = match mode {
@@ -89,18 +98,32 @@ impl Attention {
                 // Right padding: causal masking alone keeps real tokens off the padding.
                 attention(q, self.expand_kv(k), self.expand_kv(v), None, None, CAUSAL)
             }
-            AttentionMode::Segments { segments, mut caches } => {
+            AttentionMode::Segments {
+                segments,
+                mut caches,
+            } => {
                 let device = q.device();
                 let mut row_parts: Vec<Vec<Tensor<4>>> = vec![Vec::new(); rows];
                 let mut used = vec![0usize; rows];
                 for (i, seg) in segments.iter().enumerate() {
-                    let range = |t: &Tensor<4>| t.clone().slice_dim(0, seg.row..seg.row + 1).narrow(2, seg.start, seg.len);
+                    let range = |t: &Tensor<4>| {
+                        t.clone()
+                            .slice_dim(0, seg.row..seg.row + 1)
+                            .narrow(2, seg.start, seg.len)
+                    };
                     let (qs, mut ks, mut vs) = (range(&q), range(&k), range(&v));
                     if let Some(caches) = caches.as_deref_mut() {
                         (ks, vs) = caches[i].append(layer, ks, vs);
                     }
                     // Bottom-right aligned causal mask: new token j sees the cache and tokens ≤ j.
-                    let o = attention(qs, self.expand_kv(ks), self.expand_kv(vs), None, None, CAUSAL);
+                    let o = attention(
+                        qs,
+                        self.expand_kv(ks),
+                        self.expand_kv(vs),
+                        None,
+                        None,
+                        CAUSAL,
+                    );
                     row_parts[seg.row].push(o);
                     used[seg.row] = used[seg.row].max(seg.start + seg.len);
                 }
@@ -109,7 +132,10 @@ impl Attention {
                     .zip(used)
                     .map(|(mut parts, used)| {
                         if used < cols {
-                            parts.push(Tensor::zeros([1, self.num_heads, cols - used, self.head_dim], &device));
+                            parts.push(Tensor::zeros(
+                                [1, self.num_heads, cols - used, self.head_dim],
+                                &device,
+                            ));
                         }
                         Tensor::cat(parts, 2)
                     })
@@ -117,7 +143,9 @@ impl Attention {
                 Tensor::cat(rows_out, 0)
             }
         };
-        let out = out.swap_dims(1, 2).reshape([rows, cols, self.num_heads * self.head_dim]);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([rows, cols, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 }

@@ -39,7 +39,12 @@ impl KvCache {
 
     /// Appends new keys/values of `layer` and returns the full keys/values to attend to.
     /// The length advances once the last layer has been appended.
-    pub(crate) fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>) {
         let new = k.dims()[2];
         let (k, v) = match self.layers[layer].take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),

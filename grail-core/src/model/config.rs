@@ -162,7 +162,9 @@ impl ModelConfig {
                 ));
             }
         };
-        let act = get(obj, "hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        let act = get(obj, "hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
         if act != "silu" {
             return Err(GrailError::config(
                 "hidden_act",
@@ -233,16 +235,27 @@ impl ModelConfig {
                 return Err(GrailError::config(
                     "hidden_size",
                     hidden_size,
-                    format!("not divisible by num_attention_heads ({num_attention_heads}) and no head_dim given"),
+                    format!(
+                        "not divisible by num_attention_heads ({num_attention_heads}) and no head_dim given"
+                    ),
                 ));
             }
         };
         if head_dim % 2 != 0 {
-            return Err(GrailError::config("head_dim", head_dim, "RoPE needs an even head_dim"));
+            return Err(GrailError::config(
+                "head_dim",
+                head_dim,
+                "RoPE needs an even head_dim",
+            ));
         }
         let rope_theta = match rope_params {
-            Some(params) => opt_f64(params, "rope_theta")
-                .map_err(|_| GrailError::config("rope_parameters.rope_theta", params.get("rope_theta").unwrap_or(&Value::Null), "must be a positive number"))?,
+            Some(params) => opt_f64(params, "rope_theta").map_err(|_| {
+                GrailError::config(
+                    "rope_parameters.rope_theta",
+                    params.get("rope_theta").unwrap_or(&Value::Null),
+                    "must be a positive number",
+                )
+            })?,
             None => None,
         };
         let rope_theta = match rope_theta {
@@ -268,7 +281,9 @@ impl ModelConfig {
             max_position_embeddings: opt_usize(obj, "max_position_embeddings")?.unwrap_or(4096),
             tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?.unwrap_or(false),
             rope_precision: RopePrecision::from_hf_dtype(
-                get(obj, "dtype").or_else(|| get(obj, "torch_dtype")).and_then(Value::as_str),
+                get(obj, "dtype")
+                    .or_else(|| get(obj, "torch_dtype"))
+                    .and_then(Value::as_str),
             ),
             qkv_bias,
             o_bias,
@@ -349,7 +364,10 @@ impl ModelConfig {
         set("head_dim", json!(self.head_dim));
         set("rms_norm_eps", json!(self.rms_norm_eps));
         set("vocab_size", json!(self.vocab_size));
-        set("max_position_embeddings", json!(self.max_position_embeddings));
+        set(
+            "max_position_embeddings",
+            json!(self.max_position_embeddings),
+        );
         set("tie_word_embeddings", json!(self.tie_word_embeddings));
         set("dtype", json!(dtype));
         if self.family == ModelFamily::Llama {

@@ -8,7 +8,12 @@ use crate::error::Result;
 /// Appends `max_new_tokens` greedy (arg-max) tokens to `prompt`, with the KV cache
 /// (`use_cache`, one prefill then one-token steps) or by re-running the whole sequence each step.
 /// No end-of-sequence stop: exactly `max_new_tokens` tokens come back.
-pub fn greedy(model: &CausalLm, prompt: &[u32], max_new_tokens: usize, use_cache: bool) -> Result<Vec<u32>> {
+pub fn greedy(
+    model: &CausalLm,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    use_cache: bool,
+) -> Result<Vec<u32>> {
     let mut out = Vec::with_capacity(max_new_tokens);
     if use_cache {
         let mut cache = [KvCache::new(model.config.num_hidden_layers)];
@@ -26,7 +31,9 @@ pub fn greedy(model: &CausalLm, prompt: &[u32], max_new_tokens: usize, use_cache
             let ids: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
             let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &model.device());
             let hidden = model.forward_hidden(ids, &Layout::Padded { lengths: vec![len] })?;
-            let last = hidden.narrow(1, len - 1, 1).reshape([1, model.config.hidden_size]);
+            let last = hidden
+                .narrow(1, len - 1, 1)
+                .reshape([1, model.config.hidden_size]);
             let token = argmax_rows(model.logits(last))[0];
             out.push(token);
             seq.push(token);

@@ -19,7 +19,13 @@ pub struct Linear {
 
 impl Linear {
     /// A layer with weights drawn from N(0, std²) (biases zero), as HF initialises them.
-    pub fn init(in_features: usize, out_features: usize, bias: bool, std: f64, device: &Device) -> Self {
+    pub fn init(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        std: f64,
+        device: &Device,
+    ) -> Self {
         let weight = Tensor::random(
             [out_features, in_features],
             burn::tensor::Distribution::Normal(0.0, std),
@@ -38,7 +44,11 @@ impl Linear {
 }
 
 /// `x · weightᵀ + bias` over the last dimension, with `weight` `[out, in]`.
-pub fn project<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+pub fn project<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
     let dims = x.dims();
     let in_features = dims[D - 1];
     let rows = x.shape().num_elements() / in_features;
@@ -77,7 +87,9 @@ impl RmsNorm {
 
     /// Normalises the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let inv_rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt().recip();
+        let inv_rms = (x.clone().square().mean_dim(D - 1) + self.eps)
+            .sqrt()
+            .recip();
         x * inv_rms * self.weight.val().unsqueeze()
     }
 }
@@ -191,7 +203,12 @@ impl Rope {
     }
 
     /// `(cos, sin)`, each `[rows, 1, cols, head_dim]`, for positions `[rows][cols]` (row-major).
-    pub fn tables(&self, positions: &[usize], rows: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    pub fn tables(
+        &self,
+        positions: &[usize],
+        rows: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
         let half = self.inv_freq.len();
         let dim = 2 * half;
         let cols = positions.len() / rows.max(1);

@@ -47,10 +47,9 @@ impl Layout {
     pub fn validate(&self, rows: usize, cols: usize) -> Result<()> {
         let (name, per_row): (&str, Vec<usize>) = match self {
             Layout::Padded { lengths } => ("Padded.lengths", lengths.clone()),
-            Layout::Packed { rows } => (
-                "Packed.rows",
-                rows.iter().map(|r| r.iter().sum()).collect(),
-            ),
+            Layout::Packed { rows } => {
+                ("Packed.rows", rows.iter().map(|r| r.iter().sum()).collect())
+            }
         };
         if per_row.len() != rows {
             return Err(GrailError::Input(format!(
@@ -68,7 +67,9 @@ impl Layout {
             Layout::Packed { rows } => rows.iter().flatten().any(|&l| l == 0),
         };
         if empty {
-            return Err(GrailError::Input(format!("{name}: a sequence has length 0")));
+            return Err(GrailError::Input(format!(
+                "{name}: a sequence has length 0"
+            )));
         }
         Ok(())
     }

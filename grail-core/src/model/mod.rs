@@ -41,8 +41,18 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mode: AttentionMode<'_>, layer: usize) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mode, layer);
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mode: AttentionMode<'_>,
+        layer: usize,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, mode, layer);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -83,7 +93,11 @@ impl CausalLm {
         let mut linear = |name: String, i: usize, o: usize, bias: bool| -> Result<Linear> {
             Ok(Linear {
                 weight: source.param(&format!("{name}.weight"), [o, i])?,
-                bias: if bias { Some(source.param(&format!("{name}.bias"), [o])?) } else { None },
+                bias: if bias {
+                    Some(source.param(&format!("{name}.bias"), [o])?)
+                } else {
+                    None
+                },
             })
         };
         let mut layers_lin = Vec::with_capacity(c.num_hidden_layers);
@@ -122,7 +136,9 @@ impl CausalLm {
             layers.push(DecoderLayer {
                 input_layernorm: norm(format!("model.layers.{l}.input_layernorm.weight"))?,
                 self_attn,
-                post_attention_layernorm: norm(format!("model.layers.{l}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: norm(format!(
+                    "model.layers.{l}.post_attention_layernorm.weight"
+                ))?,
                 mlp,
             });
         }
@@ -171,17 +187,25 @@ impl CausalLm {
         if let Some(head) = &self.lm_head {
             lin("lm_head".into(), head);
         }
-        drop(lin);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            f(format!("{p}.input_layernorm.weight"), layer.input_layernorm.weight.val().into_data());
+            f(
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.weight.val().into_data(),
+            );
             f(
                 format!("{p}.post_attention_layernorm.weight"),
                 layer.post_attention_layernorm.weight.val().into_data(),
             );
         }
-        f("model.norm.weight".into(), self.model.norm.weight.val().into_data());
-        f("model.embed_tokens.weight".into(), self.model.embed_tokens.weight.val().into_data());
+        f(
+            "model.norm.weight".into(),
+            self.model.norm.weight.val().into_data(),
+        );
+        f(
+            "model.embed_tokens.weight".into(),
+            self.model.embed_tokens.weight.val().into_data(),
+        );
     }
 
     /// The device the weights live on.
@@ -217,7 +241,11 @@ impl CausalLm {
     /// their keys/values to the caches and returns the logits of each sequence's last new token,
     /// `[sequences, vocab]`. All sequences run as one packed row: the projections and MLPs see
     /// every token at once, attention stays per sequence.
-    pub fn forward_cached(&self, new_tokens: &[&[u32]], caches: &mut [KvCache]) -> Result<Tensor<2>> {
+    pub fn forward_cached(
+        &self,
+        new_tokens: &[&[u32]],
+        caches: &mut [KvCache],
+    ) -> Result<Tensor<2>> {
         if new_tokens.len() != caches.len() || new_tokens.is_empty() {
             return Err(GrailError::Input(format!(
                 "forward_cached: {} token lists for {} caches",
@@ -230,20 +258,35 @@ impl CausalLm {
         let mut flat = Vec::new();
         for (i, (tokens, cache)) in new_tokens.iter().zip(caches.iter()).enumerate() {
             if tokens.is_empty() {
-                return Err(GrailError::Input(format!("forward_cached: sequence {i} has no new tokens")));
+                return Err(GrailError::Input(format!(
+                    "forward_cached: sequence {i} has no new tokens"
+                )));
             }
             if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(GrailError::Input(format!("token id {bad} is outside the vocabulary ({vocab})")));
+                return Err(GrailError::Input(format!(
+                    "token id {bad} is outside the vocabulary ({vocab})"
+                )));
             }
-            segments.push(Segment { row: 0, start: flat.len(), len: tokens.len(), pos0: cache.len() });
+            segments.push(Segment {
+                row: 0,
+                start: flat.len(),
+                len: tokens.len(),
+                pos0: cache.len(),
+            });
             flat.extend(tokens.iter().map(|&t| t as i64));
         }
         let total = flat.len();
-        let positions: Vec<usize> = segments.iter().flat_map(|s| s.pos0..s.pos0 + s.len).collect();
+        let positions: Vec<usize> = segments
+            .iter()
+            .flat_map(|s| s.pos0..s.pos0 + s.len)
+            .collect();
         let device = self.device();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [1, total]), &device);
         let hidden = self.run(ids, &positions, 1, Some(&segments), Some(caches));
-        let last: Vec<i64> = segments.iter().map(|s| (s.start + s.len - 1) as i64).collect();
+        let last: Vec<i64> = segments
+            .iter()
+            .map(|s| (s.start + s.len - 1) as i64)
+            .collect();
         let n = last.len();
         let last = Tensor::<1, Int>::from_data(TensorData::new(last, [n]), &device);
         let hidden = hidden.select(1, last).reshape([n, self.config.hidden_size]);
@@ -260,7 +303,11 @@ impl CausalLm {
         mut caches: Option<&mut [KvCache]>,
     ) -> Tensor<3> {
         let device = self.device();
-        let rope = Rope::new(self.config.head_dim, self.config.rope_theta, self.config.rope_precision);
+        let rope = Rope::new(
+            self.config.head_dim,
+            self.config.rope_theta,
+            self.config.rope_precision,
+        );
         let (cos, sin) = rope.tables(positions, rows, &device);
         let mut x = self.model.embed_tokens.forward(ids);
         for (l, layer) in self.model.layers.iter().enumerate() {
