@@ -110,7 +110,10 @@ fn packed_row_matches_packed_logits() {
         );
         let out = case
             .model
-            .forward(ids_tensor(std::slice::from_ref(&ids), ids.len(), &device), &layout)
+            .forward(
+                ids_tensor(std::slice::from_ref(&ids), ids.len(), &device),
+                &layout,
+            )
             .unwrap();
         check(
             &case.name,
