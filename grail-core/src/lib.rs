@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod fixtures;
+pub mod fused;
 pub mod model;
 pub mod tokenizer;
 

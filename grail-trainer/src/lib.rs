@@ -1,6 +1,10 @@
 //! grail-trainer: the GRPO trainer (advantages, fused chunked log-probs and losses, sequence
 //! packing, token-budget micro-batches, AdamW, train state, MFU).
 //!
-//! Not built yet: this crate is a workspace member so that the trainer can grow on top of
-//! `grail_core::model::CausalLm::forward_hidden` with packed layouts (see the trainer issue and
-//! `docs/architecture.md`).
+//! Built so far: the GRPO loss family on the fused chunked log-prob path ([`loss`]).
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod loss;
+
+pub use error::{Result, TrainerError};

@@ -1,0 +1,11 @@
+//! Fused operations of the trainer's hot path.
+//!
+//! - [`logprob`]: per-token log-probs of selected tokens straight from final hidden states and the
+//!   lm_head weight, in chunks, so that the `[tokens × vocab]` logits never exist.
+
+pub mod logprob;
+
+pub use logprob::{
+    ChunkSizes, SelectiveLogProbs, gradient_surrogate, naive_selective_logprobs,
+    selective_logprobs_backward, selective_logprobs_forward,
+};

@@ -1,0 +1,36 @@
+//! Errors of the trainer: bad configuration or bad input data, each naming the culprit.
+
+/// Trainer errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// A configuration value out of range or inconsistent with another.
+    #[error("trainer config `{key}` = {value}: {reason}")]
+    Config {
+        /// The config key, named as in TRL's GRPOConfig where it exists.
+        key: String,
+        /// The offending value.
+        value: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// Input data the trainer cannot use (empty group, NaN reward, mismatched shapes, ...).
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// An error from grail-core (model, checkpoint).
+    #[error(transparent)]
+    Core(#[from] grail_core::GrailError),
+}
+
+/// Result alias for the trainer.
+pub type Result<T, E = TrainerError> = std::result::Result<T, E>;
+
+impl TrainerError {
+    /// A config error for `key` holding `value`.
+    pub fn config(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        Self::Config {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
