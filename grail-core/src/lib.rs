@@ -16,5 +16,6 @@ pub mod fixtures;
 pub mod fused;
 pub mod model;
 pub mod tokenizer;
+pub mod types;
 
 pub use error::{GrailError, Result};

@@ -8,3 +8,9 @@ pub mod error;
 pub mod loss;
 
 pub use error::{Result, TrainerError};
+pub mod advantages;
+pub mod config;
+pub mod flops;
+pub mod packing;
+pub mod schedule;
+pub mod trainer;

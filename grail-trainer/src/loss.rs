@@ -163,8 +163,9 @@ pub struct LossBatch {
     pub cells: Vec<usize>,
     /// One advantage per sequence.
     pub advantages: Vec<f32>,
-    /// Old (behaviour / pre-update) log-prob per token, aligned with `cells`.
-    pub old_logps: Vec<f32>,
+    /// Old (pre-update) log-prob per token, aligned with `cells`; `None` means "the current
+    /// log-probs, detached" (TRL with `num_iterations = 1`: every ratio is exactly 1).
+    pub old_logps: Option<Vec<f32>>,
     /// Reference-model log-prob per token (needed when beta > 0).
     pub ref_logps: Option<Vec<f32>>,
     /// Truncated importance-sampling correction per token (rollout vs trainer), if used.
@@ -324,21 +325,12 @@ fn policy_loss(
     (loss, [kl_sum, clipped_low, clipped_high, outside])
 }
 
-/// Loss, metrics and gradients for one batch of completion tokens through the fused path.
-///
-/// `hidden` `[tokens, hidden]` holds the final hidden states that predict each completion token
-/// (plain tensors, no autodiff), `weight` the lm_head `[vocab, hidden]`, `targets` the completion
-/// tokens. Returns the stats and `(dL/dhidden, dL/dweight)` for [`grail_core::fused::gradient_surrogate`].
-pub fn fused_grpo_loss(
+fn validate_batch(
     cfg: &GrpoLossConfig,
-    norm: StepNormalizer,
     batch: &LossBatch,
-    hidden: &Tensor<2>,
-    weight: &Tensor<2>,
+    n: usize,
     targets: &Tensor<1, Int>,
-    chunks: ChunkSizes,
-) -> Result<(LossStats, Tensor<2>, Tensor<2>)> {
-    let n = hidden.dims()[0];
+) -> Result<()> {
     let size = batch.sequences * batch.width;
     let check = |name: &str, len: usize, want: usize| {
         if len == want {
@@ -350,14 +342,16 @@ pub fn fused_grpo_loss(
         }
     };
     check("cells", batch.cells.len(), n)?;
-    check("old_logps", batch.old_logps.len(), n)?;
     check("targets", targets.dims()[0], n)?;
     check("advantages", batch.advantages.len(), batch.sequences)?;
-    if let Some(r) = &batch.ref_logps {
-        check("ref_logps", r.len(), n)?;
-    }
-    if let Some(r) = &batch.is_ratio {
-        check("is_ratio", r.len(), n)?;
+    for (name, v) in [
+        ("old_logps", &batch.old_logps),
+        ("ref_logps", &batch.ref_logps),
+        ("is_ratio", &batch.is_ratio),
+    ] {
+        if let Some(v) = v {
+            check(name, v.len(), n)?;
+        }
     }
     if let Some(&c) = batch.cells.iter().find(|&&c| c >= size) {
         return Err(TrainerError::Input(format!(
@@ -370,48 +364,97 @@ pub fn fused_grpo_loss(
             "beta > 0 needs reference log-probs (a reference model)".into(),
         ));
     }
+    Ok(())
+}
 
-    let fwd = selective_logprobs_forward(hidden, weight, targets, cfg.temperature, chunks, true);
-    let logp_host: Vec<f32> = fwd
-        .logp
-        .to_data()
+/// The grid tensors of a batch on `device`, with `logp` given as host values (for the fused path)
+/// and the policy loss computed from them.
+struct Grids {
+    loss: Tensor<1>,
+    metrics: [f64; 4],
+}
+
+fn loss_on_grid(
+    cfg: &GrpoLossConfig,
+    norm: StepNormalizer,
+    batch: &LossBatch,
+    logp: Tensor<2>,
+    logp_host: &[f32],
+) -> Grids {
+    let device = logp.device();
+    let (b, w) = (batch.sequences, batch.width);
+    let g = |v: &[f32]| grid(v, &batch.cells, b * w, &device, b, w);
+    let mask = g(&vec![1.0; batch.cells.len()]);
+    let adv = Tensor::<2>::from_data(TensorData::new(batch.advantages.clone(), [b, 1]), &device);
+    let old = g(batch.old_logps.as_deref().unwrap_or(logp_host));
+    let reference = batch.ref_logps.as_deref().map(g);
+    let is_ratio = batch.is_ratio.as_deref().map(g);
+    let (loss, metrics) = policy_loss(cfg, norm, logp, old, mask, adv, reference, is_ratio);
+    Grids { loss, metrics }
+}
+
+fn host_f32(t: Tensor<1>) -> Vec<f32> {
+    t.into_data()
         .convert::<f32>()
         .try_to_vec()
-        .expect("f32");
-    let entropy_sum: f64 = fwd
+        .expect("f32 data")
+}
+
+fn stats(loss: f64, metrics: [f64; 4], entropy_sum: f64, tokens: usize) -> LossStats {
+    let [kl_sum, clipped_low, clipped_high, outside_region] = metrics;
+    LossStats {
+        loss,
+        kl_sum,
+        clipped_low,
+        clipped_high,
+        outside_region,
+        entropy_sum,
+        tokens,
+    }
+}
+
+/// Loss, metrics and gradients for one batch of completion tokens through the fused path.
+///
+/// `hidden` `[tokens, hidden]` holds the final hidden states that predict each completion token
+/// (plain tensors, no autodiff), `weight` the lm_head `[vocab, hidden]`, `targets` the completion
+/// tokens. Returns the stats and `(dL/dhidden, dL/dweight)` for
+/// [`grail_core::fused::gradient_surrogate`].
+pub fn fused_grpo_loss(
+    cfg: &GrpoLossConfig,
+    norm: StepNormalizer,
+    batch: &LossBatch,
+    hidden: &Tensor<2>,
+    weight: &Tensor<2>,
+    targets: &Tensor<1, Int>,
+    chunks: ChunkSizes,
+) -> Result<(LossStats, Tensor<2>, Tensor<2>)> {
+    let n = hidden.dims()[0];
+    validate_batch(cfg, batch, n, targets)?;
+    let fwd = selective_logprobs_forward(hidden, weight, targets, cfg.temperature, chunks, true);
+    let logp_host = host_f32(fwd.logp.clone());
+    let entropy_sum = fwd
         .entropy
         .clone()
         .expect("asked for")
         .sum()
         .into_scalar::<f64>();
 
+    // The loss on a small autodiff graph whose only leaf is the [sequences × width] logp grid.
     let device = hidden.device().autodiff();
-    let (b, w) = (batch.sequences, batch.width);
-    let g = |v: &[f32]| grid(v, &batch.cells, size, &device, b, w);
-    let logp = g(&logp_host).require_grad();
-    let mask = g(&vec![1.0; n]);
-    let adv = Tensor::<2>::from_data(TensorData::new(batch.advantages.clone(), [b, 1]), &device);
-    let reference = batch.ref_logps.as_deref().map(g);
-    let is_ratio = batch.is_ratio.as_deref().map(g);
-    let (loss, [kl_sum, clipped_low, clipped_high, outside_region]) = policy_loss(
-        cfg,
-        norm,
-        logp.clone(),
-        g(&batch.old_logps),
-        mask,
-        adv,
-        reference,
-        is_ratio,
-    );
+    let logp = grid(
+        &logp_host,
+        &batch.cells,
+        batch.sequences * batch.width,
+        &device,
+        batch.sequences,
+        batch.width,
+    )
+    .require_grad();
+    let Grids { loss, metrics } = loss_on_grid(cfg, norm, batch, logp.clone(), &logp_host);
     let loss_value = loss.clone().into_scalar::<f64>();
     let grads = loss.backward();
-    let grad_grid: Vec<f32> = logp
-        .grad(&grads)
-        .expect("logp is a leaf of the loss")
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec()
-        .expect("f32");
+    let grad_grid = logp.grad(&grads).expect("logp is a leaf of the loss");
+    let grad_grid = host_f32(grad_grid.reshape([batch.sequences * batch.width]));
     let grad_logp: Vec<f32> = batch.cells.iter().map(|&c| grad_grid[c]).collect();
     let grad_logp = Tensor::<1>::from_data(TensorData::new(grad_logp, [n]), &hidden.device());
     let (gh, gw) = selective_logprobs_backward(
@@ -423,14 +466,43 @@ pub fn fused_grpo_loss(
         cfg.temperature,
         chunks,
     );
-    let stats = LossStats {
-        loss: loss_value,
-        kl_sum,
-        clipped_low,
-        clipped_high,
-        outside_region,
-        entropy_sum,
-        tokens: n,
-    };
-    Ok((stats, gh, gw))
+    Ok((stats(loss_value, metrics, entropy_sum, n), gh, gw))
+}
+
+/// The unfused reference path: log_softmax + gather over the full `[tokens × vocab]` logits under
+/// autodiff (`hidden` and `weight` on the autodiff graph). Returns the stats and the loss tensor to
+/// call `backward()` on. Used to measure what fusion saves and to cross-check it.
+pub fn naive_grpo_loss(
+    cfg: &GrpoLossConfig,
+    norm: StepNormalizer,
+    batch: &LossBatch,
+    hidden: Tensor<2>,
+    weight: Tensor<2>,
+    targets: Tensor<1, Int>,
+) -> Result<(LossStats, Tensor<1>)> {
+    let n = hidden.dims()[0];
+    validate_batch(cfg, batch, n, &targets)?;
+    let device = hidden.device();
+    let logits = hidden.matmul(weight.transpose()) / cfg.temperature;
+    let logprobs = burn::tensor::activation::log_softmax(logits, 1);
+    let entropy_sum = (logprobs.clone().exp() * logprobs.clone())
+        .sum()
+        .neg()
+        .into_scalar::<f64>();
+    let logp = logprobs.gather(1, targets.reshape([n, 1])).reshape([n]);
+    let logp_host = host_f32(logp.clone().without_autodiff());
+    // Scatter the token log-probs into the grid (cells without a token read the appended zero).
+    let size = batch.sequences * batch.width;
+    let mut source = vec![n as i64; size];
+    for (i, &c) in batch.cells.iter().enumerate() {
+        source[c] = i as i64;
+    }
+    let source = Tensor::<1, Int>::from_data(TensorData::new(source, [size]), &device);
+    let padded = Tensor::cat(vec![logp, Tensor::zeros([1], &device)], 0);
+    let logp_grid = padded
+        .select(0, source)
+        .reshape([batch.sequences, batch.width]);
+    let Grids { loss, metrics } = loss_on_grid(cfg, norm, batch, logp_grid, &logp_host);
+    let loss_value = loss.clone().into_scalar::<f64>();
+    Ok((stats(loss_value, metrics, entropy_sum, n), loss))
 }

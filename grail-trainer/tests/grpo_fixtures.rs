@@ -115,7 +115,7 @@ fn every_liger_case_matches_through_the_fused_path() {
             width: t,
             cells: real.clone(),
             advantages: inputs["advantages"].f32(),
-            old_logps: pick("old_logps"),
+            old_logps: Some(pick("old_logps")),
             ref_logps: (cfg.beta != 0.0).then(|| pick("ref_logps")),
             is_ratio: case
                 .get("use_is_ratio")

@@ -1,6 +1,6 @@
 //! Where a model's tensors come from when it is built: a checkpoint or a seeded random init.
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -28,8 +28,18 @@ pub trait WeightSource {
     {
         let values = self.take(name, &shape)?;
         let tensor = Tensor::from_data(TensorData::new(values, shape), &self.device());
-        Ok(Param::from_tensor(tensor))
+        let mut param = Param::from_tensor(tensor);
+        // Ids derived from the name, so a reloaded model matches its saved optimizer state.
+        param.id = ParamId::from(stable_id(name));
+        Ok(param)
     }
+}
+
+/// FNV-1a hash of a tensor name: a parameter id that is the same in every process.
+pub fn stable_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Seeded initialisation as Hugging Face does it: linear and embedding weights ~ N(0, std²),

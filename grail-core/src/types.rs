@@ -1,0 +1,62 @@
+//! The data that crosses the channels between the rollout pool and the trainer.
+
+use std::sync::Arc;
+
+/// A policy version: 0 for the initial weights, +1 per optimizer step.
+pub type PolicyVersion = u64;
+
+/// One scored completion of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Completion token ids (without the prompt).
+    pub completion_ids: Vec<u32>,
+    /// Behaviour log-prob of each completion token under the policy that sampled it
+    /// (temperature-scaled log-softmax of the full distribution).
+    pub behaviour_logps: Vec<f32>,
+    /// One reward per reward function, unweighted.
+    pub rewards: Vec<f32>,
+    /// Policy version that produced the completion.
+    pub policy_version: PolicyVersion,
+}
+
+/// `num_generations` completions of one prompt: the unit GRPO normalises advantages over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// Identifier of the prompt (for logging and de-duplication).
+    pub prompt_id: u64,
+    /// Prompt token ids, shared by every sample.
+    pub prompt_ids: Arc<Vec<u32>>,
+    /// The completions.
+    pub samples: Vec<Sample>,
+}
+
+impl Group {
+    /// The oldest policy version among the samples.
+    pub fn oldest_version(&self) -> PolicyVersion {
+        self.samples
+            .iter()
+            .map(|s| s.policy_version)
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// One named tensor in Hugging Face naming and layout, f32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// Hugging Face tensor name, e.g. `model.layers.0.mlp.up_proj.weight`.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub values: Vec<f32>,
+}
+
+/// New weights published by the trainer after an optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightUpdate {
+    /// The version these weights are.
+    pub version: PolicyVersion,
+    /// Every tensor of the model.
+    pub tensors: Arc<Vec<NamedTensor>>,
+}

@@ -1,0 +1,631 @@
+//! The GRPO trainer: groups in, optimizer steps out.
+//!
+//! One call of [`GrpoTrainer::train_step`] reads like nanoGPT's loop:
+//! advantages → pack into token-budget micro-batches → (old / reference log-probs once) →
+//! for each of μ passes: for each micro-batch: forward → fused log-prob + loss → backward →
+//! accumulate; clip; AdamW step. Metrics and weight publishing hang off that loop.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Int, Tensor, TensorData};
+use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
+use grail_core::model::{CausalLm, Layout};
+use grail_core::types::{Group, NamedTensor, PolicyVersion, WeightUpdate};
+
+use crate::advantages::compute_advantages;
+use crate::config::TrainerConfig;
+use crate::error::{Result, TrainerError};
+use crate::flops::train_flops;
+use crate::loss::{LossBatch, LossStats, StepNormalizer, fused_grpo_loss, naive_grpo_loss};
+use crate::packing::pack;
+use crate::schedule::learning_rate;
+
+/// What one optimizer step did and measured.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct StepMetrics {
+    /// Optimizer steps taken so far (after this one).
+    pub step: usize,
+    /// Policy version of the weights after this step.
+    pub policy_version: PolicyVersion,
+    /// The GRPO loss of the step (before the update).
+    pub loss: f64,
+    /// Mean k3 KL to the reference model per completion token (0 when beta = 0).
+    pub kl: f64,
+    /// TRL's clip ratio: tokens clipped in the direction that matters / completion tokens.
+    pub clip_ratio: f64,
+    /// Fraction of tokens clipped low with a negative advantage.
+    pub clip_ratio_low: f64,
+    /// Fraction of tokens clipped high with a positive advantage.
+    pub clip_ratio_high: f64,
+    /// Fraction of tokens whose ratio left the trust region.
+    pub clip_ratio_region: f64,
+    /// Mean entropy of the policy over completion tokens.
+    pub entropy: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean total reward of the batch's samples.
+    pub reward_mean: f64,
+    /// Standard deviation of the total reward.
+    pub reward_std: f64,
+    /// Fraction of groups whose rewards had zero spread.
+    pub frac_reward_zero_std: f64,
+    /// Groups dropped because their rewards had zero spread (when filtering).
+    pub dropped_zero_std_groups: usize,
+    /// Sequences trained on.
+    pub sequences: usize,
+    /// Real tokens (prompt + completion) processed.
+    pub real_tokens: usize,
+    /// Completion tokens in the loss.
+    pub completion_tokens: usize,
+    /// Micro-batches the step was split into.
+    pub micro_batches: usize,
+    /// Real tokens / allocated token slots (1.0 when packed; padding lowers it).
+    pub packing_efficiency: f64,
+    /// Wall time of the step (forward, backward, optimizer).
+    pub seconds: f64,
+    /// Real tokens per second.
+    pub tokens_per_s: f64,
+    /// Counted matmul FLOPs of the step (see [`crate::flops`]).
+    pub flops: f64,
+    /// FLOPs / seconds / measured peak.
+    pub mfu: f64,
+}
+
+/// One training sequence: prompt + completion tokens and what the loss needs about it.
+#[derive(Debug, Clone)]
+struct Sequence {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    advantage: f32,
+    behaviour_logps: Vec<f32>,
+}
+
+impl Sequence {
+    fn completion_len(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// A micro-batch laid out for the model: ids, layout, and where each completion token's
+/// prediction row sits in the flattened `[rows × cols]` output.
+struct MicroBatchInput {
+    members: Vec<usize>,
+    ids: Tensor<2, Int>,
+    layout: Layout,
+    prediction_rows: Tensor<1, Int>,
+    targets: Tensor<1, Int>,
+    cells: Vec<usize>,
+    width: usize,
+    allocated: usize,
+}
+
+/// The GRPO trainer. Holds the policy (on an autodiff device), an optional frozen reference model,
+/// the AdamW state, the step counter and the policy version.
+pub struct GrpoTrainer {
+    model: Option<CausalLm>,
+    reference: Option<CausalLm>,
+    optim: ModuleOptimizer,
+    config: TrainerConfig,
+    step: usize,
+    version: PolicyVersion,
+    peak_flops: f64,
+}
+
+impl GrpoTrainer {
+    /// A trainer for `model` (whose device must have autodiff enabled). `reference` is required
+    /// when `loss.beta > 0` and ignored (never run) when it is 0. `peak_flops` is the device peak
+    /// MFU is measured against (see [`crate::flops::measure_peak_flops`]).
+    pub fn new(
+        model: CausalLm,
+        reference: Option<CausalLm>,
+        config: TrainerConfig,
+        peak_flops: f64,
+    ) -> Result<Self> {
+        config.validate()?;
+        if !model.device().is_autodiff() {
+            return Err(TrainerError::Input(
+                "the policy model must live on an autodiff device (Device::autodiff())".into(),
+            ));
+        }
+        let reference = if config.loss.beta != 0.0 {
+            Some(reference.ok_or_else(|| {
+                TrainerError::config("beta", config.loss.beta, "beta > 0 needs a reference model")
+            })?)
+        } else {
+            None
+        };
+        let optim = AdamWConfig::new()
+            .with_beta_1(config.adam_beta1 as f32)
+            .with_beta_2(config.adam_beta2 as f32)
+            .with_epsilon(config.adam_epsilon as f32)
+            .with_weight_decay(config.weight_decay as f32)
+            .init();
+        Ok(Self {
+            model: Some(model),
+            reference,
+            optim,
+            config,
+            step: 0,
+            version: 0,
+            peak_flops,
+        })
+    }
+
+    /// The current policy.
+    pub fn model(&self) -> &CausalLm {
+        self.model.as_ref().expect("model present between steps")
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Version of the current weights.
+    pub fn version(&self) -> PolicyVersion {
+        self.version
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.config
+    }
+
+    /// The current weights as a [`WeightUpdate`] (full tensors, HF names).
+    pub fn weight_update(&self) -> WeightUpdate {
+        let mut tensors = Vec::new();
+        self.model().for_each_tensor(|name, data| {
+            let shape = data.shape().to_vec();
+            let values = data
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .expect("f32 weights");
+            tensors.push(NamedTensor {
+                name,
+                shape,
+                values,
+            });
+        });
+        WeightUpdate {
+            version: self.version,
+            tensors: Arc::new(tensors),
+        }
+    }
+
+    /// Runs `num_iterations` optimizer steps on one batch of groups; one metrics entry per step.
+    pub fn train_step(&mut self, groups: &[Group]) -> Result<Vec<StepMetrics>> {
+        let prepared = self.prepare(groups)?;
+        let mut out = Vec::with_capacity(self.config.num_iterations);
+        for _ in 0..self.config.num_iterations {
+            let start = Instant::now();
+            let (mut grads, stats, layout_stats) = self.gradients_of(&prepared)?;
+            let model = self.model.take().expect("model present");
+            let grad_norm = clip_global_norm(&model, &mut grads, self.config.max_grad_norm);
+            let lr = learning_rate(
+                self.config.learning_rate,
+                self.config.lr_scheduler_type,
+                self.step,
+                self.config.warmup_steps,
+                self.config.max_steps,
+            );
+            self.model = Some(self.optim.step(lr, model, grads));
+            self.step += 1;
+            self.version += 1;
+            let seconds = start.elapsed().as_secs_f64();
+            out.push(prepared.metrics(stats, layout_stats, grad_norm, lr, seconds, self));
+        }
+        Ok(out)
+    }
+
+    /// The accumulated gradients of one pass over `groups` (no optimizer step), with the loss
+    /// stats. Exposed so that tests can compare gradients across token budgets and layouts.
+    pub fn gradients(&self, groups: &[Group]) -> Result<(GradientsParams, LossStats)> {
+        let prepared = self.prepare(groups)?;
+        let (grads, stats, _) = self.gradients_of(&prepared)?;
+        Ok((grads, stats))
+    }
+
+    /// Advantages, sequences, micro-batches and (when needed) old and reference log-probs.
+    fn prepare(&self, groups: &[Group]) -> Result<Prepared> {
+        let cfg = &self.config;
+        if groups.is_empty() {
+            return Err(TrainerError::Input("no groups to train on".into()));
+        }
+        let adv = compute_advantages(
+            groups,
+            &cfg.reward_weights,
+            cfg.scale_rewards,
+            cfg.filter_zero_std_groups,
+        )?;
+        let vocab = self.model().vocab_size();
+        let mut seqs = Vec::new();
+        for (&g, advantages) in adv.kept.iter().zip(&adv.values) {
+            let group = &groups[g];
+            if group.prompt_ids.is_empty() {
+                return Err(TrainerError::Input(format!(
+                    "group {g} (prompt {}) has an empty prompt",
+                    group.prompt_id
+                )));
+            }
+            for (s, (sample, &a)) in group.samples.iter().zip(advantages).enumerate() {
+                let c = sample.completion_ids.len();
+                if c == 0 {
+                    return Err(TrainerError::Input(format!(
+                        "group {g} sample {s} has an empty completion"
+                    )));
+                }
+                if sample.behaviour_logps.len() != c {
+                    return Err(TrainerError::Input(format!(
+                        "group {g} sample {s}: {} behaviour log-probs for {c} completion tokens",
+                        sample.behaviour_logps.len()
+                    )));
+                }
+                let tokens: Vec<u32> = group
+                    .prompt_ids
+                    .iter()
+                    .chain(&sample.completion_ids)
+                    .copied()
+                    .collect();
+                if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(TrainerError::Input(format!(
+                        "group {g} sample {s}: token {bad} outside the vocabulary ({vocab})"
+                    )));
+                }
+                seqs.push(Sequence {
+                    tokens,
+                    prompt_len: group.prompt_ids.len(),
+                    advantage: a,
+                    behaviour_logps: sample.behaviour_logps.clone(),
+                });
+            }
+        }
+        if seqs.is_empty() {
+            return Err(TrainerError::Input(format!(
+                "every group was filtered out ({} with zero reward spread)",
+                adv.zero_std_groups
+            )));
+        }
+        let micro_batches = self.micro_batches(&seqs)?;
+        let norm = StepNormalizer {
+            sequences: seqs.len(),
+            tokens: seqs.iter().map(Sequence::completion_len).sum(),
+        };
+        let need_old = cfg.num_iterations > 1 || cfg.importance_sampling_cap.is_some();
+        let old = if need_old {
+            Some(self.sequence_logps(&self.model().valid(), &seqs, &micro_batches)?)
+        } else {
+            None
+        };
+        let reference = match &self.reference {
+            Some(r) if cfg.loss.beta != 0.0 => {
+                Some(self.sequence_logps(r, &seqs, &micro_batches)?)
+            }
+            _ => None,
+        };
+        Ok(Prepared {
+            seqs,
+            micro_batches,
+            norm,
+            old,
+            reference,
+            reward_mean: adv.reward_mean,
+            reward_std: adv.reward_std,
+            zero_std_groups: adv.zero_std_groups,
+            groups: groups.len(),
+            filtered: if cfg.filter_zero_std_groups {
+                adv.zero_std_groups
+            } else {
+                0
+            },
+        })
+    }
+
+    /// Splits the step's sequences into micro-batches within the token budget.
+    fn micro_batches(&self, seqs: &[Sequence]) -> Result<Vec<Vec<usize>>> {
+        let budget = self.config.max_tokens_per_microbatch;
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+        if self.config.packing {
+            return Ok(pack(&lengths, budget)?
+                .micro_batches
+                .into_iter()
+                .map(|m| m.sequences)
+                .collect());
+        }
+        // Padded comparison mode: consecutive sequences while rows × longest fits the budget.
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        let mut current: Vec<usize> = Vec::new();
+        let mut longest = 0;
+        for (i, &len) in lengths.iter().enumerate() {
+            if len > budget {
+                return Err(TrainerError::Input(format!(
+                    "sequence {i} has {len} tokens, more than max_tokens_per_microbatch = {budget}"
+                )));
+            }
+            if !current.is_empty() && (current.len() + 1) * longest.max(len) > budget {
+                out.push(std::mem::take(&mut current));
+                longest = 0;
+            }
+            current.push(i);
+            longest = longest.max(len);
+        }
+        out.push(current);
+        Ok(out)
+    }
+
+    /// Lays out one micro-batch as a packed row (or a padded grid in comparison mode).
+    fn assemble(&self, seqs: &[Sequence], members: &[usize]) -> MicroBatchInput {
+        let device = self.model().device();
+        let lens: Vec<usize> = members.iter().map(|&i| seqs[i].tokens.len()).collect();
+        let (rows, cols, layout) = if self.config.packing {
+            let total = lens.iter().sum();
+            (1, total, Layout::packed_single_row(lens.clone()))
+        } else {
+            let longest = *lens.iter().max().expect("non-empty micro-batch");
+            (
+                members.len(),
+                longest,
+                Layout::Padded {
+                    lengths: lens.clone(),
+                },
+            )
+        };
+        let width = members
+            .iter()
+            .map(|&i| seqs[i].completion_len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = vec![0i64; rows * cols];
+        let (mut pred, mut targets, mut cells) = (Vec::new(), Vec::new(), Vec::new());
+        let mut offset = 0;
+        for (k, &i) in members.iter().enumerate() {
+            let s = &seqs[i];
+            let start = if self.config.packing {
+                offset
+            } else {
+                k * cols
+            };
+            for (j, &t) in s.tokens.iter().enumerate() {
+                ids[start + j] = t as i64;
+            }
+            // The hidden state at position p predicts token p + 1.
+            for t in 0..s.completion_len() {
+                pred.push((start + s.prompt_len - 1 + t) as i64);
+                targets.push(s.tokens[s.prompt_len + t] as i64);
+                cells.push(k * width + t);
+            }
+            offset += s.tokens.len();
+        }
+        let n = pred.len();
+        MicroBatchInput {
+            members: members.to_vec(),
+            ids: Tensor::from_data(TensorData::new(ids, [rows, cols]), &device),
+            layout,
+            prediction_rows: Tensor::from_data(TensorData::new(pred, [n]), &device),
+            targets: Tensor::from_data(TensorData::new(targets, [n]), &device),
+            cells,
+            width,
+            allocated: rows * cols,
+        }
+    }
+
+    /// Hidden states `[completion tokens, hidden]` that predict each completion token.
+    fn prediction_hidden(model: &CausalLm, mb: &MicroBatchInput) -> Result<Tensor<2>> {
+        let ids = mb.ids.clone().to_device(&model.device());
+        let hidden = model.forward_hidden(ids, &mb.layout)?;
+        let [rows, cols, h] = hidden.dims();
+        let rows_idx = mb.prediction_rows.clone().to_device(&model.device());
+        Ok(hidden.reshape([rows * cols, h]).select(0, rows_idx))
+    }
+
+    /// Per-sequence completion log-probs under `model` (no gradients), micro-batch by micro-batch.
+    fn sequence_logps(
+        &self,
+        model: &CausalLm,
+        seqs: &[Sequence],
+        micro_batches: &[Vec<usize>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = vec![Vec::new(); seqs.len()];
+        for members in micro_batches {
+            let mb = self.assemble(seqs, members);
+            let hidden = Self::prediction_hidden(model, &mb)?;
+            let device = hidden.device();
+            let targets = mb.targets.clone().without_autodiff().to_device(&device);
+            let logp = selective_logprobs_forward(
+                &hidden,
+                &model.lm_head_weight(),
+                &targets,
+                self.config.loss.temperature,
+                self.config.logprob_chunks,
+                false,
+            )
+            .logp;
+            let logp: Vec<f32> = logp.into_data().convert::<f32>().try_to_vec().expect("f32");
+            let mut at = 0;
+            for &i in &mb.members {
+                let c = seqs[i].completion_len();
+                out[i] = logp[at..at + c].to_vec();
+                at += c;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One pass: forward, fused loss and backward for every micro-batch, gradients accumulated.
+    fn gradients_of(&self, p: &Prepared) -> Result<(GradientsParams, LossStats, (usize, usize))> {
+        let model = self.model();
+        let cfg = &self.config;
+        let mut accum = GradientsAccumulator::<CausalLm>::new();
+        let mut stats = LossStats::default();
+        let mut allocated = 0;
+        for members in &p.micro_batches {
+            let mb = self.assemble(&p.seqs, members);
+            allocated += mb.allocated;
+            let per_seq = |v: &Option<Vec<Vec<f32>>>| -> Option<Vec<f32>> {
+                v.as_ref().map(|all| {
+                    mb.members
+                        .iter()
+                        .flat_map(|&i| all[i].iter().copied())
+                        .collect()
+                })
+            };
+            let old = per_seq(&p.old);
+            // Truncated importance sampling: min(π_old / π_behaviour, C) per token.
+            let is_ratio = match (cfg.importance_sampling_cap, &old) {
+                (Some(cap), Some(old)) => {
+                    let behaviour = mb
+                        .members
+                        .iter()
+                        .flat_map(|&i| p.seqs[i].behaviour_logps.iter());
+                    Some(
+                        old.iter()
+                            .zip(behaviour)
+                            .map(|(o, b)| ((o - b).exp()).min(cap as f32))
+                            .collect(),
+                    )
+                }
+                _ => None,
+            };
+            let batch = LossBatch {
+                sequences: mb.members.len(),
+                width: mb.width,
+                cells: mb.cells.clone(),
+                advantages: mb.members.iter().map(|&i| p.seqs[i].advantage).collect(),
+                // With one pass the old policy is the current one: ratios are exactly 1.
+                old_logps: if cfg.num_iterations > 1 { old } else { None },
+                ref_logps: per_seq(&p.reference),
+                is_ratio,
+            };
+            let hidden = Self::prediction_hidden(model, &mb)?;
+            let weight = model.lm_head_weight();
+            let (s, grads) = if cfg.naive_logprob {
+                let (s, loss) = naive_grpo_loss(
+                    &cfg.loss,
+                    p.norm,
+                    &batch,
+                    hidden,
+                    weight,
+                    mb.targets.clone(),
+                )?;
+                (s, loss.backward())
+            } else {
+                let h = hidden.clone().without_autodiff();
+                let w = weight.clone().without_autodiff();
+                let targets = mb.targets.clone().without_autodiff();
+                let (s, gh, gw) = fused_grpo_loss(
+                    &cfg.loss,
+                    p.norm,
+                    &batch,
+                    &h,
+                    &w,
+                    &targets,
+                    cfg.logprob_chunks,
+                )?;
+                (s, gradient_surrogate(hidden, weight, gh, gw).backward())
+            };
+            stats.add(&s);
+            accum.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
+        Ok((accum.grads(), stats, (p.micro_batches.len(), allocated)))
+    }
+}
+
+/// Everything a batch of groups turns into before the passes.
+struct Prepared {
+    seqs: Vec<Sequence>,
+    micro_batches: Vec<Vec<usize>>,
+    norm: StepNormalizer,
+    old: Option<Vec<Vec<f32>>>,
+    reference: Option<Vec<Vec<f32>>>,
+    reward_mean: f64,
+    reward_std: f64,
+    zero_std_groups: usize,
+    groups: usize,
+    filtered: usize,
+}
+
+impl Prepared {
+    fn metrics(
+        &self,
+        s: LossStats,
+        (micro_batches, allocated): (usize, usize),
+        grad_norm: f64,
+        lr: f64,
+        seconds: f64,
+        t: &GrpoTrainer,
+    ) -> StepMetrics {
+        let tokens = s.tokens.max(1) as f64;
+        let lens: Vec<usize> = self.seqs.iter().map(|q| q.tokens.len()).collect();
+        let completion: Vec<usize> = self.seqs.iter().map(Sequence::completion_len).collect();
+        let real: usize = lens.iter().sum();
+        let flops = train_flops(&t.model().config, &lens, &completion);
+        StepMetrics {
+            step: t.step,
+            policy_version: t.version,
+            loss: s.loss,
+            kl: s.kl(),
+            clip_ratio: s.clip_ratio(),
+            clip_ratio_low: s.clipped_low / tokens,
+            clip_ratio_high: s.clipped_high / tokens,
+            clip_ratio_region: s.outside_region / tokens,
+            entropy: s.entropy(),
+            grad_norm,
+            lr,
+            reward_mean: self.reward_mean,
+            reward_std: self.reward_std,
+            frac_reward_zero_std: self.zero_std_groups as f64 / self.groups as f64,
+            dropped_zero_std_groups: self.filtered,
+            sequences: self.seqs.len(),
+            real_tokens: real,
+            completion_tokens: s.tokens,
+            micro_batches,
+            packing_efficiency: real as f64 / allocated.max(1) as f64,
+            seconds,
+            tokens_per_s: real as f64 / seconds,
+            flops,
+            mfu: flops / seconds / t.peak_flops,
+        }
+    }
+}
+
+/// Scales every gradient so their global L2 norm is at most `max_norm` (0 disables); returns the
+/// norm before clipping.
+pub fn clip_global_norm(model: &CausalLm, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    struct SumSquares<'a> {
+        grads: &'a GradientsParams,
+        total: f64,
+    }
+    impl ModuleVisitor for SumSquares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.total += g.square().sum().into_scalar::<f64>();
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g * self.factor);
+            }
+        }
+    }
+    let mut sum = SumSquares { grads, total: 0.0 };
+    model.visit(&mut sum);
+    let norm = sum.total.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let mut scale = Scale {
+            grads,
+            factor: max_norm / (norm + 1e-6),
+        };
+        model.visit(&mut scale);
+    }
+    norm
+}

@@ -1,0 +1,227 @@
+//! Trainer-level guarantees: micro-batch invariance, packed = padded, fused = naive, and clear
+//! errors for bad input.
+
+use std::sync::Arc;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+use grail_core::model::{CausalLm, ModelConfig};
+use grail_core::types::{Group, Sample};
+use grail_trainer::TrainerError;
+use grail_trainer::config::TrainerConfig;
+use grail_trainer::loss::LossType;
+use grail_trainer::trainer::GrpoTrainer;
+
+fn tiny_config() -> ModelConfig {
+    ModelConfig::qwen2(64, 32, 64, 2, 4, 2, 128, true)
+}
+
+fn model(seed: u64) -> CausalLm {
+    CausalLm::init(&tiny_config(), seed, &Device::flex().autodiff())
+}
+
+/// Deterministic pseudo-random groups: prompts of 3–6 tokens, completions of 1–9.
+fn groups(n_groups: usize, per_group: usize, seed: u64) -> Vec<Group> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move |m: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % m
+    };
+    (0..n_groups)
+        .map(|g| {
+            let prompt: Vec<u32> = (0..3 + next(4)).map(|_| next(64) as u32).collect();
+            let samples = (0..per_group)
+                .map(|_| {
+                    let c = 1 + next(9) as usize;
+                    Sample {
+                        completion_ids: (0..c).map(|_| next(64) as u32).collect(),
+                        behaviour_logps: (0..c)
+                            .map(|_| -(next(400) as f32) / 100.0 - 2.0)
+                            .collect(),
+                        rewards: vec![next(100) as f32 / 100.0],
+                        policy_version: 0,
+                    }
+                })
+                .collect();
+            Group {
+                prompt_id: g as u64,
+                prompt_ids: Arc::new(prompt),
+                samples,
+            }
+        })
+        .collect()
+}
+
+fn flat_grads(model: &CausalLm, grads: &GradientsParams) -> Vec<f32> {
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<f32>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let g = self
+                .grads
+                .get::<D>(param.id)
+                .expect("every parameter has a gradient");
+            self.out
+                .extend(g.into_data().convert::<f32>().try_to_vec::<f32>().unwrap());
+        }
+    }
+    let mut c = Collect {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut c);
+    c.out
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn grads_with(cfg: TrainerConfig, groups: &[Group]) -> (Vec<f32>, f64) {
+    let trainer = GrpoTrainer::new(model(7), None, cfg, 1e11).unwrap();
+    let (grads, stats) = trainer.gradients(groups).unwrap();
+    (flat_grads(trainer.model(), &grads), stats.loss)
+}
+
+fn base_config(loss_type: LossType) -> TrainerConfig {
+    let mut cfg = TrainerConfig::default();
+    cfg.loss.loss_type = loss_type;
+    cfg.loss.max_completion_length = 9;
+    cfg.max_tokens_per_microbatch = 4096;
+    cfg
+}
+
+#[test]
+fn gradients_do_not_depend_on_the_token_budget() {
+    let data = groups(3, 4, 1);
+    for loss_type in [LossType::Grpo, LossType::Dapo, LossType::DrGrpo] {
+        let (one, loss_one) = grads_with(base_config(loss_type), &data);
+        let mut small = base_config(loss_type);
+        small.max_tokens_per_microbatch = 16; // forces many micro-batches
+        let (many, loss_many) = grads_with(small, &data);
+        let e = rel(&many, &one);
+        assert!(
+            e <= 1e-5,
+            "{loss_type:?}: gradient rel err {e:e} between budgets"
+        );
+        assert!(
+            (loss_one - loss_many).abs() <= 1e-6,
+            "{loss_type:?}: loss {loss_one} vs {loss_many}"
+        );
+        assert!(
+            one.iter().any(|g| *g != 0.0),
+            "{loss_type:?}: gradients are all zero"
+        );
+    }
+}
+
+#[test]
+fn packed_and_padded_steps_agree() {
+    let data = groups(2, 4, 2);
+    let (packed, loss_packed) = grads_with(base_config(LossType::Dapo), &data);
+    let mut padded = base_config(LossType::Dapo);
+    padded.packing = false;
+    let (pad, loss_pad) = grads_with(padded, &data);
+    assert!(rel(&pad, &packed) <= 1e-5, "rel {:e}", rel(&pad, &packed));
+    assert!((loss_packed - loss_pad).abs() <= 1e-6);
+}
+
+#[test]
+fn fused_and_naive_logprob_paths_agree() {
+    let data = groups(2, 3, 3);
+    let mut cfg = base_config(LossType::Grpo);
+    cfg.loss.temperature = 0.7;
+    let (fused, loss_f) = grads_with(cfg.clone(), &data);
+    cfg.naive_logprob = true;
+    let (naive, loss_n) = grads_with(cfg, &data);
+    assert!(rel(&fused, &naive) <= 1e-5, "rel {:e}", rel(&fused, &naive));
+    assert!((loss_f - loss_n).abs() <= 1e-6);
+}
+
+#[test]
+fn a_step_updates_weights_and_the_version() {
+    let data = groups(2, 4, 4);
+    let mut cfg = base_config(LossType::Dapo);
+    cfg.learning_rate = 1e-3;
+    cfg.num_iterations = 2;
+    let mut trainer = GrpoTrainer::new(model(3), None, cfg, 1e11).unwrap();
+    let before = trainer.weight_update();
+    let metrics = trainer.train_step(&data).unwrap();
+    assert_eq!(metrics.len(), 2);
+    assert_eq!(trainer.version(), 2);
+    assert!(
+        metrics
+            .iter()
+            .all(|m| m.loss.is_finite() && m.grad_norm > 0.0 && m.tokens_per_s > 0.0)
+    );
+    let after = trainer.weight_update();
+    assert_eq!(after.version, 2);
+    assert_eq!(after.tensors.len(), before.tensors.len());
+    assert!(
+        before
+            .tensors
+            .iter()
+            .zip(after.tensors.iter())
+            .any(|(a, b)| a.values != b.values)
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let trainer = GrpoTrainer::new(model(1), None, base_config(LossType::Dapo), 1e11).unwrap();
+    let msg = |r: Result<(GradientsParams, grail_trainer::loss::LossStats), TrainerError>| {
+        r.err().expect("should fail").to_string()
+    };
+
+    assert!(msg(trainer.gradients(&[])).contains("no groups"));
+    let mut empty = groups(1, 2, 5);
+    empty[0].samples.clear();
+    assert!(msg(trainer.gradients(&empty)).contains("empty"));
+    let mut nan = groups(2, 2, 5);
+    nan[1].samples[0].rewards[0] = f32::NAN;
+    let m = msg(trainer.gradients(&nan));
+    assert!(m.contains("group 1 sample 0") && m.contains("NaN"), "{m}");
+    let mut mismatch = groups(1, 2, 5);
+    mismatch[0].samples[1].behaviour_logps.pop();
+    assert!(msg(trainer.gradients(&mismatch)).contains("behaviour log-probs"));
+
+    let mut small = base_config(LossType::Dapo);
+    small.max_tokens_per_microbatch = 4;
+    let t = GrpoTrainer::new(model(1), None, small, 1e11).unwrap();
+    assert!(msg(t.gradients(&groups(1, 2, 5))).contains("max_tokens_per_microbatch"));
+
+    let mut beta = base_config(LossType::Dapo);
+    beta.loss.beta = 0.04;
+    let err = GrpoTrainer::new(model(1), None, beta, 1e11)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("beta") && err.contains("reference"), "{err}");
+
+    let mut bad = base_config(LossType::Dapo);
+    bad.learning_rate = -1.0;
+    assert!(
+        GrpoTrainer::new(model(1), None, bad, 1e11)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("learning_rate")
+    );
+    let plain = CausalLm::init(&tiny_config(), 1, &Device::flex());
+    assert!(
+        GrpoTrainer::new(plain, None, base_config(LossType::Dapo), 1e11)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("autodiff")
+    );
+}
