@@ -36,6 +36,8 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Bench {
+    /// GRPO trainer steps (dapo loss, AdamW, grad clip) on a random Qwen2 model; one JSON line.
+    TrainerStep(TrainerStepArgs),
     /// Forward (and forward+backward) throughput, padded batch vs packed rows.
     Forward {
         /// Number of sequences.
@@ -153,14 +155,155 @@ fn forward_bench(
     Ok(())
 }
 
+#[derive(clap::Args, Debug)]
+struct TrainerStepArgs {
+    /// A Hugging Face config.json to take the model shape from (overrides the shape flags).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Hidden size.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = 688)]
+    inter: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 4096)]
+    vocab: usize,
+    /// Sequence lengths (prompt + completion), comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "128,96,64,32,120,80,48,16"
+    )]
+    lens: Vec<usize>,
+    /// Prompt tokens at the start of every sequence (the rest is completion).
+    #[arg(long, default_value_t = 15)]
+    prompt_len: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Token budget per micro-batch.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens_per_microbatch: usize,
+    /// Pad every micro-batch to its longest sequence instead of packing.
+    #[arg(long)]
+    no_packing: bool,
+    /// Use the unfused log_softmax + gather log-prob path.
+    #[arg(long)]
+    naive_logprob: bool,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), 0 where unknown.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Result<()> {
+    use grail_core::types::{Group, Sample};
+    use grail_trainer::config::TrainerConfig;
+    use grail_trainer::flops::measure_peak_flops;
+    use grail_trainer::loss::LossType;
+    use grail_trainer::trainer::GrpoTrainer;
+
+    let config = match &t.config {
+        Some(path) => ModelConfig::from_file(path)?,
+        None => ModelConfig::qwen2(
+            t.vocab, t.hidden, t.inter, t.layers, t.heads, t.kv_heads, 32768, false,
+        ),
+    };
+    anyhow::ensure!(t.prompt_len >= 1, "--prompt-len must be at least 1");
+    if let Some(short) = t.lens.iter().find(|&&l| l <= t.prompt_len) {
+        anyhow::bail!(
+            "--lens: {short} leaves no completion after --prompt-len {}",
+            t.prompt_len
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let vocab = config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..t.prompt_len)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    let samples = t
+        .lens
+        .iter()
+        .map(|&len| {
+            let c = len - t.prompt_len;
+            Sample {
+                completion_ids: (0..c).map(|_| rng.random_range(0..vocab)).collect(),
+                behaviour_logps: vec![0.0; c],
+                rewards: vec![rng.random_range(0.0..1.0f32)],
+                policy_version: 0,
+            }
+        })
+        .collect();
+    let groups = vec![Group {
+        prompt_id: 0,
+        prompt_ids: std::sync::Arc::new(prompt),
+        samples,
+    }];
+
+    let peak = measure_peak_flops(device, 1024);
+    let mut cfg = TrainerConfig {
+        learning_rate: 1e-5,
+        max_tokens_per_microbatch: t.max_tokens_per_microbatch,
+        packing: !t.no_packing,
+        naive_logprob: t.naive_logprob,
+        ..TrainerConfig::default()
+    };
+    cfg.loss.loss_type = LossType::Dapo;
+    let model = CausalLm::init(&config, args.seed, &device.clone().autodiff());
+    let mut trainer = GrpoTrainer::new(model, None, cfg, peak)?;
+    trainer.train_step(&groups)?; // warm-up
+    let mut secs = 0.0;
+    let mut last = None;
+    for _ in 0..t.steps.max(1) {
+        let m = trainer.train_step(&groups)?.pop().expect("one step");
+        secs += m.seconds;
+        last = Some(m);
+    }
+    let m = last.expect("at least one step");
+    let s_per_step = secs / t.steps.max(1) as f64;
+    println!(
+        "{}",
+        json!({
+            "bench": "trainer-step", "device": args.device,
+            "params": config.num_parameters(), "lens": t.lens, "prompt_len": t.prompt_len,
+            "packing": !t.no_packing, "fused_logprob": !t.naive_logprob,
+            "real_tokens": m.real_tokens, "micro_batches": m.micro_batches,
+            "tokens_per_s": m.real_tokens as f64 / s_per_step, "s_per_step": s_per_step,
+            "flops_per_step": m.flops, "peak_flops": peak, "mfu": m.flops / s_per_step / peak,
+            "packing_efficiency": m.packing_efficiency, "peak_rss_bytes": peak_rss_bytes(),
+            "steps": t.steps,
+        })
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
-    match args.bench {
+    match &args.bench {
+        Bench::TrainerStep(t) => trainer_step_bench(&args, t, &device),
         Bench::Forward {
             sequences,
             min_len,
             max_len,
-        } => forward_bench(&args, &device, sequences, min_len, max_len),
+        } => forward_bench(&args, &device, *sequences, *min_len, *max_len),
     }
 }

@@ -8,7 +8,7 @@ use crate::loss::GrpoLossConfig;
 use crate::schedule::LrSchedulerType;
 
 /// Everything one optimizer step needs to know.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainerConfig {
     /// Peak learning rate (AdamW).
     pub learning_rate: f64,
@@ -106,7 +106,7 @@ impl TrainerConfig {
                 return Err(TrainerError::config(k, v, "must be in [0, 1)"));
             }
         }
-        if !(self.adam_epsilon > 0.0) {
+        if self.adam_epsilon.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return Err(TrainerError::config(
                 "adam_epsilon",
                 self.adam_epsilon,

@@ -13,4 +13,5 @@ pub mod config;
 pub mod flops;
 pub mod packing;
 pub mod schedule;
+pub mod state;
 pub mod trainer;

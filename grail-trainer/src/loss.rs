@@ -237,16 +237,29 @@ fn grid(
 
 /// The per-token policy loss and its normalisation, on grids (`logp` requires grad).
 /// Returns the scalar loss and `(kl_sum, clipped_low, clipped_high, outside_region)`.
-fn policy_loss(
-    cfg: &GrpoLossConfig,
-    norm: StepNormalizer,
+/// The grid tensors one loss call works on (`[sequences, width]`; `adv` is `[sequences, 1]`).
+struct LossGrids {
     logp: Tensor<2>,
     old: Tensor<2>,
     mask: Tensor<2>,
     adv: Tensor<2>,
     reference: Option<Tensor<2>>,
     is_ratio: Option<Tensor<2>>,
+}
+
+fn policy_loss(
+    cfg: &GrpoLossConfig,
+    norm: StepNormalizer,
+    grids: LossGrids,
 ) -> (Tensor<1>, [f64; 4]) {
+    let LossGrids {
+        logp,
+        old,
+        mask,
+        adv,
+        reference,
+        is_ratio,
+    } = grids;
     let log_ratio = logp.clone() - old;
     let tokens_per_seq = mask.clone().sum_dim(1).clamp_min(1.0);
     let log_w = match cfg.importance_sampling_level {
@@ -389,7 +402,15 @@ fn loss_on_grid(
     let old = g(batch.old_logps.as_deref().unwrap_or(logp_host));
     let reference = batch.ref_logps.as_deref().map(g);
     let is_ratio = batch.is_ratio.as_deref().map(g);
-    let (loss, metrics) = policy_loss(cfg, norm, logp, old, mask, adv, reference, is_ratio);
+    let grids = LossGrids {
+        logp,
+        old,
+        mask,
+        adv,
+        reference,
+        is_ratio,
+    };
+    let (loss, metrics) = policy_loss(cfg, norm, grids);
     Grids { loss, metrics }
 }
 

@@ -76,6 +76,20 @@ pub struct StepMetrics {
     pub mfu: f64,
 }
 
+/// Sample accounting of [`GrpoTrainer::run_from_channel`]:
+/// `received = trained + dropped_stale + unused_at_close`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunStats {
+    /// Samples received from the channel.
+    pub received: usize,
+    /// Samples trained on.
+    pub trained: usize,
+    /// Samples dropped as too stale.
+    pub dropped_stale: usize,
+    /// Samples received but not trained on because the channel closed mid-batch.
+    pub unused_at_close: usize,
+}
+
 /// One training sequence: prompt + completion tokens and what the loss needs about it.
 #[derive(Debug, Clone)]
 struct Sequence {
@@ -174,6 +188,68 @@ impl GrpoTrainer {
     /// The configuration.
     pub fn config(&self) -> &TrainerConfig {
         &self.config
+    }
+
+    /// The AdamW state.
+    pub fn optimizer(&self) -> &ModuleOptimizer {
+        &self.optim
+    }
+
+    /// Sets the counters and replaces the optimizer with `load(current)` (used by resume).
+    pub(crate) fn restore(
+        &mut self,
+        step: usize,
+        version: PolicyVersion,
+        load: impl FnOnce(ModuleOptimizer) -> Result<ModuleOptimizer>,
+    ) -> Result<()> {
+        let optim = std::mem::replace(&mut self.optim, AdamWConfig::new().init());
+        self.optim = load(optim)?;
+        self.step = step;
+        self.version = version;
+        Ok(())
+    }
+
+    /// Trains from a channel of groups: each step takes `groups_per_step` groups, drops (and
+    /// counts) groups whose oldest sample is more than `max_staleness` versions behind, trains,
+    /// and publishes the new weights on `weights` (if given). Stops after `steps` optimizer steps
+    /// or when the channel closes; `on_step` sees every step's metrics.
+    pub fn run_from_channel(
+        &mut self,
+        groups: &flume::Receiver<Group>,
+        weights: Option<&flume::Sender<WeightUpdate>>,
+        groups_per_step: usize,
+        max_staleness: u64,
+        steps: usize,
+        mut on_step: impl FnMut(&StepMetrics),
+    ) -> Result<RunStats> {
+        let mut stats = RunStats::default();
+        let start_step = self.step;
+        while self.step - start_step < steps {
+            let mut batch = Vec::with_capacity(groups_per_step);
+            while batch.len() < groups_per_step {
+                let Ok(group) = groups.recv() else {
+                    stats.unused_at_close +=
+                        batch.iter().map(|g: &Group| g.samples.len()).sum::<usize>();
+                    return Ok(stats);
+                };
+                stats.received += group.samples.len();
+                if self.version.saturating_sub(group.oldest_version()) > max_staleness {
+                    stats.dropped_stale += group.samples.len();
+                    continue;
+                }
+                batch.push(group);
+            }
+            let metrics = self.train_step(&batch)?;
+            stats.trained += batch.iter().map(|g| g.samples.len()).sum::<usize>();
+            for m in &metrics {
+                on_step(m);
+            }
+            if let Some(tx) = weights {
+                // A closed pool is not an error for the trainer: it keeps the weights.
+                let _ = tx.send(self.weight_update());
+            }
+        }
+        Ok(stats)
     }
 
     /// The current weights as a [`WeightUpdate`] (full tensors, HF names).

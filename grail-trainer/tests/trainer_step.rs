@@ -178,8 +178,9 @@ fn a_step_updates_weights_and_the_version() {
 #[test]
 fn bad_input_is_a_clear_error() {
     let trainer = GrpoTrainer::new(model(1), None, base_config(LossType::Dapo), 1e11).unwrap();
-    let msg = |r: Result<(GradientsParams, grail_trainer::loss::LossStats), TrainerError>| {
-        r.err().expect("should fail").to_string()
+    let msg = |r: Result<(GradientsParams, grail_trainer::loss::LossStats), TrainerError>| match r {
+        Ok(_) => panic!("should fail"),
+        Err(e) => e.to_string(),
     };
 
     assert!(msg(trainer.gradients(&[])).contains("no groups"));

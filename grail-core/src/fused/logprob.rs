@@ -15,7 +15,7 @@
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
 /// How many tokens and vocabulary rows one tile covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChunkSizes {
     /// Tokens per tile (rows of hidden states).
     pub tokens: usize,

@@ -1,0 +1,131 @@
+//! Resume is bit-identical; the channel runner trains, drops stale groups and publishes weights.
+
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use grail_core::checkpoint::load_model;
+use grail_core::model::{CausalLm, ModelConfig};
+use grail_core::types::{Group, Sample};
+use grail_trainer::config::TrainerConfig;
+use grail_trainer::trainer::GrpoTrainer;
+
+fn model() -> CausalLm {
+    CausalLm::init(
+        &ModelConfig::qwen2(48, 32, 64, 2, 4, 2, 64, false),
+        11,
+        &Device::flex().autodiff(),
+    )
+}
+
+fn batch(step: usize, version: u64) -> Vec<Group> {
+    (0..2)
+        .map(|g| Group {
+            prompt_id: (step * 2 + g) as u64,
+            prompt_ids: Arc::new(vec![1 + g as u32, 2, 3 + step as u32 % 7]),
+            samples: (0..3)
+                .map(|s| {
+                    let c = 2 + (step + s + g) % 4;
+                    Sample {
+                        completion_ids: (0..c)
+                            .map(|t| ((t * 5 + s * 3 + step) % 48) as u32)
+                            .collect(),
+                        behaviour_logps: vec![-3.0; c],
+                        rewards: vec![((s * 7 + g + step) % 5) as f32],
+                        policy_version: version,
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn config() -> TrainerConfig {
+    TrainerConfig {
+        learning_rate: 1e-2,
+        weight_decay: 0.01,
+        warmup_steps: 2,
+        max_steps: 6,
+        lr_scheduler_type: grail_trainer::schedule::LrSchedulerType::Cosine,
+        num_iterations: 2,
+        importance_sampling_cap: Some(2.0),
+        ..TrainerConfig::default()
+    }
+}
+
+fn weights(t: &GrpoTrainer) -> Vec<(String, Vec<u32>)> {
+    t.weight_update()
+        .tensors
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                n.values.iter().map(|v| v.to_bits()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    let steps = 3;
+    let mut straight = GrpoTrainer::new(model(), None, config(), 1e11).unwrap();
+    for s in 0..steps {
+        straight.train_step(&batch(s, 0)).unwrap();
+    }
+
+    let mut first = GrpoTrainer::new(model(), None, config(), 1e11).unwrap();
+    first.train_step(&batch(0, 0)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    first.save_state(&state).unwrap();
+    drop(first);
+    let mut resumed = GrpoTrainer::load_state(&state, &Device::flex(), None, 1e11).unwrap();
+    assert_eq!(resumed.step(), 2);
+    assert_eq!(resumed.version(), 2);
+    for s in 1..steps {
+        resumed.train_step(&batch(s, 0)).unwrap();
+    }
+    assert_eq!(resumed.step(), straight.step());
+    assert_eq!(weights(&resumed), weights(&straight));
+    // The saved weights are a regular HF checkpoint.
+    assert!(load_model(state.join("model"), &Device::flex()).is_ok());
+}
+
+#[test]
+fn channel_run_trains_drops_stale_and_publishes() {
+    let (group_tx, group_rx) = flume::bounded(16);
+    let (weight_tx, weight_rx) = flume::unbounded();
+    let mut cfg = config();
+    cfg.num_iterations = 1;
+    let mut trainer = GrpoTrainer::new(model(), None, cfg, 1e11).unwrap();
+    // Fresh, fresh, then a group two versions old at step 2 (max_staleness 1), then fresh ones.
+    for g in batch(0, 0) {
+        group_tx.send(g).unwrap();
+    }
+    for g in batch(1, 0) {
+        group_tx.send(g).unwrap();
+    }
+    let mut stale = batch(2, 0);
+    stale.truncate(1);
+    group_tx.send(stale.remove(0)).unwrap();
+    for g in batch(3, 2) {
+        group_tx.send(g).unwrap();
+    }
+    let extra = batch(4, 3).remove(0);
+    group_tx.send(extra).unwrap();
+    drop(group_tx);
+    let mut seen = Vec::new();
+    let stats = trainer
+        .run_from_channel(&group_rx, Some(&weight_tx), 2, 1, 10, |m| seen.push(m.step))
+        .unwrap();
+    assert_eq!(seen, vec![1, 2, 3]);
+    assert_eq!(stats.dropped_stale, 3);
+    assert_eq!(stats.trained, 18);
+    assert_eq!(stats.unused_at_close, 3);
+    assert_eq!(
+        stats.received,
+        stats.trained + stats.dropped_stale + stats.unused_at_close
+    );
+    let versions: Vec<u64> = weight_rx.try_iter().map(|u| u.version).collect();
+    assert_eq!(versions, vec![1, 2, 3]);
+}
