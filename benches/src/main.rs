@@ -36,6 +36,21 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Bench {
+    /// Selective log-probs forward + backward: fused chunked op vs naive log_softmax + gather.
+    Logprob {
+        /// Tokens.
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+        /// Hidden size.
+        #[arg(long, default_value_t = 512)]
+        hidden: usize,
+        /// Vocabulary size.
+        #[arg(long, default_value_t = 32768)]
+        vocab: usize,
+        /// Use the naive path (run separately so peak memory is its own).
+        #[arg(long)]
+        naive: bool,
+    },
     /// GRPO trainer steps (dapo loss, AdamW, grad clip) on a random Qwen2 model; one JSON line.
     TrainerStep(TrainerStepArgs),
     /// Forward (and forward+backward) throughput, padded batch vs packed rows.
@@ -258,7 +273,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
         samples,
     }];
 
-    let peak = measure_peak_flops(device, 1024);
+    let peak = measure_peak_flops(device, 2048);
     let mut cfg = TrainerConfig {
         learning_rate: 1e-5,
         max_tokens_per_microbatch: t.max_tokens_per_microbatch,
@@ -295,10 +310,49 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
     Ok(())
 }
 
+fn logprob_bench(args: &Args, device: &Device, tokens: usize, hidden: usize, vocab: usize, naive: bool) -> Result<()> {
+    use burn::tensor::Distribution;
+    use grail_core::fused::{
+        ChunkSizes, naive_selective_logprobs, selective_logprobs_backward, selective_logprobs_forward,
+    };
+    let h = Tensor::<2>::random([tokens, hidden], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<2>::random([vocab, hidden], Distribution::Normal(0.0, 0.05), device);
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let ids: Vec<i64> = (0..tokens).map(|_| rng.random_range(0..vocab as i64)).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens]), device);
+    let g = Tensor::<1>::ones([tokens], device);
+    let rss_before = peak_rss_bytes();
+    let secs = median_secs(args.reps, || {
+        if naive {
+            let ha = h.clone().autodiff().require_grad();
+            let wa = w.clone().autodiff().require_grad();
+            let lp = naive_selective_logprobs(ha.clone(), wa.clone(), targets.clone().autodiff(), 1.0);
+            let grads = (lp * g.clone().autodiff()).sum().backward();
+            let _ = wa.grad(&grads).expect("grad").sum().into_scalar::<f32>();
+        } else {
+            let chunks = ChunkSizes::default();
+            let out = selective_logprobs_forward(&h, &w, &targets, 1.0, chunks, false);
+            let (gh, gw) = selective_logprobs_backward(&h, &w, &targets, &out.lse, &g, 1.0, chunks);
+            let _ = (gh.sum() + gw.sum()).into_scalar::<f32>();
+        }
+    });
+    println!(
+        "{}",
+        json!({
+            "bench": "logprob", "path": if naive { "naive" } else { "fused" }, "device": args.device,
+            "tokens": tokens, "hidden": hidden, "vocab": vocab, "seconds": secs,
+            "peak_rss_bytes": peak_rss_bytes(), "rss_before_bytes": rss_before,
+            "logits_bytes_if_materialised": tokens * vocab * 4,
+        })
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
     match &args.bench {
+        Bench::Logprob { tokens, hidden, vocab, naive } => logprob_bench(&args, &device, *tokens, *hidden, *vocab, *naive),
         Bench::TrainerStep(t) => trainer_step_bench(&args, t, &device),
         Bench::Forward {
             sequences,

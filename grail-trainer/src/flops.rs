@@ -38,16 +38,22 @@ pub fn train_flops(config: &ModelConfig, lens: &[usize], completion: &[usize]) -
     3.0 * forward_flops(config, lens, completion)
 }
 
-/// Measures the device's dense f32 matmul throughput (FLOP/s): the best of a few `n × n` matmuls.
-pub fn measure_peak_flops(device: &Device, n: usize) -> f64 {
-    let a = Tensor::<2>::random([n, n], Distribution::Uniform(-1.0, 1.0), device);
-    let b = Tensor::<2>::random([n, n], Distribution::Uniform(-1.0, 1.0), device);
-    let _ = a.clone().matmul(b.clone()).sum().into_scalar::<f32>(); // warm-up
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let _ = a.clone().matmul(b.clone()).sum().into_scalar::<f32>();
-        best = best.min(t.elapsed().as_secs_f64());
+/// Measures the device's dense f32 matmul throughput (FLOP/s): the best of several square
+/// matmuls of sizes up to `max_n` (the largest rate wins; sizes 512, 1024, ... `max_n`).
+pub fn measure_peak_flops(device: &Device, max_n: usize) -> f64 {
+    let mut best_rate: f64 = 0.0;
+    let mut n = 512.min(max_n);
+    while n <= max_n {
+        let a = Tensor::<2>::random([n, n], Distribution::Uniform(-1.0, 1.0), device);
+        let b = Tensor::<2>::random([n, n], Distribution::Uniform(-1.0, 1.0), device);
+        let _ = a.clone().matmul(b.clone()).sum().into_scalar::<f32>(); // warm-up
+        for _ in 0..5 {
+            let t = Instant::now();
+            // Reading one element forces the computation without timing a reduction.
+            let _ = a.clone().matmul(b.clone()).slice([0..1, 0..1]).into_scalar::<f32>();
+            best_rate = best_rate.max(2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64());
+        }
+        n *= 2;
     }
-    2.0 * (n as f64).powi(3) / best
+    best_rate
 }
