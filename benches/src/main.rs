@@ -310,15 +310,25 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
     Ok(())
 }
 
-fn logprob_bench(args: &Args, device: &Device, tokens: usize, hidden: usize, vocab: usize, naive: bool) -> Result<()> {
+fn logprob_bench(
+    args: &Args,
+    device: &Device,
+    tokens: usize,
+    hidden: usize,
+    vocab: usize,
+    naive: bool,
+) -> Result<()> {
     use burn::tensor::Distribution;
     use grail_core::fused::{
-        ChunkSizes, naive_selective_logprobs, selective_logprobs_backward, selective_logprobs_forward,
+        ChunkSizes, naive_selective_logprobs, selective_logprobs_backward,
+        selective_logprobs_forward,
     };
     let h = Tensor::<2>::random([tokens, hidden], Distribution::Normal(0.0, 1.0), device);
     let w = Tensor::<2>::random([vocab, hidden], Distribution::Normal(0.0, 0.05), device);
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let ids: Vec<i64> = (0..tokens).map(|_| rng.random_range(0..vocab as i64)).collect();
+    let ids: Vec<i64> = (0..tokens)
+        .map(|_| rng.random_range(0..vocab as i64))
+        .collect();
     let targets = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens]), device);
     let g = Tensor::<1>::ones([tokens], device);
     let rss_before = peak_rss_bytes();
@@ -326,7 +336,8 @@ fn logprob_bench(args: &Args, device: &Device, tokens: usize, hidden: usize, voc
         if naive {
             let ha = h.clone().autodiff().require_grad();
             let wa = w.clone().autodiff().require_grad();
-            let lp = naive_selective_logprobs(ha.clone(), wa.clone(), targets.clone().autodiff(), 1.0);
+            let lp =
+                naive_selective_logprobs(ha.clone(), wa.clone(), targets.clone().autodiff(), 1.0);
             let grads = (lp * g.clone().autodiff()).sum().backward();
             let _ = wa.grad(&grads).expect("grad").sum().into_scalar::<f32>();
         } else {
@@ -352,7 +363,12 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
     match &args.bench {
-        Bench::Logprob { tokens, hidden, vocab, naive } => logprob_bench(&args, &device, *tokens, *hidden, *vocab, *naive),
+        Bench::Logprob {
+            tokens,
+            hidden,
+            vocab,
+            naive,
+        } => logprob_bench(&args, &device, *tokens, *hidden, *vocab, *naive),
         Bench::TrainerStep(t) => trainer_step_bench(&args, t, &device),
         Bench::Forward {
             sequences,

@@ -50,7 +50,11 @@ pub fn measure_peak_flops(device: &Device, max_n: usize) -> f64 {
         for _ in 0..5 {
             let t = Instant::now();
             // Reading one element forces the computation without timing a reduction.
-            let _ = a.clone().matmul(b.clone()).slice([0..1, 0..1]).into_scalar::<f32>();
+            let _ = a
+                .clone()
+                .matmul(b.clone())
+                .slice([0..1, 0..1])
+                .into_scalar::<f32>();
             best_rate = best_rate.max(2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64());
         }
         n *= 2;

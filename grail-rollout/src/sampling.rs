@@ -1,0 +1,153 @@
+//! Token sampling: temperature, top-k, top-p, min-p and an optional repetition penalty, seeded
+//! per sample so every completion is reproducible on its own.
+//!
+//! Every sampled token carries its **behaviour log-prob**: `log softmax(logits / T)[token]` over the
+//! full vocabulary, never renormalised after top-k/top-p/min-p truncation. That is the quantity the
+//! trainer recomputes (`grail_core::fused`), so the two agree up to float error, and importance
+//! ratios between them measure policy change rather than the sampler's truncation.
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+/// Sampling parameters (TRL / vLLM names).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplingConfig {
+    /// Softmax temperature; 0 means greedy (arg-max).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches p (1 = off).
+    pub top_p: f32,
+    /// Drop tokens whose probability is below `min_p ×` the top probability (0 = off).
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of already generated tokens (1 = off).
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+impl SamplingConfig {
+    /// Checks ranges, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature = {}: must be ≥ 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p = {}: must be in (0, 1]", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p = {}: must be in [0, 1]", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!(
+                "repetition_penalty = {}: must be positive",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The RNG of one sample: a stream derived from the run seed, the prompt and the sample index.
+pub fn sample_rng(seed: u64, prompt_id: u64, sample_index: usize) -> StdRng {
+    let mix = seed
+        ^ prompt_id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (sample_index as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    StdRng::seed_from_u64(mix)
+}
+
+/// `log softmax(logits / temperature)` of one row (temperature 0 is treated as 1).
+pub fn log_softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let scaled: Vec<f32> = logits.iter().map(|&x| x / t).collect();
+    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + scaled.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    scaled.into_iter().map(|x| x - lse).collect()
+}
+
+/// The tokens the sampler may draw from (after top-k, top-p, min-p), most likely first, with
+/// their full-distribution log-probs.
+pub fn candidate_set(logprobs: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f32)> {
+    let mut order: Vec<(u32, f32)> = logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if cfg.top_k > 0 {
+        order.truncate(cfg.top_k);
+    }
+    if cfg.top_p < 1.0 {
+        let mut mass = 0.0f32;
+        let keep = order
+            .iter()
+            .position(|&(_, l)| {
+                mass += l.exp();
+                mass >= cfg.top_p
+            })
+            .map_or(order.len(), |i| i + 1);
+        order.truncate(keep);
+    }
+    if cfg.min_p > 0.0 {
+        let floor = order[0].1 + cfg.min_p.ln();
+        order.retain(|&(_, l)| l >= floor);
+    }
+    order
+}
+
+/// Draws one token from `logits` (one row) given the tokens generated so far; returns the token and
+/// its behaviour log-prob (full distribution at the sampling temperature).
+pub fn sample_token(
+    logits: &[f32],
+    generated: &[u32],
+    cfg: &SamplingConfig,
+    rng: &mut StdRng,
+) -> (u32, f32) {
+    let penalised;
+    let logits = if cfg.repetition_penalty != 1.0 && !generated.is_empty() {
+        let mut l = logits.to_vec();
+        for &t in generated {
+            let x = &mut l[t as usize];
+            *x = if *x > 0.0 {
+                *x / cfg.repetition_penalty
+            } else {
+                *x * cfg.repetition_penalty
+            };
+        }
+        penalised = l;
+        &penalised[..]
+    } else {
+        logits
+    };
+    let logprobs = log_softmax(logits, cfg.temperature);
+    if cfg.temperature == 0.0 {
+        let (token, _) = logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| {
+                if x > best.1 { (i, x) } else { best }
+            });
+        return (token as u32, logprobs[token]);
+    }
+    let candidates = candidate_set(&logprobs, cfg);
+    let total: f32 = candidates.iter().map(|&(_, l)| l.exp()).sum();
+    let mut u = rng.random_range(0.0..total);
+    for &(token, l) in &candidates {
+        u -= l.exp();
+        if u <= 0.0 {
+            return (token, l);
+        }
+    }
+    let &(token, l) = candidates.last().expect("at least one candidate");
+    (token, l)
+}

@@ -1,0 +1,281 @@
+//! Generation on the fixture models: continuous batching equals greedy decoding, behaviour
+//! log-probs equal the trainer's recomputation, sampling is seeded and respects its truncation.
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use grail_core::checkpoint::load_model;
+use grail_core::fixtures::{model_dirs, read_tensors};
+use grail_core::fused::{ChunkSizes, selective_logprobs_forward};
+use grail_core::model::{CausalLm, Layout, greedy};
+use grail_rollout::generate::{
+    FinishReason, Generated, GenerationConfig, GenerationRequest, generate,
+};
+use grail_rollout::sampling::{SamplingConfig, log_softmax, sample_rng, sample_token};
+
+fn run(
+    model: &CausalLm,
+    cfg: &GenerationConfig,
+    prompts: &[Vec<u32>],
+    per_prompt: usize,
+) -> Vec<Generated> {
+    let requests = prompts.iter().enumerate().flat_map(|(p, ids)| {
+        let ids = Arc::new(ids.clone());
+        (0..per_prompt).map(move |s| GenerationRequest {
+            prompt_id: p as u64,
+            sample_index: s,
+            prompt: ids.clone(),
+        })
+    });
+    let mut out = Vec::new();
+    generate(model, cfg, requests, |g| out.push(g)).unwrap();
+    out.sort_by_key(|g| (g.request.prompt_id, g.request.sample_index));
+    out
+}
+
+#[test]
+fn continuous_batching_greedy_equals_transformers_and_uncached_greedy() {
+    let device = Device::flex();
+    for dir in model_dirs() {
+        let model = load_model(&dir, &device).unwrap();
+        let expected = read_tensors(&dir.join("expected.safetensors")).unwrap();
+        let prompt = expected["greedy_prompt"].ids();
+        let want = expected["greedy_tokens"].ids();
+        let n = want.len();
+        // Prompts of different lengths, more than the batch holds.
+        let mut prompts = vec![
+            prompt.clone(),
+            prompt[..prompt.len() / 2].to_vec(),
+            prompt[1..].to_vec(),
+            vec![prompt[0]],
+        ];
+        prompts
+            .extend((0..).map_while(|i| expected.get(&format!("input_ids_{i}")).map(|t| t.ids())));
+        // An EOS that the fixture's own greedy sequence hits part-way makes sequences leave the
+        // batch at different steps, so later prompts join while others are still decoding.
+        let eos = want[n / 2];
+        let cfg = GenerationConfig {
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                ..SamplingConfig::default()
+            },
+            max_completion_length: n,
+            max_batch: 3,
+            eos_token_ids: vec![eos],
+            ..GenerationConfig::default()
+        };
+        let out = run(&model, &cfg, &prompts, 1);
+        assert_eq!(out.len(), prompts.len());
+        for (p, g) in prompts.iter().zip(&out) {
+            let full = greedy(&model, p, n, false).unwrap();
+            let cut = full.iter().position(|&t| t == eos).map_or(n, |i| i + 1);
+            assert_eq!(g.ids, full[..cut], "{}: prompt {:?}", dir.display(), p);
+            let reason = if cut < n || full[n - 1] == eos {
+                FinishReason::Eos
+            } else {
+                FinishReason::Length
+            };
+            assert_eq!(g.finish, reason);
+        }
+        let first = want.iter().position(|&t| t == eos).unwrap() + 1;
+        assert_eq!(
+            out[0].ids,
+            want[..first],
+            "{}: fixture greedy tokens",
+            dir.display()
+        );
+        // Without an EOS the whole fixture sequence comes back.
+        let cfg = GenerationConfig {
+            eos_token_ids: vec![],
+            ..cfg
+        };
+        assert_eq!(run(&model, &cfg, &prompts[..1], 1)[0].ids, want);
+    }
+}
+
+fn trainer_logps(
+    model: &CausalLm,
+    prompt: &[u32],
+    completion: &[u32],
+    temperature: f64,
+) -> Vec<f32> {
+    let tokens: Vec<i64> = prompt.iter().chain(completion).map(|&t| t as i64).collect();
+    let n = tokens.len();
+    let device = model.device();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [1, n]), &device);
+    let hidden = model
+        .forward_hidden(ids, &Layout::packed_single_row(vec![n]))
+        .unwrap();
+    let h = hidden
+        .reshape([n, model.config.hidden_size])
+        .slice(prompt.len() - 1..n - 1);
+    let targets = Tensor::<1, Int>::from_data(
+        TensorData::new(tokens[prompt.len()..].to_vec(), [completion.len()]),
+        &device,
+    );
+    selective_logprobs_forward(
+        &h,
+        &model.lm_head_weight(),
+        &targets,
+        temperature,
+        ChunkSizes::default(),
+        false,
+    )
+    .logp
+    .into_data()
+    .try_to_vec::<f32>()
+    .unwrap()
+}
+
+#[test]
+fn behaviour_logprobs_equal_the_trainers_recomputation() {
+    let device = Device::flex();
+    for dir in model_dirs() {
+        let model = load_model(&dir, &device).unwrap();
+        let prompts = vec![vec![1, 2, 3, 4, 5], vec![7, 8]];
+        for (temperature, top_p) in [(1.0f32, 1.0f32), (0.7, 1.0), (0.7, 0.8)] {
+            let cfg = GenerationConfig {
+                sampling: SamplingConfig {
+                    temperature,
+                    top_p,
+                    ..SamplingConfig::default()
+                },
+                max_completion_length: 12,
+                max_batch: 4,
+                seed: 5,
+                ..GenerationConfig::default()
+            };
+            for g in run(&model, &cfg, &prompts, 3) {
+                let ours = trainer_logps(&model, &g.request.prompt, &g.ids, temperature as f64);
+                let max = ours
+                    .iter()
+                    .zip(&g.logps)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                // top_p truncation must not change the recorded definition (full distribution).
+                assert!(
+                    max <= 1e-4,
+                    "{}: T={temperature} top_p={top_p}: max |Δ| {max:e}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_completions_different_seed_different() {
+    let model = load_model(&model_dirs()[0], &Device::flex()).unwrap();
+    let cfg = GenerationConfig {
+        max_completion_length: 16,
+        max_batch: 2,
+        seed: 42,
+        ..GenerationConfig::default()
+    };
+    let prompts = vec![vec![3, 4, 5], vec![9]];
+    let a = run(&model, &cfg, &prompts, 3);
+    assert_eq!(
+        a,
+        run(&model, &cfg, &prompts, 3),
+        "same seed, same batch: bit-identical"
+    );
+    // Batch composition does not change the tokens (each sample has its own RNG stream); the
+    // log-probs move only by float summation order.
+    let b = run(
+        &model,
+        &GenerationConfig {
+            max_batch: 5,
+            ..cfg.clone()
+        },
+        &prompts,
+        3,
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.ids, y.ids);
+        assert!(
+            x.logps
+                .iter()
+                .zip(&y.logps)
+                .all(|(p, q)| (p - q).abs() < 1e-5)
+        );
+    }
+    let c = run(&model, &GenerationConfig { seed: 43, ..cfg }, &prompts, 3);
+    assert_ne!(
+        a.iter().map(|g| &g.ids).collect::<Vec<_>>(),
+        c.iter().map(|g| &g.ids).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn truncated_sampling_never_leaves_its_set() {
+    // A fixed, spread-out distribution over 50 tokens.
+    let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 50) as f32) / 8.0).collect();
+    let mut by_prob: Vec<usize> = (0..50).collect();
+    by_prob.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let probs: Vec<f32> = log_softmax(&logits, 1.0).iter().map(|l| l.exp()).collect();
+    let allowed_top_k: Vec<usize> = by_prob[..5].to_vec();
+    let mut mass = 0.0;
+    let mut allowed_top_p = Vec::new();
+    for &t in &by_prob {
+        allowed_top_p.push(t);
+        mass += probs[t];
+        if mass >= 0.6 {
+            break;
+        }
+    }
+    let top = probs[by_prob[0]];
+    let allowed_min_p: Vec<usize> = (0..50).filter(|&t| probs[t] >= 0.3 * top).collect();
+    let cases = [
+        (
+            SamplingConfig {
+                top_k: 5,
+                ..SamplingConfig::default()
+            },
+            allowed_top_k,
+        ),
+        (
+            SamplingConfig {
+                top_p: 0.6,
+                ..SamplingConfig::default()
+            },
+            allowed_top_p,
+        ),
+        (
+            SamplingConfig {
+                min_p: 0.3,
+                ..SamplingConfig::default()
+            },
+            allowed_min_p,
+        ),
+    ];
+    for (cfg, allowed) in cases {
+        let mut rng = sample_rng(7, 0, 0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3000 {
+            let (t, lp) = sample_token(&logits, &[], &cfg, &mut rng);
+            assert!(
+                allowed.contains(&(t as usize)),
+                "{cfg:?}: token {t} outside {allowed:?}"
+            );
+            assert!(
+                (lp - probs[t as usize].ln()).abs() < 1e-5,
+                "log-prob is the full distribution's"
+            );
+            seen.insert(t);
+        }
+        assert_eq!(
+            seen.len(),
+            allowed.len(),
+            "{cfg:?}: every allowed token shows up in 3000 draws"
+        );
+    }
+    // Temperature 0 is arg-max.
+    let greedy_cfg = SamplingConfig {
+        temperature: 0.0,
+        ..SamplingConfig::default()
+    };
+    assert_eq!(
+        sample_token(&logits, &[], &greedy_cfg, &mut sample_rng(1, 1, 1)).0 as usize,
+        by_prob[0]
+    );
+}
