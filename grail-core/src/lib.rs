@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod device;
+pub mod env;
 pub mod error;
 pub mod fixtures;
 pub mod fused;

@@ -5,4 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod generate;
+pub mod pool;
 pub mod sampling;
+
+pub use pool::{PoolConfig, PoolReport, RolloutPool, spawn_pool};

@@ -131,12 +131,13 @@ pub fn sample_token(
     };
     let logprobs = log_softmax(logits, cfg.temperature);
     if cfg.temperature == 0.0 {
-        let (token, _) = logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| {
-                if x > best.1 { (i, x) } else { best }
-            });
+        let (token, _) =
+            logits
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| {
+                    if x > best.1 { (i, x) } else { best }
+                });
         return (token as u32, logprobs[token]);
     }
     let candidates = candidate_set(&logprobs, cfg);

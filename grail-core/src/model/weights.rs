@@ -77,3 +77,63 @@ impl WeightSource for RandomInit {
         self.device.clone()
     }
 }
+
+/// Builds a model from the tensors of a [`WeightUpdate`](crate::types::WeightUpdate) (how rollout
+/// workers pick up new weights). Missing, extra or mis-shaped tensors are errors.
+pub struct NamedTensorSource<'a> {
+    tensors: std::collections::HashMap<&'a str, &'a crate::types::NamedTensor>,
+    taken: usize,
+    device: Device,
+}
+
+impl<'a> NamedTensorSource<'a> {
+    /// A source over `tensors`, creating parameters on `device`.
+    pub fn new(tensors: &'a [crate::types::NamedTensor], device: &Device) -> Self {
+        Self {
+            tensors: tensors.iter().map(|t| (t.name.as_str(), t)).collect(),
+            taken: 0,
+            device: device.clone(),
+        }
+    }
+}
+
+impl WeightSource for NamedTensorSource<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let path = std::path::PathBuf::from("<weight update>");
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| crate::GrailError::MissingTensor {
+                path: path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+            })?;
+        if t.shape != shape {
+            return Err(crate::GrailError::ShapeMismatch {
+                path,
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        self.taken += 1;
+        Ok(t.values.clone())
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.taken == self.tensors.len() {
+            return Ok(());
+        }
+        Err(crate::GrailError::UnexpectedTensors {
+            path: "<weight update>".into(),
+            names: vec![format!(
+                "{} tensors not used by the model",
+                self.tensors.len() - self.taken
+            )],
+        })
+    }
+}

@@ -1,0 +1,385 @@
+//! The rollout pool: N worker threads turn prompts into scored [`Group`]s on a bounded channel,
+//! and pick up new weights between generation batches.
+//!
+//! Each worker owns a copy of the model. A batch is `prompts_per_batch` prompts × `num_generations`
+//! samples, generated with continuous batching; as soon as all samples of a prompt are done, their
+//! rewards run on rayon and the group is sent. Sending blocks when the trainer is behind
+//! (backpressure). A worker checks for newer weights only between batches, so no completion mixes
+//! two policy versions.
+//!
+//! Nothing is lost silently: every generated sample ends up `sent`, `failed` (a reward panicked or
+//! returned NaN/∞; the group is dropped and the reason logged) or `unsent_at_shutdown`.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use grail_core::GrailError;
+use grail_core::env::{Completion, Environment, Prompt};
+use grail_core::model::{CausalLm, NamedTensorSource};
+use grail_core::types::{Group, PolicyVersion, Sample, WeightUpdate};
+use rayon::prelude::*;
+
+use crate::generate::{FinishReason, Generated, GenerationConfig, GenerationRequest, generate};
+
+/// Pool settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Worker threads (each with its own model copy).
+    pub workers: usize,
+    /// Completions per prompt (the GRPO group size).
+    pub num_generations: usize,
+    /// Prompts a worker generates together.
+    pub prompts_per_batch: usize,
+    /// Generation and sampling.
+    pub generation: GenerationConfig,
+    /// Capacity of the group channel (groups).
+    pub channel_capacity: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            num_generations: 8,
+            prompts_per_batch: 2,
+            generation: GenerationConfig::default(),
+            channel_capacity: 8,
+        }
+    }
+}
+
+/// Live counters of a pool (samples unless named otherwise).
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Samples generated.
+    pub generated: AtomicUsize,
+    /// Samples sent to the trainer.
+    pub sent: AtomicUsize,
+    /// Samples in groups whose rewards failed.
+    pub failed: AtomicUsize,
+    /// Samples generated but not sent because the pool was shutting down or the trainer left.
+    pub unsent_at_shutdown: AtomicUsize,
+    /// Completion tokens generated.
+    pub tokens: AtomicUsize,
+    /// Groups whose rewards failed.
+    pub failed_groups: AtomicUsize,
+}
+
+/// Final accounting of a pool: `generated = sent + failed + unsent_at_shutdown`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PoolReport {
+    /// Samples generated.
+    pub generated: usize,
+    /// Samples sent.
+    pub sent: usize,
+    /// Samples in failed groups.
+    pub failed: usize,
+    /// Samples not sent at shutdown.
+    pub unsent_at_shutdown: usize,
+    /// Groups whose rewards failed.
+    pub failed_groups: usize,
+    /// Completion tokens generated.
+    pub tokens: usize,
+}
+
+/// The latest weights published by the trainer.
+#[derive(Default)]
+struct Mailbox {
+    latest: Mutex<Option<Arc<WeightUpdate>>>,
+    version: AtomicU64,
+}
+
+/// A running pool: the trainer's ends of the channels and the handle to stop it.
+pub struct RolloutPool {
+    /// Scored groups, in the order they finish.
+    pub groups: flume::Receiver<Group>,
+    /// Where the trainer publishes new weights.
+    pub weights: flume::Sender<WeightUpdate>,
+    shutdown: Arc<AtomicBool>,
+    counters: Arc<PoolCounters>,
+    workers: Vec<JoinHandle<Result<(), GrailError>>>,
+    forwarder: Option<JoinHandle<()>>,
+}
+
+impl RolloutPool {
+    /// Live counters.
+    pub fn counters(&self) -> &PoolCounters {
+        &self.counters
+    }
+
+    /// Stops the pool: workers finish (or count) their current batch and exit. Returns the
+    /// accounting, or the first worker error.
+    pub fn shutdown(mut self) -> Result<PoolReport, GrailError> {
+        self.shutdown.store(true, Ordering::SeqCst);
+        let mut first_error = None;
+        for w in self.workers.drain(..) {
+            match w.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_error
+                        .get_or_insert(GrailError::Input("a rollout worker panicked".into()));
+                }
+            }
+        }
+        // Closing our weight sender ends the forwarder once the trainer's clones are gone too.
+        drop(self.forwarder.take());
+        let c = &self.counters;
+        let report = PoolReport {
+            generated: c.generated.load(Ordering::SeqCst),
+            sent: c.sent.load(Ordering::SeqCst),
+            failed: c.failed.load(Ordering::SeqCst),
+            unsent_at_shutdown: c.unsent_at_shutdown.load(Ordering::SeqCst),
+            failed_groups: c.failed_groups.load(Ordering::SeqCst),
+            tokens: c.tokens.load(Ordering::SeqCst),
+        };
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+}
+
+/// Starts a pool generating from `env` with copies of `model` (a no-grad model; its config is
+/// used to rebuild weights from updates). Returns the trainer's channel ends and the handle.
+pub fn spawn_pool(
+    model: &CausalLm,
+    env: Arc<dyn Environment>,
+    cfg: PoolConfig,
+) -> Result<RolloutPool, GrailError> {
+    if cfg.workers == 0
+        || cfg.num_generations == 0
+        || cfg.prompts_per_batch == 0
+        || cfg.channel_capacity == 0
+    {
+        return Err(GrailError::config(
+            "rollout",
+            format!("{cfg:?}"),
+            "rollout_workers, num_generations, prompts_per_batch and channel capacity must be positive",
+        ));
+    }
+    cfg.generation
+        .sampling
+        .validate()
+        .map_err(|m| GrailError::config("sampling", &m, "invalid sampling parameter"))?;
+    let (group_tx, group_rx) = flume::bounded(cfg.channel_capacity);
+    let (weight_tx, weight_rx) = flume::unbounded::<WeightUpdate>();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(PoolCounters::default());
+    let mailbox = Arc::new(Mailbox::default());
+    let next_prompt = Arc::new(AtomicU64::new(0));
+
+    let forwarder = {
+        let mailbox = mailbox.clone();
+        std::thread::Builder::new()
+            .name("grail-weights".into())
+            .spawn(move || {
+                for update in weight_rx.iter() {
+                    let version = update.version;
+                    *mailbox.latest.lock().expect("mailbox lock") = Some(Arc::new(update));
+                    mailbox.version.store(version, Ordering::SeqCst);
+                }
+            })
+            .map_err(|e| GrailError::io("<thread>", e))?
+    };
+    let mut workers = Vec::with_capacity(cfg.workers);
+    for w in 0..cfg.workers {
+        let worker = Worker {
+            model: model.clone(),
+            version: 0,
+            env: env.clone(),
+            cfg: cfg.clone(),
+            tx: group_tx.clone(),
+            shutdown: shutdown.clone(),
+            counters: counters.clone(),
+            mailbox: mailbox.clone(),
+            next_prompt: next_prompt.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("grail-rollout-{w}"))
+            .spawn(move || worker.run())
+            .map_err(|e| GrailError::io("<thread>", e))?;
+        workers.push(handle);
+    }
+    Ok(RolloutPool {
+        groups: group_rx,
+        weights: weight_tx,
+        shutdown,
+        counters,
+        workers,
+        forwarder: Some(forwarder),
+    })
+}
+
+struct Worker {
+    model: CausalLm,
+    version: PolicyVersion,
+    env: Arc<dyn Environment>,
+    cfg: PoolConfig,
+    tx: flume::Sender<Group>,
+    shutdown: Arc<AtomicBool>,
+    counters: Arc<PoolCounters>,
+    mailbox: Arc<Mailbox>,
+    next_prompt: Arc<AtomicU64>,
+}
+
+impl Worker {
+    fn run(mut self) -> Result<(), GrailError> {
+        while !self.shutdown.load(Ordering::SeqCst) {
+            self.refresh_weights()?;
+            let prompts: Vec<Prompt> = (0..self.cfg.prompts_per_batch)
+                .map_while(|_| {
+                    self.env
+                        .prompt(self.next_prompt.fetch_add(1, Ordering::SeqCst))
+                })
+                .collect();
+            if prompts.is_empty() {
+                break; // the environment is exhausted
+            }
+            self.generate_batch(&prompts)?;
+        }
+        Ok(())
+    }
+
+    /// Swaps in the newest published weights, if any (only ever between batches).
+    fn refresh_weights(&mut self) -> Result<(), GrailError> {
+        if self.mailbox.version.load(Ordering::SeqCst) <= self.version {
+            return Ok(());
+        }
+        let update = self.mailbox.latest.lock().expect("mailbox lock").clone();
+        if let Some(update) = update
+            && update.version > self.version
+        {
+            let device = self.model.device();
+            let mut source = NamedTensorSource::new(&update.tensors, &device);
+            self.model = CausalLm::build(&self.model.config, &mut source)?;
+            self.version = update.version;
+            tracing::debug!(
+                version = self.version,
+                "rollout worker picked up new weights"
+            );
+        }
+        Ok(())
+    }
+
+    fn generate_batch(&self, prompts: &[Prompt]) -> Result<(), GrailError> {
+        let g = self.cfg.num_generations;
+        let by_id: HashMap<u64, &Prompt> = prompts.iter().map(|p| (p.id, p)).collect();
+        let requests = prompts.iter().flat_map(|p| {
+            (0..g).map(move |s| GenerationRequest {
+                prompt_id: p.id,
+                sample_index: s,
+                prompt: p.ids.clone(),
+            })
+        });
+        let mut pending: HashMap<u64, Vec<Generated>> = HashMap::new();
+        let mut first_error = None;
+        generate(&self.model, &self.cfg.generation, requests, |done| {
+            self.counters.generated.fetch_add(1, Ordering::SeqCst);
+            self.counters
+                .tokens
+                .fetch_add(done.ids.len(), Ordering::SeqCst);
+            let id = done.request.prompt_id;
+            let list = pending.entry(id).or_default();
+            list.push(done);
+            if list.len() == g {
+                let mut list = pending.remove(&id).expect("just filled");
+                list.sort_by_key(|d| d.request.sample_index);
+                if let Err(e) = self.score_and_send(by_id[&id], list) {
+                    first_error.get_or_insert(e);
+                }
+            }
+        })?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the rewards on rayon and sends the group; a failing reward fails (and counts) the group.
+    fn score_and_send(&self, prompt: &Prompt, done: Vec<Generated>) -> Result<(), GrailError> {
+        let n = done.len();
+        let rewards = self.env.rewards();
+        let scored: Vec<Result<Vec<f32>, String>> = done
+            .par_iter()
+            .map(|d| {
+                let completion = Completion {
+                    ids: d.ids.clone(),
+                    text: self.env.decode(&d.ids),
+                    finished: d.finish != FinishReason::Length,
+                };
+                rewards
+                    .iter()
+                    .map(|r| {
+                        let value = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            (r.func)(prompt, &completion)
+                        }))
+                        .map_err(|p| {
+                            let msg = p
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| p.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "panic".into());
+                            format!("reward `{}` panicked: {msg}", r.name)
+                        })?;
+                        if value.is_finite() {
+                            Ok(value)
+                        } else {
+                            Err(format!("reward `{}` returned {value}", r.name))
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        if let Some(Err(reason)) = scored.iter().find(|r| r.is_err()) {
+            tracing::warn!(prompt = prompt.id, %reason, "group failed");
+            self.counters.failed.fetch_add(n, Ordering::SeqCst);
+            self.counters.failed_groups.fetch_add(1, Ordering::SeqCst);
+            return Ok(());
+        }
+        let samples = done
+            .into_iter()
+            .zip(scored)
+            .map(|(d, r)| Sample {
+                completion_ids: d.ids,
+                behaviour_logps: d.logps,
+                rewards: r.expect("checked"),
+                policy_version: self.version,
+            })
+            .collect();
+        let mut group = Group {
+            prompt_id: prompt.id,
+            prompt_ids: prompt.ids.clone(),
+            samples,
+        };
+        // Block while the trainer is behind, but keep an eye on shutdown.
+        loop {
+            if self.shutdown.load(Ordering::SeqCst) {
+                self.counters
+                    .unsent_at_shutdown
+                    .fetch_add(n, Ordering::SeqCst);
+                return Ok(());
+            }
+            match self.tx.send_timeout(group, Duration::from_millis(20)) {
+                Ok(()) => {
+                    self.counters.sent.fetch_add(n, Ordering::SeqCst);
+                    return Ok(());
+                }
+                Err(flume::SendTimeoutError::Timeout(g)) => group = g,
+                Err(flume::SendTimeoutError::Disconnected(_)) => {
+                    self.counters
+                        .unsent_at_shutdown
+                        .fetch_add(n, Ordering::SeqCst);
+                    self.shutdown.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

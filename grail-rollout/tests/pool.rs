@@ -1,0 +1,149 @@
+//! The pool and the trainer meeting only through channels: groups flow one way, versioned
+//! weights the other; failures are counted; the accounting identity holds at shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use grail_core::env::{Completion, Environment, Prompt, Reward};
+use grail_core::model::{CausalLm, ModelConfig};
+use grail_rollout::generate::GenerationConfig;
+use grail_rollout::{PoolConfig, spawn_pool};
+use grail_trainer::config::TrainerConfig;
+use grail_trainer::trainer::GrpoTrainer;
+
+/// Prompts `[i % 50, 1, 2]`; reward: share of completion tokens equal to 7. Prompts with id
+/// divisible by `panic_every` make the second reward panic.
+struct Sevens {
+    rewards: Vec<Reward>,
+    limit: u64,
+}
+
+impl Sevens {
+    fn new(limit: u64, panic_every: Option<u64>) -> Self {
+        let rewards = vec![
+            Reward::new("sevens", 1.0, |_p: &Prompt, c: &Completion| {
+                c.ids.iter().filter(|&&t| t == 7).count() as f32 / c.ids.len().max(1) as f32
+            }),
+            Reward::new("fragile", 0.5, move |p: &Prompt, _c: &Completion| {
+                if let Some(k) = panic_every
+                    && p.id.is_multiple_of(k)
+                {
+                    panic!("cannot score prompt {}", p.id);
+                }
+                0.0
+            }),
+        ];
+        Self { rewards, limit }
+    }
+}
+
+impl Environment for Sevens {
+    fn prompt(&self, index: u64) -> Option<Prompt> {
+        (index < self.limit).then(|| Prompt {
+            id: index,
+            text: String::new(),
+            ids: Arc::new(vec![(index % 50) as u32, 1, 2]),
+            answer: String::new(),
+            metadata: serde_json::Value::Null,
+        })
+    }
+    fn rewards(&self) -> &[Reward] {
+        &self.rewards
+    }
+    fn decode(&self, ids: &[u32]) -> String {
+        format!("{ids:?}")
+    }
+}
+
+fn config() -> ModelConfig {
+    ModelConfig::qwen2(64, 32, 64, 2, 4, 2, 64, true)
+}
+
+fn pool_config(workers: usize) -> PoolConfig {
+    PoolConfig {
+        workers,
+        num_generations: 4,
+        prompts_per_batch: 2,
+        generation: GenerationConfig {
+            max_completion_length: 6,
+            max_batch: 8,
+            seed: 3,
+            ..GenerationConfig::default()
+        },
+        channel_capacity: 2,
+    }
+}
+
+#[test]
+fn pool_and_trainer_meet_through_channels_and_account_for_everything() {
+    let device = Device::flex();
+    let policy = CausalLm::init(&config(), 1, &device.clone().autodiff());
+    let pool = spawn_pool(
+        &policy.valid(),
+        Arc::new(Sevens::new(10_000, None)),
+        pool_config(2),
+    )
+    .unwrap();
+    let cfg = TrainerConfig {
+        learning_rate: 1e-3,
+        reward_weights: vec![1.0, 0.5],
+        ..TrainerConfig::default()
+    };
+    let mut trainer = GrpoTrainer::new(policy, None, cfg, 1e11).unwrap();
+    let mut versions_seen = Vec::new();
+    for _ in 0..4 {
+        let batch: Vec<_> = (0..2).map(|_| pool.groups.recv().unwrap()).collect();
+        versions_seen.extend(batch.iter().map(|g| g.oldest_version()));
+        trainer.train_step(&batch).unwrap();
+        pool.weights.send(trainer.weight_update()).unwrap();
+    }
+    // Later groups were generated with published weights.
+    for _ in 0..40 {
+        let g = pool.groups.recv().unwrap();
+        versions_seen.push(g.oldest_version());
+        if g.oldest_version() > 0 {
+            break;
+        }
+    }
+    assert!(
+        versions_seen.iter().any(|&v| v > 0),
+        "workers never picked up new weights: {versions_seen:?}"
+    );
+    let consumed: usize = 4 * 2 * 4 + (versions_seen.len() - 8) * 4;
+    let groups = pool.groups.clone();
+    let report = pool.shutdown().unwrap();
+    let left_in_channel: usize = groups.drain().map(|g| g.samples.len()).sum();
+    assert_eq!(
+        report.generated,
+        report.sent + report.failed + report.unsent_at_shutdown
+    );
+    assert_eq!(report.sent, consumed + left_in_channel, "{report:?}");
+    assert_eq!(report.failed, 0);
+}
+
+#[test]
+fn a_panicking_reward_fails_its_group_and_the_pool_keeps_going() {
+    let device = Device::flex();
+    let model = CausalLm::init(&config(), 2, &device);
+    let pool = spawn_pool(&model, Arc::new(Sevens::new(12, Some(3))), pool_config(1)).unwrap();
+    let received: Vec<_> = pool.groups.iter().take_while(|_| true).collect::<Vec<_>>();
+    // The environment has 12 prompts; ids 0, 3, 6, 9 fail.
+    let ids: Vec<u64> = received.iter().map(|g| g.prompt_id).collect();
+    assert_eq!(ids.len(), 8, "{ids:?}");
+    assert!(ids.iter().all(|id| id % 3 != 0));
+    let counters = pool.counters();
+    assert_eq!(counters.failed_groups.load(Ordering::SeqCst), 4);
+    let report = pool.shutdown().unwrap();
+    assert_eq!(report.failed, 16);
+    assert_eq!(
+        report.generated,
+        report.sent + report.failed + report.unsent_at_shutdown
+    );
+    assert!(received.iter().all(|g| {
+        g.samples
+            .iter()
+            .all(|s| s.rewards.len() == 2 && s.behaviour_logps.len() == s.completion_ids.len())
+    }));
+}
