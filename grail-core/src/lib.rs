@@ -16,6 +16,7 @@ pub mod error;
 pub mod fixtures;
 pub mod fused;
 pub mod model;
+pub mod sync;
 pub mod tokenizer;
 pub mod types;
 

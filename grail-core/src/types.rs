@@ -52,11 +52,37 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
+/// The content of a weight update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightPayload {
+    /// Every tensor (values already rounded to the wire dtype).
+    Full(Arc<Vec<NamedTensor>>),
+    /// lz4-compressed changed elements since the previous version (see [`crate::sync`]).
+    Delta {
+        /// The version this delta applies to (the previously published one).
+        base: PolicyVersion,
+        /// The dtype of the values.
+        wire: crate::sync::WireDtype,
+        /// The encoded delta.
+        bytes: Arc<Vec<u8>>,
+    },
+}
+
+impl WeightPayload {
+    /// Bytes on the wire (f32 values for full payloads of f32-exact tensors).
+    pub fn wire_bytes(&self) -> usize {
+        match self {
+            WeightPayload::Full(t) => t.iter().map(|t| t.values.len() * 4).sum(),
+            WeightPayload::Delta { bytes, .. } => bytes.len(),
+        }
+    }
+}
+
 /// New weights published by the trainer after an optimizer step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightUpdate {
     /// The version these weights are.
     pub version: PolicyVersion,
-    /// Every tensor of the model.
-    pub tensors: Arc<Vec<NamedTensor>>,
+    /// The weights, full or as a delta from the previous version.
+    pub payload: WeightPayload,
 }

@@ -12,15 +12,16 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use grail_core::GrailError;
 use grail_core::env::{Completion, Environment, Prompt};
-use grail_core::model::{CausalLm, NamedTensorSource};
-use grail_core::types::{Group, PolicyVersion, Sample, WeightUpdate};
+use grail_core::model::CausalLm;
+use grail_core::sync::WeightState;
+use grail_core::types::{Group, Sample, WeightUpdate};
 use rayon::prelude::*;
 
 use crate::generate::{FinishReason, Generated, GenerationConfig, GenerationRequest, generate};
@@ -84,13 +85,6 @@ pub struct PoolReport {
     pub failed_groups: usize,
     /// Completion tokens generated.
     pub tokens: usize,
-}
-
-/// The latest weights published by the trainer.
-#[derive(Default)]
-struct Mailbox {
-    latest: Mutex<Option<Arc<WeightUpdate>>>,
-    version: AtomicU64,
 }
 
 /// A running pool: the trainer's ends of the channels and the handle to stop it.
@@ -172,33 +166,34 @@ pub fn spawn_pool(
     let (weight_tx, weight_rx) = flume::unbounded::<WeightUpdate>();
     let shutdown = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(PoolCounters::default());
-    let mailbox = Arc::new(Mailbox::default());
     let next_prompt = Arc::new(AtomicU64::new(0));
-
-    let forwarder = {
-        let mailbox = mailbox.clone();
-        std::thread::Builder::new()
-            .name("grail-weights".into())
-            .spawn(move || {
-                for update in weight_rx.iter() {
-                    let version = update.version;
-                    *mailbox.latest.lock().expect("mailbox lock") = Some(Arc::new(update));
-                    mailbox.version.store(version, Ordering::SeqCst);
+    // Every worker gets every update, in order (deltas only make sense applied in sequence).
+    let (worker_txs, worker_rxs): (Vec<_>, Vec<_>) = (0..cfg.workers)
+        .map(|_| flume::unbounded::<Arc<WeightUpdate>>())
+        .unzip();
+    let forwarder = std::thread::Builder::new()
+        .name("grail-weights".into())
+        .spawn(move || {
+            for update in weight_rx.iter() {
+                let update = Arc::new(update);
+                for tx in &worker_txs {
+                    let _ = tx.send(update.clone());
                 }
-            })
-            .map_err(|e| GrailError::io("<thread>", e))?
-    };
+            }
+        })
+        .map_err(|e| GrailError::io("<thread>", e))?;
+    let initial = WeightState::new(model);
     let mut workers = Vec::with_capacity(cfg.workers);
-    for w in 0..cfg.workers {
+    for (w, updates) in worker_rxs.into_iter().enumerate() {
         let worker = Worker {
             model: model.clone(),
-            version: 0,
+            weights: initial.clone(),
+            updates,
             env: env.clone(),
             cfg: cfg.clone(),
             tx: group_tx.clone(),
             shutdown: shutdown.clone(),
             counters: counters.clone(),
-            mailbox: mailbox.clone(),
             next_prompt: next_prompt.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -219,13 +214,13 @@ pub fn spawn_pool(
 
 struct Worker {
     model: CausalLm,
-    version: PolicyVersion,
+    weights: WeightState,
+    updates: flume::Receiver<Arc<WeightUpdate>>,
     env: Arc<dyn Environment>,
     cfg: PoolConfig,
     tx: flume::Sender<Group>,
     shutdown: Arc<AtomicBool>,
     counters: Arc<PoolCounters>,
-    mailbox: Arc<Mailbox>,
     next_prompt: Arc<AtomicU64>,
 }
 
@@ -247,21 +242,20 @@ impl Worker {
         Ok(())
     }
 
-    /// Swaps in the newest published weights, if any (only ever between batches).
+    /// Applies every update published since the last batch, in order, and rebuilds the model
+    /// once (only ever between batches).
     fn refresh_weights(&mut self) -> Result<(), GrailError> {
-        if self.mailbox.version.load(Ordering::SeqCst) <= self.version {
-            return Ok(());
+        let mut changed = false;
+        for update in self.updates.try_iter() {
+            self.weights.apply(&update)?;
+            changed = true;
         }
-        let update = self.mailbox.latest.lock().expect("mailbox lock").clone();
-        if let Some(update) = update
-            && update.version > self.version
-        {
-            let device = self.model.device();
-            let mut source = NamedTensorSource::new(&update.tensors, &device);
-            self.model = CausalLm::build(&self.model.config, &mut source)?;
-            self.version = update.version;
+        if changed {
+            self.model = self
+                .weights
+                .build_model(&self.model.config, &self.model.device())?;
             tracing::debug!(
-                version = self.version,
+                version = self.weights.version(),
                 "rollout worker picked up new weights"
             );
         }
@@ -350,7 +344,7 @@ impl Worker {
                 completion_ids: d.ids,
                 behaviour_logps: d.logps,
                 rewards: r.expect("checked"),
-                policy_version: self.version,
+                policy_version: self.weights.version(),
             })
             .collect();
         let mut group = Group {

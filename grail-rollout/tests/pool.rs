@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use grail_core::env::{Completion, Environment, Prompt, Reward};
 use grail_core::model::{CausalLm, ModelConfig};
+use grail_core::sync::{SyncMode, WeightPublisher, WireDtype};
 use grail_rollout::generate::GenerationConfig;
 use grail_rollout::{PoolConfig, spawn_pool};
 use grail_trainer::config::TrainerConfig;
@@ -92,12 +93,16 @@ fn pool_and_trainer_meet_through_channels_and_account_for_everything() {
         ..TrainerConfig::default()
     };
     let mut trainer = GrpoTrainer::new(policy, None, cfg, 1e11).unwrap();
+    // Sparse bf16 deltas: every worker must apply each one, in order.
+    let mut publisher = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model());
     let mut versions_seen = Vec::new();
     for _ in 0..4 {
         let batch: Vec<_> = (0..2).map(|_| pool.groups.recv().unwrap()).collect();
         versions_seen.extend(batch.iter().map(|g| g.oldest_version()));
         trainer.train_step(&batch).unwrap();
-        pool.weights.send(trainer.weight_update()).unwrap();
+        pool.weights
+            .send(publisher.publish(trainer.version(), trainer.model()))
+            .unwrap();
     }
     // Later groups were generated with published weights.
     for _ in 0..40 {

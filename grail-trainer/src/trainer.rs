@@ -13,7 +13,8 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::tensor::{Int, Tensor, TensorData};
 use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
 use grail_core::model::{CausalLm, Layout};
-use grail_core::types::{Group, NamedTensor, PolicyVersion, WeightUpdate};
+use grail_core::sync::WeightSink;
+use grail_core::types::{Group, NamedTensor, PolicyVersion, WeightPayload, WeightUpdate};
 
 use crate::advantages::compute_advantages;
 use crate::config::TrainerConfig;
@@ -211,12 +212,12 @@ impl GrpoTrainer {
 
     /// Trains from a channel of groups: each step takes `groups_per_step` groups, drops (and
     /// counts) groups whose oldest sample is more than `max_staleness` versions behind, trains,
-    /// and publishes the new weights on `weights` (if given). Stops after `steps` optimizer steps
+    /// and publishes the new weights through `weights` (if given). Stops after `steps` optimizer steps
     /// or when the channel closes; `on_step` sees every step's metrics.
     pub fn run_from_channel(
         &mut self,
         groups: &flume::Receiver<Group>,
-        weights: Option<&flume::Sender<WeightUpdate>>,
+        mut weights: Option<&mut WeightSink>,
         groups_per_step: usize,
         max_staleness: u64,
         steps: usize,
@@ -244,9 +245,10 @@ impl GrpoTrainer {
             for m in &metrics {
                 on_step(m);
             }
-            if let Some(tx) = weights {
+            if let Some(sink) = weights.as_deref_mut() {
+                let update = sink.publisher.publish(self.version, self.model());
                 // A closed pool is not an error for the trainer: it keeps the weights.
-                let _ = tx.send(self.weight_update());
+                let _ = sink.tx.send(update);
             }
         }
         Ok(stats)
@@ -269,7 +271,7 @@ impl GrpoTrainer {
         });
         WeightUpdate {
             version: self.version,
-            tensors: Arc::new(tensors),
+            payload: WeightPayload::Full(Arc::new(tensors)),
         }
     }
 

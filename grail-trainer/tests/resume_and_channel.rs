@@ -5,7 +5,8 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::types::{Group, Sample};
+use grail_core::sync::{SyncMode, WeightPublisher, WeightSink, WeightState, WireDtype};
+use grail_core::types::{Group, Sample, WeightPayload};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::trainer::GrpoTrainer;
 
@@ -53,8 +54,10 @@ fn config() -> TrainerConfig {
 }
 
 fn weights(t: &GrpoTrainer) -> Vec<(String, Vec<u32>)> {
-    t.weight_update()
-        .tensors
+    let WeightPayload::Full(tensors) = t.weight_update().payload else {
+        panic!("full payload");
+    };
+    tensors
         .iter()
         .map(|n| {
             (
@@ -98,6 +101,10 @@ fn channel_run_trains_drops_stale_and_publishes() {
     let mut cfg = config();
     cfg.num_iterations = 1;
     let mut trainer = GrpoTrainer::new(model(), None, cfg, 1e11).unwrap();
+    let mut sink = WeightSink {
+        tx: weight_tx,
+        publisher: WeightPublisher::new(SyncMode::Full, WireDtype::F32, trainer.model()),
+    };
     // Fresh, fresh, then a group two versions old at step 2 (max_staleness 1), then fresh ones.
     for g in batch(0, 0) {
         group_tx.send(g).unwrap();
@@ -116,7 +123,7 @@ fn channel_run_trains_drops_stale_and_publishes() {
     drop(group_tx);
     let mut seen = Vec::new();
     let stats = trainer
-        .run_from_channel(&group_rx, Some(&weight_tx), 2, 1, 10, |m| seen.push(m.step))
+        .run_from_channel(&group_rx, Some(&mut sink), 2, 1, 10, |m| seen.push(m.step))
         .unwrap();
     assert_eq!(seen, vec![1, 2, 3]);
     assert_eq!(stats.dropped_stale, 3);
@@ -128,4 +135,61 @@ fn channel_run_trains_drops_stale_and_publishes() {
     );
     let versions: Vec<u64> = weight_rx.try_iter().map(|u| u.version).collect();
     assert_eq!(versions, vec![1, 2, 3]);
+}
+
+#[test]
+fn delta_sync_reproduces_the_trainers_bf16_weights_exactly() {
+    let initial = model();
+    let mut delta_state = WeightState::new(&initial);
+    let mut full_state = WeightState::new(&initial);
+    let mut delta = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, &initial);
+    let mut full = WeightPublisher::new(SyncMode::Full, WireDtype::Bf16, &initial);
+    let mut cfg = config();
+    cfg.learning_rate = 1e-6; // TRL's default: most bf16 values do not move in a step
+    let mut trainer = GrpoTrainer::new(initial, None, cfg, 1e11).unwrap();
+    let mut ratios = Vec::new();
+    for s in 0..4 {
+        trainer.train_step(&batch(s, trainer.version())).unwrap();
+        let d = delta.publish(trainer.version(), trainer.model());
+        let f = full.publish(trainer.version(), trainer.model());
+        ratios.push(d.payload.wire_bytes() as f64 / delta.full_bytes() as f64);
+        delta_state.apply(&d).unwrap();
+        full_state.apply(&f).unwrap();
+        assert_eq!(
+            delta_state.tensors(),
+            full_state.tensors(),
+            "step {s}: delta and full disagree"
+        );
+    }
+    // Exactly the trainer's weights rounded to bf16.
+    let WeightPayload::Full(exact) = trainer.weight_update().payload else {
+        panic!()
+    };
+    let mut exact = exact.as_ref().clone();
+    exact.sort_by(|a, b| a.name.cmp(&b.name));
+    for (mine, theirs) in delta_state.tensors().iter().zip(&exact) {
+        assert_eq!(mine.name, theirs.name);
+        assert!(
+            mine.values
+                .iter()
+                .zip(&theirs.values)
+                .all(|(a, b)| *a == half::bf16::from_f32(*b).to_f32())
+        );
+    }
+    assert!(
+        ratios.iter().all(|&r| r < 0.5),
+        "delta bytes / full bytes: {ratios:?}"
+    );
+    // A worker that missed an update refuses the next delta instead of drifting.
+    trainer.train_step(&batch(9, trainer.version())).unwrap();
+    let _skipped = delta.publish(trainer.version(), trainer.model());
+    trainer.train_step(&batch(10, trainer.version())).unwrap();
+    let next = delta.publish(trainer.version(), trainer.model());
+    assert!(
+        delta_state
+            .apply(&next)
+            .unwrap_err()
+            .to_string()
+            .contains("in order")
+    );
 }

@@ -7,7 +7,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::types::{Group, Sample};
+use grail_core::types::{Group, Sample, WeightPayload};
 use grail_trainer::TrainerError;
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::loss::LossType;
@@ -165,12 +165,15 @@ fn a_step_updates_weights_and_the_version() {
     );
     let after = trainer.weight_update();
     assert_eq!(after.version, 2);
-    assert_eq!(after.tensors.len(), before.tensors.len());
+    let (WeightPayload::Full(before), WeightPayload::Full(after)) = (before.payload, after.payload)
+    else {
+        panic!("weight_update is a full payload");
+    };
+    assert_eq!(after.len(), before.len());
     assert!(
         before
-            .tensors
             .iter()
-            .zip(after.tensors.iter())
+            .zip(after.iter())
             .any(|(a, b)| a.values != b.values)
     );
 }
