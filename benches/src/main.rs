@@ -36,6 +36,31 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Bench {
+    /// Rollout generation throughput (continuous batching, sampling at temperature 1, no EOS).
+    Rollout {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Sequences generated together.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        /// Tokens generated per sequence.
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+    },
+    /// Weight-sync payload size and apply time after real AdamW steps (delta vs full, bf16).
+    WeightSync {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Optimizer steps to publish.
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        /// Learning rate of those steps.
+        #[arg(long, default_value_t = 1e-6)]
+        lr: f64,
+    },
     /// Selective log-probs forward + backward: fused chunked op vs naive log_softmax + gather.
     Logprob {
         /// Tokens.
@@ -167,6 +192,166 @@ fn forward_bench(
             json!({"bench": mode, "packed_over_padded": tps[1] / tps[0], "device": args.device})
         );
     }
+    Ok(())
+}
+
+/// Model shape flags shared by the rollout and weight-sync benches.
+#[derive(clap::Args, Debug)]
+struct ModelArgs {
+    /// A Hugging Face config.json to take the model shape from (overrides the shape flags).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Hidden size.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = 688)]
+    inter: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 4096)]
+    vocab: usize,
+}
+
+impl ModelArgs {
+    fn model_config(&self) -> Result<ModelConfig> {
+        Ok(match &self.config {
+            Some(path) => ModelConfig::from_file(path)?,
+            None => ModelConfig::qwen2(
+                self.vocab,
+                self.hidden,
+                self.inter,
+                self.layers,
+                self.heads,
+                self.kv_heads,
+                32768,
+                false,
+            ),
+        })
+    }
+}
+
+fn rollout_bench(
+    args: &Args,
+    device: &Device,
+    m: &ModelArgs,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+) -> Result<()> {
+    use grail_rollout::generate::{GenerationConfig, GenerationRequest, generate};
+    let config = m.model_config()?;
+    let model = CausalLm::init(&config, args.seed, device);
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let vocab = config.vocab_size as u32;
+    let requests: Vec<GenerationRequest> = (0..batch)
+        .map(|i| GenerationRequest {
+            prompt_id: i as u64,
+            sample_index: 0,
+            prompt: std::sync::Arc::new(
+                (0..prompt_len)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect(),
+            ),
+        })
+        .collect();
+    // Prefill alone (one new token each), then the full generation.
+    let prefill_cfg = GenerationConfig {
+        max_completion_length: 1,
+        max_batch: batch,
+        seed: args.seed,
+        ..GenerationConfig::default()
+    };
+    let t = Instant::now();
+    generate(&model, &prefill_cfg, requests.clone(), |_| {})?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let cfg = GenerationConfig {
+        max_completion_length: new_tokens,
+        ..prefill_cfg
+    };
+    let t = Instant::now();
+    let stats = generate(&model, &cfg, requests, |_| {})?;
+    let total_s = t.elapsed().as_secs_f64();
+    let decode_s = (total_s - prefill_s).max(1e-9);
+    println!(
+        "{}",
+        json!({
+            "bench": "rollout", "device": args.device, "params": config.num_parameters(),
+            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "generated_tokens": stats.generated_tokens, "tokens_per_s": stats.generated_tokens as f64 / total_s,
+            "decode_tokens_per_s": (stats.generated_tokens - batch) as f64 / decode_s,
+            "prefill_s": prefill_s, "decode_s": decode_s, "total_s": total_s,
+            "peak_rss_bytes": peak_rss_bytes(),
+        })
+    );
+    Ok(())
+}
+
+fn weight_sync_bench(
+    args: &Args,
+    device: &Device,
+    m: &ModelArgs,
+    steps: usize,
+    lr: f64,
+) -> Result<()> {
+    use grail_core::sync::{SyncMode, WeightPublisher, WeightState, WireDtype};
+    use grail_core::types::{Group, Sample};
+    use grail_trainer::config::TrainerConfig;
+    use grail_trainer::trainer::GrpoTrainer;
+    let config = m.model_config()?;
+    let policy = CausalLm::init(&config, args.seed, &device.clone().autodiff());
+    let mut delta = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, &policy);
+    let mut state = WeightState::new(&policy);
+    let cfg = TrainerConfig {
+        learning_rate: lr,
+        ..TrainerConfig::default()
+    };
+    let mut trainer = GrpoTrainer::new(policy, None, cfg, 1.0)?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let vocab = config.vocab_size as u32;
+    let (mut delta_bytes, mut publish_s, mut apply_s) = (0usize, 0.0, 0.0);
+    for _ in 0..steps.max(1) {
+        let samples = (0..8)
+            .map(|_| Sample {
+                completion_ids: (0..48).map(|_| rng.random_range(0..vocab)).collect(),
+                behaviour_logps: vec![0.0; 48],
+                rewards: vec![rng.random_range(0.0..1.0f32)],
+                policy_version: trainer.version(),
+            })
+            .collect();
+        let prompt = std::sync::Arc::new((0..16).map(|_| rng.random_range(0..vocab)).collect());
+        trainer.train_step(&[Group {
+            prompt_id: 0,
+            prompt_ids: prompt,
+            samples,
+        }])?;
+        let t = Instant::now();
+        let update = delta.publish(trainer.version(), trainer.model());
+        publish_s += t.elapsed().as_secs_f64();
+        delta_bytes += update.payload.wire_bytes();
+        let t = Instant::now();
+        state.apply(&update)?;
+        apply_s += t.elapsed().as_secs_f64();
+    }
+    let n = steps.max(1) as f64;
+    let full = delta.full_bytes();
+    println!(
+        "{}",
+        json!({
+            "bench": "weight-sync", "device": args.device, "params": config.num_parameters(), "lr": lr,
+            "steps": steps, "wire": "bf16", "full_bytes": full, "delta_bytes_mean": delta_bytes as f64 / n,
+            "delta_over_full": delta_bytes as f64 / n / full as f64,
+            "publish_s_mean": publish_s / n, "apply_s_mean": apply_s / n,
+        })
+    );
     Ok(())
 }
 
@@ -363,6 +548,15 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
     match &args.bench {
+        Bench::Rollout {
+            model,
+            batch,
+            prompt_len,
+            new_tokens,
+        } => rollout_bench(&args, &device, model, *batch, *prompt_len, *new_tokens),
+        Bench::WeightSync { model, steps, lr } => {
+            weight_sync_bench(&args, &device, model, *steps, *lr)
+        }
         Bench::Logprob {
             tokens,
             hidden,
