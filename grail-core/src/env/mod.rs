@@ -82,3 +82,9 @@ pub trait Environment: Send + Sync {
     /// Text of completion tokens (for reward functions that read text).
     fn decode(&self, ids: &[u32]) -> String;
 }
+
+pub mod expr;
+pub mod extract;
+pub mod tasks;
+
+pub use tasks::{Arithmetic, ArithmeticConfig, Countdown, CountdownConfig, JsonlDataset, Split};
