@@ -4,13 +4,20 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use grail_core::env::expr::evaluate;
-use grail_core::env::extract::{answers_match, extract_answer, extract_boxed_answer, extract_hash_answer};
+use grail_core::env::extract::{
+    answers_match, extract_answer, extract_boxed_answer, extract_hash_answer,
+};
 use grail_core::env::tasks::{arithmetic_task, countdown_task};
-use grail_core::env::{ArithmeticConfig, Completion, Countdown, CountdownConfig, Environment, JsonlDataset, Split};
+use grail_core::env::{
+    ArithmeticConfig, Completion, Countdown, CountdownConfig, Environment, JsonlDataset, Split,
+};
 use grail_core::tokenizer::Tokenizer;
 
 fn tokenizer() -> Arc<Tokenizer> {
-    let texts = ["nums 1 2 3 target 6 = (1+2)*3", "What is 12 plus 34? #### 46"];
+    let texts = [
+        "nums 1 2 3 target 6 = (1+2)*3",
+        "What is 12 plus 34? #### 46",
+    ];
     Arc::new(Tokenizer::train_bpe(texts.iter().copied(), 300, &["<|endoftext|>"]).unwrap())
 }
 
@@ -40,12 +47,18 @@ fn countdown_solutions_verify_and_splits_are_disjoint() {
     }
     for i in 0..100 {
         let t = countdown_task(&cfg, 7, Split::Eval, i);
-        assert!(!train.contains(&t.prompt()), "held-out instance {t:?} is also a training instance");
+        assert!(
+            !train.contains(&t.prompt()),
+            "held-out instance {t:?} is also a training instance"
+        );
     }
     // Numbers may be used at most once, and only given numbers count.
     let t = countdown_task(&cfg, 1, Split::Train, 0);
     let n = t.numbers[0];
-    assert!(!t.is_solution(&format!("{n}+{n}+{n}+{n}")) || t.numbers.iter().filter(|&&x| x == n).count() >= 4);
+    assert!(
+        !t.is_solution(&format!("{n}+{n}+{n}+{n}"))
+            || t.numbers.iter().filter(|&&x| x == n).count() >= 4
+    );
 }
 
 #[test]
@@ -55,25 +68,52 @@ fn countdown_rewards_score_format_and_correctness() {
     let task = env.task(5);
     assert_eq!(p.text, task.prompt());
     let score = |text: &str, finished: bool| -> Vec<f32> {
-        let c = Completion { ids: vec![], text: text.into(), finished };
+        let c = Completion {
+            ids: vec![],
+            text: text.into(),
+            finished,
+        };
         env.rewards().iter().map(|r| (r.func)(&p, &c)).collect()
     };
     assert_eq!(score(&task.solution, true), vec![1.0, 1.0]);
     assert_eq!(score("1+1", true)[0], 1.0);
     assert_eq!(score("1+", true), vec![0.0, 0.0]);
-    assert_eq!(score(&task.solution, false)[0], 0.0, "cut off by the length limit: no format reward");
-    assert!(Countdown::new(CountdownConfig { numbers: 9, ..CountdownConfig::default() }, 0, Split::Train, tokenizer())
+    assert_eq!(
+        score(&task.solution, false)[0],
+        0.0,
+        "cut off by the length limit: no format reward"
+    );
+    assert!(
+        Countdown::new(
+            CountdownConfig {
+                numbers: 9,
+                ..CountdownConfig::default()
+            },
+            0,
+            Split::Train,
+            tokenizer()
+        )
         .err()
         .unwrap()
         .to_string()
-        .contains("env.countdown.numbers"));
+        .contains("env.countdown.numbers")
+    );
 }
 
 #[test]
 fn answers_are_extracted_in_both_styles() {
-    assert_eq!(extract_hash_answer("so #### 1,234.").as_deref(), Some("1234"));
-    assert_eq!(extract_boxed_answer(r"x \boxed{\frac{1}{2}} y").as_deref(), Some(r"\frac{1}{2}"));
-    assert_eq!(extract_answer(r"#### 3 and \boxed{4}").as_deref(), Some("4"));
+    assert_eq!(
+        extract_hash_answer("so #### 1,234.").as_deref(),
+        Some("1234")
+    );
+    assert_eq!(
+        extract_boxed_answer(r"x \boxed{\frac{1}{2}} y").as_deref(),
+        Some(r"\frac{1}{2}")
+    );
+    assert_eq!(
+        extract_answer(r"#### 3 and \boxed{4}").as_deref(),
+        Some("4")
+    );
     assert_eq!(extract_answer("no answer"), None);
     assert!(answers_match("46", "46.0") && !answers_match("45", "46"));
     let (q, a) = arithmetic_task(&ArithmeticConfig { digits: 3 }, 1, Split::Train, 4);
@@ -92,11 +132,28 @@ fn jsonl_dataset_reads_rows_and_names_bad_lines() {
     let eval = JsonlDataset::open(&path, Split::Eval, tokenizer()).unwrap();
     assert_eq!(train.len() + eval.len(), 50);
     let p = train.prompt(0).unwrap();
-    let good = Completion { ids: vec![], text: format!("#### {}", p.answer), finished: true };
+    let good = Completion {
+        ids: vec![],
+        text: format!("#### {}", p.answer),
+        finished: true,
+    };
     assert_eq!((train.rewards()[1].func)(&p, &good), 1.0);
-    assert!(eval.prompt(eval.len() as u64).is_none(), "held-out prompts are served once");
+    assert!(
+        eval.prompt(eval.len() as u64).is_none(),
+        "held-out prompts are served once"
+    );
 
-    std::fs::write(&path, "{\"prompt\": \"x\", \"answer\": \"1\"}\n{\"prompt\": 3}\n").unwrap();
-    let msg = JsonlDataset::open(&path, Split::Train, tokenizer()).err().unwrap().to_string();
-    assert!(msg.contains("data.jsonl") && msg.contains("line 2"), "{msg}");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"x\", \"answer\": \"1\"}\n{\"prompt\": 3}\n",
+    )
+    .unwrap();
+    let msg = JsonlDataset::open(&path, Split::Train, tokenizer())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("data.jsonl") && msg.contains("line 2"),
+        "{msg}"
+    );
 }

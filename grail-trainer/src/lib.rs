@@ -13,5 +13,6 @@ pub mod config;
 pub mod flops;
 pub mod packing;
 pub mod schedule;
+pub mod sft;
 pub mod state;
 pub mod trainer;

@@ -93,30 +93,30 @@ pub struct RunStats {
 
 /// One training sequence: prompt + completion tokens and what the loss needs about it.
 #[derive(Debug, Clone)]
-struct Sequence {
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    advantage: f32,
-    behaviour_logps: Vec<f32>,
+pub(crate) struct Sequence {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) prompt_len: usize,
+    pub(crate) advantage: f32,
+    pub(crate) behaviour_logps: Vec<f32>,
 }
 
 impl Sequence {
-    fn completion_len(&self) -> usize {
+    pub(crate) fn completion_len(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
 }
 
 /// A micro-batch laid out for the model: ids, layout, and where each completion token's
 /// prediction row sits in the flattened `[rows × cols]` output.
-struct MicroBatchInput {
-    members: Vec<usize>,
-    ids: Tensor<2, Int>,
-    layout: Layout,
-    prediction_rows: Tensor<1, Int>,
-    targets: Tensor<1, Int>,
-    cells: Vec<usize>,
-    width: usize,
-    allocated: usize,
+pub(crate) struct MicroBatchInput {
+    pub(crate) members: Vec<usize>,
+    pub(crate) ids: Tensor<2, Int>,
+    pub(crate) layout: Layout,
+    pub(crate) prediction_rows: Tensor<1, Int>,
+    pub(crate) targets: Tensor<1, Int>,
+    pub(crate) cells: Vec<usize>,
+    pub(crate) width: usize,
+    pub(crate) allocated: usize,
 }
 
 /// The GRPO trainer. Holds the policy (on an autodiff device), an optional frozen reference model,
@@ -194,6 +194,15 @@ impl GrpoTrainer {
     /// The AdamW state.
     pub fn optimizer(&self) -> &ModuleOptimizer {
         &self.optim
+    }
+
+    /// Takes the model out for an optimizer step, and puts the result back.
+    pub(crate) fn apply_step(&mut self, lr: f64, grads: GradientsParams) -> f64 {
+        let model = self.model.take().expect("model present");
+        let mut grads = grads;
+        let grad_norm = clip_global_norm(&model, &mut grads, self.config.max_grad_norm);
+        self.model = Some(self.optim.step(lr, model, grads));
+        grad_norm
     }
 
     /// Sets the counters and replaces the optimizer with `load(current)` (used by resume).
@@ -404,7 +413,7 @@ impl GrpoTrainer {
     }
 
     /// Splits the step's sequences into micro-batches within the token budget.
-    fn micro_batches(&self, seqs: &[Sequence]) -> Result<Vec<Vec<usize>>> {
+    pub(crate) fn micro_batches(&self, seqs: &[Sequence]) -> Result<Vec<Vec<usize>>> {
         let budget = self.config.max_tokens_per_microbatch;
         let lengths: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
         if self.config.packing {
@@ -436,7 +445,7 @@ impl GrpoTrainer {
     }
 
     /// Lays out one micro-batch as a packed row (or a padded grid in comparison mode).
-    fn assemble(&self, seqs: &[Sequence], members: &[usize]) -> MicroBatchInput {
+    pub(crate) fn assemble(&self, seqs: &[Sequence], members: &[usize]) -> MicroBatchInput {
         let device = self.model().device();
         let lens: Vec<usize> = members.iter().map(|&i| seqs[i].tokens.len()).collect();
         let (rows, cols, layout) = if self.config.packing {
@@ -492,7 +501,7 @@ impl GrpoTrainer {
     }
 
     /// Hidden states `[completion tokens, hidden]` that predict each completion token.
-    fn prediction_hidden(model: &CausalLm, mb: &MicroBatchInput) -> Result<Tensor<2>> {
+    pub(crate) fn prediction_hidden(model: &CausalLm, mb: &MicroBatchInput) -> Result<Tensor<2>> {
         let ids = mb.ids.clone().to_device(&model.device());
         let hidden = model.forward_hidden(ids, &mb.layout)?;
         let [rows, cols, h] = hidden.dims();

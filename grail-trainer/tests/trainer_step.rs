@@ -229,3 +229,31 @@ fn bad_input_is_a_clear_error() {
             .contains("autodiff")
     );
 }
+
+#[test]
+fn sft_steps_lower_the_loss_and_keep_the_policy_version() {
+    use grail_trainer::sft::SftExample;
+    let mut cfg = base_config(LossType::Dapo);
+    cfg.max_tokens_per_microbatch = 40; // several micro-batches
+    let mut trainer = GrpoTrainer::new(model(5), None, cfg, 1e11).unwrap();
+    let examples: Vec<SftExample> = (0..6)
+        .map(|i| SftExample {
+            prompt: vec![1 + i, 2, 3],
+            completion: vec![10 + i, 20, 30 + i, 40],
+        })
+        .collect();
+    let first = trainer.sft_step(&examples, 1e-2).unwrap();
+    let mut last = first;
+    for _ in 0..20 {
+        last = trainer.sft_step(&examples, 1e-2).unwrap();
+    }
+    assert!(
+        last.loss < 0.5 * first.loss,
+        "SFT loss {} → {}",
+        first.loss,
+        last.loss
+    );
+    assert_eq!(first.tokens, 24);
+    assert_eq!(trainer.version(), 0);
+    assert!(trainer.sft_step(&[], 1e-2).is_err());
+}

@@ -21,7 +21,10 @@ impl Rational {
         }
         let g = gcd(num, den).max(1);
         let s = if den < 0 { -1 } else { 1 };
-        Some(Self { num: s * num / g, den: s * den / g })
+        Some(Self {
+            num: s * num / g,
+            den: s * den / g,
+        })
     }
 
     /// The value as an integer, if it is one.
@@ -61,7 +64,11 @@ impl Parser<'_> {
             self.at += 1;
             let r = self.term()?;
             let (a, b) = (v.num.checked_mul(r.den)?, r.num.checked_mul(v.den)?);
-            let num = if op == b'+' { a.checked_add(b)? } else { a.checked_sub(b)? };
+            let num = if op == b'+' {
+                a.checked_add(b)?
+            } else {
+                a.checked_sub(b)?
+            };
             v = Rational::new(num, v.den.checked_mul(r.den)?)?;
         }
         Some(v)
@@ -92,7 +99,10 @@ impl Parser<'_> {
                 while self.s.get(self.at).is_some_and(u8::is_ascii_digit) {
                     self.at += 1;
                 }
-                let n: i64 = std::str::from_utf8(&self.s[start..self.at]).ok()?.parse().ok()?;
+                let n: i64 = std::str::from_utf8(&self.s[start..self.at])
+                    .ok()?
+                    .parse()
+                    .ok()?;
                 self.numbers.push(n);
                 Rational::new(n, 1)
             }
@@ -104,7 +114,14 @@ impl Parser<'_> {
 /// Parses and evaluates `text` exactly; `None` if it is not a well-formed expression (or divides
 /// by zero, or overflows).
 pub fn evaluate(text: &str) -> Option<Evaluated> {
-    let mut p = Parser { s: text.as_bytes(), at: 0, numbers: Vec::new() };
+    let mut p = Parser {
+        s: text.as_bytes(),
+        at: 0,
+        numbers: Vec::new(),
+    };
     let value = p.expr()?;
-    (p.peek().is_none()).then_some(Evaluated { value, numbers: p.numbers })
+    (p.peek().is_none()).then_some(Evaluated {
+        value,
+        numbers: p.numbers,
+    })
 }

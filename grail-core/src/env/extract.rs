@@ -42,7 +42,10 @@ pub fn extract_answer(text: &str) -> Option<String> {
 
 /// Whether two answers are the same number (or, failing that, the same string).
 pub fn answers_match(predicted: &str, reference: &str) -> bool {
-    match (predicted.parse::<f64>(), reference.trim().replace(',', "").parse::<f64>()) {
+    match (
+        predicted.parse::<f64>(),
+        reference.trim().replace(',', "").parse::<f64>(),
+    ) {
         (Ok(a), Ok(b)) => (a - b).abs() < 1e-9,
         _ => predicted.trim() == reference.trim(),
     }

@@ -33,9 +33,9 @@ pub enum Split {
 const EVAL_BUCKETS: u64 = 10;
 
 fn fnv(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn in_split(key: &str, split: Split) -> bool {
@@ -43,7 +43,10 @@ fn in_split(key: &str, split: Split) -> bool {
 }
 
 fn rng_for(seed: u64, index: u64, attempt: u64) -> StdRng {
-    StdRng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ attempt.wrapping_mul(0xD6E8_FEB8_6659_FD93))
+    StdRng::seed_from_u64(
+        seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ attempt.wrapping_mul(0xD6E8_FEB8_6659_FD93),
+    )
 }
 
 /// Text of a completion without its end-of-sequence marker.
@@ -79,13 +82,25 @@ impl CountdownConfig {
     /// Checks ranges, naming the key.
     pub fn validate(&self) -> Result<()> {
         if !(2..=6).contains(&self.numbers) {
-            return Err(GrailError::config("env.countdown.numbers", self.numbers, "must be in 2..=6"));
+            return Err(GrailError::config(
+                "env.countdown.numbers",
+                self.numbers,
+                "must be in 2..=6",
+            ));
         }
         if !(2..=1000).contains(&self.max_number) {
-            return Err(GrailError::config("env.countdown.max_number", self.max_number, "must be in 2..=1000"));
+            return Err(GrailError::config(
+                "env.countdown.max_number",
+                self.max_number,
+                "must be in 2..=1000",
+            ));
         }
         if self.max_target < 1 {
-            return Err(GrailError::config("env.countdown.max_target", self.max_target, "must be ≥ 1"));
+            return Err(GrailError::config(
+                "env.countdown.max_target",
+                self.max_target,
+                "must be ≥ 1",
+            ));
         }
         Ok(())
     }
@@ -111,7 +126,9 @@ impl CountdownTask {
 
     /// Whether `expression` reaches the target using each given number at most once.
     pub fn is_solution(&self, expression: &str) -> bool {
-        let Some(e) = evaluate(expression) else { return false };
+        let Some(e) = evaluate(expression) else {
+            return false;
+        };
         let mut pool = self.numbers.clone();
         for n in &e.numbers {
             match pool.iter().position(|p| p == n) {
@@ -129,7 +146,9 @@ impl CountdownTask {
 pub fn countdown_task(cfg: &CountdownConfig, seed: u64, split: Split, index: u64) -> CountdownTask {
     for attempt in 0.. {
         let mut rng = rng_for(seed, index, attempt);
-        let numbers: Vec<i64> = (0..cfg.numbers).map(|_| rng.random_range(1..=cfg.max_number as i64)).collect();
+        let numbers: Vec<i64> = (0..cfg.numbers)
+            .map(|_| rng.random_range(1..=cfg.max_number as i64))
+            .collect();
         let mut order: Vec<usize> = (0..numbers.len()).collect();
         for i in (1..order.len()).rev() {
             order.swap(i, rng.random_range(0..=i));
@@ -163,7 +182,11 @@ pub fn countdown_task(cfg: &CountdownConfig, seed: u64, split: Split, index: u64
         if value < 1 || value > cfg.max_target {
             continue;
         }
-        let task = CountdownTask { numbers, target: value, solution: text };
+        let task = CountdownTask {
+            numbers,
+            target: value,
+            solution: text,
+        };
         if in_split(&task.prompt(), split) {
             return task;
         }
@@ -183,7 +206,12 @@ pub struct Countdown {
 impl Countdown {
     /// Rewards: `format` (weight 0.1: the completion is a well-formed expression that ended on
     /// its own) and `correct` (weight 1: it reaches the target using each number at most once).
-    pub fn new(cfg: CountdownConfig, seed: u64, split: Split, tokenizer: Arc<Tokenizer>) -> Result<Self> {
+    pub fn new(
+        cfg: CountdownConfig,
+        seed: u64,
+        split: Split,
+        tokenizer: Arc<Tokenizer>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let rewards = vec![
             Reward::new("format", 0.1, |_p: &Prompt, c: &Completion| {
@@ -191,14 +219,21 @@ impl Countdown {
             }),
             Reward::new("correct", 1.0, |p: &Prompt, c: &Completion| {
                 let task = CountdownTask {
-                    numbers: serde_json::from_value(p.metadata["numbers"].clone()).unwrap_or_default(),
+                    numbers: serde_json::from_value(p.metadata["numbers"].clone())
+                        .unwrap_or_default(),
                     target: p.metadata["target"].as_i64().unwrap_or(i64::MIN),
                     solution: String::new(),
                 };
                 task.is_solution(completion_text(c)) as u8 as f32
             }),
         ];
-        Ok(Self { cfg, seed, split, tokenizer, rewards })
+        Ok(Self {
+            cfg,
+            seed,
+            split,
+            tokenizer,
+            rewards,
+        })
     }
 
     /// The instance behind prompt `index`.
@@ -236,7 +271,8 @@ fn answer_rewards() -> Vec<Reward> {
             (c.finished && extract_answer(completion_text(c)).is_some()) as u8 as f32
         }),
         Reward::new("correct", 1.0, |p: &Prompt, c: &Completion| {
-            extract_answer(completion_text(c)).is_some_and(|a| answers_match(&a, &p.answer)) as u8 as f32
+            extract_answer(completion_text(c)).is_some_and(|a| answers_match(&a, &p.answer)) as u8
+                as f32
         }),
     ]
 }
@@ -256,7 +292,12 @@ impl Default for ArithmeticConfig {
 }
 
 /// The `index`-th arithmetic problem: `(question, answer)`.
-pub fn arithmetic_task(cfg: &ArithmeticConfig, seed: u64, split: Split, index: u64) -> (String, i64) {
+pub fn arithmetic_task(
+    cfg: &ArithmeticConfig,
+    seed: u64,
+    split: Split,
+    index: u64,
+) -> (String, i64) {
     let hi = 10i64.pow(cfg.digits);
     let lo = if cfg.digits > 1 { hi / 10 } else { 0 };
     for attempt in 0.. {
@@ -285,11 +326,26 @@ pub struct Arithmetic {
 
 impl Arithmetic {
     /// Rewards: `format` (0.1) and `correct` (1), as for countdown.
-    pub fn new(cfg: ArithmeticConfig, seed: u64, split: Split, tokenizer: Arc<Tokenizer>) -> Result<Self> {
+    pub fn new(
+        cfg: ArithmeticConfig,
+        seed: u64,
+        split: Split,
+        tokenizer: Arc<Tokenizer>,
+    ) -> Result<Self> {
         if !(1..=6).contains(&cfg.digits) {
-            return Err(GrailError::config("env.arithmetic.digits", cfg.digits, "must be in 1..=6"));
+            return Err(GrailError::config(
+                "env.arithmetic.digits",
+                cfg.digits,
+                "must be in 1..=6",
+            ));
         }
-        Ok(Self { cfg, seed, split, tokenizer, rewards: answer_rewards() })
+        Ok(Self {
+            cfg,
+            seed,
+            split,
+            tokenizer,
+            rewards: answer_rewards(),
+        })
     }
 }
 
@@ -297,7 +353,13 @@ impl Environment for Arithmetic {
     fn prompt(&self, index: u64) -> Option<Prompt> {
         let (q, ans) = arithmetic_task(&self.cfg, self.seed, self.split, index);
         let ids = self.tokenizer.encode(&q, false).ok()?;
-        Some(Prompt { id: index, ids: Arc::new(ids), answer: ans.to_string(), metadata: json!(null), text: q })
+        Some(Prompt {
+            id: index,
+            ids: Arc::new(ids),
+            answer: ans.to_string(),
+            metadata: json!(null),
+            text: q,
+        })
     }
     fn rewards(&self) -> &[Reward] {
         &self.rewards
@@ -322,12 +384,25 @@ impl JsonlDataset {
     pub fn open(path: &Path, split: Split, tokenizer: Arc<Tokenizer>) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| GrailError::io(path, e))?;
         let mut rows = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let bad = |m: String| GrailError::Json { path: path.to_path_buf(), message: format!("line {}: {m}", i + 1) };
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-            let prompt = v.get("prompt").and_then(|p| p.as_str()).ok_or_else(|| bad("no string `prompt`".into()))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let bad = |m: String| GrailError::Json {
+                path: path.to_path_buf(),
+                message: format!("line {}: {m}", i + 1),
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+            let prompt = v
+                .get("prompt")
+                .and_then(|p| p.as_str())
+                .ok_or_else(|| bad("no string `prompt`".into()))?;
             let answer = match v.get("answer") {
-                Some(serde_json::Value::String(s)) => extract_answer(s).unwrap_or_else(|| s.trim().to_string()),
+                Some(serde_json::Value::String(s)) => {
+                    extract_answer(s).unwrap_or_else(|| s.trim().to_string())
+                }
                 Some(serde_json::Value::Number(n)) => n.to_string(),
                 _ => return Err(bad("no string or number `answer`".into())),
             };
@@ -336,9 +411,17 @@ impl JsonlDataset {
             }
         }
         if rows.is_empty() {
-            return Err(GrailError::Json { path: path.to_path_buf(), message: format!("no {split:?} rows") });
+            return Err(GrailError::Json {
+                path: path.to_path_buf(),
+                message: format!("no {split:?} rows"),
+            });
         }
-        Ok(Self { rows, split, tokenizer, rewards: answer_rewards() })
+        Ok(Self {
+            rows,
+            split,
+            tokenizer,
+            rewards: answer_rewards(),
+        })
     }
 
     /// Rows in this split.
@@ -360,7 +443,13 @@ impl Environment for JsonlDataset {
         };
         let (prompt, answer) = self.rows.get(i)?;
         let ids = self.tokenizer.encode(prompt, false).ok()?;
-        Some(Prompt { id: index, ids: Arc::new(ids), answer: answer.clone(), metadata: json!(null), text: prompt.clone() })
+        Some(Prompt {
+            id: index,
+            ids: Arc::new(ids),
+            answer: answer.clone(),
+            metadata: json!(null),
+            text: prompt.clone(),
+        })
     }
     fn rewards(&self) -> &[Reward] {
         &self.rewards
