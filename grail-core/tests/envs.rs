@@ -75,9 +75,15 @@ fn countdown_rewards_score_format_and_correctness() {
         };
         env.rewards().iter().map(|r| (r.func)(&p, &c)).collect()
     };
-    assert_eq!(score(&task.solution, true), vec![1.0, 1.0]);
+    assert_eq!(score(&task.solution, true), vec![1.0, 1.0, 1.0]);
     assert_eq!(score("1+1", true)[0], 1.0);
-    assert_eq!(score("1+", true), vec![0.0, 0.0]);
+    assert_eq!(score("1+", true), vec![0.0, 0.0, 0.0]);
+    let near = format!("{}", task.numbers[0]);
+    let c = score(&near, true)[1];
+    assert!(
+        (0.0..1.0).contains(&c) || task.numbers[0] == task.target,
+        "closeness {c}"
+    );
     assert_eq!(
         score(&task.solution, false)[0],
         0.0,

@@ -16,6 +16,16 @@ pub enum TrainerError {
     /// Input data the trainer cannot use (empty group, NaN reward, mismatched shapes, ...).
     #[error("invalid input: {0}")]
     Input(String),
+    /// Every group of a batch had zero reward spread and was filtered out (nothing to train on).
+    #[error(
+        "every group was filtered out ({groups} groups, {samples} samples with zero reward spread)"
+    )]
+    AllFiltered {
+        /// Groups filtered.
+        groups: usize,
+        /// Samples in them.
+        samples: usize,
+    },
     /// An error from grail-core (model, checkpoint).
     #[error(transparent)]
     Core(#[from] grail_core::GrailError),

@@ -51,12 +51,24 @@ pub struct StepMetrics {
     pub lr: f64,
     /// Mean total reward of the batch's samples.
     pub reward_mean: f64,
+    /// Mean of each reward function (unweighted), in the environment's order.
+    pub reward_means: Vec<f64>,
+    /// Mean completion length (tokens).
+    pub completion_length_mean: f64,
+    /// Shortest completion.
+    pub completion_length_min: usize,
+    /// Longest completion.
+    pub completion_length_max: usize,
+    /// How many samples were 0, 1, 2, ... versions behind the weights they were trained with.
+    pub staleness_histogram: Vec<usize>,
     /// Standard deviation of the total reward.
     pub reward_std: f64,
     /// Fraction of groups whose rewards had zero spread.
     pub frac_reward_zero_std: f64,
     /// Groups dropped because their rewards had zero spread (when filtering).
     pub dropped_zero_std_groups: usize,
+    /// Samples in those groups.
+    pub dropped_zero_std_samples: usize,
     /// Sequences trained on.
     pub sequences: usize,
     /// Real tokens (prompt + completion) processed.
@@ -78,7 +90,7 @@ pub struct StepMetrics {
 }
 
 /// Sample accounting of [`GrpoTrainer::run_from_channel`]:
-/// `received = trained + dropped_stale + unused_at_close`.
+/// `received = trained + dropped_stale + dropped_filtered + unused_at_close`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RunStats {
     /// Samples received from the channel.
@@ -87,6 +99,8 @@ pub struct RunStats {
     pub trained: usize,
     /// Samples dropped as too stale.
     pub dropped_stale: usize,
+    /// Samples in groups filtered out for zero reward spread.
+    pub dropped_filtered: usize,
     /// Samples received but not trained on because the channel closed mid-batch.
     pub unused_at_close: usize,
 }
@@ -222,7 +236,8 @@ impl GrpoTrainer {
     /// Trains from a channel of groups: each step takes `groups_per_step` groups, drops (and
     /// counts) groups whose oldest sample is more than `max_staleness` versions behind, trains,
     /// and publishes the new weights through `weights` (if given). Stops after `steps` optimizer steps
-    /// or when the channel closes; `on_step` sees every step's metrics.
+    /// or when the channel closes; `on_step` sees the trainer and every step's metrics after the
+    /// weights are published, and stops the run by returning `ControlFlow::Break`.
     pub fn run_from_channel(
         &mut self,
         groups: &flume::Receiver<Group>,
@@ -230,7 +245,7 @@ impl GrpoTrainer {
         groups_per_step: usize,
         max_staleness: u64,
         steps: usize,
-        mut on_step: impl FnMut(&StepMetrics),
+        mut on_step: impl FnMut(&GrpoTrainer, &StepMetrics) -> std::ops::ControlFlow<()>,
     ) -> Result<RunStats> {
         let mut stats = RunStats::default();
         let start_step = self.step;
@@ -249,15 +264,30 @@ impl GrpoTrainer {
                 }
                 batch.push(group);
             }
-            let metrics = self.train_step(&batch)?;
-            stats.trained += batch.iter().map(|g| g.samples.len()).sum::<usize>();
-            for m in &metrics {
-                on_step(m);
-            }
+            let batch_samples: usize = batch.iter().map(|g| g.samples.len()).sum();
+            let metrics = match self.train_step(&batch) {
+                Ok(m) => m,
+                // Nothing to learn from this batch: count it and wait for the next one.
+                Err(TrainerError::AllFiltered { samples, .. }) => {
+                    stats.dropped_filtered += samples;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let filtered: usize = metrics.first().map_or(0, |m| m.dropped_zero_std_samples);
+            stats.dropped_filtered += filtered;
+            stats.trained += batch_samples - filtered;
             if let Some(sink) = weights.as_deref_mut() {
                 let update = sink.publisher.publish(self.version, self.model());
                 // A closed pool is not an error for the trainer: it keeps the weights.
                 let _ = sink.tx.send(update);
+            }
+            let mut stop = false;
+            for m in &metrics {
+                stop |= on_step(self, m).is_break();
+            }
+            if stop {
+                break;
             }
         }
         Ok(stats)
@@ -371,11 +401,15 @@ impl GrpoTrainer {
                 });
             }
         }
+        let filtered_samples: usize = (0..groups.len())
+            .filter(|g| !adv.kept.contains(g))
+            .map(|g| groups[g].samples.len())
+            .sum();
         if seqs.is_empty() {
-            return Err(TrainerError::Input(format!(
-                "every group was filtered out ({} with zero reward spread)",
-                adv.zero_std_groups
-            )));
+            return Err(TrainerError::AllFiltered {
+                groups: adv.zero_std_groups,
+                samples: filtered_samples,
+            });
         }
         let micro_batches = self.micro_batches(&seqs)?;
         let norm = StepNormalizer {
@@ -394,7 +428,21 @@ impl GrpoTrainer {
             }
             _ => None,
         };
+        let all: Vec<&grail_core::types::Sample> = groups.iter().flat_map(|g| &g.samples).collect();
+        let reward_means = (0..cfg.reward_weights.len())
+            .map(|k| all.iter().map(|s| s.rewards[k] as f64).sum::<f64>() / all.len().max(1) as f64)
+            .collect();
+        let mut staleness = Vec::new();
+        for s in &all {
+            let lag = self.version.saturating_sub(s.policy_version) as usize;
+            if staleness.len() <= lag {
+                staleness.resize(lag + 1, 0);
+            }
+            staleness[lag] += 1;
+        }
         Ok(Prepared {
+            reward_means,
+            staleness,
             seqs,
             micro_batches,
             norm,
@@ -409,6 +457,7 @@ impl GrpoTrainer {
             } else {
                 0
             },
+            filtered_samples,
         })
     }
 
@@ -630,9 +679,12 @@ struct Prepared {
     reference: Option<Vec<Vec<f32>>>,
     reward_mean: f64,
     reward_std: f64,
+    reward_means: Vec<f64>,
+    staleness: Vec<usize>,
     zero_std_groups: usize,
     groups: usize,
     filtered: usize,
+    filtered_samples: usize,
 }
 
 impl Prepared {
@@ -663,9 +715,16 @@ impl Prepared {
             grad_norm,
             lr,
             reward_mean: self.reward_mean,
+            reward_means: self.reward_means.clone(),
+            completion_length_mean: completion.iter().sum::<usize>() as f64
+                / completion.len().max(1) as f64,
+            completion_length_min: completion.iter().copied().min().unwrap_or(0),
+            completion_length_max: completion.iter().copied().max().unwrap_or(0),
+            staleness_histogram: self.staleness.clone(),
             reward_std: self.reward_std,
             frac_reward_zero_std: self.zero_std_groups as f64 / self.groups as f64,
             dropped_zero_std_groups: self.filtered,
+            dropped_zero_std_samples: self.filtered_samples,
             sequences: self.seqs.len(),
             real_tokens: real,
             completion_tokens: s.tokens,

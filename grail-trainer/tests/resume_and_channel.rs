@@ -123,7 +123,10 @@ fn channel_run_trains_drops_stale_and_publishes() {
     drop(group_tx);
     let mut seen = Vec::new();
     let stats = trainer
-        .run_from_channel(&group_rx, Some(&mut sink), 2, 1, 10, |m| seen.push(m.step))
+        .run_from_channel(&group_rx, Some(&mut sink), 2, 1, 10, |_, m| {
+            seen.push(m.step);
+            std::ops::ControlFlow::Continue(())
+        })
         .unwrap();
     assert_eq!(seen, vec![1, 2, 3]);
     assert_eq!(stats.dropped_stale, 3);

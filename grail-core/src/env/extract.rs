@@ -5,7 +5,6 @@
 pub fn extract_hash_answer(text: &str) -> Option<String> {
     let (_, tail) = text.rsplit_once("####")?;
     let answer: String = tail
-        .trim()
         .split_whitespace()
         .next()?
         .chars()

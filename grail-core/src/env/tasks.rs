@@ -39,7 +39,7 @@ fn fnv(bytes: &[u8]) -> u64 {
 }
 
 fn in_split(key: &str, split: Split) -> bool {
-    (fnv(key.as_bytes()) % EVAL_BUCKETS == 0) == (split == Split::Eval)
+    fnv(key.as_bytes()).is_multiple_of(EVAL_BUCKETS) == (split == Split::Eval)
 }
 
 fn rng_for(seed: u64, index: u64, attempt: u64) -> StdRng {
@@ -58,7 +58,7 @@ fn completion_text(c: &Completion) -> &str {
 
 /// Countdown difficulty.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CountdownConfig {
     /// How many numbers are given (2–6).
     pub numbers: usize,
@@ -124,21 +124,36 @@ impl CountdownTask {
         format!("nums {} target {} =", nums.join(" "), self.target)
     }
 
-    /// Whether `expression` reaches the target using each given number at most once.
-    pub fn is_solution(&self, expression: &str) -> bool {
-        let Some(e) = evaluate(expression) else {
-            return false;
-        };
+    /// The value of `expression` if it is well formed and uses each given number at most once.
+    pub fn value_of(&self, expression: &str) -> Option<f64> {
+        let e = evaluate(expression)?;
         let mut pool = self.numbers.clone();
         for n in &e.numbers {
-            match pool.iter().position(|p| p == n) {
-                Some(i) => {
-                    pool.swap_remove(i);
-                }
-                None => return false,
-            }
+            let i = pool.iter().position(|p| p == n)?;
+            pool.swap_remove(i);
         }
-        e.value.as_integer() == Some(self.target)
+        Some(e.value.num as f64 / e.value.den as f64)
+    }
+
+    /// Whether `expression` reaches the target using each given number at most once.
+    pub fn is_solution(&self, expression: &str) -> bool {
+        self.value_of(expression) == Some(self.target as f64)
+    }
+
+    /// `1 − |value − target| / target`, floored at 0 (0 for an invalid expression).
+    pub fn closeness(&self, expression: &str) -> f64 {
+        self.value_of(expression).map_or(0.0, |v| {
+            (1.0 - (v - self.target as f64).abs() / self.target.max(1) as f64).max(0.0)
+        })
+    }
+}
+
+/// The task a countdown prompt's metadata describes.
+fn task_of(p: &Prompt) -> CountdownTask {
+    CountdownTask {
+        numbers: serde_json::from_value(p.metadata["numbers"].clone()).unwrap_or_default(),
+        target: p.metadata["target"].as_i64().unwrap_or(i64::MIN),
+        solution: String::new(),
     }
 }
 
@@ -205,7 +220,9 @@ pub struct Countdown {
 
 impl Countdown {
     /// Rewards: `format` (weight 0.1: the completion is a well-formed expression that ended on
-    /// its own) and `correct` (weight 1: it reaches the target using each number at most once).
+    /// its own), `close` (weight 0.3: `1 − |value − target| / target`, floored at 0, for a valid
+    /// expression over the given numbers: a dense signal on the way to exact answers) and
+    /// `correct` (weight 1: it reaches the target using each number at most once).
     pub fn new(
         cfg: CountdownConfig,
         seed: u64,
@@ -217,14 +234,11 @@ impl Countdown {
             Reward::new("format", 0.1, |_p: &Prompt, c: &Completion| {
                 (c.finished && evaluate(completion_text(c)).is_some()) as u8 as f32
             }),
+            Reward::new("close", 0.3, |p: &Prompt, c: &Completion| {
+                task_of(p).closeness(completion_text(c)) as f32
+            }),
             Reward::new("correct", 1.0, |p: &Prompt, c: &Completion| {
-                let task = CountdownTask {
-                    numbers: serde_json::from_value(p.metadata["numbers"].clone())
-                        .unwrap_or_default(),
-                    target: p.metadata["target"].as_i64().unwrap_or(i64::MIN),
-                    solution: String::new(),
-                };
-                task.is_solution(completion_text(c)) as u8 as f32
+                task_of(p).is_solution(completion_text(c)) as u8 as f32
             }),
         ];
         Ok(Self {
@@ -279,7 +293,7 @@ fn answer_rewards() -> Vec<Reward> {
 
 /// Arithmetic difficulty.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ArithmeticConfig {
     /// Digits of each operand (1–6).
     pub digits: u32,

@@ -1,0 +1,37 @@
+//! The default job: a tiny Qwen2 from scratch learns countdown (reach a target with the given
+//! numbers): BPE trained at start, SFT warm-up, then async GRPO.
+//!
+//! `cargo run --release -p grail-examples --bin countdown [-- --config job.toml]`
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use grail_examples::job::JobConfig;
+use grail_examples::run::{report, run_job};
+
+#[derive(Parser, Debug)]
+#[command(about = "GRPO on countdown with a tiny model trained from scratch")]
+struct Args {
+    /// A job TOML (defaults: the built-in countdown job, see grail_examples::job).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override the seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> Result<()> {
+    grail_examples::init_logging();
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(p) => JobConfig::from_file(p)?,
+        None => JobConfig::default(),
+    };
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    let summary = run_job(&cfg, grail_examples::ctrl_c_flag())?;
+    report(&summary);
+    Ok(())
+}

@@ -1,0 +1,431 @@
+//! One TOML file describes a run. Every key, its meaning and its default is documented here, in
+//! one place; unknown keys and out-of-range values are errors that name the key.
+//!
+//! ```toml
+//! seed = 0
+//! device = "cpu"                 # cpu | vulkan[:N] | cuda[:N]
+//! output_dir = "runs/countdown"
+//!
+//! [model]                        # `path` = an HF model directory, or a tiny Qwen2 from scratch:
+//! hidden_size = 128
+//!
+//! [env]
+//! kind = "countdown"             # countdown | arithmetic | jsonl
+//! numbers = 3
+//!
+//! [grpo]                         # TRL GRPOConfig names
+//! learning_rate = 1e-3
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use grail_core::env::{ArithmeticConfig, CountdownConfig};
+use grail_core::sync::SyncMode;
+use grail_trainer::advantages::ScaleRewards;
+use grail_trainer::loss::{ImportanceSamplingLevel, LossType};
+use grail_trainer::schedule::LrSchedulerType;
+use serde::{Deserialize, Serialize};
+
+/// The whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    /// Seed of everything random (model init, tasks, sampling). Default 0.
+    pub seed: u64,
+    /// Compute device. Default "cpu".
+    pub device: String,
+    /// Where metrics, plot and checkpoint go. Default "runs/<env kind>".
+    pub output_dir: PathBuf,
+    /// The policy model.
+    pub model: ModelSection,
+    /// The tokenizer.
+    pub tokenizer: TokenizerSection,
+    /// The task.
+    pub env: EnvSection,
+    /// Supervised warm-up before GRPO.
+    pub sft: SftSection,
+    /// GRPO hyper-parameters.
+    pub grpo: GrpoSection,
+    /// Held-out evaluation.
+    pub eval: EvalSection,
+}
+
+/// `[model]`: an HF directory (`path`) or a Qwen2 built from scratch with these sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// HF model directory; when set, the size keys are ignored. Default: none (from scratch).
+    pub path: Option<PathBuf>,
+    /// Default 128.
+    pub hidden_size: usize,
+    /// Default 4.
+    pub num_hidden_layers: usize,
+    /// Default 4.
+    pub num_attention_heads: usize,
+    /// Default 2.
+    pub num_key_value_heads: usize,
+    /// Default 384.
+    pub intermediate_size: usize,
+}
+
+/// `[tokenizer]`: `path` (a directory with tokenizer.json) or a byte-level BPE trained at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerSection {
+    /// Directory holding tokenizer.json. Default: the model's directory if it has one, else train.
+    pub path: Option<PathBuf>,
+    /// Vocabulary of the trained BPE. Default 384.
+    pub vocab_size: usize,
+}
+
+/// `[env]`: which task, and its difficulty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EnvSection {
+    /// Countdown: `numbers` (default 3), `max_number` (9), `max_target` (99).
+    Countdown(CountdownConfig),
+    /// Arithmetic word problems: `digits` (default 2).
+    Arithmetic(ArithmeticConfig),
+    /// A JSONL dataset of `{"prompt", "answer"}` lines at `path`.
+    Jsonl {
+        /// The dataset file.
+        path: PathBuf,
+    },
+}
+
+/// `[sft]`: supervised warm-up on the task's reference answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftSection {
+    /// Optimizer steps (0 skips the warm-up). Default 150.
+    pub steps: usize,
+    /// Examples per step. Default 64.
+    pub batch_size: usize,
+    /// Learning rate. Default 3e-3.
+    pub learning_rate: f64,
+}
+
+/// `[grpo]`: TRL GRPOConfig names, plus grail's own (last group).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    /// Default 3e-4 (from-scratch tiny models; use ~1e-6 for pretrained LLMs).
+    pub learning_rate: f64,
+    /// Completions per prompt. Default 8.
+    pub num_generations: usize,
+    /// Prompts per optimizer step. Default 16.
+    pub prompts_per_step: usize,
+    /// Prompts longer than this (tokens) are an error. Default 64.
+    pub max_prompt_length: usize,
+    /// Completion budget (tokens). Default 16.
+    pub max_completion_length: usize,
+    /// Default 1.0.
+    pub temperature: f32,
+    /// Default 1.0 (off).
+    pub top_p: f32,
+    /// Default 0 (off).
+    pub top_k: usize,
+    /// Default 0.0 (off).
+    pub min_p: f32,
+    /// KL weight; 0 runs no reference model. Default 0.0.
+    pub beta: f64,
+    /// Lower clip ε. Default 0.2.
+    pub epsilon: f64,
+    /// Upper clip ε (DAPO clip-higher). Default 0.28.
+    pub epsilon_high: f64,
+    /// grpo | bnpo | dr_grpo | dapo | cispo | sapo. Default dapo.
+    pub loss_type: LossType,
+    /// token | sequence (GSPO). Default token.
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// group | batch | none. Default group.
+    pub scale_rewards: ScaleRewards,
+    /// μ: optimizer steps per batch. Default 1.
+    pub num_iterations: usize,
+    /// Default 1.0.
+    pub max_grad_norm: f64,
+    /// Default 0.
+    pub warmup_steps: usize,
+    /// constant | linear | cosine. Default constant.
+    pub lr_scheduler_type: LrSchedulerType,
+    /// GRPO optimizer steps. Default 600.
+    pub max_steps: usize,
+    /// Drop groups with zero reward spread. Default true.
+    pub filter_zero_std_groups: bool,
+    /// Token budget of one micro-batch. Default 4096.
+    pub max_tokens_per_microbatch: usize,
+    /// Samples more than this many versions old are dropped. Default 2.
+    pub max_staleness: u64,
+    /// Rollout worker threads. Default 1.
+    pub rollout_workers: usize,
+    /// full | delta. Default delta.
+    pub weight_sync: SyncMode,
+    /// Truncated IS correction cap (None: off). Default 2.0.
+    pub importance_sampling_cap: Option<f64>,
+}
+
+/// `[eval]`: held-out accuracy (greedy decoding, the `correct` reward).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Held-out prompts. Default 200.
+    pub prompts: usize,
+    /// Evaluate every N GRPO steps (0: only before and after). Default 50.
+    pub every: usize,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            device: "cpu".into(),
+            output_dir: PathBuf::from("runs/countdown"),
+            model: ModelSection::default(),
+            tokenizer: TokenizerSection::default(),
+            env: EnvSection::Countdown(CountdownConfig::default()),
+            sft: SftSection::default(),
+            grpo: GrpoSection::default(),
+            eval: EvalSection::default(),
+        }
+    }
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: None,
+            hidden_size: 128,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            intermediate_size: 384,
+        }
+    }
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        Self {
+            path: None,
+            vocab_size: 384,
+        }
+    }
+}
+
+impl Default for SftSection {
+    fn default() -> Self {
+        Self {
+            steps: 150,
+            batch_size: 64,
+            learning_rate: 3e-3,
+        }
+    }
+}
+
+impl Default for GrpoSection {
+    fn default() -> Self {
+        Self {
+            learning_rate: 3e-4,
+            num_generations: 8,
+            prompts_per_step: 16,
+            max_prompt_length: 64,
+            max_completion_length: 16,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: 0.28,
+            loss_type: LossType::Dapo,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            scale_rewards: ScaleRewards::Group,
+            num_iterations: 1,
+            max_grad_norm: 1.0,
+            warmup_steps: 0,
+            lr_scheduler_type: LrSchedulerType::Constant,
+            max_steps: 600,
+            filter_zero_std_groups: true,
+            max_tokens_per_microbatch: 4096,
+            max_staleness: 2,
+            rollout_workers: 1,
+            weight_sync: SyncMode::Delta,
+            importance_sampling_cap: Some(2.0),
+        }
+    }
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            prompts: 200,
+            every: 10,
+        }
+    }
+}
+
+fn positive(key: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        bail!("config key `{key}` = 0: must be positive");
+    }
+    Ok(())
+}
+
+impl JobConfig {
+    /// Parses a TOML file (a missing file, bad TOML, an unknown key or a wrong type is an error
+    /// naming the file and key) and validates it.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading job config {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in job config {}", path.display()))
+    }
+
+    /// Parses TOML text and validates it.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: JobConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range checks, each naming its key.
+    pub fn validate(&self) -> Result<()> {
+        let g = &self.grpo;
+        if let Some(p) = &self.model.path
+            && !p.is_dir()
+        {
+            bail!(
+                "config key `model.path` = {}: no such model directory",
+                p.display()
+            );
+        }
+        if let Some(p) = &self.tokenizer.path
+            && !p.join("tokenizer.json").is_file()
+        {
+            bail!(
+                "config key `tokenizer.path` = {}: no tokenizer.json there",
+                p.display()
+            );
+        }
+        match &self.env {
+            EnvSection::Jsonl { path } if !path.is_file() => {
+                bail!("config key `env.path` = {}: no such file", path.display());
+            }
+            EnvSection::Countdown(c) => c.validate()?,
+            EnvSection::Arithmetic(a) if !(1..=6).contains(&a.digits) => {
+                bail!("config key `env.digits` = {}: must be in 1..=6", a.digits);
+            }
+            _ => {}
+        }
+        for (k, v) in [
+            ("model.hidden_size", self.model.hidden_size),
+            ("model.num_hidden_layers", self.model.num_hidden_layers),
+            ("model.num_attention_heads", self.model.num_attention_heads),
+            ("model.num_key_value_heads", self.model.num_key_value_heads),
+            ("model.intermediate_size", self.model.intermediate_size),
+            ("sft.batch_size", self.sft.batch_size),
+            ("grpo.num_generations", g.num_generations),
+            ("grpo.prompts_per_step", g.prompts_per_step),
+            ("grpo.max_prompt_length", g.max_prompt_length),
+            ("grpo.max_completion_length", g.max_completion_length),
+            ("grpo.num_iterations", g.num_iterations),
+            ("grpo.rollout_workers", g.rollout_workers),
+            (
+                "grpo.max_tokens_per_microbatch",
+                g.max_tokens_per_microbatch,
+            ),
+            ("eval.prompts", self.eval.prompts),
+        ] {
+            positive(k, v)?;
+        }
+        if !self
+            .model
+            .hidden_size
+            .is_multiple_of(self.model.num_attention_heads)
+            || !(self.model.hidden_size / self.model.num_attention_heads).is_multiple_of(2)
+        {
+            bail!(
+                "config key `model.hidden_size` = {}: must split into an even head_dim over num_attention_heads",
+                self.model.hidden_size
+            );
+        }
+        if !self
+            .model
+            .num_attention_heads
+            .is_multiple_of(self.model.num_key_value_heads)
+        {
+            bail!(
+                "config key `model.num_key_value_heads` = {}: must divide num_attention_heads",
+                self.model.num_key_value_heads
+            );
+        }
+        if g.num_generations < 2 {
+            bail!(
+                "config key `grpo.num_generations` = {}: GRPO needs at least 2 completions per prompt",
+                g.num_generations
+            );
+        }
+        if self.tokenizer.vocab_size < 260 {
+            bail!(
+                "config key `tokenizer.vocab_size` = {}: a byte-level BPE needs at least 260",
+                self.tokenizer.vocab_size
+            );
+        }
+        if !(self.sft.learning_rate.is_finite() && self.sft.learning_rate > 0.0) {
+            bail!(
+                "config key `sft.learning_rate` = {}: must be positive",
+                self.sft.learning_rate
+            );
+        }
+        if !(0.0..=10.0).contains(&g.temperature) {
+            bail!(
+                "config key `grpo.temperature` = {}: must be in [0, 10]",
+                g.temperature
+            );
+        }
+        self.trainer_config()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[grpo] {e}"))?;
+        grail_rollout::sampling::SamplingConfig {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            min_p: g.min_p,
+            repetition_penalty: 1.0,
+        }
+        .validate()
+        .map_err(|e| anyhow::anyhow!("config key `grpo.{e}"))?;
+        Ok(())
+    }
+
+    /// The trainer's configuration.
+    pub fn trainer_config(&self) -> grail_trainer::config::TrainerConfig {
+        let g = &self.grpo;
+        let mut t = grail_trainer::config::TrainerConfig {
+            learning_rate: g.learning_rate,
+            max_grad_norm: g.max_grad_norm,
+            lr_scheduler_type: g.lr_scheduler_type,
+            warmup_steps: g.warmup_steps,
+            max_steps: g.max_steps,
+            num_iterations: g.num_iterations,
+            scale_rewards: g.scale_rewards,
+            reward_weights: Vec::new(), // set from the environment
+            filter_zero_std_groups: g.filter_zero_std_groups,
+            max_tokens_per_microbatch: g.max_tokens_per_microbatch,
+            importance_sampling_cap: g.importance_sampling_cap,
+            ..Default::default()
+        };
+        t.reward_weights = vec![1.0];
+        t.loss.loss_type = g.loss_type;
+        t.loss.importance_sampling_level = g.importance_sampling_level;
+        t.loss.epsilon_low = g.epsilon;
+        t.loss.epsilon_high = g.epsilon_high;
+        t.loss.beta = g.beta;
+        t.loss.temperature = if g.temperature > 0.0 {
+            g.temperature as f64
+        } else {
+            1.0
+        };
+        t.loss.max_completion_length = g.max_completion_length;
+        t
+    }
+}
