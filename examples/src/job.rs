@@ -170,7 +170,7 @@ pub struct GrpoSection {
 pub struct EvalSection {
     /// Held-out prompts. Default 200.
     pub prompts: usize,
-    /// Evaluate every N GRPO steps (0: only before and after). Default 50.
+    /// Evaluate every N GRPO steps (0: only before and after). Default 10.
     pub every: usize,
 }
 
