@@ -152,3 +152,48 @@ fn a_panicking_reward_fails_its_group_and_the_pool_keeps_going() {
             .all(|s| s.rewards.len() == 2 && s.behaviour_logps.len() == s.completion_ids.len())
     }));
 }
+
+#[test]
+fn a_slow_trainer_drops_stale_samples_and_the_accounting_is_exact() {
+    let device = Device::flex();
+    let policy = CausalLm::init(&config(), 4, &device.clone().autodiff());
+    let pool = spawn_pool(
+        &policy.valid(),
+        Arc::new(Sevens::new(10_000, None)),
+        pool_config(1),
+    )
+    .unwrap();
+    let cfg = TrainerConfig {
+        learning_rate: 1e-3,
+        reward_weights: vec![1.0, 0.5],
+        ..TrainerConfig::default()
+    };
+    let mut trainer = GrpoTrainer::new(policy, None, cfg, 1e11).unwrap();
+    let mut sink = grail_core::sync::WeightSink {
+        tx: pool.weights.clone(),
+        publisher: WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model()),
+    };
+    // Staleness 0 and a trainer that dawdles after every step: groups made before the last
+    // update arrive stale and are dropped.
+    let run = trainer
+        .run_from_channel(&pool.groups.clone(), Some(&mut sink), 2, 0, 5, |_, _| {
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(trainer.step(), 5);
+    assert!(run.dropped_stale > 0, "{run:?}");
+    // Shut down mid-generation: every sample is still accounted for.
+    let groups = pool.groups.clone();
+    let report = pool.shutdown().unwrap();
+    let left: usize = groups.drain().map(|g| g.samples.len()).sum();
+    assert_eq!(
+        report.generated,
+        report.sent + report.failed + report.unsent_at_shutdown
+    );
+    assert_eq!(report.sent, run.received + left);
+    assert_eq!(
+        run.received,
+        run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
+    );
+}
