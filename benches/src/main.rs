@@ -357,27 +357,8 @@ fn weight_sync_bench(
 
 #[derive(clap::Args, Debug)]
 struct TrainerStepArgs {
-    /// A Hugging Face config.json to take the model shape from (overrides the shape flags).
-    #[arg(long)]
-    config: Option<std::path::PathBuf>,
-    /// Hidden size.
-    #[arg(long, default_value_t = 256)]
-    hidden: usize,
-    /// Decoder layers.
-    #[arg(long, default_value_t = 4)]
-    layers: usize,
-    /// Attention heads.
-    #[arg(long, default_value_t = 8)]
-    heads: usize,
-    /// Key/value heads.
-    #[arg(long, default_value_t = 2)]
-    kv_heads: usize,
-    /// MLP width.
-    #[arg(long, default_value_t = 688)]
-    inter: usize,
-    /// Vocabulary size.
-    #[arg(long, default_value_t = 4096)]
-    vocab: usize,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Sequence lengths (prompt + completion), comma-separated.
     #[arg(
         long,
@@ -421,12 +402,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
     use grail_trainer::loss::LossType;
     use grail_trainer::trainer::GrpoTrainer;
 
-    let config = match &t.config {
-        Some(path) => ModelConfig::from_file(path)?,
-        None => ModelConfig::qwen2(
-            t.vocab, t.hidden, t.inter, t.layers, t.heads, t.kv_heads, 32768, false,
-        ),
-    };
+    let config = t.model.model_config()?;
     anyhow::ensure!(t.prompt_len >= 1, "--prompt-len must be at least 1");
     if let Some(short) = t.lens.iter().find(|&&l| l <= t.prompt_len) {
         anyhow::bail!(
