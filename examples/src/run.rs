@@ -309,6 +309,8 @@ pub fn run_job(cfg: &JobConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     let mut curve: Vec<(usize, f64, Option<f64>)> = Vec::new();
     let mut overlapped = 0usize;
     let mut last_generated = pool.counters().generated.load(Ordering::SeqCst);
+    let mut last_tokens = pool.counters().tokens.load(Ordering::SeqCst);
+    let mut last_time = Instant::now();
     let mut io_error = None;
     let run = trainer.run_from_channel(
         &pool.groups.clone(),
@@ -323,6 +325,11 @@ pub fn run_job(cfg: &JobConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             if during > 0 {
                 overlapped += 1;
             }
+            let tokens = pool.counters().tokens.load(Ordering::SeqCst);
+            let rollout_tokens_per_s =
+                (tokens - last_tokens) as f64 / last_time.elapsed().as_secs_f64().max(1e-9);
+            last_tokens = tokens;
+            last_time = Instant::now();
             let acc = (cfg.eval.every > 0 && m.step % cfg.eval.every == 0)
                 .then(|| {
                     evaluate(
@@ -345,6 +352,7 @@ pub fn run_job(cfg: &JobConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             }
             line["eval_accuracy"] = json!(acc);
             line["pool_generated_during_step"] = json!(during);
+            line["rollout_tokens_per_s"] = json!(rollout_tokens_per_s);
             line["pool_failed"] = json!(pool.counters().failed.load(Ordering::SeqCst));
             line["elapsed_s"] = json!(start.elapsed().as_secs_f64());
             if let Err(e) = writeln!(metrics_file, "{line}") {
