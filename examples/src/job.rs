@@ -156,6 +156,9 @@ pub struct GrpoSection {
     pub max_tokens_per_microbatch: usize,
     /// Samples more than this many versions old are dropped. Default 2.
     pub max_staleness: u64,
+    /// How many optimizer steps the pool may run ahead of the newest weights it has (it pauses
+    /// beyond that, so it does not generate samples that would arrive too stale). Default 2.
+    pub max_ahead: Option<u64>,
     /// Rollout worker threads. Default 1.
     pub rollout_workers: usize,
     /// full | delta. Default delta.
@@ -248,6 +251,7 @@ impl Default for GrpoSection {
             filter_zero_std_groups: true,
             max_tokens_per_microbatch: 4096,
             max_staleness: 2,
+            max_ahead: Some(2),
             rollout_workers: 1,
             weight_sync: SyncMode::Delta,
             importance_sampling_cap: Some(2.0),

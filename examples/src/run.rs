@@ -296,6 +296,8 @@ pub fn run_job(cfg: &JobConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 ..generation.clone()
             },
             channel_capacity: cfg.grpo.prompts_per_step * 2,
+            max_ahead: cfg.grpo.max_ahead,
+            groups_per_step: cfg.grpo.prompts_per_step,
         },
     )?;
     let mut sink = WeightSink {

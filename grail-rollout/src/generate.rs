@@ -60,6 +60,9 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
     /// Token sequences that end a completion.
     pub stop_sequences: Vec<Vec<u32>>,
+    /// Strings that end a completion once its decoded text contains one (needs a decoder: see
+    /// [`generate_with_decoder`]).
+    pub stop_strings: Vec<String>,
     /// Run seed; each sample's RNG derives from it, its prompt id and its index.
     pub seed: u64,
 }
@@ -72,6 +75,7 @@ impl Default for GenerationConfig {
             max_batch: 16,
             eos_token_ids: Vec::new(),
             stop_sequences: Vec::new(),
+            stop_strings: Vec::new(),
             seed: 0,
         }
     }
@@ -104,8 +108,35 @@ pub fn generate(
     model: &CausalLm,
     cfg: &GenerationConfig,
     requests: impl IntoIterator<Item = GenerationRequest>,
+    on_done: impl FnMut(Generated),
+) -> Result<GenerationStats, GrailError> {
+    generate_with_decoder(model, cfg, None, requests, on_done)
+}
+
+/// [`generate`] with a token decoder, which `stop_strings` need.
+pub fn generate_with_decoder(
+    model: &CausalLm,
+    cfg: &GenerationConfig,
+    decode: Option<&(dyn Fn(&[u32]) -> String + Sync)>,
+    requests: impl IntoIterator<Item = GenerationRequest>,
     mut on_done: impl FnMut(Generated),
 ) -> Result<GenerationStats, GrailError> {
+    if !cfg.stop_strings.is_empty() && decode.is_none() {
+        return Err(GrailError::config(
+            "stop_strings",
+            format!("{:?}", cfg.stop_strings),
+            "stop strings need a decoder (generate_with_decoder)",
+        ));
+    }
+    let stopped_by_string = |ids: &[u32]| match decode {
+        Some(decode) if !cfg.stop_strings.is_empty() => {
+            let text = decode(ids);
+            cfg.stop_strings
+                .iter()
+                .any(|s| !s.is_empty() && text.contains(s.as_str()))
+        }
+        _ => false,
+    };
     cfg.sampling
         .validate()
         .map_err(|m| GrailError::config("sampling", &m, "invalid sampling parameter"))?;
@@ -178,6 +209,7 @@ pub fn generate(
                 .stop_sequences
                 .iter()
                 .any(|s| !s.is_empty() && a.ids.ends_with(s))
+                || stopped_by_string(&a.ids)
             {
                 Some(FinishReason::Stop)
             } else if a.ids.len() >= cfg.max_completion_length {

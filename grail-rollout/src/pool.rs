@@ -24,7 +24,9 @@ use grail_core::sync::WeightState;
 use grail_core::types::{Group, Sample, WeightUpdate};
 use rayon::prelude::*;
 
-use crate::generate::{FinishReason, Generated, GenerationConfig, GenerationRequest, generate};
+use crate::generate::{
+    FinishReason, Generated, GenerationConfig, GenerationRequest, generate_with_decoder,
+};
 
 /// Pool settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,13 @@ pub struct PoolConfig {
     pub generation: GenerationConfig,
     /// Capacity of the group channel (groups).
     pub channel_capacity: usize,
+    /// How far ahead of the trainer the pool may run, in optimizer steps of `groups_per_step`
+    /// groups: a worker starts a new batch only while the prompts taken so far are fewer than
+    /// `(v + max_ahead + 1) × groups_per_step`, where v is the newest weight version it has.
+    /// `None`: only the bounded channel holds the pool back.
+    pub max_ahead: Option<u64>,
+    /// Groups the trainer consumes per step (for `max_ahead`).
+    pub groups_per_step: usize,
 }
 
 impl Default for PoolConfig {
@@ -49,6 +58,8 @@ impl Default for PoolConfig {
             prompts_per_batch: 2,
             generation: GenerationConfig::default(),
             channel_capacity: 8,
+            max_ahead: None,
+            groups_per_step: 1,
         }
     }
 }
@@ -228,6 +239,10 @@ impl Worker {
     fn run(mut self) -> Result<(), GrailError> {
         while !self.shutdown.load(Ordering::SeqCst) {
             self.refresh_weights()?;
+            if self.too_far_ahead() {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
             let prompts: Vec<Prompt> = (0..self.cfg.prompts_per_batch)
                 .map_while(|_| {
                     self.env
@@ -240,6 +255,16 @@ impl Worker {
             self.generate_batch(&prompts)?;
         }
         Ok(())
+    }
+
+    /// Whether starting another batch would put the pool more than `max_ahead` steps ahead of
+    /// the newest weights it has seen.
+    fn too_far_ahead(&self) -> bool {
+        let Some(ahead) = self.cfg.max_ahead else {
+            return false;
+        };
+        let allowed = (self.weights.version() + ahead + 1) * self.cfg.groups_per_step as u64;
+        self.next_prompt.load(Ordering::SeqCst) >= allowed
     }
 
     /// Applies every update published since the last batch, in order, and rebuilds the model
@@ -274,22 +299,29 @@ impl Worker {
         });
         let mut pending: HashMap<u64, Vec<Generated>> = HashMap::new();
         let mut first_error = None;
-        generate(&self.model, &self.cfg.generation, requests, |done| {
-            self.counters.generated.fetch_add(1, Ordering::SeqCst);
-            self.counters
-                .tokens
-                .fetch_add(done.ids.len(), Ordering::SeqCst);
-            let id = done.request.prompt_id;
-            let list = pending.entry(id).or_default();
-            list.push(done);
-            if list.len() == g {
-                let mut list = pending.remove(&id).expect("just filled");
-                list.sort_by_key(|d| d.request.sample_index);
-                if let Err(e) = self.score_and_send(by_id[&id], list) {
-                    first_error.get_or_insert(e);
+        let decode = |ids: &[u32]| self.env.decode(ids);
+        generate_with_decoder(
+            &self.model,
+            &self.cfg.generation,
+            Some(&decode),
+            requests,
+            |done| {
+                self.counters.generated.fetch_add(1, Ordering::SeqCst);
+                self.counters
+                    .tokens
+                    .fetch_add(done.ids.len(), Ordering::SeqCst);
+                let id = done.request.prompt_id;
+                let list = pending.entry(id).or_default();
+                list.push(done);
+                if list.len() == g {
+                    let mut list = pending.remove(&id).expect("just filled");
+                    list.sort_by_key(|d| d.request.sample_index);
+                    if let Err(e) = self.score_and_send(by_id[&id], list) {
+                        first_error.get_or_insert(e);
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),

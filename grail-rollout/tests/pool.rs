@@ -74,6 +74,7 @@ fn pool_config(workers: usize) -> PoolConfig {
             ..GenerationConfig::default()
         },
         channel_capacity: 2,
+        ..PoolConfig::default()
     }
 }
 
@@ -195,5 +196,71 @@ fn a_slow_trainer_drops_stale_samples_and_the_accounting_is_exact() {
     assert_eq!(
         run.received,
         run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
+    );
+}
+
+#[test]
+fn the_pool_pauses_when_too_far_ahead_and_resumes_with_new_weights() {
+    let device = Device::flex();
+    let model = CausalLm::init(&config(), 6, &device);
+    let cfg = PoolConfig {
+        max_ahead: Some(0),
+        groups_per_step: 2,
+        channel_capacity: 16,
+        ..pool_config(1)
+    };
+    let pool = spawn_pool(&model, Arc::new(Sevens::new(10_000, None)), cfg).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    // Version 0, zero steps ahead: one step's worth of prompts (2 groups × 4 samples), then a pause.
+    assert_eq!(pool.counters().generated.load(Ordering::SeqCst), 8);
+    let mut publisher = WeightPublisher::new(SyncMode::Full, WireDtype::F32, &model);
+    pool.weights.send(publisher.publish(1, &model)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(
+        pool.counters().generated.load(Ordering::SeqCst),
+        16,
+        "one more step after version 1"
+    );
+    let report = pool.shutdown().unwrap();
+    assert_eq!(report.generated, 16);
+}
+
+#[test]
+fn stop_strings_end_completions_through_the_decoder() {
+    use grail_rollout::generate::{
+        FinishReason, GenerationRequest, generate, generate_with_decoder,
+    };
+    let model = CausalLm::init(&config(), 7, &Device::flex());
+    let decode = |ids: &[u32]| ids.iter().map(|t| format!("<{t}>")).collect::<String>();
+    let request = GenerationRequest {
+        prompt_id: 0,
+        sample_index: 0,
+        prompt: Arc::new(vec![1, 2, 3]),
+    };
+    let mut cfg = GenerationConfig {
+        max_completion_length: 30,
+        seed: 1,
+        ..GenerationConfig::default()
+    };
+    let mut free = Vec::new();
+    generate(&model, &cfg, [request.clone()], |g| free.push(g)).unwrap();
+    // Stop at the text of the third sampled token.
+    let third = format!("<{}>", free[0].ids[2]);
+    let first_at = free[0]
+        .ids
+        .iter()
+        .position(|t| format!("<{t}>") == third)
+        .unwrap();
+    cfg.stop_strings = vec![third];
+    let mut stopped = Vec::new();
+    generate_with_decoder(&model, &cfg, Some(&decode), [request.clone()], |g| {
+        stopped.push(g)
+    })
+    .unwrap();
+    assert_eq!(stopped[0].finish, FinishReason::Stop);
+    assert_eq!(stopped[0].ids, free[0].ids[..=first_at]);
+    assert!(
+        generate(&model, &cfg, [request], |_| {}).is_err(),
+        "stop strings without a decoder"
     );
 }
