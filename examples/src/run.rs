@@ -272,6 +272,7 @@ pub fn run_job(cfg: &JobConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         max_batch: 64,
         eos_token_ids: eos.clone(),
         stop_sequences: Vec::new(),
+        stop_strings: Vec::new(),
         seed: cfg.seed,
     };
     let baseline = evaluate(

@@ -113,11 +113,14 @@ pub fn generate(
     generate_with_decoder(model, cfg, None, requests, on_done)
 }
 
+/// Turns completion tokens into text (for stop strings).
+pub type Decoder<'a> = &'a (dyn Fn(&[u32]) -> String + Sync);
+
 /// [`generate`] with a token decoder, which `stop_strings` need.
 pub fn generate_with_decoder(
     model: &CausalLm,
     cfg: &GenerationConfig,
-    decode: Option<&(dyn Fn(&[u32]) -> String + Sync)>,
+    decode: Option<Decoder<'_>>,
     requests: impl IntoIterator<Item = GenerationRequest>,
     mut on_done: impl FnMut(Generated),
 ) -> Result<GenerationStats, GrailError> {
