@@ -52,8 +52,8 @@ pub enum SyncMode {
     Delta,
 }
 
-/// A model's tensors in HF naming, sorted by name, rounded to `wire`.
-fn snapshot(model: &CausalLm, wire: WireDtype) -> Vec<NamedTensor> {
+/// A model's tensors in HF naming, sorted by name, rounded to `wire` (f32: exact).
+pub fn named_tensors(model: &CausalLm, wire: WireDtype) -> Vec<NamedTensor> {
     let mut out = Vec::new();
     model.for_each_tensor(|name, data| {
         let shape = data.shape().to_vec();
@@ -88,14 +88,14 @@ impl WeightPublisher {
         Self {
             mode,
             wire,
-            last: snapshot(initial, wire),
+            last: named_tensors(initial, wire),
             last_version: 0,
         }
     }
 
     /// The update that brings a receiver from the previously published weights to `model`'s.
     pub fn publish(&mut self, version: PolicyVersion, model: &CausalLm) -> WeightUpdate {
-        let now = snapshot(model, self.wire);
+        let now = named_tensors(model, self.wire);
         let payload = match self.mode {
             SyncMode::Full => WeightPayload::Full(Arc::new(now.clone())),
             SyncMode::Delta => WeightPayload::Delta {
@@ -165,7 +165,7 @@ impl WeightState {
     /// Starts from the weights the pool was spawned with (version 0).
     pub fn new(initial: &CausalLm) -> Self {
         Self {
-            tensors: snapshot(initial, WireDtype::F32),
+            tensors: named_tensors(initial, WireDtype::F32),
             version: 0,
         }
     }

@@ -78,6 +78,16 @@ fn pool_config(workers: usize) -> PoolConfig {
     }
 }
 
+/// A trainer for the `Sevens` rewards (two reward functions).
+fn trainer(policy: CausalLm) -> GrpoTrainer {
+    let cfg = TrainerConfig {
+        learning_rate: 1e-3,
+        reward_weights: vec![1.0, 0.5],
+        ..TrainerConfig::default()
+    };
+    GrpoTrainer::new(policy, None, cfg, 1e11).unwrap()
+}
+
 #[test]
 fn pool_and_trainer_meet_through_channels_and_account_for_everything() {
     let device = Device::flex();
@@ -88,12 +98,7 @@ fn pool_and_trainer_meet_through_channels_and_account_for_everything() {
         pool_config(2),
     )
     .unwrap();
-    let cfg = TrainerConfig {
-        learning_rate: 1e-3,
-        reward_weights: vec![1.0, 0.5],
-        ..TrainerConfig::default()
-    };
-    let mut trainer = GrpoTrainer::new(policy, None, cfg, 1e11).unwrap();
+    let mut trainer = trainer(policy);
     // Sparse bf16 deltas: every worker must apply each one, in order.
     let mut publisher = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model());
     let mut versions_seen = Vec::new();
@@ -164,12 +169,7 @@ fn a_slow_trainer_drops_stale_samples_and_the_accounting_is_exact() {
         pool_config(1),
     )
     .unwrap();
-    let cfg = TrainerConfig {
-        learning_rate: 1e-3,
-        reward_weights: vec![1.0, 0.5],
-        ..TrainerConfig::default()
-    };
-    let mut trainer = GrpoTrainer::new(policy, None, cfg, 1e11).unwrap();
+    let mut trainer = trainer(policy);
     let mut sink = grail_core::sync::WeightSink {
         tx: pool.weights.clone(),
         publisher: WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model()),

@@ -13,8 +13,8 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::tensor::{Int, Tensor, TensorData};
 use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
 use grail_core::model::{CausalLm, Layout};
-use grail_core::sync::WeightSink;
-use grail_core::types::{Group, NamedTensor, PolicyVersion, WeightPayload, WeightUpdate};
+use grail_core::sync::{WeightSink, WireDtype, named_tensors};
+use grail_core::types::{Group, PolicyVersion, WeightPayload, WeightUpdate};
 
 use crate::advantages::compute_advantages;
 use crate::config::TrainerConfig;
@@ -210,10 +210,9 @@ impl GrpoTrainer {
         &self.optim
     }
 
-    /// Takes the model out for an optimizer step, and puts the result back.
-    pub(crate) fn apply_step(&mut self, lr: f64, grads: GradientsParams) -> f64 {
+    /// Clips the gradients and takes an AdamW step at `lr`; returns the norm before clipping.
+    pub(crate) fn apply_step(&mut self, lr: f64, mut grads: GradientsParams) -> f64 {
         let model = self.model.take().expect("model present");
-        let mut grads = grads;
         let grad_norm = clip_global_norm(&model, &mut grads, self.config.max_grad_norm);
         self.model = Some(self.optim.step(lr, model, grads));
         grad_norm
@@ -295,22 +294,9 @@ impl GrpoTrainer {
 
     /// The current weights as a [`WeightUpdate`] (full tensors, HF names).
     pub fn weight_update(&self) -> WeightUpdate {
-        let mut tensors = Vec::new();
-        self.model().for_each_tensor(|name, data| {
-            let shape = data.shape().to_vec();
-            let values = data
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .expect("f32 weights");
-            tensors.push(NamedTensor {
-                name,
-                shape,
-                values,
-            });
-        });
         WeightUpdate {
             version: self.version,
-            payload: WeightPayload::Full(Arc::new(tensors)),
+            payload: WeightPayload::Full(Arc::new(named_tensors(self.model(), WireDtype::F32))),
         }
     }
 
@@ -320,9 +306,7 @@ impl GrpoTrainer {
         let mut out = Vec::with_capacity(self.config.num_iterations);
         for _ in 0..self.config.num_iterations {
             let start = Instant::now();
-            let (mut grads, stats, layout_stats) = self.gradients_of(&prepared)?;
-            let model = self.model.take().expect("model present");
-            let grad_norm = clip_global_norm(&model, &mut grads, self.config.max_grad_norm);
+            let (grads, stats, layout_stats) = self.gradients_of(&prepared)?;
             let lr = learning_rate(
                 self.config.learning_rate,
                 self.config.lr_scheduler_type,
@@ -330,7 +314,7 @@ impl GrpoTrainer {
                 self.config.warmup_steps,
                 self.config.max_steps,
             );
-            self.model = Some(self.optim.step(lr, model, grads));
+            let grad_norm = self.apply_step(lr, grads);
             self.step += 1;
             self.version += 1;
             let seconds = start.elapsed().as_secs_f64();
