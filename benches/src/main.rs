@@ -312,6 +312,8 @@ fn weight_sync_bench(
     let mut state = WeightState::new(&policy);
     let cfg = TrainerConfig {
         learning_rate: lr,
+        // Random behaviour log-probs: a mask would zero the update this bench measures.
+        importance_sampling_correction: false,
         ..TrainerConfig::default()
     };
     let mut trainer = GrpoTrainer::new(policy, None, cfg, 1.0)?;
@@ -320,11 +322,13 @@ fn weight_sync_bench(
     let (mut delta_bytes, mut publish_s, mut apply_s) = (0usize, 0.0, 0.0);
     for _ in 0..steps.max(1) {
         let samples = (0..8)
-            .map(|_| Sample {
-                completion_ids: (0..48).map(|_| rng.random_range(0..vocab)).collect(),
-                behaviour_logps: vec![0.0; 48],
-                rewards: vec![rng.random_range(0.0..1.0f32)],
-                policy_version: trainer.version(),
+            .map(|_| {
+                Sample::new(
+                    (0..48).map(|_| rng.random_range(0..vocab)).collect(),
+                    vec![0.0; 48],
+                    vec![rng.random_range(0.0..1.0f32)],
+                    trainer.version(),
+                )
             })
             .collect();
         let prompt = std::sync::Arc::new((0..16).map(|_| rng.random_range(0..vocab)).collect());
@@ -420,12 +424,12 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
         .iter()
         .map(|&len| {
             let c = len - t.prompt_len;
-            Sample {
-                completion_ids: (0..c).map(|_| rng.random_range(0..vocab)).collect(),
-                behaviour_logps: vec![0.0; c],
-                rewards: vec![rng.random_range(0.0..1.0f32)],
-                policy_version: 0,
-            }
+            Sample::new(
+                (0..c).map(|_| rng.random_range(0..vocab)).collect(),
+                vec![0.0; c],
+                vec![rng.random_range(0.0..1.0f32)],
+                0,
+            )
         })
         .collect();
     let groups = vec![Group {
@@ -440,6 +444,8 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
         max_tokens_per_microbatch: t.max_tokens_per_microbatch,
         packing: !t.no_packing,
         naive_logprob: t.naive_logprob,
+        // As the PyTorch reference step: no extra proximal forward for the IS correction.
+        importance_sampling_correction: false,
         ..TrainerConfig::default()
     };
     cfg.loss.loss_type = LossType::Dapo;
@@ -465,7 +471,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             "tokens_per_s": m.real_tokens as f64 / s_per_step, "s_per_step": s_per_step,
             "flops_per_step": m.flops, "peak_flops": peak, "mfu": m.flops / s_per_step / peak,
             "packing_efficiency": m.packing_efficiency, "peak_rss_bytes": peak_rss_bytes(),
-            "steps": t.steps,
+            "steps": t.steps, "is_correction": false,
         })
     );
     Ok(())

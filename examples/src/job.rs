@@ -24,6 +24,7 @@ use grail_core::env::{ArithmeticConfig, CountdownConfig};
 use grail_core::sync::SyncMode;
 use grail_trainer::advantages::ScaleRewards;
 use grail_trainer::loss::{ImportanceSamplingLevel, LossType};
+use grail_trainer::off_policy::IsMode;
 use grail_trainer::schedule::LrSchedulerType;
 use serde::{Deserialize, Serialize};
 
@@ -154,17 +155,34 @@ pub struct GrpoSection {
     pub filter_zero_std_groups: bool,
     /// Token budget of one micro-batch. Default 4096.
     pub max_tokens_per_microbatch: usize,
-    /// Samples more than this many versions old are dropped. Default 2.
+    /// Samples more than this many versions old (by their oldest token) are dropped and counted.
+    /// Default 2.
     pub max_staleness: u64,
     /// How many optimizer steps the pool may run ahead of the newest weights it has (it pauses
-    /// beyond that, so it does not generate samples that would arrive too stale). Default 2.
+    /// beyond that, so it does not generate samples that would arrive too stale). AReaL calls it
+    /// `max_head_offpolicyness`, prime-rl `async_level`; both spellings are accepted. Default 2.
+    #[serde(alias = "max_head_offpolicyness", alias = "async_level")]
     pub max_ahead: Option<u64>,
+    /// Let a rollout worker switch to new weights in the middle of a completion (PipelineRL,
+    /// AReaL): it recomputes its KV caches with the new weights and each token records the version
+    /// that produced it. Default false (whole completions from one version).
+    pub in_flight_weight_updates: bool,
     /// Rollout worker threads. Default 1.
     pub rollout_workers: usize,
     /// full | delta. Default delta.
     pub weight_sync: SyncMode,
-    /// Truncated IS correction cap (None: off). Default 2.0.
-    pub importance_sampling_cap: Option<f64>,
+    /// Correct for the behaviour–trainer policy gap (importance sampling). Default true.
+    pub importance_sampling_correction: bool,
+    /// token_truncate | token_mask | sequence_truncate | sequence_mask. Default sequence_mask.
+    pub importance_sampling_mode: IsMode,
+    /// C: the truncation cap and the default mask range [1/C, C]. Default 3.0.
+    pub importance_sampling_cap: f64,
+    /// Lower edge of the mask range. Default 1/C.
+    pub importance_sampling_mask_low: Option<f64>,
+    /// Upper edge of the mask range. Default C.
+    pub importance_sampling_mask_high: Option<f64>,
+    /// AReaL's decoupled PPO objective: clip π_θ/π_prox, weight by π_prox/π_behav. Default true.
+    pub use_decoupled_loss: bool,
 }
 
 /// `[eval]`: held-out accuracy (greedy decoding, the `correct` reward).
@@ -252,9 +270,15 @@ impl Default for GrpoSection {
             max_tokens_per_microbatch: 4096,
             max_staleness: 2,
             max_ahead: Some(2),
+            in_flight_weight_updates: false,
             rollout_workers: 1,
             weight_sync: SyncMode::Delta,
-            importance_sampling_cap: Some(2.0),
+            importance_sampling_correction: true,
+            importance_sampling_mode: IsMode::SequenceMask,
+            importance_sampling_cap: 3.0,
+            importance_sampling_mask_low: None,
+            importance_sampling_mask_high: None,
+            use_decoupled_loss: true,
         }
     }
 }
@@ -415,7 +439,12 @@ impl JobConfig {
             reward_weights: Vec::new(), // set from the environment
             filter_zero_std_groups: g.filter_zero_std_groups,
             max_tokens_per_microbatch: g.max_tokens_per_microbatch,
+            importance_sampling_correction: g.importance_sampling_correction,
+            importance_sampling_mode: g.importance_sampling_mode,
             importance_sampling_cap: g.importance_sampling_cap,
+            importance_sampling_mask_low: g.importance_sampling_mask_low,
+            importance_sampling_mask_high: g.importance_sampling_mask_high,
+            use_decoupled_loss: g.use_decoupled_loss,
             ..Default::default()
         };
         t.reward_weights = vec![1.0];

@@ -298,6 +298,7 @@ pub fn run_job(cfg: &JobConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             },
             channel_capacity: cfg.grpo.prompts_per_step * 2,
             max_ahead: cfg.grpo.max_ahead,
+            in_flight_weight_updates: cfg.grpo.in_flight_weight_updates,
             groups_per_step: cfg.grpo.prompts_per_step,
         },
     )?;
@@ -363,9 +364,11 @@ pub fn run_job(cfg: &JobConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             }
             curve.push((m.step, m.reward_mean, acc));
             pb.set_message(format!(
-                "reward {:.3} acc {}",
+                "reward {:.3} acc {} is-masked {}",
                 m.reward_mean,
-                acc.map_or("-".into(), |a| format!("{a:.2}"))
+                acc.map_or("-".into(), |a| format!("{a:.2}")),
+                m.is_masked_fraction
+                    .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f))
             ));
             pb.inc(1);
             if stop.load(Ordering::SeqCst) {

@@ -37,6 +37,13 @@ fn config_errors_name_the_key_or_path() {
     );
     let m = err("[grpo]\ntop_p = 1.5\n");
     assert!(m.contains("top_p"), "{m}");
+    let m = err("[grpo]\nimportance_sampling_cap = 0.5\n");
+    assert!(m.contains("importance_sampling_cap"), "{m}");
+    let m = err("[grpo]\nimportance_sampling_mode = \"sequence_clip\"\n");
+    assert!(m.contains("sequence_clip"), "{m}");
+    // Peers' names for the pool-side limit are accepted.
+    let aliased = JobConfig::from_toml("[grpo]\nmax_head_offpolicyness = 1\n").unwrap();
+    assert_eq!(aliased.grpo.max_ahead, Some(1));
     assert!(JobConfig::from_toml("").is_ok(), "every key has a default");
     let missing = JobConfig::from_file(std::path::Path::new("/nonexistent/job.toml")).unwrap_err();
     assert!(format!("{missing:#}").contains("/nonexistent/job.toml"));
@@ -65,6 +72,7 @@ prompts_per_step = 4
 num_generations = 4
 max_completion_length = 8
 filter_zero_std_groups = false
+in_flight_weight_updates = true
 [eval]
 prompts = 16
 every = 3
@@ -106,9 +114,28 @@ every = 3
         "mfu",
         "packing_efficiency",
         "staleness_histogram",
+        "token_staleness_histogram",
         "policy_version",
     ] {
         assert!(lines[0].get(key).is_some(), "metrics lack {key}");
+    }
+    // The default sequence_mask correction reports its ratios every step.
+    for line in &lines {
+        for key in [
+            "is_ratio_min",
+            "is_ratio_mean",
+            "is_ratio_max",
+            "is_masked_fraction",
+            "behaviour_logp_diff_mean",
+            "behaviour_logp_diff_max",
+        ] {
+            assert!(
+                line[key].is_number(),
+                "step {}: {key} = {}",
+                line["step"],
+                line[key]
+            );
+        }
     }
     assert!(lines[2]["eval_accuracy"].is_number(), "eval every 3 steps");
 }

@@ -15,8 +15,35 @@ pub struct Sample {
     pub behaviour_logps: Vec<f32>,
     /// One reward per reward function, unweighted.
     pub rewards: Vec<f32>,
-    /// Policy version that produced the completion.
+    /// Policy version that produced the completion's first token (the oldest of its tokens).
     pub policy_version: PolicyVersion,
+    /// Policy version that produced each completion token. All equal to `policy_version` unless
+    /// the pool switched weights in the middle of the completion (in-flight weight updates).
+    pub token_versions: Vec<PolicyVersion>,
+}
+
+impl Sample {
+    /// A sample whose every token came from one policy version.
+    pub fn new(
+        completion_ids: Vec<u32>,
+        behaviour_logps: Vec<f32>,
+        rewards: Vec<f32>,
+        policy_version: PolicyVersion,
+    ) -> Self {
+        let token_versions = vec![policy_version; completion_ids.len()];
+        Self {
+            completion_ids,
+            behaviour_logps,
+            rewards,
+            policy_version,
+            token_versions,
+        }
+    }
+
+    /// Whether the completion's tokens came from more than one policy version.
+    pub fn spans_versions(&self) -> bool {
+        self.token_versions.windows(2).any(|w| w[0] != w[1])
+    }
 }
 
 /// `num_generations` completions of one prompt: the unit GRPO normalises advantages over.

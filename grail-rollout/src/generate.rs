@@ -2,12 +2,17 @@
 //! sequences decode together; one that finishes (EOS, a stop sequence, or
 //! `max_completion_length`) leaves its slot and the next request is prefilled into it in the same
 //! forward call as everyone else's decode step, so the batch stays full.
+//!
+//! [`generate_in_flight`] may also switch weights between two decode steps (PipelineRL-style
+//! in-flight updates): every active sequence's KV cache is dropped and re-prefilled (prompt +
+//! tokens so far) with the new weights, and each token records the policy version that sampled it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use grail_core::GrailError;
 use grail_core::model::{CausalLm, KvCache};
+use grail_core::types::PolicyVersion;
 use rand::rngs::StdRng;
 
 use crate::sampling::{SamplingConfig, sample_rng, sample_token};
@@ -43,6 +48,8 @@ pub struct Generated {
     pub ids: Vec<u32>,
     /// Behaviour log-prob of each completion token.
     pub logps: Vec<f32>,
+    /// Policy version that sampled each completion token.
+    pub versions: Vec<PolicyVersion>,
     /// Why it ended.
     pub finish: FinishReason,
 }
@@ -92,6 +99,19 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     /// Mean number of sequences per forward call (batch occupancy).
     pub mean_batch: f64,
+    /// Weight switches in the middle of the generation (in-flight updates).
+    pub weight_switches: usize,
+    /// Tokens re-prefilled after those switches.
+    pub reprefill_tokens: usize,
+}
+
+/// The weights a generation samples with, and their version.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The model (no autodiff).
+    pub model: CausalLm,
+    /// Its policy version.
+    pub version: PolicyVersion,
 }
 
 struct Active {
@@ -100,6 +120,7 @@ struct Active {
     pending: Vec<u32>,
     ids: Vec<u32>,
     logps: Vec<f32>,
+    versions: Vec<PolicyVersion>,
     rng: StdRng,
 }
 
@@ -122,6 +143,25 @@ pub fn generate_with_decoder(
     cfg: &GenerationConfig,
     decode: Option<Decoder<'_>>,
     requests: impl IntoIterator<Item = GenerationRequest>,
+    on_done: impl FnMut(Generated),
+) -> Result<GenerationStats, GrailError> {
+    let mut policy = Policy {
+        model: model.clone(),
+        version: 0,
+    };
+    generate_in_flight(&mut policy, cfg, decode, requests, |_| Ok(false), on_done)
+}
+
+/// Generation that may switch weights mid-completion. Before every forward call `refresh` may
+/// replace `policy` (returning `true`); then every active sequence's KV cache is recomputed with
+/// the new weights before it samples its next token, so a continuation equals a fresh prefill of
+/// prompt + tokens so far under the new weights. Tokens record the version that sampled them.
+pub fn generate_in_flight(
+    policy: &mut Policy,
+    cfg: &GenerationConfig,
+    decode: Option<Decoder<'_>>,
+    requests: impl IntoIterator<Item = GenerationRequest>,
+    mut refresh: impl FnMut(&mut Policy) -> Result<bool, GrailError>,
     mut on_done: impl FnMut(Generated),
 ) -> Result<GenerationStats, GrailError> {
     if !cfg.stop_strings.is_empty() && decode.is_none() {
@@ -150,7 +190,7 @@ pub fn generate_with_decoder(
             "must be positive",
         ));
     }
-    let layers = model.config.num_hidden_layers;
+    let layers = policy.model.config.num_hidden_layers;
     let mut queue: VecDeque<GenerationRequest> = requests.into_iter().collect();
     let mut slots: Vec<Option<Active>> = (0..cfg.max_batch).map(|_| None).collect();
     let mut stats = GenerationStats::default();
@@ -173,12 +213,25 @@ pub fn generate_with_decoder(
                 cache: KvCache::new(layers),
                 ids: Vec::new(),
                 logps: Vec::new(),
+                versions: Vec::new(),
                 request,
             });
         }
         let active: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_some()).collect();
         if active.is_empty() {
             break;
+        }
+        if refresh(policy)? {
+            stats.weight_switches += 1;
+            for &i in &active {
+                let a = slots[i].as_mut().expect("active");
+                if a.ids.is_empty() {
+                    continue; // not prefilled yet: its pending prompt goes in as is
+                }
+                a.cache = KvCache::new(layers);
+                a.pending = a.request.prompt.iter().chain(&a.ids).copied().collect();
+                stats.reprefill_tokens += a.pending.len();
+            }
         }
         let mut caches: Vec<KvCache> = active
             .iter()
@@ -189,7 +242,7 @@ pub fn generate_with_decoder(
             .map(|&i| std::mem::take(&mut slots[i].as_mut().expect("active").pending))
             .collect();
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let logits = model.forward_cached(&refs, &mut caches)?;
+        let logits = policy.model.forward_cached(&refs, &mut caches)?;
         let vocab = logits.dims()[1];
         let logits: Vec<f32> = logits
             .into_data()
@@ -205,6 +258,7 @@ pub fn generate_with_decoder(
             let (token, logp) = sample_token(row, &a.ids, &cfg.sampling, &mut a.rng);
             a.ids.push(token);
             a.logps.push(logp);
+            a.versions.push(policy.version);
             stats.generated_tokens += 1;
             let finish = if cfg.eos_token_ids.contains(&token) {
                 Some(FinishReason::Eos)
@@ -227,6 +281,7 @@ pub fn generate_with_decoder(
                         request: a.request,
                         ids: a.ids,
                         logps: a.logps,
+                        versions: a.versions,
                         finish,
                     });
                 }

@@ -4,8 +4,10 @@
 //! Each worker owns a copy of the model. A batch is `prompts_per_batch` prompts × `num_generations`
 //! samples, generated with continuous batching; as soon as all samples of a prompt are done, their
 //! rewards run on rayon and the group is sent. Sending blocks when the trainer is behind
-//! (backpressure). A worker checks for newer weights only between batches, so no completion mixes
-//! two policy versions.
+//! (backpressure). By default a worker checks for newer weights only between batches, so no
+//! completion mixes two policy versions; with `in_flight_weight_updates` it also checks between
+//! decode steps, re-prefills its KV caches with the new weights, and each token records the version
+//! that sampled it (PipelineRL / AReaL in-flight updates).
 //!
 //! Nothing is lost silently: every generated sample ends up `sent`, `failed` (a reward panicked or
 //! returned NaN/∞; the group is dropped and the reason logged) or `unsent_at_shutdown`.
@@ -25,7 +27,7 @@ use grail_core::types::{Group, Sample, WeightUpdate};
 use rayon::prelude::*;
 
 use crate::generate::{
-    FinishReason, Generated, GenerationConfig, GenerationRequest, generate_with_decoder,
+    FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate_in_flight,
 };
 
 /// Pool settings.
@@ -48,6 +50,8 @@ pub struct PoolConfig {
     pub max_ahead: Option<u64>,
     /// Groups the trainer consumes per step (for `max_ahead`).
     pub groups_per_step: usize,
+    /// Switch to new weights between decode steps, mid-completion (off: only between batches).
+    pub in_flight_weight_updates: bool,
 }
 
 impl Default for PoolConfig {
@@ -60,6 +64,7 @@ impl Default for PoolConfig {
             channel_capacity: 8,
             max_ahead: None,
             groups_per_step: 1,
+            in_flight_weight_updates: false,
         }
     }
 }
@@ -197,15 +202,22 @@ pub fn spawn_pool(
     let mut workers = Vec::with_capacity(cfg.workers);
     for (w, updates) in worker_rxs.into_iter().enumerate() {
         let worker = Worker {
-            model: model.clone(),
-            weights: initial.clone(),
-            updates,
-            env: env.clone(),
-            cfg: cfg.clone(),
-            tx: group_tx.clone(),
-            shutdown: shutdown.clone(),
-            counters: counters.clone(),
-            next_prompt: next_prompt.clone(),
+            weights: WorkerWeights {
+                policy: Policy {
+                    model: model.clone(),
+                    version: initial.version(),
+                },
+                state: initial.clone(),
+                updates,
+            },
+            ctx: WorkerContext {
+                env: env.clone(),
+                cfg: cfg.clone(),
+                tx: group_tx.clone(),
+                shutdown: shutdown.clone(),
+                counters: counters.clone(),
+                next_prompt: next_prompt.clone(),
+            },
         };
         let handle = std::thread::Builder::new()
             .name(format!("grail-rollout-{w}"))
@@ -223,10 +235,43 @@ pub fn spawn_pool(
     })
 }
 
-struct Worker {
-    model: CausalLm,
-    weights: WeightState,
+/// A worker's weights: the model it samples with, the state updates apply to, and where they come
+/// from.
+struct WorkerWeights {
+    policy: Policy,
+    state: WeightState,
     updates: flume::Receiver<Arc<WeightUpdate>>,
+}
+
+impl WorkerWeights {
+    /// Applies every update published since the last call, in order, and rebuilds the model once.
+    /// Returns whether the weights changed.
+    fn refresh(&mut self) -> Result<bool, GrailError> {
+        let mut changed = false;
+        for update in self.updates.try_iter() {
+            self.state.apply(&update)?;
+            changed = true;
+        }
+        if changed {
+            let model = &self.policy.model;
+            self.policy.model = self.state.build_model(&model.config, &model.device())?;
+            self.policy.version = self.state.version();
+            tracing::debug!(
+                version = self.policy.version,
+                "rollout worker picked up new weights"
+            );
+        }
+        Ok(changed)
+    }
+}
+
+struct Worker {
+    weights: WorkerWeights,
+    ctx: WorkerContext,
+}
+
+/// What a worker shares with the pool: environment, settings, channel, flags and counters.
+struct WorkerContext {
     env: Arc<dyn Environment>,
     cfg: PoolConfig,
     tx: flume::Sender<Group>,
@@ -237,22 +282,23 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) -> Result<(), GrailError> {
-        while !self.shutdown.load(Ordering::SeqCst) {
-            self.refresh_weights()?;
+        while !self.ctx.shutdown.load(Ordering::SeqCst) {
+            self.weights.refresh()?;
             if self.too_far_ahead() {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
-            let prompts: Vec<Prompt> = (0..self.cfg.prompts_per_batch)
+            let prompts: Vec<Prompt> = (0..self.ctx.cfg.prompts_per_batch)
                 .map_while(|_| {
-                    self.env
-                        .prompt(self.next_prompt.fetch_add(1, Ordering::SeqCst))
+                    self.ctx
+                        .env
+                        .prompt(self.ctx.next_prompt.fetch_add(1, Ordering::SeqCst))
                 })
                 .collect();
             if prompts.is_empty() {
                 break; // the environment is exhausted
             }
-            self.generate_batch(&prompts)?;
+            self.ctx.generate_batch(&mut self.weights, &prompts)?;
         }
         Ok(())
     }
@@ -260,34 +306,21 @@ impl Worker {
     /// Whether starting another batch would put the pool more than `max_ahead` steps ahead of
     /// the newest weights it has seen.
     fn too_far_ahead(&self) -> bool {
-        let Some(ahead) = self.cfg.max_ahead else {
+        let Some(ahead) = self.ctx.cfg.max_ahead else {
             return false;
         };
-        let allowed = (self.weights.version() + ahead + 1) * self.cfg.groups_per_step as u64;
-        self.next_prompt.load(Ordering::SeqCst) >= allowed
+        let allowed =
+            (self.weights.policy.version + ahead + 1) * self.ctx.cfg.groups_per_step as u64;
+        self.ctx.next_prompt.load(Ordering::SeqCst) >= allowed
     }
+}
 
-    /// Applies every update published since the last batch, in order, and rebuilds the model
-    /// once (only ever between batches).
-    fn refresh_weights(&mut self) -> Result<(), GrailError> {
-        let mut changed = false;
-        for update in self.updates.try_iter() {
-            self.weights.apply(&update)?;
-            changed = true;
-        }
-        if changed {
-            self.model = self
-                .weights
-                .build_model(&self.model.config, &self.model.device())?;
-            tracing::debug!(
-                version = self.weights.version(),
-                "rollout worker picked up new weights"
-            );
-        }
-        Ok(())
-    }
-
-    fn generate_batch(&self, prompts: &[Prompt]) -> Result<(), GrailError> {
+impl WorkerContext {
+    fn generate_batch(
+        &self,
+        weights: &mut WorkerWeights,
+        prompts: &[Prompt],
+    ) -> Result<(), GrailError> {
         let g = self.cfg.num_generations;
         let by_id: HashMap<u64, &Prompt> = prompts.iter().map(|p| (p.id, p)).collect();
         let requests = prompts.iter().flat_map(|p| {
@@ -300,11 +333,20 @@ impl Worker {
         let mut pending: HashMap<u64, Vec<Generated>> = HashMap::new();
         let mut first_error = None;
         let decode = |ids: &[u32]| self.env.decode(ids);
-        generate_with_decoder(
-            &self.model,
+        let in_flight = self.cfg.in_flight_weight_updates;
+        let mut policy = weights.policy.clone();
+        generate_in_flight(
+            &mut policy,
             &self.cfg.generation,
             Some(&decode),
             requests,
+            |policy| {
+                if !in_flight || !weights.refresh()? {
+                    return Ok(false);
+                }
+                *policy = weights.policy.clone();
+                Ok(true)
+            },
             |done| {
                 self.counters.generated.fetch_add(1, Ordering::SeqCst);
                 self.counters
@@ -373,10 +415,11 @@ impl Worker {
             .into_iter()
             .zip(scored)
             .map(|(d, r)| Sample {
+                policy_version: d.versions.iter().copied().min().unwrap_or_default(),
                 completion_ids: d.ids,
                 behaviour_logps: d.logps,
                 rewards: r.expect("checked"),
-                policy_version: self.weights.version(),
+                token_versions: d.versions,
             })
             .collect();
         let mut group = Group {

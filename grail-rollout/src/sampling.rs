@@ -4,7 +4,10 @@
 //! Every sampled token carries its **behaviour log-prob**: `log softmax(logits / T)[token]` over the
 //! full vocabulary, never renormalised after top-k/top-p/min-p truncation. That is the quantity the
 //! trainer recomputes (`grail_core::fused`), so the two agree up to float error, and importance
-//! ratios between them measure policy change rather than the sampler's truncation.
+//! ratios between them measure policy change rather than the sampler's truncation. The same holds
+//! for the repetition penalty: it changes what is drawn, not the recorded log-prob. (A renormalised
+//! log-prob would put every ratio of a truncated distribution above 1 by construction; see
+//! `grail_trainer::off_policy`.)
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -106,15 +109,19 @@ pub fn candidate_set(logprobs: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f32)> 
 }
 
 /// Draws one token from `logits` (one row) given the tokens generated so far; returns the token and
-/// its behaviour log-prob (full distribution at the sampling temperature).
+/// its behaviour log-prob: the model's full distribution at the sampling temperature, before any
+/// repetition penalty or top-k/top-p/min-p truncation (those shape what is drawn, not the recorded
+/// log-prob, which must match the trainer's recomputation).
 pub fn sample_token(
     logits: &[f32],
     generated: &[u32],
     cfg: &SamplingConfig,
     rng: &mut StdRng,
 ) -> (u32, f32) {
+    let raw_logits = logits;
+    let penalise = cfg.repetition_penalty != 1.0 && !generated.is_empty();
     let penalised;
-    let logits = if cfg.repetition_penalty != 1.0 && !generated.is_empty() {
+    let logits = if penalise {
         let mut l = logits.to_vec();
         for &t in generated {
             let x = &mut l[t as usize];
@@ -130,6 +137,14 @@ pub fn sample_token(
         logits
     };
     let logprobs = log_softmax(logits, cfg.temperature);
+    // The recorded log-prob of a token: from the unpenalised logits.
+    let raw = |token: u32, sampled: f32| {
+        if penalise {
+            log_softmax(raw_logits, cfg.temperature)[token as usize]
+        } else {
+            sampled
+        }
+    };
     if cfg.temperature == 0.0 {
         let (token, _) =
             logits
@@ -138,7 +153,7 @@ pub fn sample_token(
                 .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| {
                     if x > best.1 { (i, x) } else { best }
                 });
-        return (token as u32, logprobs[token]);
+        return (token as u32, raw(token as u32, logprobs[token]));
     }
     let candidates = candidate_set(&logprobs, cfg);
     let total: f32 = candidates.iter().map(|&(_, l)| l.exp()).sum();
@@ -146,9 +161,9 @@ pub fn sample_token(
     for &(token, l) in &candidates {
         u -= l.exp();
         if u <= 0.0 {
-            return (token, l);
+            return (token, raw(token, l));
         }
     }
     let &(token, l) = candidates.last().expect("at least one candidate");
-    (token, l)
+    (token, raw(token, l))
 }

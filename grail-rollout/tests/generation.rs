@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::fixtures::{model_dirs, read_tensors};
-use grail_core::fused::{ChunkSizes, selective_logprobs_forward};
-use grail_core::model::{CausalLm, Layout, greedy};
+use grail_core::model::ModelConfig;
+use grail_core::model::{CausalLm, greedy};
 use grail_rollout::generate::{
-    FinishReason, Generated, GenerationConfig, GenerationRequest, generate,
+    FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate,
+    generate_in_flight,
 };
 use grail_rollout::sampling::{SamplingConfig, log_softmax, sample_rng, sample_token};
 
@@ -93,51 +94,23 @@ fn continuous_batching_greedy_equals_transformers_and_uncached_greedy() {
     }
 }
 
-fn trainer_logps(
-    model: &CausalLm,
-    prompt: &[u32],
-    completion: &[u32],
-    temperature: f64,
-) -> Vec<f32> {
-    let tokens: Vec<i64> = prompt.iter().chain(completion).map(|&t| t as i64).collect();
-    let n = tokens.len();
-    let device = model.device();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [1, n]), &device);
-    let hidden = model
-        .forward_hidden(ids, &Layout::packed_single_row(vec![n]))
-        .unwrap();
-    let h = hidden
-        .reshape([n, model.config.hidden_size])
-        .slice(prompt.len() - 1..n - 1);
-    let targets = Tensor::<1, Int>::from_data(
-        TensorData::new(tokens[prompt.len()..].to_vec(), [completion.len()]),
-        &device,
-    );
-    selective_logprobs_forward(
-        &h,
-        &model.lm_head_weight(),
-        &targets,
-        temperature,
-        ChunkSizes::default(),
-        false,
-    )
-    .logp
-    .into_data()
-    .try_to_vec::<f32>()
-    .unwrap()
-}
-
 #[test]
 fn behaviour_logprobs_equal_the_trainers_recomputation() {
     let device = Device::flex();
     for dir in model_dirs() {
         let model = load_model(&dir, &device).unwrap();
         let prompts = vec![vec![1, 2, 3, 4, 5], vec![7, 8]];
-        for (temperature, top_p) in [(1.0f32, 1.0f32), (0.7, 1.0), (0.7, 0.8)] {
+        for (temperature, top_p, repetition_penalty) in [
+            (1.0f32, 1.0f32, 1.0f32),
+            (0.7, 1.0, 1.0),
+            (0.7, 0.8, 1.0),
+            (0.7, 0.8, 1.3),
+        ] {
             let cfg = GenerationConfig {
                 sampling: SamplingConfig {
                     temperature,
                     top_p,
+                    repetition_penalty,
                     ..SamplingConfig::default()
                 },
                 max_completion_length: 12,
@@ -146,16 +119,19 @@ fn behaviour_logprobs_equal_the_trainers_recomputation() {
                 ..GenerationConfig::default()
             };
             for g in run(&model, &cfg, &prompts, 3) {
-                let ours = trainer_logps(&model, &g.request.prompt, &g.ids, temperature as f64);
+                let ours = model
+                    .completion_logprobs(&g.request.prompt, &g.ids, temperature as f64)
+                    .unwrap();
                 let max = ours
                     .iter()
                     .zip(&g.logps)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
-                // top_p truncation must not change the recorded definition (full distribution).
+                // Neither top_p truncation nor the repetition penalty may change the recorded
+                // definition (the model's full distribution).
                 assert!(
                     max <= 1e-4,
-                    "{}: T={temperature} top_p={top_p}: max |Δ| {max:e}",
+                    "{}: T={temperature} top_p={top_p} rep={repetition_penalty}: max |Δ| {max:e}",
                     dir.display()
                 );
             }
@@ -278,4 +254,86 @@ fn truncated_sampling_never_leaves_its_set() {
         sample_token(&logits, &[], &greedy_cfg, &mut sample_rng(1, 1, 1)).0 as usize,
         by_prob[0]
     );
+}
+
+#[test]
+fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
+    let device = Device::flex();
+    let config = ModelConfig::qwen2(64, 32, 64, 2, 4, 2, 64, true);
+    let old = CausalLm::init(&config, 1, &device);
+    let new = CausalLm::init(&config, 2, &device);
+    let cfg = GenerationConfig {
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            ..SamplingConfig::default()
+        },
+        max_completion_length: 12,
+        max_batch: 4,
+        ..GenerationConfig::default()
+    };
+    let prompts = [vec![3u32, 9, 4, 1], vec![5, 2], vec![8, 8, 7, 6, 1, 2, 3]];
+    let requests = prompts.iter().enumerate().map(|(i, p)| GenerationRequest {
+        prompt_id: i as u64,
+        sample_index: 0,
+        prompt: Arc::new(p.clone()),
+    });
+    // The new weights (version 1) arrive before the 6th forward call: every sequence has 5 tokens.
+    let switch_at = 5;
+    let mut calls = 0;
+    let mut policy = Policy {
+        model: old.clone(),
+        version: 0,
+    };
+    let mut out = Vec::new();
+    let stats = generate_in_flight(
+        &mut policy,
+        &cfg,
+        None,
+        requests,
+        |p| {
+            calls += 1;
+            if calls == switch_at + 1 {
+                *p = Policy {
+                    model: new.clone(),
+                    version: 1,
+                };
+                return Ok(true);
+            }
+            Ok(false)
+        },
+        |g| out.push(g),
+    )
+    .unwrap();
+    assert_eq!(stats.weight_switches, 1);
+    out.sort_by_key(|g| g.request.prompt_id);
+    for (g, prompt) in out.iter().zip(&prompts) {
+        let mut want_versions = vec![0u64; switch_at];
+        want_versions.resize(12, 1);
+        assert_eq!(g.versions, want_versions, "both versions on the tokens");
+        // Before the switch: the old model's greedy tokens.
+        assert_eq!(
+            g.ids[..switch_at],
+            greedy(&old, prompt, switch_at, false).unwrap()
+        );
+        // After: exactly what a fresh prefill of prompt + tokens so far gives with the new weights.
+        let prefix: Vec<u32> = prompt.iter().chain(&g.ids[..switch_at]).copied().collect();
+        assert_eq!(
+            g.ids[switch_at..],
+            greedy(&new, &prefix, 12 - switch_at, false).unwrap()
+        );
+        // And each token's behaviour log-prob comes from the version that sampled it.
+        let old_logps = old
+            .completion_logprobs(prompt, &g.ids[..switch_at], 1.0)
+            .unwrap();
+        let new_logps = new
+            .completion_logprobs(&prefix, &g.ids[switch_at..], 1.0)
+            .unwrap();
+        let want: Vec<f32> = old_logps.into_iter().chain(new_logps).collect();
+        let max = want
+            .iter()
+            .zip(&g.logps)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-4, "max |Δ| {max:e}");
+    }
 }

@@ -264,3 +264,197 @@ fn stop_strings_end_completions_through_the_decoder() {
         "stop strings without a decoder"
     );
 }
+
+#[test]
+fn behaviour_logprobs_sampled_with_top_p_match_the_trainers_recomputation() {
+    let device = Device::flex();
+    let policy = CausalLm::init(&config(), 8, &device.clone().autodiff());
+    let mut cfg = pool_config(1);
+    cfg.generation.sampling.temperature = 0.7;
+    cfg.generation.sampling.top_p = 0.7;
+    let pool = spawn_pool(&policy.valid(), Arc::new(Sevens::new(10_000, None)), cfg).unwrap();
+    let mut t_cfg = TrainerConfig {
+        reward_weights: vec![1.0, 0.5],
+        ..TrainerConfig::default()
+    };
+    t_cfg.loss.temperature = 0.7;
+    let mut trainer = GrpoTrainer::new(policy, None, t_cfg, 1e11).unwrap();
+    let batch: Vec<_> = (0..2).map(|_| pool.groups.recv().unwrap()).collect();
+    pool.shutdown().unwrap();
+    // Same weights (version 0) on both sides: the trainer's full-distribution log-probs equal the
+    // recorded ones, so the default sequence_mask correction keeps everything at ratio ≈ 1.
+    let m = trainer.train_step(&batch).unwrap().remove(0);
+    let diff = m.behaviour_logp_diff_max.unwrap();
+    assert!(diff <= 1e-4, "max |log π_prox − log π_behav| = {diff:e}");
+    assert_eq!(m.is_masked_fraction, Some(0.0));
+    for r in [m.is_ratio_min, m.is_ratio_max] {
+        assert!((r.unwrap() - 1.0).abs() < 1e-3, "{m:?}");
+    }
+}
+
+#[test]
+fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
+    let device = Device::flex();
+    let policy = CausalLm::init(&config(), 9, &device.clone().autodiff());
+    let mut cfg = pool_config(1);
+    cfg.in_flight_weight_updates = true;
+    cfg.channel_capacity = 1;
+    cfg.generation.max_completion_length = 16;
+    // Several end tokens make completions finish at different steps, so some are still decoding
+    // when new weights arrive.
+    cfg.generation.eos_token_ids = vec![0, 10, 20, 30, 40, 50];
+    let pool = spawn_pool(&policy.valid(), Arc::new(Sevens::new(100_000, None)), cfg).unwrap();
+    let t_cfg = TrainerConfig {
+        learning_rate: 1e-2,
+        reward_weights: vec![1.0, 0.5],
+        ..TrainerConfig::default()
+    };
+    let mut trainer = GrpoTrainer::new(policy, None, t_cfg, 1e11).unwrap();
+    let mut sink = grail_core::sync::WeightSink {
+        tx: pool.weights.clone(),
+        publisher: WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model()),
+    };
+    let mut metrics = Vec::new();
+    let steps = 30;
+    let run = trainer
+        .run_from_channel(
+            &pool.groups.clone(),
+            Some(&mut sink),
+            2,
+            2,
+            steps,
+            |_, m| {
+                metrics.push(m.clone());
+                std::ops::ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    let groups = pool.groups.clone();
+    let report = pool.shutdown().unwrap();
+    let left: usize = groups.drain().map(|g| g.samples.len()).sum();
+
+    assert_eq!(metrics.len(), steps);
+    for m in &metrics {
+        assert!(
+            m.is_ratio_mean.is_some()
+                && m.is_masked_fraction.is_some()
+                && m.behaviour_logp_diff_mean.is_some(),
+            "IS metrics missing at step {}",
+            m.step
+        );
+        assert!(m.token_staleness_histogram.len() <= 3, "max_staleness 2");
+    }
+    // How many completions spanned versions depends on timing here (the deterministic check is
+    // `an_in_flight_update_splits_a_completion_between_versions`).
+    let mixed: usize = metrics.iter().map(|m| m.mixed_version_samples).sum();
+    let mean = |ms: &[grail_trainer::trainer::StepMetrics]| {
+        ms.iter().map(|m| m.reward_means[0]).sum::<f64>() / ms.len() as f64
+    };
+    let (first, last) = (mean(&metrics[..5]), mean(&metrics[steps - 5..]));
+    let masked: f64 = metrics
+        .iter()
+        .filter_map(|m| m.is_masked_fraction)
+        .sum::<f64>()
+        / steps as f64;
+    eprintln!(
+        "reward {first:.3} → {last:.3}; {mixed} mixed-version samples; mean masked fraction {masked:.3}; {run:?}"
+    );
+    assert!(
+        last > first + 0.1,
+        "reward did not rise: {first:.3} → {last:.3}"
+    );
+    // Nothing vanished.
+    assert_eq!(
+        report.generated,
+        report.sent + report.failed + report.unsent_at_shutdown
+    );
+    assert_eq!(report.sent, run.received + left);
+    assert_eq!(
+        run.received,
+        run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
+    );
+}
+
+/// `Sevens` whose `decode` (called every decode step for stop strings) stops once, when the
+/// completions are 3 tokens long, until the test releases it: a window to publish weights in.
+struct Gated {
+    inner: Sevens,
+    armed: std::sync::atomic::AtomicBool,
+    reached: flume::Sender<()>,
+    release: flume::Receiver<()>,
+}
+
+impl Environment for Gated {
+    fn prompt(&self, index: u64) -> Option<Prompt> {
+        self.inner.prompt(index)
+    }
+    fn rewards(&self) -> &[Reward] {
+        self.inner.rewards()
+    }
+    fn decode(&self, ids: &[u32]) -> String {
+        if ids.len() == 3 && self.armed.swap(false, Ordering::SeqCst) {
+            self.reached.send(()).unwrap();
+            self.release.recv().unwrap();
+        }
+        format!("{ids:?}")
+    }
+}
+
+#[test]
+fn an_in_flight_update_splits_a_completion_between_versions() {
+    let device = Device::flex();
+    let old = CausalLm::init(&config(), 10, &device);
+    let new = CausalLm::init(&config(), 11, &device);
+    let (reached_tx, reached) = flume::unbounded();
+    let (release, release_rx) = flume::unbounded();
+    let env = Gated {
+        inner: Sevens::new(1, None),
+        armed: std::sync::atomic::AtomicBool::new(true),
+        reached: reached_tx,
+        release: release_rx,
+    };
+    let mut cfg = pool_config(1);
+    cfg.in_flight_weight_updates = true;
+    cfg.prompts_per_batch = 1;
+    cfg.generation.max_completion_length = 24;
+    cfg.generation.stop_strings = vec!["never printed".into()];
+    let pool = spawn_pool(&old, Arc::new(env), cfg).unwrap();
+    // Mid-completion (3 tokens in), version 1 arrives.
+    reached.recv().unwrap();
+    let mut publisher = WeightPublisher::new(SyncMode::Full, WireDtype::F32, &old);
+    pool.weights.send(publisher.publish(1, &new)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    release.send(()).unwrap();
+    let group = pool.groups.recv().unwrap();
+    let report = pool.shutdown().unwrap();
+    assert_eq!(
+        report.generated,
+        report.sent + report.failed + report.unsent_at_shutdown
+    );
+    assert_eq!(report.sent, 4);
+
+    for s in &group.samples {
+        assert!(s.spans_versions(), "{:?}", s.token_versions);
+        assert_eq!(
+            s.policy_version, 0,
+            "a sample is as old as its oldest token"
+        );
+        let k = s.token_versions.iter().position(|&v| v == 1).unwrap();
+        assert!(k >= 3 && s.token_versions[k..].iter().all(|&v| v == 1));
+        // Tokens before the switch carry the old weights' log-probs; after it, the log-probs of a
+        // fresh prefill of prompt + tokens so far with the new weights (the cache was recomputed).
+        let ids = &s.completion_ids;
+        let before = old
+            .completion_logprobs(&group.prompt_ids, &ids[..k], 1.0)
+            .unwrap();
+        let prefix: Vec<u32> = group.prompt_ids.iter().chain(&ids[..k]).copied().collect();
+        let after = new.completion_logprobs(&prefix, &ids[k..], 1.0).unwrap();
+        let max = before
+            .iter()
+            .chain(&after)
+            .zip(&s.behaviour_logps)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-4, "max |Δ| {max:e}");
+    }
+}

@@ -5,6 +5,7 @@ use grail_core::fused::ChunkSizes;
 use crate::advantages::ScaleRewards;
 use crate::error::{Result, TrainerError};
 use crate::loss::GrpoLossConfig;
+use crate::off_policy::{IsCorrection, IsMode};
 use crate::schedule::LrSchedulerType;
 
 /// Everything one optimizer step needs to know.
@@ -43,9 +44,22 @@ pub struct TrainerConfig {
     /// Pack sequences into rows (true) or pad each micro-batch to its longest sequence (false,
     /// for comparison only).
     pub packing: bool,
-    /// Cap C of the truncated importance-sampling correction `min(π_old / π_behaviour, C)` per
-    /// token between trainer and rollout log-probs; `None` disables it.
-    pub importance_sampling_cap: Option<f64>,
+    /// Correct for the gap between the rollout's behaviour policy and the trainer's proximal
+    /// policy (see [`crate::off_policy`]). Default on.
+    pub importance_sampling_correction: bool,
+    /// token_truncate | token_mask | sequence_truncate | sequence_mask (default, as TRL).
+    pub importance_sampling_mode: IsMode,
+    /// C: the truncation cap, and the default mask range `[1/C, C]`. Default 3.0.
+    pub importance_sampling_cap: f64,
+    /// Lower edge of the mask range (default 1/C).
+    pub importance_sampling_mask_low: Option<f64>,
+    /// Upper edge of the mask range (default C).
+    pub importance_sampling_mask_high: Option<f64>,
+    /// AReaL's decoupled PPO objective (default on): the clipped ratio is π_θ / π_prox (the
+    /// trainer's log-probs at the start of the step) and the behaviour weight π_prox / π_behav is
+    /// truncated or masked by the correction above. Off: the clipped ratio is π_θ / π_behav
+    /// (classic PPO against the sampler) and there is no separate behaviour weight.
+    pub use_decoupled_loss: bool,
     /// Tiles of the fused log-prob op.
     pub logprob_chunks: ChunkSizes,
     /// Use the unfused log_softmax + gather path (for comparison only).
@@ -71,7 +85,12 @@ impl Default for TrainerConfig {
             filter_zero_std_groups: false,
             max_tokens_per_microbatch: 4096,
             packing: true,
-            importance_sampling_cap: None,
+            importance_sampling_correction: true,
+            importance_sampling_mode: IsMode::SequenceMask,
+            importance_sampling_cap: 3.0,
+            importance_sampling_mask_low: None,
+            importance_sampling_mask_high: None,
+            use_decoupled_loss: true,
             logprob_chunks: ChunkSizes::default(),
             naive_logprob: false,
         }
@@ -134,15 +153,7 @@ impl TrainerConfig {
                 "need at least one finite weight",
             ));
         }
-        if let Some(c) = self.importance_sampling_cap
-            && !(c >= 1.0 && c.is_finite())
-        {
-            return Err(TrainerError::config(
-                "importance_sampling_cap",
-                c,
-                "must be ≥ 1",
-            ));
-        }
+        self.is_settings().validate()?;
         if self.logprob_chunks.tokens == 0 || self.logprob_chunks.vocab == 0 {
             return Err(TrainerError::config(
                 "logprob_chunks",
@@ -151,5 +162,23 @@ impl TrainerConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl TrainerConfig {
+    /// The importance-sampling settings, whether or not the correction is on.
+    pub fn is_settings(&self) -> IsCorrection {
+        IsCorrection {
+            mode: self.importance_sampling_mode,
+            cap: self.importance_sampling_cap,
+            mask_low: self.importance_sampling_mask_low,
+            mask_high: self.importance_sampling_mask_high,
+        }
+    }
+
+    /// The behaviour-weight correction the loss applies: only with the decoupled objective (in the
+    /// classic one the sampler *is* the old policy, so its weight is 1 by definition).
+    pub fn behaviour_correction(&self) -> Option<IsCorrection> {
+        (self.importance_sampling_correction && self.use_decoupled_loss).then(|| self.is_settings())
     }
 }

@@ -1,11 +1,10 @@
 //! grail-trainer: the GRPO trainer (advantages, fused chunked log-probs and losses, sequence
 //! packing, token-budget micro-batches, AdamW, train state, MFU).
-//!
-//! Built so far: the GRPO loss family on the fused chunked log-prob path ([`loss`]).
 #![warn(missing_docs)]
 
 pub mod error;
 pub mod loss;
+pub mod off_policy;
 
 pub use error::{Result, TrainerError};
 pub mod advantages;

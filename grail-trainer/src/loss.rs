@@ -168,7 +168,8 @@ pub struct LossBatch {
     pub old_logps: Option<Vec<f32>>,
     /// Reference-model log-prob per token (needed when beta > 0).
     pub ref_logps: Option<Vec<f32>>,
-    /// Truncated importance-sampling correction per token (rollout vs trainer), if used.
+    /// Behaviour weight per token (π_prox / π_behav after truncation or masking, see
+    /// [`crate::off_policy`]) multiplying the policy loss before the KL term, if used.
     pub is_ratio: Option<Vec<f32>>,
 }
 

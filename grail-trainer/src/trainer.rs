@@ -21,6 +21,7 @@ use crate::config::TrainerConfig;
 use crate::error::{Result, TrainerError};
 use crate::flops::train_flops;
 use crate::loss::{LossBatch, LossStats, StepNormalizer, fused_grpo_loss, naive_grpo_loss};
+use crate::off_policy::IsStats;
 use crate::packing::pack;
 use crate::schedule::learning_rate;
 
@@ -59,8 +60,27 @@ pub struct StepMetrics {
     pub completion_length_min: usize,
     /// Longest completion.
     pub completion_length_max: usize,
-    /// How many samples were 0, 1, 2, ... versions behind the weights they were trained with.
+    /// How many samples were 0, 1, 2, ... versions behind the weights they were trained with
+    /// (by the oldest of their tokens).
     pub staleness_histogram: Vec<usize>,
+    /// How many completion tokens were 0, 1, 2, ... versions behind (differs from the sample
+    /// histogram only with in-flight weight updates).
+    pub token_staleness_histogram: Vec<usize>,
+    /// Completions whose tokens came from more than one policy version.
+    pub mixed_version_samples: usize,
+    /// Smallest importance ratio π_prox / π_behav (per token or per sequence, as the mode says),
+    /// before truncation or masking. `None` when the trainer did not recompute π_prox.
+    pub is_ratio_min: Option<f64>,
+    /// Mean importance ratio (see `is_ratio_min`).
+    pub is_ratio_mean: Option<f64>,
+    /// Largest importance ratio (see `is_ratio_min`).
+    pub is_ratio_max: Option<f64>,
+    /// Fraction of completion tokens the correction masked (weight 0).
+    pub is_masked_fraction: Option<f64>,
+    /// Mean |log π_prox − log π_behav| per completion token.
+    pub behaviour_logp_diff_mean: Option<f64>,
+    /// Largest |log π_prox − log π_behav| over completion tokens.
+    pub behaviour_logp_diff_max: Option<f64>,
     /// Standard deviation of the total reward.
     pub reward_std: f64,
     /// Fraction of groups whose rewards had zero spread.
@@ -366,6 +386,21 @@ impl GrpoTrainer {
                         sample.behaviour_logps.len()
                     )));
                 }
+                if sample.token_versions.len() != c {
+                    return Err(TrainerError::Input(format!(
+                        "group {g} sample {s}: {} token versions for {c} completion tokens",
+                        sample.token_versions.len()
+                    )));
+                }
+                if let Some(bad) = sample
+                    .behaviour_logps
+                    .iter()
+                    .find(|l| l.is_nan() || **l > 0.0)
+                {
+                    return Err(TrainerError::Input(format!(
+                        "group {g} sample {s}: behaviour log-prob {bad} is not a log-probability"
+                    )));
+                }
                 let tokens: Vec<u32> = group
                     .prompt_ids
                     .iter()
@@ -400,11 +435,27 @@ impl GrpoTrainer {
             sequences: seqs.len(),
             tokens: seqs.iter().map(Sequence::completion_len).sum(),
         };
-        let need_old = cfg.num_iterations > 1 || cfg.importance_sampling_cap.is_some();
-        let old = if need_old {
+        // π_prox: the trainer's log-probs before this batch's first update, computed once.
+        let need_prox = cfg.num_iterations > 1 || cfg.behaviour_correction().is_some();
+        let prox = if need_prox {
             Some(self.sequence_logps(&self.model().valid(), &seqs, &micro_batches)?)
         } else {
             None
+        };
+        let behaviour: Vec<Vec<f32>> = seqs.iter().map(|s| s.behaviour_logps.clone()).collect();
+        let (is_weights, is_stats) = match &prox {
+            Some(prox) => {
+                let (w, stats) = cfg.is_settings().weights(prox, &behaviour);
+                (cfg.behaviour_correction().map(|_| w), Some(stats))
+            }
+            None => (None, None),
+        };
+        // The log-probs the clipped ratio is taken against.
+        let old = if cfg.use_decoupled_loss {
+            // With one pass π_prox is the current policy: ratios are exactly 1 (TRL detaches).
+            if cfg.num_iterations > 1 { prox } else { None }
+        } else {
+            Some(behaviour)
         };
         let reference = match &self.reference {
             Some(r) if cfg.loss.beta != 0.0 => {
@@ -416,17 +467,28 @@ impl GrpoTrainer {
         let reward_means = (0..cfg.reward_weights.len())
             .map(|k| all.iter().map(|s| s.rewards[k] as f64).sum::<f64>() / all.len().max(1) as f64)
             .collect();
-        let mut staleness = Vec::new();
-        for s in &all {
-            let lag = self.version.saturating_sub(s.policy_version) as usize;
-            if staleness.len() <= lag {
-                staleness.resize(lag + 1, 0);
+        let histogram = |versions: &mut dyn Iterator<Item = u64>| {
+            let mut h = Vec::new();
+            for v in versions {
+                let lag = self.version.saturating_sub(v) as usize;
+                if h.len() <= lag {
+                    h.resize(lag + 1, 0);
+                }
+                h[lag] += 1;
             }
-            staleness[lag] += 1;
-        }
+            h
+        };
+        let staleness = histogram(&mut all.iter().map(|s| s.policy_version));
+        let token_staleness =
+            histogram(&mut all.iter().flat_map(|s| s.token_versions.iter().copied()));
+        let mixed_version_samples = all.iter().filter(|s| s.spans_versions()).count();
         Ok(Prepared {
             reward_means,
             staleness,
+            token_staleness,
+            mixed_version_samples,
+            is_weights,
+            is_stats,
             seqs,
             micro_batches,
             norm,
@@ -593,32 +655,14 @@ impl GrpoTrainer {
                         .collect()
                 })
             };
-            let old = per_seq(&p.old);
-            // Truncated importance sampling: min(π_old / π_behaviour, C) per token.
-            let is_ratio = match (cfg.importance_sampling_cap, &old) {
-                (Some(cap), Some(old)) => {
-                    let behaviour = mb
-                        .members
-                        .iter()
-                        .flat_map(|&i| p.seqs[i].behaviour_logps.iter());
-                    Some(
-                        old.iter()
-                            .zip(behaviour)
-                            .map(|(o, b)| ((o - b).exp()).min(cap as f32))
-                            .collect(),
-                    )
-                }
-                _ => None,
-            };
             let batch = LossBatch {
                 sequences: mb.members.len(),
                 width: mb.width,
                 cells: mb.cells.clone(),
                 advantages: mb.members.iter().map(|&i| p.seqs[i].advantage).collect(),
-                // With one pass the old policy is the current one: ratios are exactly 1.
-                old_logps: if cfg.num_iterations > 1 { old } else { None },
+                old_logps: per_seq(&p.old),
                 ref_logps: per_seq(&p.reference),
-                is_ratio,
+                is_ratio: per_seq(&p.is_weights),
             };
             let hidden = Self::prediction_hidden(model, &mb)?;
             let weight = model.lm_head_weight();
@@ -665,6 +709,11 @@ struct Prepared {
     reward_std: f64,
     reward_means: Vec<f64>,
     staleness: Vec<usize>,
+    token_staleness: Vec<usize>,
+    mixed_version_samples: usize,
+    /// Behaviour weights per sequence per token (when the correction applies).
+    is_weights: Option<Vec<Vec<f32>>>,
+    is_stats: Option<IsStats>,
     zero_std_groups: usize,
     groups: usize,
     filtered: usize,
@@ -705,6 +754,14 @@ impl Prepared {
             completion_length_min: completion.iter().copied().min().unwrap_or(0),
             completion_length_max: completion.iter().copied().max().unwrap_or(0),
             staleness_histogram: self.staleness.clone(),
+            token_staleness_histogram: self.token_staleness.clone(),
+            mixed_version_samples: self.mixed_version_samples,
+            is_ratio_min: self.is_stats.map(|s| s.ratio_min),
+            is_ratio_mean: self.is_stats.map(|s| s.ratio_mean),
+            is_ratio_max: self.is_stats.map(|s| s.ratio_max),
+            is_masked_fraction: self.is_stats.map(|s| s.masked_fraction()),
+            behaviour_logp_diff_mean: self.is_stats.map(|s| s.logp_diff_mean()),
+            behaviour_logp_diff_max: self.is_stats.map(|s| s.logp_diff_max),
             reward_std: self.reward_std,
             frac_reward_zero_std: self.zero_std_groups as f64 / self.groups as f64,
             dropped_zero_std_groups: self.filtered,

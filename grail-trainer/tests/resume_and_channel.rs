@@ -8,6 +8,7 @@ use grail_core::model::{CausalLm, ModelConfig};
 use grail_core::sync::{SyncMode, WeightPublisher, WeightSink, WeightState, WireDtype};
 use grail_core::types::{Group, Sample, WeightPayload};
 use grail_trainer::config::TrainerConfig;
+use grail_trainer::off_policy::IsMode;
 use grail_trainer::trainer::GrpoTrainer;
 
 fn model() -> CausalLm {
@@ -26,14 +27,14 @@ fn batch(step: usize, version: u64) -> Vec<Group> {
             samples: (0..3)
                 .map(|s| {
                     let c = 2 + (step + s + g) % 4;
-                    Sample {
-                        completion_ids: (0..c)
+                    Sample::new(
+                        (0..c)
                             .map(|t| ((t * 5 + s * 3 + step) % 48) as u32)
                             .collect(),
-                        behaviour_logps: vec![-3.0; c],
-                        rewards: vec![((s * 7 + g + step) % 5) as f32],
-                        policy_version: version,
-                    }
+                        vec![-3.0; c],
+                        vec![((s * 7 + g + step) % 5) as f32],
+                        version,
+                    )
                 })
                 .collect(),
         })
@@ -48,7 +49,8 @@ fn config() -> TrainerConfig {
         max_steps: 6,
         lr_scheduler_type: grail_trainer::schedule::LrSchedulerType::Cosine,
         num_iterations: 2,
-        importance_sampling_cap: Some(2.0),
+        importance_sampling_mode: IsMode::TokenTruncate,
+        importance_sampling_cap: 2.0,
         ..TrainerConfig::default()
     }
 }

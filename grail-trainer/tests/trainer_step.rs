@@ -11,6 +11,7 @@ use grail_core::types::{Group, Sample, WeightPayload};
 use grail_trainer::TrainerError;
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::loss::LossType;
+use grail_trainer::off_policy::IsMode;
 use grail_trainer::trainer::GrpoTrainer;
 
 fn tiny_config() -> ModelConfig {
@@ -38,14 +39,12 @@ fn groups(n_groups: usize, per_group: usize, seed: u64) -> Vec<Group> {
             let samples = (0..per_group)
                 .map(|_| {
                     let c = 1 + next(9) as usize;
-                    Sample {
-                        completion_ids: (0..c).map(|_| next(64) as u32).collect(),
-                        behaviour_logps: (0..c)
-                            .map(|_| -(next(400) as f32) / 100.0 - 2.0)
-                            .collect(),
-                        rewards: vec![next(100) as f32 / 100.0],
-                        policy_version: 0,
-                    }
+                    Sample::new(
+                        (0..c).map(|_| next(64) as u32).collect(),
+                        (0..c).map(|_| -(next(400) as f32) / 100.0 - 2.0).collect(),
+                        vec![next(100) as f32 / 100.0],
+                        0,
+                    )
                 })
                 .collect();
             Group {
@@ -97,6 +96,10 @@ fn base_config(loss_type: LossType) -> TrainerConfig {
     cfg.loss.loss_type = loss_type;
     cfg.loss.max_completion_length = 9;
     cfg.max_tokens_per_microbatch = 4096;
+    // The synthetic behaviour log-probs are far from the model's: truncate (a sequence mask would
+    // zero most sequences and leave little gradient to compare).
+    cfg.importance_sampling_mode = IsMode::TokenTruncate;
+    cfg.importance_sampling_cap = 2.0;
     cfg
 }
 
@@ -256,4 +259,142 @@ fn sft_steps_lower_the_loss_and_keep_the_policy_version() {
     assert_eq!(first.tokens, 24);
     assert_eq!(trainer.version(), 0);
     assert!(trainer.sft_step(&[], 1e-2).is_err());
+}
+
+/// Groups whose behaviour log-probs are the policy's own plus ln 1.5: every token was 1.5× more
+/// likely under the sampler, so π_prox / π_behav = 2/3 exactly.
+fn groups_sampled_by_a_shifted_policy() -> Vec<Group> {
+    let policy = model(7);
+    let mut data = groups(2, 4, 5);
+    for g in &mut data {
+        for s in &mut g.samples {
+            s.behaviour_logps = policy
+                .completion_logprobs(&g.prompt_ids, &s.completion_ids, 1.0)
+                .unwrap()
+                .into_iter()
+                .map(|l| l + 1.5f32.ln())
+                .collect();
+        }
+    }
+    data
+}
+
+#[test]
+fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_clips() {
+    let data = groups_sampled_by_a_shifted_policy();
+    let mut off = base_config(LossType::Dapo);
+    off.importance_sampling_correction = false;
+    let (plain, _) = grads_with(off.clone(), &data);
+
+    // Decoupled, token_truncate (C = 3): the clipped ratio π_θ/π_prox is 1, every token weighs
+    // π_prox/π_behav = 2/3, so the gradient is exactly 2/3 of the uncorrected one.
+    let mut decoupled = base_config(LossType::Dapo);
+    decoupled.importance_sampling_cap = 3.0;
+    let (weighted, _) = grads_with(decoupled.clone(), &data);
+    let scaled: Vec<f32> = plain.iter().map(|g| g * 2.0 / 3.0).collect();
+    let e = rel(&weighted, &scaled);
+    assert!(e <= 1e-5, "decoupled gradient ≠ 2/3 × plain: rel err {e:e}");
+    let mut t = GrpoTrainer::new(model(7), None, decoupled, 1e11).unwrap();
+    let m = t.train_step(&data).unwrap().remove(0);
+    assert!((m.is_ratio_mean.unwrap() - 2.0 / 3.0).abs() < 1e-4, "{m:?}");
+    assert!((m.behaviour_logp_diff_max.unwrap() - 1.5f64.ln()).abs() < 1e-4);
+    assert_eq!(m.clip_ratio_region, 0.0);
+
+    // Coupled (classic PPO against the sampler): the ratio π_θ/π_behav = 2/3 is below 1 − ε for
+    // every token; no separate behaviour weight, and the IS metrics are still reported.
+    let mut coupled = base_config(LossType::Dapo);
+    coupled.use_decoupled_loss = false;
+    let mut t = GrpoTrainer::new(model(7), None, coupled.clone(), 1e11).unwrap();
+    let m = t.train_step(&data).unwrap().remove(0);
+    assert!((m.clip_ratio_region - 1.0).abs() < 1e-9, "{m:?}");
+    assert!(m.clip_ratio_low > 0.0);
+    // Tokens with a negative advantage are clipped (no gradient); positive ones keep 2/3 × A.
+    let (classic, _) = grads_with(coupled, &data);
+    assert!(
+        rel(&classic, &plain) > 1e-3,
+        "coupled should differ from plain"
+    );
+}
+
+#[test]
+fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
+    use burn::tensor::{Int, TensorData};
+    use grail_core::fused::ChunkSizes;
+    use grail_trainer::loss::{GrpoLossConfig, LossBatch, StepNormalizer, fused_grpo_loss};
+    use grail_trainer::off_policy::IsCorrection;
+    let device = Device::flex();
+    let hidden = Tensor::<2>::random(
+        [5, 8],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let weight = Tensor::<2>::random(
+        [11, 8],
+        burn::tensor::Distribution::Normal(0.0, 0.5),
+        &device,
+    );
+    let targets =
+        Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 4, 7, 2, 9], [5]), &device);
+    // Token ratios π_prox/π_behav: sequence 0: 3, 1/4, 1 (product 3/4); sequence 1: 3/2, 3/2
+    // (product 9/4). Advantages 1 and −1/2; dapo over 5 tokens; C = 2 (mask range [1/2, 2]).
+    let behav = vec![vec![-2.0f32, -1.0, -0.5], vec![-3.0, -1.5]];
+    let ratios = [vec![3.0f64, 0.25, 1.0], vec![1.5, 1.5]];
+    let prox: Vec<Vec<f32>> = behav
+        .iter()
+        .zip(&ratios)
+        .map(|(b, r)| {
+            b.iter()
+                .zip(r)
+                .map(|(&b, &r)| (b as f64 + r.ln()) as f32)
+                .collect()
+        })
+        .collect();
+    let cases = [
+        // (mode, expected loss, tokens with zero gradient)
+        (IsMode::TokenTruncate, -(3.25 - 0.5 * 3.0) / 5.0, vec![]),
+        (IsMode::TokenMask, -(1.0 - 0.5 * 3.0) / 5.0, vec![0, 1]),
+        (IsMode::SequenceTruncate, -(2.25 - 0.5 * 4.0) / 5.0, vec![]),
+        (IsMode::SequenceMask, -2.25 / 5.0, vec![3, 4]),
+    ];
+    for (mode, want, zero_rows) in cases {
+        let correction = IsCorrection {
+            mode,
+            cap: 2.0,
+            ..IsCorrection::default()
+        };
+        let (weights, _) = correction.weights(&prox, &behav);
+        let batch = LossBatch {
+            sequences: 2,
+            width: 3,
+            cells: vec![0, 1, 2, 3, 4],
+            advantages: vec![1.0, -0.5],
+            old_logps: None,
+            ref_logps: None,
+            is_ratio: Some(weights.concat()),
+        };
+        let norm = StepNormalizer {
+            sequences: 2,
+            tokens: 5,
+        };
+        let (stats, gh, _) = fused_grpo_loss(
+            &GrpoLossConfig::default(),
+            norm,
+            &batch,
+            &hidden,
+            &weight,
+            &targets,
+            ChunkSizes::default(),
+        )
+        .unwrap();
+        assert!(
+            (stats.loss - want).abs() < 1e-5,
+            "{mode:?}: loss {} want {want}",
+            stats.loss
+        );
+        let gh: Vec<f32> = gh.into_data().try_to_vec::<f32>().unwrap();
+        for row in 0..5 {
+            let norm: f32 = gh[row * 8..(row + 1) * 8].iter().map(|g| g.abs()).sum();
+            assert_eq!(norm == 0.0, zero_rows.contains(&row), "{mode:?} row {row}");
+        }
+    }
 }

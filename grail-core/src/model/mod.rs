@@ -336,4 +336,50 @@ impl CausalLm {
     pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
         layers::project(hidden, self.lm_head_weight(), None)
     }
+
+    /// The log-prob of each completion token given the prompt and the tokens before it:
+    /// `log softmax(h · Wᵀ / temperature)[token]` over the full vocabulary, the definition the
+    /// rollout records and the trainer recomputes (through the fused chunked op, no grad).
+    pub fn completion_logprobs(
+        &self,
+        prompt: &[u32],
+        completion: &[u32],
+        temperature: f64,
+    ) -> Result<Vec<f32>> {
+        if prompt.is_empty() {
+            return Err(GrailError::Input(
+                "completion_logprobs: empty prompt".into(),
+            ));
+        }
+        if completion.is_empty() {
+            return Ok(Vec::new());
+        }
+        let model = self.valid();
+        let device = model.device();
+        let tokens: Vec<i64> = prompt.iter().chain(completion).map(|&t| t as i64).collect();
+        let n = tokens.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [1, n]), &device);
+        let hidden = model
+            .forward_hidden(ids, &Layout::packed_single_row(vec![n]))?
+            .reshape([n, self.config.hidden_size])
+            .slice(prompt.len() - 1..n - 1);
+        let targets = Tensor::<1, Int>::from_data(
+            TensorData::new(tokens[prompt.len()..].to_vec(), [completion.len()]),
+            &device,
+        );
+        let logp = crate::fused::selective_logprobs_forward(
+            &hidden,
+            &model.lm_head_weight(),
+            &targets,
+            temperature,
+            crate::fused::ChunkSizes::default(),
+            false,
+        )
+        .logp;
+        Ok(logp
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 log-probs"))
+    }
 }
