@@ -385,6 +385,9 @@ struct TrainerStepArgs {
     /// Use the unfused log_softmax + gather log-prob path.
     #[arg(long)]
     naive_logprob: bool,
+    /// Plain tensor math instead of the fused RMSNorm / SwiGLU / RoPE / varlen attention kernels.
+    #[arg(long)]
+    no_fused_ops: bool,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), 0 where unknown.
@@ -449,7 +452,9 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
         ..TrainerConfig::default()
     };
     cfg.loss.loss_type = LossType::Dapo;
-    let model = CausalLm::init(&config, args.seed, &device.clone().autodiff());
+    let model = CausalLm::init(&config, args.seed, &device.clone().autodiff())
+        .with_fused_ops(!t.no_fused_ops);
+    let fused_ops = model.uses_fused_ops();
     let mut trainer = GrpoTrainer::new(model, None, cfg, peak)?;
     trainer.train_step(&groups)?; // warm-up
     let mut secs = 0.0;
@@ -466,7 +471,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
         json!({
             "bench": "trainer-step", "device": args.device,
             "params": config.num_parameters(), "lens": t.lens, "prompt_len": t.prompt_len,
-            "packing": !t.no_packing, "fused_logprob": !t.naive_logprob,
+            "packing": !t.no_packing, "fused_logprob": !t.naive_logprob, "fused_ops": fused_ops,
             "real_tokens": m.real_tokens, "micro_batches": m.micro_batches,
             "tokens_per_s": m.real_tokens as f64 / s_per_step, "s_per_step": s_per_step,
             "flops_per_step": m.flops, "peak_flops": peak, "mfu": m.flops / s_per_step / peak,

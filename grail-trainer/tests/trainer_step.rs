@@ -398,3 +398,21 @@ fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
         }
     }
 }
+
+#[test]
+fn a_grpo_step_has_the_same_loss_and_gradients_with_fused_ops_on_and_off() {
+    let data = groups(3, 4, 2);
+    let cfg = base_config(LossType::Dapo);
+    let run = |fused: bool| {
+        let policy = model(7).with_fused_ops(fused);
+        assert_eq!(policy.uses_fused_ops(), fused);
+        let trainer = GrpoTrainer::new(policy, None, cfg.clone(), 1e11).unwrap();
+        let (grads, stats) = trainer.gradients(&data).unwrap();
+        (flat_grads(trainer.model(), &grads), stats.loss)
+    };
+    let (on, loss_on) = run(true);
+    let (off, loss_off) = run(false);
+    assert!((loss_on - loss_off).abs() <= 1e-6 * loss_off.abs().max(1e-3));
+    let e = rel(&on, &off);
+    assert!(e <= 1e-5, "gradient rel err {e:e}");
+}

@@ -3,7 +3,9 @@
 //! - [`logprob`]: per-token log-probs of selected tokens straight from final hidden states and the
 //!   lm_head weight, in chunks, so that the `[tokens × vocab]` logits never exist.
 
+pub mod cpu;
 pub mod logprob;
+pub mod ops;
 
 pub use logprob::{
     ChunkSizes, SelectiveLogProbs, gradient_surrogate, naive_selective_logprobs,

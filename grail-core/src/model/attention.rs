@@ -9,6 +9,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use super::cache::KvCache;
 use super::layers::{Linear, Rope};
 use super::layout::Segment;
+use crate::fused::ops as fused_ops;
 
 /// How attention groups the tokens of a call.
 pub(crate) enum AttentionMode<'a> {
@@ -72,6 +73,8 @@ impl Attention {
     }
 
     /// Attention for `x` `[rows, cols, hidden]` with RoPE tables `cos`/`sin` `[rows, 1, cols, d]`.
+    /// `fused`: RoPE as one kernel, and packed rows without caches through the varlen attention
+    /// kernel (no per-segment loop, no GQA copies, no transposes).
     pub(crate) fn forward(
         &self,
         x: Tensor<3>,
@@ -79,18 +82,45 @@ impl Attention {
         sin: &Tensor<4>,
         mode: AttentionMode<'_>,
         layer: usize,
+        fused: bool,
     ) -> Tensor<3> {
         let [rows, cols, _] = x.dims();
-        let q = Rope::apply(
-            self.heads(self.q_proj.forward(x.clone()), self.num_heads),
-            cos,
-            sin,
-        );
-        let k = Rope::apply(
-            self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads),
-            cos,
-            sin,
-        );
+        if fused
+            && let AttentionMode::Segments {
+                segments,
+                caches: None,
+            } = mode
+        {
+            return self.forward_varlen(x, cos, sin, segments);
+        }
+        let (q, k) = if fused {
+            // Token-major [rows·cols, heads, d] is the projections' own layout.
+            let tokens = rows * cols;
+            let d = self.head_dim;
+            let cos2 = cos.clone().reshape([tokens, d]);
+            let sin2 = sin.clone().reshape([tokens, d]);
+            let rotate = |t: Tensor<3>, heads: usize| {
+                let t = fused_ops::rope(t.reshape([tokens, heads, d]), cos2.clone(), sin2.clone());
+                t.reshape([rows, cols, heads, d]).swap_dims(1, 2)
+            };
+            (
+                rotate(self.q_proj.forward(x.clone()), self.num_heads),
+                rotate(self.k_proj.forward(x.clone()), self.num_kv_heads),
+            )
+        } else {
+            (
+                Rope::apply(
+                    self.heads(self.q_proj.forward(x.clone()), self.num_heads),
+                    cos,
+                    sin,
+                ),
+                Rope::apply(
+                    self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads),
+                    cos,
+                    sin,
+                ),
+            )
+        };
         let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
 
         let out = match mode {
@@ -147,5 +177,36 @@ impl Attention {
             .swap_dims(1, 2)
             .reshape([rows, cols, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
+    }
+
+    /// Packed rows through the fused kernels: RoPE, then causal attention per segment in one call.
+    fn forward_varlen(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        segments: &[Segment],
+    ) -> Tensor<3> {
+        let [rows, cols, _] = x.dims();
+        let (tokens, d) = (rows * cols, self.head_dim);
+        let cos = cos.clone().reshape([tokens, d]);
+        let sin = sin.clone().reshape([tokens, d]);
+        let project =
+            |proj: &Linear, heads: usize| proj.forward(x.clone()).reshape([tokens, heads, d]);
+        let q = fused_ops::rope(
+            project(&self.q_proj, self.num_heads),
+            cos.clone(),
+            sin.clone(),
+        );
+        let k = fused_ops::rope(project(&self.k_proj, self.num_kv_heads), cos, sin);
+        let v = project(&self.v_proj, self.num_kv_heads);
+        let ranges: Vec<(usize, usize)> = segments
+            .iter()
+            .map(|s| (s.row * cols + s.start, s.len))
+            .collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = fused_ops::varlen_attention(q, k, v, &ranges, scale);
+        self.o_proj
+            .forward(out.reshape([rows, cols, self.num_heads * d]))
     }
 }

@@ -85,7 +85,20 @@ impl RmsNorm {
         }
     }
 
-    /// Normalises the last dimension.
+    /// Normalises the last dimension; `fused` runs one kernel (forward and backward) instead of
+    /// the tensor math (see [`crate::fused::ops`]).
+    pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
+        if !fused {
+            return self.forward(x);
+        }
+        let dims = x.dims();
+        let c = dims[D - 1];
+        let n = x.shape().num_elements() / c.max(1);
+        crate::fused::ops::rms_norm(x.reshape([n, c]), self.weight.val(), self.eps as f32)
+            .reshape(dims)
+    }
+
+    /// Normalises the last dimension (unfused tensor math).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let inv_rms = (x.clone().square().mean_dim(D - 1) + self.eps)
             .sqrt()
@@ -137,10 +150,25 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Applies the MLP to `[..., hidden]`.
+    /// Applies the MLP to `[..., hidden]` (unfused tensor math).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        self.forward_with(x, false)
+    }
+
+    /// Applies the MLP; `fused` computes `silu(gate) · up` as one kernel that keeps only its two
+    /// inputs for backward.
+    pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        let hidden = if fused {
+            let dims = gate.dims();
+            let i = dims[D - 1];
+            let n = gate.shape().num_elements() / i.max(1);
+            crate::fused::ops::swiglu(gate.reshape([n, i]), up.reshape([n, i])).reshape(dims)
+        } else {
+            silu(gate) * up
+        };
+        self.down_proj.forward(hidden)
     }
 }
 

@@ -48,12 +48,12 @@ impl DecoderLayer {
         sin: &Tensor<4>,
         mode: AttentionMode<'_>,
         layer: usize,
+        fused: bool,
     ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, mode, layer);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let normed = self.input_layernorm.forward_with(x.clone(), fused);
+        let h = x + self.self_attn.forward(normed, cos, sin, mode, layer, fused);
+        let normed = self.post_attention_layernorm.forward_with(h.clone(), fused);
+        h + self.mlp.forward_with(normed, fused)
     }
 }
 
@@ -78,6 +78,10 @@ pub struct CausalLm {
     /// The configuration the model was built from.
     #[module(skip)]
     pub config: ModelConfig,
+    /// Use the fused kernels (RMSNorm, SwiGLU, RoPE, varlen attention) where the backend has them
+    /// and the weights are f32; on by default. Off: plain tensor math everywhere.
+    #[module(skip)]
+    pub fused_ops: bool,
 }
 
 impl CausalLm {
@@ -155,6 +159,7 @@ impl CausalLm {
             },
             lm_head,
             config: config.clone(),
+            fused_ops: true,
         })
     }
 
@@ -293,6 +298,21 @@ impl CausalLm {
         Ok(self.logits(hidden))
     }
 
+    /// Turns the fused kernels on or off (see [`CausalLm::fused_ops`]).
+    pub fn with_fused_ops(mut self, on: bool) -> Self {
+        self.fused_ops = on;
+        self
+    }
+
+    /// Whether this forward will run the fused kernels: asked for, and the backend and dtype
+    /// have them.
+    pub fn uses_fused_ops(&self) -> bool {
+        let weight = self.model.embed_tokens.weight.val();
+        self.fused_ops
+            && crate::fused::ops::supported(&weight.device())
+            && crate::fused::ops::supported_dtype(weight.dtype())
+    }
+
     /// The shared body of every forward: embed, decoder layers, final norm.
     fn run(
         &self,
@@ -309,6 +329,7 @@ impl CausalLm {
             self.config.rope_precision,
         );
         let (cos, sin) = rope.tables(positions, rows, &device);
+        let fused = self.uses_fused_ops();
         let mut x = self.model.embed_tokens.forward(ids);
         for (l, layer) in self.model.layers.iter().enumerate() {
             let mode = match segments {
@@ -318,9 +339,9 @@ impl CausalLm {
                     caches: caches.as_deref_mut(),
                 },
             };
-            x = layer.forward(x, &cos, &sin, mode, l);
+            x = layer.forward(x, &cos, &sin, mode, l, fused);
         }
-        self.model.norm.forward(x)
+        self.model.norm.forward_with(x, fused)
     }
 
     /// The lm_head weight `[vocab, hidden]` (the embedding matrix when tied); the fused log-prob

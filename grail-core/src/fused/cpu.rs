@@ -1,0 +1,630 @@
+//! CPU kernels of the fused ops, on plain `f32` slices (row-major), parallel with rayon. The Flex
+//! backend runs them; tests check them against the unfused tensor math.
+//!
+//! Layouts: packed tokens first. Attention tensors are `[tokens, heads, head_dim]` (what the
+//! projections give before any transpose); `segments` are `(start, len)` ranges of the token axis
+//! that attend causally within themselves. Tokens outside every segment (row padding) get zero
+//! outputs and zero gradients.
+
+use rayon::prelude::*;
+
+/// Sizes of one varlen attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// Tokens on the packed axis.
+    pub tokens: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Four independent accumulators let the compiler vectorise without reassociating one sum.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// Work items: one per (segment, kv head); each owns its queries' rows for the heads of its group.
+fn tasks(segments: &[(usize, usize)], kv_heads: usize) -> Vec<(usize, usize, usize)> {
+    segments
+        .iter()
+        .filter(|s| s.1 > 0)
+        .flat_map(|&(start, len)| (0..kv_heads).map(move |g| (start, len, g)))
+        .collect()
+}
+
+/// A strided view of a row-major matrix inside a slice: element (r, c) is at
+/// `offset + r·row_stride + c·col_stride`.
+#[derive(Clone, Copy)]
+struct View {
+    offset: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl View {
+    fn rows(offset: usize, row_stride: usize) -> Self {
+        Self {
+            offset,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            offset: self.offset,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    /// The largest index touched by an `rows × cols` block (for the bounds check).
+    fn end(self, rows: usize, cols: usize) -> usize {
+        self.offset + (rows.max(1) - 1) * self.row_stride + (cols.max(1) - 1) * self.col_stride + 1
+    }
+}
+
+/// `dst[m × n] (row-major, row stride n) = (accumulate ? dst : 0) + alpha · a[m × k] · b[k × n]`.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    av: View,
+    b: &[f32],
+    bv: View,
+    alpha: f32,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(
+        a.len() >= av.end(m, k) && b.len() >= bv.end(k, n),
+        "matmul: view out of bounds"
+    );
+    // SAFETY: every index the kernel touches lies inside the slices (checked above); `dst` is
+    // exclusively borrowed and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr().add(av.offset),
+            av.col_stride as isize,
+            av.row_stride as isize,
+            b.as_ptr().add(bv.offset),
+            bv.col_stride as isize,
+            bv.row_stride as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Query rows per tile: scores live in a `[TILE × keys]` scratch, never `[len × len]`.
+const TILE: usize = 64;
+
+/// Causal attention within each segment: returns `out` `[tokens, heads, d]` and the per-row
+/// log-sum-exp `[tokens, heads]` of the scaled scores (all backward needs besides the inputs).
+///
+/// Each (segment, kv head) task runs tiles of query rows: `S = Q Kᵀ · scale` over the keys up to
+/// the tile's last row (a GEMM), a masked row softmax, `O = P V` (a GEMM). Scratch is one tile of
+/// scores per task.
+pub fn varlen_attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: AttentionDims,
+    segments: &[(usize, usize)],
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let AttentionDims {
+        tokens,
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = dims;
+    let group = heads / kv_heads;
+    let work = tasks(segments, kv_heads);
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = work
+        .par_iter()
+        .map(|&(start, len, g)| {
+            let mut out = vec![0f32; group * len * d]; // [h][i][d]
+            let mut lse = vec![0f32; group * len]; // [h][i]
+            let mut scores = vec![0f32; TILE.min(len) * len];
+            let kv_view = View::rows((start * kv_heads + g) * d, kv_heads * d);
+            for h in 0..group {
+                let q_view =
+                    |i0: usize| View::rows(((start + i0) * heads + g * group + h) * d, heads * d);
+                for i0 in (0..len).step_by(TILE) {
+                    let rows = TILE.min(len - i0);
+                    let keys = i0 + rows;
+                    let s = &mut scores[..rows * keys];
+                    matmul(
+                        s,
+                        rows,
+                        keys,
+                        d,
+                        q,
+                        q_view(i0),
+                        k,
+                        kv_view.t(),
+                        scale,
+                        false,
+                    );
+                    for (r, row) in s.chunks_mut(keys).enumerate() {
+                        let visible = i0 + r + 1;
+                        let max = row[..visible]
+                            .iter()
+                            .copied()
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0f32;
+                        for x in &mut row[..visible] {
+                            *x = (*x - max).exp();
+                            sum += *x;
+                        }
+                        let inv = 1.0 / sum;
+                        row[..visible].iter_mut().for_each(|x| *x *= inv);
+                        row[visible..].iter_mut().for_each(|x| *x = 0.0);
+                        lse[h * len + i0 + r] = max + sum.ln();
+                    }
+                    let o = &mut out[(h * len + i0) * d..(h * len + i0 + rows) * d];
+                    matmul(
+                        o,
+                        rows,
+                        d,
+                        keys,
+                        s,
+                        View::rows(0, keys),
+                        v,
+                        kv_view,
+                        1.0,
+                        false,
+                    );
+                }
+            }
+            (out, lse)
+        })
+        .collect();
+    let mut out = vec![0f32; tokens * heads * d];
+    let mut lse = vec![0f32; tokens * heads];
+    for (&(start, len, g), (o, l)) in work.iter().zip(parts) {
+        for h in 0..group {
+            for i in 0..len {
+                let row = (start + i) * heads + g * group + h;
+                out[row * d..(row + 1) * d].copy_from_slice(&o[(h * len + i) * d..][..d]);
+                lse[row] = l[h * len + i];
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// Gradients `(dq, dk, dv)` of [`varlen_attention_forward`] given `dout`, recomputing the
+/// probabilities tile by tile from the saved log-sum-exp (FlashAttention-2's backward, with
+/// GEMMs on the CPU).
+#[allow(clippy::too_many_arguments)]
+pub fn varlen_attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dims: AttentionDims,
+    segments: &[(usize, usize)],
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttentionDims {
+        tokens,
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = dims;
+    let group = heads / kv_heads;
+    let work = tasks(segments, kv_heads);
+    type Part = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let parts: Vec<Part> = work
+        .par_iter()
+        .map(|&(start, len, g)| {
+            let mut dq = vec![0f32; group * len * d]; // [h][i][d]
+            let mut dk = vec![0f32; len * d];
+            let mut dv = vec![0f32; len * d];
+            let tile = TILE.min(len);
+            let (mut p, mut dp) = (vec![0f32; tile * len], vec![0f32; tile * len]);
+            let kv_view = View::rows((start * kv_heads + g) * d, kv_heads * d);
+            for h in 0..group {
+                let head_row = |i: usize| (start + i) * heads + g * group + h;
+                let row_view = |i0: usize| View::rows(head_row(i0) * d, heads * d);
+                for i0 in (0..len).step_by(TILE) {
+                    let rows = TILE.min(len - i0);
+                    let keys = i0 + rows;
+                    let (p, dp) = (&mut p[..rows * keys], &mut dp[..rows * keys]);
+                    // P = exp(Q Kᵀ · scale − lse), causal.
+                    matmul(
+                        p,
+                        rows,
+                        keys,
+                        d,
+                        q,
+                        row_view(i0),
+                        k,
+                        kv_view.t(),
+                        scale,
+                        false,
+                    );
+                    for (r, row) in p.chunks_mut(keys).enumerate() {
+                        let l = lse[head_row(i0 + r)];
+                        let visible = i0 + r + 1;
+                        row[..visible].iter_mut().for_each(|x| *x = (*x - l).exp());
+                        row[visible..].iter_mut().for_each(|x| *x = 0.0);
+                    }
+                    // dV += Pᵀ dO.
+                    matmul(
+                        &mut dv[..keys * d],
+                        keys,
+                        d,
+                        rows,
+                        p,
+                        View::rows(0, keys).t(),
+                        dout,
+                        row_view(i0),
+                        1.0,
+                        true,
+                    );
+                    // dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale (kept in dp).
+                    matmul(
+                        dp,
+                        rows,
+                        keys,
+                        d,
+                        dout,
+                        row_view(i0),
+                        v,
+                        kv_view.t(),
+                        1.0,
+                        false,
+                    );
+                    for r in 0..rows {
+                        let at = head_row(i0 + r) * d;
+                        let delta = dot(&dout[at..at + d], &out[at..at + d]);
+                        let (pr, dpr) = (
+                            &p[r * keys..(r + 1) * keys],
+                            &mut dp[r * keys..(r + 1) * keys],
+                        );
+                        for (x, &pv) in dpr.iter_mut().zip(pr) {
+                            *x = pv * (*x - delta) * scale;
+                        }
+                    }
+                    // dQ = dS K;  dK += dSᵀ Q.
+                    let dq_tile = &mut dq[(h * len + i0) * d..(h * len + i0 + rows) * d];
+                    matmul(
+                        dq_tile,
+                        rows,
+                        d,
+                        keys,
+                        dp,
+                        View::rows(0, keys),
+                        k,
+                        kv_view,
+                        1.0,
+                        false,
+                    );
+                    matmul(
+                        &mut dk[..keys * d],
+                        keys,
+                        d,
+                        rows,
+                        dp,
+                        View::rows(0, keys).t(),
+                        q,
+                        row_view(i0),
+                        1.0,
+                        true,
+                    );
+                }
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0f32; tokens * heads * d];
+    let mut dk = vec![0f32; tokens * kv_heads * d];
+    let mut dv = vec![0f32; tokens * kv_heads * d];
+    for (&(start, len, g), (q_part, k_part, v_part)) in work.iter().zip(parts) {
+        for i in 0..len {
+            for h in 0..group {
+                let row = (start + i) * heads + g * group + h;
+                dq[row * d..(row + 1) * d].copy_from_slice(&q_part[(h * len + i) * d..][..d]);
+            }
+            let kv = ((start + i) * kv_heads + g) * d;
+            dk[kv..kv + d].copy_from_slice(&k_part[i * d..(i + 1) * d]);
+            dv[kv..kv + d].copy_from_slice(&v_part[i * d..(i + 1) * d]);
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// Rows per rayon task for the element-wise kernels (keeps tasks big enough to amortise).
+fn rows_per_task(cols: usize) -> usize {
+    (16_384 / cols.max(1)).max(1)
+}
+
+/// RMSNorm over the last axis of `x` `[rows, cols]`: `y = x · r · w` with
+/// `r = 1 / sqrt(mean(x²) + eps)`. Returns `y` and `r` `[rows]` (all backward keeps).
+pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let cols = w.len();
+    let rows = x.len() / cols;
+    let mut y = vec![0f32; x.len()];
+    let mut r = vec![0f32; rows];
+    let step = rows_per_task(cols);
+    y.par_chunks_mut(step * cols)
+        .zip(r.par_chunks_mut(step))
+        .zip(x.par_chunks(step * cols))
+        .for_each(|((y, r), x)| {
+            for ((y, r), x) in y.chunks_mut(cols).zip(r.iter_mut()).zip(x.chunks(cols)) {
+                let ms = dot(x, x) / cols as f32;
+                *r = 1.0 / (ms + eps).sqrt();
+                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                    *y = x * *r * w;
+                }
+            }
+        });
+    (y, r)
+}
+
+/// Gradients `(dx, dw)` of [`rms_norm_forward`].
+pub fn rms_norm_backward(x: &[f32], w: &[f32], r: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let cols = w.len();
+    let step = rows_per_task(cols);
+    let mut dx = vec![0f32; x.len()];
+    let dw_parts: Vec<Vec<f32>> = dx
+        .par_chunks_mut(step * cols)
+        .zip(x.par_chunks(step * cols))
+        .zip(dy.par_chunks(step * cols))
+        .zip(r.par_chunks(step))
+        .map(|(((dx, x), dy), r)| {
+            let mut dw = vec![0f32; cols];
+            for (((dx, x), dy), &r) in dx
+                .chunks_mut(cols)
+                .zip(x.chunks(cols))
+                .zip(dy.chunks(cols))
+                .zip(r)
+            {
+                // g = dy ⊙ w; dx = r (g − x r² mean(g ⊙ x)).
+                let mut gx = 0f32;
+                for c in 0..cols {
+                    gx += dy[c] * w[c] * x[c];
+                    dw[c] += dy[c] * x[c] * r;
+                }
+                let k = r * r * gx / cols as f32;
+                for c in 0..cols {
+                    dx[c] = r * (dy[c] * w[c] - x[c] * k);
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![0f32; cols];
+    for part in dw_parts {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    (dx, dw)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// SwiGLU: `silu(gate) · up`, element-wise.
+pub fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(16_384)
+        .zip(gate.par_chunks(16_384))
+        .zip(up.par_chunks(16_384))
+        .for_each(|((o, g), u)| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+    out
+}
+
+/// Gradients `(dgate, dup)` of [`swiglu_forward`], recomputed from the inputs (the product is not
+/// stored).
+pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; gate.len()];
+    let mut du = vec![0f32; gate.len()];
+    dg.par_chunks_mut(16_384)
+        .zip(du.par_chunks_mut(16_384))
+        .zip(gate.par_chunks(16_384))
+        .zip(up.par_chunks(16_384).zip(dout.par_chunks(16_384)))
+        .for_each(|(((dg, du), g), (u, d))| {
+            for i in 0..g.len() {
+                let s = sigmoid(g[i]);
+                du[i] = d[i] * g[i] * s;
+                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        });
+    (dg, du)
+}
+
+/// Rotate-half RoPE of `x` `[tokens, heads, d]` with per-token tables `cos`/`sin` `[tokens, d]`
+/// (Hugging Face layout: both halves of a table row hold the same frequencies). With
+/// `inverse = true` it applies the transposed rotation, which is the backward of the forward.
+pub fn rope(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    heads: usize,
+    d: usize,
+    inverse: bool,
+) -> Vec<f32> {
+    let half = d / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(heads * d)
+        .zip(x.par_chunks(heads * d))
+        .zip(cos.par_chunks(d).zip(sin.par_chunks(d)))
+        .for_each(|((o, x), (c, s))| {
+            for h in 0..heads {
+                let (x, o) = (&x[h * d..(h + 1) * d], &mut o[h * d..(h + 1) * d]);
+                for i in 0..half {
+                    let (x1, x2) = (x[i], x[i + half]);
+                    o[i] = x1 * c[i] - sign * x2 * s[i];
+                    o[i + half] = x2 * c[i + half] + sign * x1 * s[i + half];
+                }
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Plain O(n²)-memory attention of one segment/head in f64: the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: AttentionDims,
+        segments: &[(usize, usize)],
+        scale: f32,
+    ) -> Vec<f32> {
+        let AttentionDims {
+            tokens,
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = dims;
+        let group = heads / kv_heads;
+        let mut out = vec![0f32; tokens * heads * d];
+        for &(start, len) in segments {
+            for h in 0..heads {
+                let g = h / group;
+                for i in 0..len {
+                    let qi = &q[((start + i) * heads + h) * d..][..d];
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            let kj = &k[((start + j) * kv_heads + g) * d..][..d];
+                            qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for c in 0..d {
+                        let o: f64 = (0..=i)
+                            .map(|j| {
+                                (s[j] - m).exp() / z
+                                    * v[((start + j) * kv_heads + g) * d + c] as f64
+                            })
+                            .sum();
+                        out[((start + i) * heads + h) * d + c] = o as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn forward_matches_the_reference_with_gqa_and_odd_segments() {
+        for (heads, kv) in [(2, 2), (4, 2), (4, 1)] {
+            let dims = AttentionDims {
+                tokens: 161,
+                heads,
+                kv_heads: kv,
+                head_dim: 6,
+            };
+            // A length-1 segment, odd lengths, one over two query tiles, two padding tokens.
+            let segs = [(0, 1), (1, 7), (8, 11), (19, 140)];
+            let q = lcg(161 * heads * 6, 1);
+            let k = lcg(161 * kv * 6, 2);
+            let v = lcg(161 * kv * 6, 3);
+            let (out, _) = varlen_attention_forward(&q, &k, &v, dims, &segs, 0.4);
+            let want = reference(&q, &k, &v, dims, &segs, 0.4);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+            assert!(out[159 * heads * 6..].iter().all(|&x| x == 0.0), "padding");
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let dims = AttentionDims {
+            tokens: 9,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+        };
+        let segs = [(0, 5), (5, 1), (6, 3)];
+        let (q, k, v) = (lcg(9 * 16, 4), lcg(9 * 8, 5), lcg(9 * 8, 6));
+        let w = lcg(9 * 16, 7); // loss = Σ w ⊙ out
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            let o = reference(q, k, v, dims, &segs, 0.5);
+            o.iter().zip(&w).map(|(a, b)| (a * b) as f64).sum()
+        };
+        let (out, lse) = varlen_attention_forward(&q, &k, &v, dims, &segs, 0.5);
+        let (dq, dk, dv) = varlen_attention_backward(&q, &k, &v, &out, &lse, &w, dims, &segs, 0.5);
+        let eps = 1e-3;
+        for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
+            for i in (0..grad.len()).step_by(5) {
+                let mut inputs = [q.clone(), k.clone(), v.clone()];
+                inputs[which][i] += eps;
+                let up = loss(&inputs[0], &inputs[1], &inputs[2]);
+                inputs[which][i] -= 2.0 * eps;
+                let down = loss(&inputs[0], &inputs[1], &inputs[2]);
+                let fd = (up - down) / (2.0 * eps as f64);
+                assert!(
+                    (fd - grad[i] as f64).abs() < 2e-3,
+                    "input {which} [{i}]: fd {fd} vs {}",
+                    grad[i]
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! Fused ops as a burn backend extension: varlen (packed) causal attention, RMSNorm, SwiGLU and
+//! rotate-half RoPE, each one kernel forward and one backward, with a hand-written autodiff node.
+//!
+//! Routing: `#[backend_extension]` dispatches a call to the backend the tensors live on. Flex runs
+//! the CPU kernels of [`super::cpu`]; `Autodiff<B>` records one backward node per op that calls the
+//! inner backend's backward kernel. Other backends have no implementation yet: call
+//! [`supported`] first (the model falls back to unfused tensor math where it is false).
+//!
+//! Every op keeps only what its backward needs: attention the per-row log-sum-exp (O(tokens),
+//! never the `[len × len]` probabilities), RMSNorm the inverse RMS per row, SwiGLU its two inputs
+//! (not the product), RoPE nothing but the cos/sin tables.
+
+use std::borrow::Cow;
+
+use burn::backend::AutodiffBackend;
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use super::cpu::{self, AttentionDims};
+
+/// The fused ops every supported backend implements. The `*_forward` / `*_backward` pairs are the
+/// kernels; `attention`, `rms_norm`, `swiglu` and `rope` are the differentiable entry points.
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    /// Causal attention within each `(start, len)` segment of the token axis: `q` `[T, H, d]`,
+    /// `k`/`v` `[T, KV, d]` → `[T, H, d]`.
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+    /// Kernel: attention output and per-row log-sum-exp `[T, H]`.
+    fn fused_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Kernel: `(dq, dk, dv)` from the saved output and log-sum-exp.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// RMSNorm over the last axis of `x` `[N, C]` with weight `w` `[C]`.
+    fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
+    /// Kernel: output and inverse RMS `[N]`.
+    fn fused_rms_norm_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Kernel: `(dx, dw)`.
+    fn fused_rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `silu(gate) · up`, element-wise (`[N, I]`).
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Kernel: the forward.
+    fn fused_swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Kernel: `(dgate, dup)` recomputed from the inputs.
+    fn fused_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Rotate-half RoPE of `x` `[T, H, d]` with tables `cos`/`sin` `[T, d]` (constants).
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// Kernel: the rotation, or its transpose (`inverse`), which is its backward.
+    fn fused_rope_forward(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flex: the CPU kernels.
+
+fn host(t: &FlexTensor) -> Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32 data"),
+        ),
+    }
+}
+
+fn flex(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.into()))
+}
+
+fn attention_dims(q: &FlexTensor, k: &FlexTensor) -> AttentionDims {
+    let (qs, ks) = (q.shape(), k.shape());
+    AttentionDims {
+        tokens: qs[0],
+        heads: qs[1],
+        kv_heads: ks[1],
+        head_dim: qs[2],
+    }
+}
+
+impl FusedOps for Flex {
+    fn fused_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> FlexTensor {
+        Self::fused_attention_forward(q, k, v, segments, scale).0
+    }
+
+    fn fused_attention_forward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> (FlexTensor, FlexTensor) {
+        let dims = attention_dims(&q, &k);
+        let (out, lse) =
+            cpu::varlen_attention_forward(&host(&q), &host(&k), &host(&v), dims, &segments, scale);
+        (
+            flex(out, [dims.tokens, dims.heads, dims.head_dim]),
+            flex(lse, [dims.tokens, dims.heads]),
+        )
+    }
+
+    fn fused_attention_backward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        out: FlexTensor,
+        lse: FlexTensor,
+        dout: FlexTensor,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let dims = attention_dims(&q, &k);
+        let (dq, dk, dv) = cpu::varlen_attention_backward(
+            &host(&q),
+            &host(&k),
+            &host(&v),
+            &host(&out),
+            &host(&lse),
+            &host(&dout),
+            dims,
+            &segments,
+            scale,
+        );
+        let kv_shape = [dims.tokens, dims.kv_heads, dims.head_dim];
+        (flex(dq, q.shape()), flex(dk, kv_shape), flex(dv, kv_shape))
+    }
+
+    fn fused_rms_norm(x: FlexTensor, w: FlexTensor, eps: f32) -> FlexTensor {
+        Self::fused_rms_norm_forward(x, w, eps).0
+    }
+
+    fn fused_rms_norm_forward(x: FlexTensor, w: FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
+        let (y, r) = cpu::rms_norm_forward(&host(&x), &host(&w), eps);
+        let rows = r.len();
+        (flex(y, x.shape()), flex(r, [rows]))
+    }
+
+    fn fused_rms_norm_backward(
+        x: FlexTensor,
+        w: FlexTensor,
+        r: FlexTensor,
+        dy: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let (dx, dw) = cpu::rms_norm_backward(&host(&x), &host(&w), &host(&r), &host(&dy));
+        (flex(dx, x.shape()), flex(dw, w.shape()))
+    }
+
+    fn fused_swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        Self::fused_swiglu_forward(gate, up)
+    }
+
+    fn fused_swiglu_forward(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        flex(cpu::swiglu_forward(&host(&gate), &host(&up)), gate.shape())
+    }
+
+    fn fused_swiglu_backward(
+        gate: FlexTensor,
+        up: FlexTensor,
+        dout: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let (dg, du) = cpu::swiglu_backward(&host(&gate), &host(&up), &host(&dout));
+        (flex(dg, gate.shape()), flex(du, up.shape()))
+    }
+
+    fn fused_rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        Self::fused_rope_forward(x, cos, sin, false)
+    }
+
+    fn fused_rope_forward(
+        x: FlexTensor,
+        cos: FlexTensor,
+        sin: FlexTensor,
+        inverse: bool,
+    ) -> FlexTensor {
+        let shape = x.shape();
+        let out = cpu::rope(
+            &host(&x),
+            &host(&cos),
+            &host(&sin),
+            shape[1],
+            shape[2],
+            inverse,
+        );
+        flex(out, shape)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autodiff: one backward node per op, calling the inner backend's backward kernel.
+
+/// Registers each gradient for its parent when that input is tracked.
+macro_rules! give {
+    ($b:ty, $grads:expr, $parents:expr, [$($grad:expr),+]) => {{
+        let mut parents = $parents.into_iter();
+        $(
+            if let Some(p) = parents.next().flatten() {
+                $grads.register::<$b>(p.id, $grad);
+            }
+        )+
+    }};
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
+    #[allow(clippy::type_complexity)]
+    type State = ([FloatTensor<B>; 5], Vec<(usize, usize)>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout = grads.consume::<B>(&ops.node);
+        let ([q, k, v, out, lse], segments, scale) = ops.state;
+        let (dq, dk, dv) = B::fused_attention_backward(q, k, v, out, lse, dout, segments, scale);
+        give!(B, grads, ops.parents, [dq, dk, dv]);
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: FusedOps> Backward<B, 2> for RmsNormBackward {
+    type State = [FloatTensor<B>; 3];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let [x, w, r] = ops.state;
+        let (dx, dw) = B::fused_rms_norm_backward(x, w, r, dy);
+        give!(B, grads, ops.parents, [dx, dw]);
+    }
+}
+
+#[derive(Debug)]
+struct SwiGluBackward;
+
+impl<B: FusedOps> Backward<B, 2> for SwiGluBackward {
+    type State = [FloatTensor<B>; 2];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout = grads.consume::<B>(&ops.node);
+        let [gate, up] = ops.state;
+        let (dg, du) = B::fused_swiglu_backward(gate, up, dout);
+        give!(B, grads, ops.parents, [dg, du]);
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: FusedOps> Backward<B, 1> for RopeBackward {
+    type State = [FloatTensor<B>; 2];
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout = grads.consume::<B>(&ops.node);
+        let [cos, sin] = ops.state;
+        give!(
+            B,
+            grads,
+            ops.parents,
+            [B::fused_rope_forward(dout, cos, sin, true)]
+        );
+    }
+}
+
+type Ad<B, C> = Autodiff<B, C>;
+
+impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Ad<B, C> {
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let (qp, kp, vp) = (
+            q.primitive().clone(),
+            k.primitive().clone(),
+            v.primitive().clone(),
+        );
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) = B::fused_attention_forward(
+                    qp.clone(),
+                    kp.clone(),
+                    vp.clone(),
+                    segments.clone(),
+                    scale,
+                );
+                prep.finish(([qp, kp, vp, out.clone(), lse], segments, scale), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fused_attention_forward(qp, kp, vp, segments, scale).0)
+            }
+        }
+    }
+
+    fn fused_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, lse) = B::fused_attention_forward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            segments,
+            scale,
+        );
+        (Self::from_inner(out), Self::from_inner(lse))
+    }
+
+    fn fused_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = B::fused_attention_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            out.into_primitive(),
+            lse.into_primitive(),
+            dout.into_primitive(),
+            segments,
+            scale,
+        );
+        (
+            Self::from_inner(dq),
+            Self::from_inner(dk),
+            Self::from_inner(dv),
+        )
+    }
+
+    fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
+        match RmsNormBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, r) = B::fused_rms_norm_forward(xp.clone(), wp.clone(), eps);
+                prep.finish([xp, wp, r], y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_rms_norm_forward(xp, wp, eps).0),
+        }
+    }
+
+    fn fused_rms_norm_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, r) = B::fused_rms_norm_forward(x.into_primitive(), w.into_primitive(), eps);
+        (Self::from_inner(y), Self::from_inner(r))
+    }
+
+    fn fused_rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw) = B::fused_rms_norm_backward(
+            x.into_primitive(),
+            w.into_primitive(),
+            r.into_primitive(),
+            dy.into_primitive(),
+        );
+        (Self::from_inner(dx), Self::from_inner(dw))
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (gp, up_p) = (gate.primitive().clone(), up.primitive().clone());
+        match SwiGluBackward
+            .prepare::<C>([gate.node(), up.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_swiglu_forward(gp.clone(), up_p.clone());
+                prep.finish([gp, up_p], out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_swiglu_forward(gp, up_p)),
+        }
+    }
+
+    fn fused_swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_swiglu_forward(
+            gate.into_primitive(),
+            up.into_primitive(),
+        ))
+    }
+
+    fn fused_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dg, du) = B::fused_swiglu_backward(
+            gate.into_primitive(),
+            up.into_primitive(),
+            dout.into_primitive(),
+        );
+        (Self::from_inner(dg), Self::from_inner(du))
+    }
+
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let xp = x.primitive().clone();
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        match RopeBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_rope_forward(xp, cos.clone(), sin.clone(), false);
+                prep.finish([cos, sin], out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_rope_forward(xp, cos, sin, false)),
+        }
+    }
+
+    fn fused_rope_forward(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_rope_forward(
+            x.into_primitive(),
+            cos.into_primitive(),
+            sin.into_primitive(),
+            inverse,
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tensor-level API.
+
+/// Whether the fused ops run on `device` (Flex, with or without autodiff).
+pub fn supported(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+/// Whether the fused ops can take tensors of this dtype (the kernels are f32).
+pub fn supported_dtype(dtype: DType) -> bool {
+    dtype == DType::F32
+}
+
+/// Causal attention within each `(start, len)` segment of the token axis; `q` `[T, H, d]`,
+/// `k`/`v` `[T, KV, d]` (GQA: KV divides H). Tokens outside every segment get zeros.
+pub fn varlen_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    segments: &[(usize, usize)],
+    scale: f32,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        segments.to_vec(),
+        scale,
+    ))
+}
+
+/// RMSNorm of `x` `[N, C]` with weight `w` `[C]`.
+pub fn rms_norm(x: Tensor<2>, w: Tensor<1>, eps: f32) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rms_norm(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        eps,
+    ))
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_swiglu(
+        gate.into_dispatch(),
+        up.into_dispatch(),
+    ))
+}
+
+/// Rotate-half RoPE of `x` `[T, H, d]` with per-token tables `cos`/`sin` `[T, d]`.
+pub fn rope(x: Tensor<3>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rope(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+    ))
+}
