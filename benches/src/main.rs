@@ -459,9 +459,20 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
     trainer.train_step(&groups)?; // warm-up
     let mut secs = 0.0;
     let mut last = None;
+    let mut times = [0.0f64; 5];
     for _ in 0..t.steps.max(1) {
         let m = trainer.train_step(&groups)?.pop().expect("one step");
         secs += m.seconds;
+        let s = &m.times;
+        for (acc, v) in times.iter_mut().zip([
+            s.prepare_s,
+            s.forward_s,
+            s.loss_s,
+            s.backward_s,
+            s.optimizer_s,
+        ]) {
+            *acc += v / t.steps.max(1) as f64;
+        }
         last = Some(m);
     }
     let m = last.expect("at least one step");
@@ -477,6 +488,10 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             "flops_per_step": m.flops, "peak_flops": peak, "mfu": m.flops / s_per_step / peak,
             "packing_efficiency": m.packing_efficiency, "peak_rss_bytes": peak_rss_bytes(),
             "steps": t.steps, "is_correction": false,
+            "ms_per_step": {
+                "prepare": times[0] * 1e3, "forward": times[1] * 1e3, "loss": times[2] * 1e3,
+                "backward": times[3] * 1e3, "optimizer": times[4] * 1e3,
+            },
         })
     );
     Ok(())

@@ -71,10 +71,34 @@ fn fused_matches_naive_values_entropy_and_gradients() {
                 vocab: 1000,
             },
             ChunkSizes::default(),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|c| [(c, true), (c, false)])
+        {
+            // Plain Flex tensors run the CPU kernel; autodiff-device tensors run the generic
+            // tile-by-tile tensor ops (the path other backends take): both must match.
+            let (chunks, kernel) = chunks;
+            let on = |t: &Tensor<2>| {
+                if kernel {
+                    t.clone()
+                } else {
+                    t.clone().autodiff()
+                }
+            };
+            let (hidden, weight) = (on(&hidden), on(&weight));
+            let targets = if kernel {
+                targets.clone()
+            } else {
+                targets.clone().autodiff()
+            };
+            let g = if kernel {
+                g.clone()
+            } else {
+                g.clone().autodiff()
+            };
             let out =
                 selective_logprobs_forward(&hidden, &weight, &targets, temperature, chunks, true);
-            let what = format!("n={n} v={v} T={temperature} {chunks:?}");
+            let what = format!("n={n} v={v} T={temperature} {chunks:?} kernel={kernel}");
             let e = rel_err(
                 &out.logp.clone().reshape([1, n]),
                 &naive.clone().reshape([1, n]),

@@ -226,3 +226,27 @@ fn the_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
         .unwrap();
     assert!(rel(norm_f, norm_p) <= 1e-5);
 }
+
+#[test]
+fn linear_equals_matmul_by_the_transposed_weight() {
+    use grail_core::fused::ops::linear;
+    let x = random([37, 19], 15).require_grad();
+    let w = random([23, 19], 16).require_grad();
+    let g = random([37, 23], 17);
+    let fused = linear(x.clone(), w.clone());
+    let reference = x.clone().matmul(w.clone().transpose());
+    assert!(rel(fused.clone(), reference.clone()) <= 1e-5);
+    let gf = (fused * g.clone()).sum().backward();
+    let gr = (reference * g).sum().backward();
+    assert!(rel(x.grad(&gf).unwrap(), x.grad(&gr).unwrap()) <= 1e-5);
+    assert!(rel(w.grad(&gf).unwrap(), w.grad(&gr).unwrap()) <= 1e-5);
+}
+
+#[test]
+fn sum_squares_and_scale_match_tensor_math() {
+    use grail_core::fused::ops::{scale, sum_squares};
+    let x = random([300, 70], 18).without_autodiff();
+    let want = x.clone().square().sum().into_scalar::<f64>();
+    assert!((sum_squares(x.clone()) - want).abs() <= 1e-5 * want);
+    assert!(rel(scale(x.clone(), 0.3), x * 0.3) <= 1e-7);
+}

@@ -39,23 +39,27 @@ pub fn train_flops(config: &ModelConfig, lens: &[usize], completion: &[usize]) -
 }
 
 /// Measures the device's dense f32 matmul throughput (FLOP/s): the best of several square
-/// matmuls of sizes up to `max_n` (the largest rate wins; sizes 512, 1024, ... `max_n`).
+/// matmuls of sizes up to `max_n` (the largest rate wins; sizes 512, 1024, ... `max_n`), through
+/// burn's matmul and, where the backend has it, the fused linear kernel the model trains with
+/// (whichever is faster is the peak: MFU must never exceed 100%).
 pub fn measure_peak_flops(device: &Device, max_n: usize) -> f64 {
+    let kernel = grail_core::fused::ops::supported(device);
     let mut best_rate: f64 = 0.0;
     let mut n = 512.min(max_n);
     while n <= max_n {
         let a = Tensor::<2>::random([n, n], Distribution::Uniform(-1.0, 1.0), device);
         let b = Tensor::<2>::random([n, n], Distribution::Uniform(-1.0, 1.0), device);
-        let _ = a.clone().matmul(b.clone()).sum().into_scalar::<f32>(); // warm-up
-        for _ in 0..5 {
-            let t = Instant::now();
-            // Reading one element forces the computation without timing a reduction.
-            let _ = a
-                .clone()
-                .matmul(b.clone())
-                .slice([0..1, 0..1])
-                .into_scalar::<f32>();
-            best_rate = best_rate.max(2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64());
+        let products: [&dyn Fn() -> Tensor<2>; 2] = [&|| a.clone().matmul(b.clone()), &|| {
+            grail_core::fused::ops::linear(a.clone(), b.clone())
+        }];
+        for product in products.iter().take(if kernel { 2 } else { 1 }) {
+            let _ = product().sum().into_scalar::<f32>(); // warm-up
+            for _ in 0..5 {
+                let t = Instant::now();
+                // Reading one element forces the computation without timing a reduction.
+                let _ = product().slice([0..1, 0..1]).into_scalar::<f32>();
+                best_rate = best_rate.max(2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64());
+            }
         }
         n *= 2;
     }

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod loss;
 pub mod off_policy;
+pub mod optimizer;
 
 pub use error::{Result, TrainerError};
 pub mod advantages;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Int, Tensor, TensorData};
 use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
 use grail_core::model::{CausalLm, Layout};
@@ -22,6 +22,7 @@ use crate::error::{Result, TrainerError};
 use crate::flops::train_flops;
 use crate::loss::{LossBatch, LossStats, StepNormalizer, fused_grpo_loss, naive_grpo_loss};
 use crate::off_policy::IsStats;
+use crate::optimizer::FusedAdamW;
 use crate::packing::pack;
 use crate::schedule::learning_rate;
 
@@ -99,14 +100,33 @@ pub struct StepMetrics {
     pub micro_batches: usize,
     /// Real tokens / allocated token slots (1.0 when packed; padding lowers it).
     pub packing_efficiency: f64,
-    /// Wall time of the step (forward, backward, optimizer).
+    /// Wall time of the step: forward, loss, backward, optimizer, and (on a batch's first pass)
+    /// the preparation, including the no-grad π_prox / reference forwards.
     pub seconds: f64,
+    /// Where that time went.
+    pub times: StepTimes,
     /// Real tokens per second.
     pub tokens_per_s: f64,
     /// Counted matmul FLOPs of the step (see [`crate::flops`]).
     pub flops: f64,
     /// FLOPs / seconds / measured peak.
     pub mfu: f64,
+}
+
+/// Where a step's wall time went (seconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTimes {
+    /// Advantages, packing and the no-grad forwards for π_prox and the reference model (counted
+    /// on a batch's first pass only).
+    pub prepare_s: f64,
+    /// Model forward to the final hidden states.
+    pub forward_s: f64,
+    /// Log-probs, loss, and its gradients for the hidden states and the lm_head (fused kernels).
+    pub loss_s: f64,
+    /// Autodiff backward through the model and gradient accumulation.
+    pub backward_s: f64,
+    /// Gradient-norm clipping and the AdamW update.
+    pub optimizer_s: f64,
 }
 
 /// Sample accounting of [`GrpoTrainer::run_from_channel`]:
@@ -188,12 +208,13 @@ impl GrpoTrainer {
         } else {
             None
         };
-        let optim = AdamWConfig::new()
-            .with_beta_1(config.adam_beta1 as f32)
-            .with_beta_2(config.adam_beta2 as f32)
-            .with_epsilon(config.adam_epsilon as f32)
-            .with_weight_decay(config.weight_decay as f32)
-            .init();
+        let optim = FusedAdamW::new(
+            config.adam_beta1 as f32,
+            config.adam_beta2 as f32,
+            config.adam_epsilon as f32,
+            config.weight_decay as f32,
+        )
+        .init();
         Ok(Self {
             model: Some(model),
             reference,
@@ -245,7 +266,10 @@ impl GrpoTrainer {
         version: PolicyVersion,
         load: impl FnOnce(ModuleOptimizer) -> Result<ModuleOptimizer>,
     ) -> Result<()> {
-        let optim = std::mem::replace(&mut self.optim, AdamWConfig::new().init());
+        let optim = std::mem::replace(
+            &mut self.optim,
+            FusedAdamW::new(0.9, 0.999, 1e-8, 0.0).init(),
+        );
         self.optim = load(optim)?;
         self.step = step;
         self.version = version;
@@ -322,11 +346,14 @@ impl GrpoTrainer {
 
     /// Runs `num_iterations` optimizer steps on one batch of groups; one metrics entry per step.
     pub fn train_step(&mut self, groups: &[Group]) -> Result<Vec<StepMetrics>> {
+        let start = Instant::now();
         let prepared = self.prepare(groups)?;
+        let mut prepare_s = start.elapsed().as_secs_f64();
         let mut out = Vec::with_capacity(self.config.num_iterations);
         for _ in 0..self.config.num_iterations {
             let start = Instant::now();
-            let (grads, stats, layout_stats) = self.gradients_of(&prepared)?;
+            let (grads, stats, layout_stats, mut times) = self.gradients_of(&prepared)?;
+            times.prepare_s = std::mem::take(&mut prepare_s);
             let lr = learning_rate(
                 self.config.learning_rate,
                 self.config.lr_scheduler_type,
@@ -334,11 +361,15 @@ impl GrpoTrainer {
                 self.config.warmup_steps,
                 self.config.max_steps,
             );
+            let optimizer = Instant::now();
             let grad_norm = self.apply_step(lr, grads);
+            times.optimizer_s = optimizer.elapsed().as_secs_f64();
             self.step += 1;
             self.version += 1;
-            let seconds = start.elapsed().as_secs_f64();
-            out.push(prepared.metrics(stats, layout_stats, grad_norm, lr, seconds, self));
+            let seconds = start.elapsed().as_secs_f64() + times.prepare_s;
+            let mut m = prepared.metrics(stats, layout_stats, grad_norm, lr, seconds, self);
+            m.times = times;
+            out.push(m);
         }
         Ok(out)
     }
@@ -347,7 +378,7 @@ impl GrpoTrainer {
     /// stats. Exposed so that tests can compare gradients across token budgets and layouts.
     pub fn gradients(&self, groups: &[Group]) -> Result<(GradientsParams, LossStats)> {
         let prepared = self.prepare(groups)?;
-        let (grads, stats, _) = self.gradients_of(&prepared)?;
+        let (grads, stats, _, _) = self.gradients_of(&prepared)?;
         Ok((grads, stats))
     }
 
@@ -638,9 +669,20 @@ impl GrpoTrainer {
     }
 
     /// One pass: forward, fused loss and backward for every micro-batch, gradients accumulated.
-    fn gradients_of(&self, p: &Prepared) -> Result<(GradientsParams, LossStats, (usize, usize))> {
+    fn gradients_of(
+        &self,
+        p: &Prepared,
+    ) -> Result<(GradientsParams, LossStats, (usize, usize), StepTimes)> {
         let model = self.model();
         let cfg = &self.config;
+        let mut times = StepTimes::default();
+        let mut clock = Instant::now();
+        let mut lap = move || {
+            let now = Instant::now();
+            let s = (now - clock).as_secs_f64();
+            clock = now;
+            s
+        };
         let mut accum = GradientsAccumulator::<CausalLm>::new();
         let mut stats = LossStats::default();
         let mut allocated = 0;
@@ -664,8 +706,10 @@ impl GrpoTrainer {
                 ref_logps: per_seq(&p.reference),
                 is_ratio: per_seq(&p.is_weights),
             };
+            lap();
             let hidden = Self::prediction_hidden(model, &mb)?;
             let weight = model.lm_head_weight();
+            times.forward_s += lap();
             let (s, grads) = if cfg.naive_logprob {
                 let (s, loss) = naive_grpo_loss(
                     &cfg.loss,
@@ -675,6 +719,7 @@ impl GrpoTrainer {
                     weight,
                     mb.targets.clone(),
                 )?;
+                times.loss_s += lap();
                 (s, loss.backward())
             } else {
                 let h = hidden.clone().without_autodiff();
@@ -689,12 +734,16 @@ impl GrpoTrainer {
                     &targets,
                     cfg.logprob_chunks,
                 )?;
+                times.loss_s += lap();
                 (s, gradient_surrogate(hidden, weight, gh, gw).backward())
             };
             stats.add(&s);
             accum.accumulate(model, GradientsParams::from_grads(grads, model));
+            times.backward_s += lap();
         }
-        Ok((accum.grads(), stats, (p.micro_batches.len(), allocated)))
+        let grads = accum.grads();
+        times.backward_s += lap();
+        Ok((grads, stats, (p.micro_batches.len(), allocated), times))
     }
 }
 
@@ -772,6 +821,7 @@ impl Prepared {
             micro_batches,
             packing_efficiency: real as f64 / allocated.max(1) as f64,
             seconds,
+            times: StepTimes::default(),
             tokens_per_s: real as f64 / seconds,
             flops,
             mfu: flops / seconds / t.peak_flops,
@@ -789,7 +839,7 @@ pub fn clip_global_norm(model: &CausalLm, grads: &mut GradientsParams, max_norm:
     impl ModuleVisitor for SumSquares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                self.total += g.square().sum().into_scalar::<f64>();
+                self.total += grail_core::fused::ops::sum_squares(g);
             }
         }
     }
@@ -800,7 +850,8 @@ pub fn clip_global_norm(model: &CausalLm, grads: &mut GradientsParams, max_norm:
     impl ModuleVisitor for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
-                self.grads.register(param.id, g * self.factor);
+                let g = grail_core::fused::ops::scale(g, self.factor as f32);
+                self.grads.register(param.id, g);
             }
         }
     }

@@ -79,7 +79,8 @@ impl View {
     }
 }
 
-/// `dst[m × n] (row-major, row stride n) = (accumulate ? dst : 0) + alpha · a[m × k] · b[k × n]`.
+/// `dst[m × n] (row-major, row stride n) = (accumulate ? dst : 0) + alpha · a[m × k] · b[k × n]`,
+/// on the calling thread (callers parallelise over tiles).
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     dst: &mut [f32],
@@ -92,6 +93,51 @@ fn matmul(
     bv: View,
     alpha: f32,
     accumulate: bool,
+) {
+    matmul_with(
+        dst,
+        m,
+        n,
+        k,
+        a,
+        av,
+        b,
+        bv,
+        alpha,
+        accumulate,
+        gemm::Parallelism::None,
+    )
+}
+
+/// [`matmul`] spread over rayon's threads (for one large product).
+#[allow(clippy::too_many_arguments)]
+fn matmul_parallel(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    av: View,
+    b: &[f32],
+    bv: View,
+) {
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    matmul_with(dst, m, n, k, a, av, b, bv, 1.0, false, threads)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_with(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    av: View,
+    b: &[f32],
+    bv: View,
+    alpha: f32,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -123,9 +169,61 @@ fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
+}
+
+/// A linear layer without bias, `y [n × out] = x [n × in] · Wᵀ` with `W` `[out × in]` (Hugging
+/// Face layout), read in place: no transposed copy of the weight.
+pub fn linear_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+    let mut y = vec![0f32; n * out_f];
+    matmul_parallel(
+        &mut y,
+        n,
+        out_f,
+        in_f,
+        x,
+        View::rows(0, in_f),
+        w,
+        View::rows(0, in_f).t(),
+    );
+    y
+}
+
+/// Gradients of [`linear_forward`]: `dx = dy · W` and `dW = dyᵀ · x`, both written contiguous
+/// in their parameter's own layout (so optimizers and clipping read them in one pass).
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    n: usize,
+    in_f: usize,
+    out_f: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0f32; n * in_f];
+    let mut dw = vec![0f32; out_f * in_f];
+    matmul_parallel(
+        &mut dx,
+        n,
+        in_f,
+        out_f,
+        dy,
+        View::rows(0, out_f),
+        w,
+        View::rows(0, in_f),
+    );
+    matmul_parallel(
+        &mut dw,
+        out_f,
+        in_f,
+        n,
+        dy,
+        View::rows(0, out_f).t(),
+        x,
+        View::rows(0, in_f),
+    );
+    (dx, dw)
 }
 
 /// Query rows per tile: scores live in a `[TILE × keys]` scratch, never `[len × len]`.
@@ -181,15 +279,9 @@ pub fn varlen_attention_forward(
                     );
                     for (r, row) in s.chunks_mut(keys).enumerate() {
                         let visible = i0 + r + 1;
-                        let max = row[..visible]
-                            .iter()
-                            .copied()
-                            .fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        for x in &mut row[..visible] {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
+                        let max = max_of(&row[..visible]);
+                        exp_shifted(&mut row[..visible], max);
+                        let sum: f32 = row[..visible].iter().sum();
                         let inv = 1.0 / sum;
                         row[..visible].iter_mut().for_each(|x| *x *= inv);
                         row[visible..].iter_mut().for_each(|x| *x = 0.0);
@@ -283,7 +375,7 @@ pub fn varlen_attention_backward(
                     for (r, row) in p.chunks_mut(keys).enumerate() {
                         let l = lse[head_row(i0 + r)];
                         let visible = i0 + r + 1;
-                        row[..visible].iter_mut().for_each(|x| *x = (*x - l).exp());
+                        exp_shifted(&mut row[..visible], l);
                         row[visible..].iter_mut().for_each(|x| *x = 0.0);
                     }
                     // dV += Pᵀ dO.
@@ -507,6 +599,295 @@ pub fn rope(
     out
 }
 
+/// `exp` for f32 accurate to ~1 ulp (Cephes' minimax polynomial on `[−ln2/2, ln2/2]` times 2ⁿ),
+/// written branch-free so loops over it vectorise. Inputs are clamped to `[−87, 88]` (the softmax
+/// callers only pass values ≤ 0; `exp(−87)` ≈ 1.6e−38 stands in for 0).
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding it rounds to the nearest integer, which lands in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e = p * r * r + r + 1.0;
+    let n = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    e * f32::from_bits(((n + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn exp_slice_generic(xs: &mut [f32], shift: f32) {
+    for x in xs {
+        *x = exp_approx(*x - shift);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_slice_avx2(xs: &mut [f32], shift: f32) {
+    exp_slice_generic(xs, shift)
+}
+
+/// `x ← exp(x − shift)` over a slice, with AVX2 when the CPU has it.
+pub fn exp_shifted(xs: &mut [f32], shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        unsafe { exp_slice_avx2(xs, shift) };
+        return;
+    }
+    exp_slice_generic(xs, shift)
+}
+
+fn max_of(xs: &[f32]) -> f32 {
+    xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Sizes of a selective log-prob call: `hidden` `[tokens, width]`, `weight` `[vocab, width]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogprobDims {
+    /// Tokens (rows of hidden states).
+    pub tokens: usize,
+    /// Hidden width.
+    pub width: usize,
+    /// Vocabulary rows.
+    pub vocab: usize,
+}
+
+/// Per-token `log softmax(h · Wᵀ · inv_t)[target]`, the log-sum-exp, and (when asked) the entropy,
+/// in `[tile_tokens × tile_vocab]` tiles: each token tile (one rayon task) streams the vocabulary,
+/// a GEMM per tile, an online max / Σ e / Σ e·x per row. Returns `(logp, lse, entropy)`.
+#[allow(clippy::too_many_arguments)]
+pub fn selective_logprobs_forward(
+    h: &[f32],
+    w: &[f32],
+    targets: &[usize],
+    dims: LogprobDims,
+    inv_t: f32,
+    tile_tokens: usize,
+    tile_vocab: usize,
+    with_entropy: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let LogprobDims {
+        tokens,
+        width,
+        vocab,
+    } = dims;
+    let (tt, tv) = (
+        tile_tokens.clamp(1, tokens.max(1)),
+        tile_vocab.clamp(1, vocab),
+    );
+    let mut logp = vec![0f32; tokens];
+    let mut lse = vec![0f32; tokens];
+    let mut ent = vec![0f32; tokens];
+    logp.par_chunks_mut(tt)
+        .zip(lse.par_chunks_mut(tt))
+        .zip(ent.par_chunks_mut(tt))
+        .enumerate()
+        .for_each(|(ti, ((logp, lse), ent))| {
+            let t0 = ti * tt;
+            let rows = logp.len();
+            let mut x = vec![0f32; rows * tv];
+            let mut e = vec![0f32; tv];
+            let (mut m, mut sum, mut ex) = (
+                vec![f32::NEG_INFINITY; rows],
+                vec![0f32; rows],
+                vec![0f32; rows],
+            );
+            for v0 in (0..vocab).step_by(tv) {
+                let cols = tv.min(vocab - v0);
+                let x = &mut x[..rows * cols];
+                let hv = View::rows(t0 * width, width);
+                let wv = View::rows(v0 * width, width).t();
+                matmul(x, rows, cols, width, h, hv, w, wv, inv_t, false);
+                for r in 0..rows {
+                    let row = &x[r * cols..(r + 1) * cols];
+                    let m_new = m[r].max(max_of(row));
+                    let rescale = (m[r] - m_new).exp();
+                    let e = &mut e[..cols];
+                    e.copy_from_slice(row);
+                    exp_shifted(e, m_new);
+                    sum[r] = sum[r] * rescale + e.iter().sum::<f32>();
+                    if with_entropy {
+                        ex[r] = ex[r] * rescale + dot(e, row);
+                    }
+                    m[r] = m_new;
+                }
+            }
+            for r in 0..rows {
+                let t = t0 + r;
+                lse[r] = m[r] + sum[r].ln();
+                let target = &w[targets[t] * width..(targets[t] + 1) * width];
+                logp[r] = dot(&h[t * width..(t + 1) * width], target) * inv_t - lse[r];
+                if with_entropy {
+                    ent[r] = lse[r] - ex[r] / sum[r];
+                }
+            }
+        });
+    (logp, lse, ent)
+}
+
+/// `(dL/dh, dL/dW)` of [`selective_logprobs_forward`] given `grad = dL/dlogp`, recomputing each
+/// tile from the saved log-sum-exp: `dL/dx_tv = g_t (1[v = y_t] − p_tv) · inv_t`. Each vocabulary
+/// tile is one rayon task (it owns its rows of `dW`); `dh` partials are summed per thread.
+#[allow(clippy::too_many_arguments)]
+pub fn selective_logprobs_backward(
+    h: &[f32],
+    w: &[f32],
+    targets: &[usize],
+    lse: &[f32],
+    grad: &[f32],
+    dims: LogprobDims,
+    inv_t: f32,
+    tile_tokens: usize,
+    tile_vocab: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let LogprobDims {
+        tokens,
+        width,
+        vocab,
+    } = dims;
+    let (tt, tv) = (
+        tile_tokens.clamp(1, tokens.max(1)),
+        tile_vocab.clamp(1, vocab),
+    );
+    let mut dw = vec![0f32; vocab * width];
+    let dh = dw
+        .par_chunks_mut(tv * width)
+        .enumerate()
+        .fold(
+            || vec![0f32; tokens * width],
+            |mut dh, (vi, dw)| {
+                let v0 = vi * tv;
+                let cols = dw.len() / width;
+                let mut x = vec![0f32; tt * cols];
+                for t0 in (0..tokens).step_by(tt) {
+                    let rows = tt.min(tokens - t0);
+                    let x = &mut x[..rows * cols];
+                    let hv = View::rows(t0 * width, width);
+                    let wv = View::rows(v0 * width, width);
+                    matmul(x, rows, cols, width, h, hv, w, wv.t(), inv_t, false);
+                    for r in 0..rows {
+                        let t = t0 + r;
+                        let row = &mut x[r * cols..(r + 1) * cols];
+                        exp_shifted(row, lse[t]);
+                        let g = grad[t] * inv_t;
+                        row.iter_mut().for_each(|p| *p *= -g);
+                        if (v0..v0 + cols).contains(&targets[t]) {
+                            row[targets[t] - v0] += g;
+                        }
+                    }
+                    let dh_tile = &mut dh[t0 * width..(t0 + rows) * width];
+                    matmul(
+                        dh_tile,
+                        rows,
+                        width,
+                        cols,
+                        x,
+                        View::rows(0, cols),
+                        w,
+                        wv,
+                        1.0,
+                        true,
+                    );
+                    matmul(
+                        dw,
+                        cols,
+                        width,
+                        rows,
+                        x,
+                        View::rows(0, cols).t(),
+                        h,
+                        hv,
+                        1.0,
+                        true,
+                    );
+                }
+                dh
+            },
+        )
+        .reduce(
+            || vec![0f32; tokens * width],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    (dh, dw)
+}
+
+/// `Σ x²` in f64 (the global gradient norm's building block), one parallel pass.
+pub fn sum_squares(x: &[f32]) -> f64 {
+    x.par_chunks(16_384)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .sum()
+}
+
+/// `x · factor`, one parallel pass.
+pub fn scale(x: &[f32], factor: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(16_384)
+        .zip(x.par_chunks(16_384))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o = x * factor));
+    out
+}
+
+/// AdamW hyper-parameters of one update (`time` counts updates, starting at 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Added to the root of the second moment.
+    pub epsilon: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// Update count including this one (bias correction).
+    pub time: i32,
+}
+
+/// One AdamW update in a single pass over `(param, grad, m, v)`; returns the new `(param, m, v)`.
+/// Same arithmetic, in the same order, as burn's `AdamW`.
+pub fn adamw(
+    param: &[f32],
+    grad: &[f32],
+    m: &[f32],
+    v: &[f32],
+    s: AdamWStep,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = param.len();
+    let (mut p_out, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let c1 = 1.0 - s.beta1.powi(s.time);
+    let c2 = 1.0 - s.beta2.powi(s.time);
+    let decay = 1.0 - s.lr * s.weight_decay;
+    const CHUNK: usize = 16_384;
+    p_out
+        .par_chunks_mut(CHUNK)
+        .zip(m_out.par_chunks_mut(CHUNK))
+        .zip(v_out.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, ((po, mo), vo))| {
+            let at = c * CHUNK;
+            for i in 0..po.len() {
+                let (g, j) = (grad[at + i], at + i);
+                mo[i] = m[j] * s.beta1 + g * (1.0 - s.beta1);
+                vo[i] = v[j] * s.beta2 + g * g * (1.0 - s.beta2);
+                let delta = (mo[i] / c1) / ((vo[i] / c2).sqrt() + s.epsilon);
+                po[i] = param[j] * decay - delta * s.lr;
+            }
+        });
+    (p_out, m_out, v_out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,6 +949,16 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn exp_approx_is_accurate() {
+        let mut xs: Vec<f32> = (0..20_001).map(|i| -87.0 + i as f32 * 0.0087).collect();
+        let want: Vec<f32> = xs.iter().map(|x| x.exp()).collect();
+        exp_shifted(&mut xs, 0.0);
+        for (a, b) in xs.iter().zip(&want) {
+            assert!(((a - b) / b).abs() < 4e-7, "{a} vs {b}");
+        }
     }
 
     #[test]

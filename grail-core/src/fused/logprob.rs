@@ -24,11 +24,11 @@ pub struct ChunkSizes {
 }
 
 impl Default for ChunkSizes {
-    /// 256 tokens × 8192 vocabulary rows: an 8 MiB f32 tile.
+    /// 128 tokens × 2048 vocabulary rows: a 1 MiB f32 tile (stays in a CPU's L2/L3).
     fn default() -> Self {
         Self {
-            tokens: 256,
-            vocab: 8192,
+            tokens: 128,
+            vocab: 2048,
         }
     }
 }
@@ -42,6 +42,16 @@ pub struct SelectiveLogProbs {
     pub lse: Tensor<1>,
     /// `[tokens]`: entropy of each token's distribution, when asked for.
     pub entropy: Option<Tensor<1>>,
+}
+
+/// Whether the backend has the fused kernel for these tensors (Flex, f32, no autodiff: the op is
+/// used on plain tensors); elsewhere the tiles run as burn tensor ops.
+fn kernel_applies(hidden: &Tensor<2>, weight: &Tensor<2>) -> bool {
+    let device = hidden.device();
+    !device.is_autodiff()
+        && super::ops::supported(&device)
+        && super::ops::supported_dtype(hidden.dtype())
+        && super::ops::supported_dtype(weight.dtype())
 }
 
 fn ranges(total: usize, step: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
@@ -74,6 +84,21 @@ pub fn selective_logprobs_forward(
     let [vocab, wh] = weight.dims();
     assert_eq!(h, wh, "hidden width {h} != weight width {wh}");
     assert_eq!(targets.dims()[0], n, "targets length != tokens");
+    if kernel_applies(hidden, weight) {
+        let (logp, lse, entropy) = super::ops::logprob_forward(
+            hidden,
+            weight,
+            targets,
+            (1.0 / temperature) as f32,
+            chunks,
+            with_entropy,
+        );
+        return SelectiveLogProbs {
+            logp,
+            lse,
+            entropy: with_entropy.then_some(entropy),
+        };
+    }
     let inv_t = 1.0 / temperature;
     let (mut logps, mut lses, mut ents) = (Vec::new(), Vec::new(), Vec::new());
     for tr in ranges(n, chunks.tokens) {
@@ -132,6 +157,17 @@ pub fn selective_logprobs_backward(
     temperature: f64,
     chunks: ChunkSizes,
 ) -> (Tensor<2>, Tensor<2>) {
+    if kernel_applies(hidden, weight) {
+        return super::ops::logprob_backward(
+            hidden,
+            weight,
+            targets,
+            lse,
+            grad_logp,
+            (1.0 / temperature) as f32,
+            chunks,
+        );
+    }
     let [n, _] = hidden.dims();
     let [vocab, _] = weight.dims();
     let inv_t = 1.0 / temperature;

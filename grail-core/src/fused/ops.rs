@@ -19,11 +19,11 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use super::cpu::{self, AttentionDims};
+use super::cpu::{self, AttentionDims, LogprobDims};
 
 /// The fused ops every supported backend implements. The `*_forward` / `*_backward` pairs are the
 /// kernels; `attention`, `rms_norm`, `swiglu` and `rope` are the differentiable entry points.
@@ -58,6 +58,17 @@ pub trait FusedOps: Backend {
         segments: Vec<(usize, usize)>,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `x [N, in] · Wᵀ` for `W` `[out, in]`; its weight gradient comes out contiguous.
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Kernel: the product.
+    fn fused_linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Kernel: `(dx, dW)`.
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// RMSNorm over the last axis of `x` `[N, C]` with weight `w` `[C]`.
     fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
@@ -99,6 +110,52 @@ pub trait FusedOps: Backend {
         sin: FloatTensor<Self>,
         inverse: bool,
     ) -> FloatTensor<Self>;
+
+    /// Kernel: `Σ x²` over all elements, as a one-element tensor (accumulated in f64).
+    fn fused_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Kernel: `x · factor`.
+    fn fused_scale(x: FloatTensor<Self>, factor: f32) -> FloatTensor<Self>;
+
+    /// Kernel: one AdamW update of a parameter of any shape: `(param, m, v)` after the step.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        epsilon: f32,
+        weight_decay: f32,
+        time: i32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Kernel: selective log-probs of `targets` under `softmax(hidden · weightᵀ · inv_t)` in
+    /// `[tile_tokens × tile_vocab]` tiles: `(logp, lse, entropy)`, each `[tokens]` (entropy zeros
+    /// unless asked for). Not differentiable: see [`super::logprob`].
+    #[allow(clippy::too_many_arguments)]
+    fn fused_logprob_forward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        inv_t: f32,
+        tile_tokens: usize,
+        tile_vocab: usize,
+        with_entropy: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Kernel: `(dL/dhidden, dL/dweight)` from `dL/dlogp`, recomputing tiles from `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_logprob_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        inv_t: f32,
+        tile_tokens: usize,
+        tile_vocab: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,6 +176,26 @@ fn host(t: &FlexTensor) -> Cow<'_, [f32]> {
 
 fn flex(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.into()))
+}
+
+fn host_ids(t: &FlexTensor) -> Vec<usize> {
+    t.clone()
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .expect("integer ids")
+        .into_iter()
+        .map(|i| i as usize)
+        .collect()
+}
+
+fn logprob_dims(hidden: &FlexTensor, weight: &FlexTensor) -> LogprobDims {
+    let (hs, ws) = (hidden.shape(), weight.shape());
+    LogprobDims {
+        tokens: hs[0],
+        width: hs[1],
+        vocab: ws[0],
+    }
 }
 
 fn attention_dims(q: &FlexTensor, k: &FlexTensor) -> AttentionDims {
@@ -184,6 +261,28 @@ impl FusedOps for Flex {
         (flex(dq, q.shape()), flex(dk, kv_shape), flex(dv, kv_shape))
     }
 
+    fn fused_linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        Self::fused_linear_forward(x, w)
+    }
+
+    fn fused_linear_forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let (n, in_f, out_f) = (x.shape()[0], x.shape()[1], w.shape()[0]);
+        flex(
+            cpu::linear_forward(&host(&x), &host(&w), n, in_f, out_f),
+            [n, out_f],
+        )
+    }
+
+    fn fused_linear_backward(
+        x: FlexTensor,
+        w: FlexTensor,
+        dy: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let (n, in_f, out_f) = (x.shape()[0], x.shape()[1], w.shape()[0]);
+        let (dx, dw) = cpu::linear_backward(&host(&x), &host(&w), &host(&dy), n, in_f, out_f);
+        (flex(dx, [n, in_f]), flex(dw, [out_f, in_f]))
+    }
+
     fn fused_rms_norm(x: FlexTensor, w: FlexTensor, eps: f32) -> FlexTensor {
         Self::fused_rms_norm_forward(x, w, eps).0
     }
@@ -242,6 +341,92 @@ impl FusedOps for Flex {
         );
         flex(out, shape)
     }
+
+    fn fused_sum_squares(x: FlexTensor) -> FlexTensor {
+        flex(vec![cpu::sum_squares(&host(&x)) as f32], [1])
+    }
+
+    fn fused_scale(x: FlexTensor, factor: f32) -> FlexTensor {
+        flex(cpu::scale(&host(&x), factor), x.shape())
+    }
+
+    fn fused_adamw(
+        param: FlexTensor,
+        grad: FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        epsilon: f32,
+        weight_decay: f32,
+        time: i32,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let step = cpu::AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            epsilon,
+            weight_decay,
+            time,
+        };
+        let (p, m, v) = cpu::adamw(&host(&param), &host(&grad), &host(&m), &host(&v), step);
+        let shape = param.shape();
+        (
+            flex(p, shape.clone()),
+            flex(m, shape.clone()),
+            flex(v, shape),
+        )
+    }
+
+    fn fused_logprob_forward(
+        hidden: FlexTensor,
+        weight: FlexTensor,
+        targets: FlexTensor,
+        inv_t: f32,
+        tile_tokens: usize,
+        tile_vocab: usize,
+        with_entropy: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let dims = logprob_dims(&hidden, &weight);
+        let (logp, lse, ent) = cpu::selective_logprobs_forward(
+            &host(&hidden),
+            &host(&weight),
+            &host_ids(&targets),
+            dims,
+            inv_t,
+            tile_tokens,
+            tile_vocab,
+            with_entropy,
+        );
+        let n = dims.tokens;
+        (flex(logp, [n]), flex(lse, [n]), flex(ent, [n]))
+    }
+
+    fn fused_logprob_backward(
+        hidden: FlexTensor,
+        weight: FlexTensor,
+        targets: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+        inv_t: f32,
+        tile_tokens: usize,
+        tile_vocab: usize,
+    ) -> (FlexTensor, FlexTensor) {
+        let dims = logprob_dims(&hidden, &weight);
+        let (dh, dw) = cpu::selective_logprobs_backward(
+            &host(&hidden),
+            &host(&weight),
+            &host_ids(&targets),
+            &host(&lse),
+            &host(&grad),
+            dims,
+            inv_t,
+            tile_tokens,
+            tile_vocab,
+        );
+        (flex(dh, hidden.shape()), flex(dw, weight.shape()))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -271,6 +456,20 @@ impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
         let ([q, k, v, out, lse], segments, scale) = ops.state;
         let (dq, dk, dv) = B::fused_attention_backward(q, k, v, out, lse, dout, segments, scale);
         give!(B, grads, ops.parents, [dq, dk, dv]);
+    }
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: FusedOps> Backward<B, 2> for LinearBackward {
+    type State = [FloatTensor<B>; 2];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let [x, w] = ops.state;
+        let (dx, dw) = B::fused_linear_backward(x, w, dy);
+        give!(B, grads, ops.parents, [dx, dw]);
     }
 }
 
@@ -400,6 +599,38 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Ad<B, C> {
         )
     }
 
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
+        match LinearBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::fused_linear_forward(xp.clone(), wp.clone());
+                prep.finish([xp, wp], y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_linear_forward(xp, wp)),
+        }
+    }
+
+    fn fused_linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_linear_forward(
+            x.into_primitive(),
+            w.into_primitive(),
+        ))
+    }
+
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw) =
+            B::fused_linear_backward(x.into_primitive(), w.into_primitive(), dy.into_primitive());
+        (Self::from_inner(dx), Self::from_inner(dw))
+    }
+
     fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
         let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
         match RmsNormBackward
@@ -507,6 +738,93 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Ad<B, C> {
             inverse,
         ))
     }
+
+    fn fused_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_sum_squares(x.into_primitive()))
+    }
+
+    fn fused_scale(x: FloatTensor<Self>, factor: f32) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_scale(x.into_primitive(), factor))
+    }
+
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        epsilon: f32,
+        weight_decay: f32,
+        time: i32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (p, m, v) = B::fused_adamw(
+            param.into_primitive(),
+            grad.into_primitive(),
+            m.into_primitive(),
+            v.into_primitive(),
+            lr,
+            beta1,
+            beta2,
+            epsilon,
+            weight_decay,
+            time,
+        );
+        (
+            Self::from_inner(p),
+            Self::from_inner(m),
+            Self::from_inner(v),
+        )
+    }
+
+    fn fused_logprob_forward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        inv_t: f32,
+        tile_tokens: usize,
+        tile_vocab: usize,
+        with_entropy: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (logp, lse, ent) = B::fused_logprob_forward(
+            hidden.into_primitive(),
+            weight.into_primitive(),
+            targets,
+            inv_t,
+            tile_tokens,
+            tile_vocab,
+            with_entropy,
+        );
+        (
+            Self::from_inner(logp),
+            Self::from_inner(lse),
+            Self::from_inner(ent),
+        )
+    }
+
+    fn fused_logprob_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        inv_t: f32,
+        tile_tokens: usize,
+        tile_vocab: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dh, dw) = B::fused_logprob_backward(
+            hidden.into_primitive(),
+            weight.into_primitive(),
+            targets,
+            lse.into_primitive(),
+            grad.into_primitive(),
+            inv_t,
+            tile_tokens,
+            tile_vocab,
+        );
+        (Self::from_inner(dh), Self::from_inner(dw))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -543,6 +861,14 @@ pub fn varlen_attention(
     ))
 }
 
+/// `x [N, in] · Wᵀ` for a weight `W` `[out, in]` in Hugging Face layout.
+pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
 /// RMSNorm of `x` `[N, C]` with weight `w` `[C]`.
 pub fn rms_norm(x: Tensor<2>, w: Tensor<1>, eps: f32) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rms_norm(
@@ -566,5 +892,100 @@ pub fn rope(x: Tensor<3>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<3> {
         x.into_dispatch(),
         cos.into_dispatch(),
         sin.into_dispatch(),
+    ))
+}
+
+/// The selective log-prob kernel (see [`super::logprob`]): `(logp, lse, entropy)`.
+pub(crate) fn logprob_forward(
+    hidden: &Tensor<2>,
+    weight: &Tensor<2>,
+    targets: &Tensor<1, Int>,
+    inv_t: f32,
+    chunks: super::ChunkSizes,
+    with_entropy: bool,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let (logp, lse, ent) = <Dispatch as FusedOps>::fused_logprob_forward(
+        hidden.clone().into_dispatch(),
+        weight.clone().into_dispatch(),
+        targets.clone().into_dispatch(),
+        inv_t,
+        chunks.tokens,
+        chunks.vocab,
+        with_entropy,
+    );
+    (
+        Tensor::from_dispatch(logp),
+        Tensor::from_dispatch(lse),
+        Tensor::from_dispatch(ent),
+    )
+}
+
+/// The selective log-prob backward kernel: `(dL/dhidden, dL/dweight)`.
+pub(crate) fn logprob_backward(
+    hidden: &Tensor<2>,
+    weight: &Tensor<2>,
+    targets: &Tensor<1, Int>,
+    lse: &Tensor<1>,
+    grad: &Tensor<1>,
+    inv_t: f32,
+    chunks: super::ChunkSizes,
+) -> (Tensor<2>, Tensor<2>) {
+    let (dh, dw) = <Dispatch as FusedOps>::fused_logprob_backward(
+        hidden.clone().into_dispatch(),
+        weight.clone().into_dispatch(),
+        targets.clone().into_dispatch(),
+        lse.clone().into_dispatch(),
+        grad.clone().into_dispatch(),
+        inv_t,
+        chunks.tokens,
+        chunks.vocab,
+    );
+    (Tensor::from_dispatch(dh), Tensor::from_dispatch(dw))
+}
+
+/// One AdamW update (see [`cpu::adamw`]): the new `(param, m, v)`.
+pub fn adamw<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    m: Tensor<D>,
+    v: Tensor<D>,
+    step: cpu::AdamWStep,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let (p, m, v) = <Dispatch as FusedOps>::fused_adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        step.lr,
+        step.beta1,
+        step.beta2,
+        step.epsilon,
+        step.weight_decay,
+        step.time,
+    );
+    (
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
+/// `Σ x²` of a tensor (f64 accumulation on the kernel path).
+pub fn sum_squares<const D: usize>(x: Tensor<D>) -> f64 {
+    if !(supported(&x.device()) && supported_dtype(x.dtype())) {
+        return x.square().sum().into_scalar::<f64>();
+    }
+    Tensor::<1>::from_dispatch(<Dispatch as FusedOps>::fused_sum_squares(x.into_dispatch()))
+        .into_scalar::<f64>()
+}
+
+/// `x · factor` (one pass on the kernel path).
+pub fn scale<const D: usize>(x: Tensor<D>, factor: f32) -> Tensor<D> {
+    if !(supported(&x.device()) && supported_dtype(x.dtype())) {
+        return x * factor as f64;
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_scale(
+        x.into_dispatch(),
+        factor,
     ))
 }

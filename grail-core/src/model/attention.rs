@@ -104,8 +104,8 @@ impl Attention {
                 t.reshape([rows, cols, heads, d]).swap_dims(1, 2)
             };
             (
-                rotate(self.q_proj.forward(x.clone()), self.num_heads),
-                rotate(self.k_proj.forward(x.clone()), self.num_kv_heads),
+                rotate(self.q_proj.forward_with(x.clone(), true), self.num_heads),
+                rotate(self.k_proj.forward_with(x.clone(), true), self.num_kv_heads),
             )
         } else {
             (
@@ -121,7 +121,7 @@ impl Attention {
                 ),
             )
         };
-        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        let v = self.heads(self.v_proj.forward_with(x, fused), self.num_kv_heads);
 
         let out = match mode {
             AttentionMode::Padded => {
@@ -176,7 +176,7 @@ impl Attention {
         let out = out
             .swap_dims(1, 2)
             .reshape([rows, cols, self.num_heads * self.head_dim]);
-        self.o_proj.forward(out)
+        self.o_proj.forward_with(out, fused)
     }
 
     /// Packed rows through the fused kernels: RoPE, then causal attention per segment in one call.
@@ -191,8 +191,10 @@ impl Attention {
         let (tokens, d) = (rows * cols, self.head_dim);
         let cos = cos.clone().reshape([tokens, d]);
         let sin = sin.clone().reshape([tokens, d]);
-        let project =
-            |proj: &Linear, heads: usize| proj.forward(x.clone()).reshape([tokens, heads, d]);
+        let project = |proj: &Linear, heads: usize| {
+            proj.forward_with(x.clone(), true)
+                .reshape([tokens, heads, d])
+        };
         let q = fused_ops::rope(
             project(&self.q_proj, self.num_heads),
             cos.clone(),
@@ -207,6 +209,6 @@ impl Attention {
         let scale = 1.0 / (d as f32).sqrt();
         let out = fused_ops::varlen_attention(q, k, v, &ranges, scale);
         self.o_proj
-            .forward(out.reshape([rows, cols, self.num_heads * d]))
+            .forward_with(out.reshape([rows, cols, self.num_heads * d]), true)
     }
 }

@@ -39,7 +39,17 @@ impl Linear {
 
     /// Applies the layer to the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        self.forward_with(x, false)
+    }
+
+    /// Applies the layer; `fused` uses the fused linear kernel (see [`project_with`]).
+    pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
+        project_with(
+            x,
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            fused,
+        )
     }
 }
 
@@ -49,11 +59,27 @@ pub fn project<const D: usize>(
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
+    project_with(x, weight, bias, false)
+}
+
+/// [`project`]; `fused` multiplies by the weight in place with one kernel whose weight gradient
+/// comes out contiguous (see [`crate::fused::ops::linear`]).
+pub fn project_with<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    fused: bool,
+) -> Tensor<D> {
     let dims = x.dims();
     let in_features = dims[D - 1];
     let rows = x.shape().num_elements() / in_features;
     let out_features = weight.dims()[0];
-    let y = x.reshape([rows, in_features]).matmul(weight.transpose());
+    let x = x.reshape([rows, in_features]);
+    let y = if fused {
+        crate::fused::ops::linear(x, weight)
+    } else {
+        x.matmul(weight.transpose())
+    };
     let y = match bias {
         Some(b) => y + b.unsqueeze::<2>(),
         None => y,
@@ -158,8 +184,8 @@ impl Mlp {
     /// Applies the MLP; `fused` computes `silu(gate) · up` as one kernel that keeps only its two
     /// inputs for backward.
     pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
-        let gate = self.gate_proj.forward(x.clone());
-        let up = self.up_proj.forward(x);
+        let gate = self.gate_proj.forward_with(x.clone(), fused);
+        let up = self.up_proj.forward_with(x, fused);
         let hidden = if fused {
             let dims = gate.dims();
             let i = dims[D - 1];
@@ -168,7 +194,7 @@ impl Mlp {
         } else {
             silu(gate) * up
         };
-        self.down_proj.forward(hidden)
+        self.down_proj.forward_with(hidden, fused)
     }
 }
 
