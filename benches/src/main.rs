@@ -4,6 +4,8 @@
 //! forward throughput (real tokens per second) on a padded batch and on packed rows of the same
 //! sequences, in one run, for a ~5M-parameter Qwen2 configuration on the chosen device.
 
+mod ops_bench;
+
 use std::time::Instant;
 
 use anyhow::Result;
@@ -78,6 +80,9 @@ enum Bench {
     },
     /// GRPO trainer steps (dapo loss, AdamW, grad clip) on a random Qwen2 model; one JSON line.
     TrainerStep(TrainerStepArgs),
+    /// One fused op (attention, RMSNorm, SwiGLU, RoPE, linear) vs its unfused tensor math:
+    /// forward + backward time and peak memory.
+    Op(ops_bench::OpArgs),
     /// Forward (and forward+backward) throughput, padded batch vs packed rows.
     Forward {
         /// Number of sequences.
@@ -566,6 +571,7 @@ fn main() -> Result<()> {
             naive,
         } => logprob_bench(&args, &device, *tokens, *hidden, *vocab, *naive),
         Bench::TrainerStep(t) => trainer_step_bench(&args, t, &device),
+        Bench::Op(o) => ops_bench::op_bench(o, &device, peak_rss_bytes),
         Bench::Forward {
             sequences,
             min_len,

