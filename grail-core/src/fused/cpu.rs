@@ -127,6 +127,12 @@ fn product_parallel(
         a.len() >= av.end(m, k) && b.len() >= bv.end(k, n),
         "product: view out of bounds"
     );
+    // Small products (decode steps) lose more to thread hand-offs than they gain.
+    let parallelism = if m * n * k < 1 << 20 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    };
     let mut out = Vec::<f32>::with_capacity(m * n);
     // SAFETY: the views lie inside `a` and `b` (checked above); with `read_dst = false` the GEMM
     // writes all m·n destination elements without reading them, so the buffer is initialised
@@ -151,7 +157,7 @@ fn product_parallel(
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            parallelism,
         );
         out.set_len(m * n);
     }
@@ -343,6 +349,144 @@ pub fn varlen_attention_forward(
         }
     }
     (out, lse)
+}
+
+/// Attention of new tokens against a KV cache (decode and prefill for generation, no backward):
+/// sequence `i`'s queries are the `queries[i] = (start, len)` rows of `q` `[tokens, heads, d]`,
+/// its keys/values `keys[i]` `[kv_len, kv_heads, d]` already include those `len` new tokens at the
+/// end, so query `j` sees keys `0 ..= kv_len − len + j`. Parallel over (sequence, kv head).
+#[allow(clippy::type_complexity)]
+pub fn cached_attention(
+    q: &[f32],
+    dims: AttentionDims,
+    queries: &[(usize, usize)],
+    keys: &[(&[f32], &[f32])],
+    scale: f32,
+) -> Vec<f32> {
+    let AttentionDims {
+        tokens,
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = dims;
+    let group = heads / kv_heads;
+    let work: Vec<(usize, usize)> = (0..queries.len())
+        .filter(|&i| queries[i].1 > 0)
+        .flat_map(|i| (0..kv_heads).map(move |g| (i, g)))
+        .collect();
+    let parts: Vec<Vec<f32>> = work
+        .par_iter()
+        .map(|&(i, g)| {
+            let (start, len) = queries[i];
+            let (k, v) = keys[i];
+            let kv_len = k.len() / (kv_heads * d);
+            let pos0 = kv_len - len;
+            let mut out = vec![0f32; group * len * d]; // [h][j][d]
+            let mut scores = vec![0f32; TILE.min(len) * kv_len];
+            let kv_view = View::rows(g * d, kv_heads * d);
+            for h in 0..group {
+                let q_view =
+                    |j0: usize| View::rows(((start + j0) * heads + g * group + h) * d, heads * d);
+                for j0 in (0..len).step_by(TILE) {
+                    let rows = TILE.min(len - j0);
+                    let keys_seen = pos0 + j0 + rows;
+                    let s = &mut scores[..rows * keys_seen];
+                    if rows <= SMALL_ROWS {
+                        // Decode steps: a GEMM call costs more than these few dot products.
+                        let o = &mut out[(h * len + j0) * d..(h * len + j0 + rows) * d];
+                        let first = pos0 + j0;
+                        let view = q_view(j0);
+                        decode_rows(q, view, k, v, kv_view, first, d, scale, s, o);
+                        continue;
+                    }
+                    matmul(
+                        s,
+                        rows,
+                        keys_seen,
+                        d,
+                        q,
+                        q_view(j0),
+                        k,
+                        kv_view.t(),
+                        scale,
+                        false,
+                    );
+                    for (r, row) in s.chunks_mut(keys_seen).enumerate() {
+                        let visible = pos0 + j0 + r + 1;
+                        let max = max_of(&row[..visible]);
+                        exp_shifted(&mut row[..visible], max);
+                        let inv = 1.0 / row[..visible].iter().sum::<f32>();
+                        row[..visible].iter_mut().for_each(|x| *x *= inv);
+                        row[visible..].iter_mut().for_each(|x| *x = 0.0);
+                    }
+                    let o = &mut out[(h * len + j0) * d..(h * len + j0 + rows) * d];
+                    matmul(
+                        o,
+                        rows,
+                        d,
+                        keys_seen,
+                        s,
+                        View::rows(0, keys_seen),
+                        v,
+                        kv_view,
+                        1.0,
+                        false,
+                    );
+                }
+            }
+            out
+        })
+        .collect();
+    let mut out = vec![0f32; tokens * heads * d];
+    for (&(i, g), part) in work.iter().zip(parts) {
+        let (start, len) = queries[i];
+        for h in 0..group {
+            for j in 0..len {
+                let row = (start + j) * heads + g * group + h;
+                out[row * d..(row + 1) * d].copy_from_slice(&part[(h * len + j) * d..][..d]);
+            }
+        }
+    }
+    out
+}
+
+/// Query rows below which [`cached_attention`] uses dot products instead of GEMM calls.
+const SMALL_ROWS: usize = 4;
+
+/// Attention of a few query rows (decode steps): scores by dot products, output by `axpy`. Row
+/// `r` of `out` (`[rows, d]`) sees keys `0 ..= first + r`; `scores` holds `rows × (first + rows)`.
+#[allow(clippy::too_many_arguments)]
+fn decode_rows(
+    q: &[f32],
+    qv: View,
+    k: &[f32],
+    v: &[f32],
+    kv: View,
+    first: usize,
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let rows = out.len() / d;
+    let keys = first + rows;
+    for r in 0..rows {
+        let qi = &q[qv.offset + r * qv.row_stride..][..d];
+        let visible = first + r + 1;
+        let row = &mut scores[r * keys..r * keys + visible];
+        for (j, s) in row.iter_mut().enumerate() {
+            *s = dot(qi, &k[kv.offset + j * kv.row_stride..][..d]) * scale;
+        }
+        let max = max_of(row);
+        exp_shifted(row, max);
+        let inv = 1.0 / row.iter().sum::<f32>();
+        let o = &mut out[r * d..(r + 1) * d];
+        o.iter_mut().for_each(|x| *x = 0.0);
+        for (j, &p) in row.iter().enumerate() {
+            let vj = &v[kv.offset + j * kv.row_stride..][..d];
+            o.iter_mut().zip(vj).for_each(|(o, &x)| *o += p * inv * x);
+        }
+    }
 }
 
 /// Gradients `(dq, dk, dv)` of [`varlen_attention_forward`] given `dout`, recomputing the

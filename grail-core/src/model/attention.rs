@@ -85,14 +85,15 @@ impl Attention {
         fused: bool,
     ) -> Tensor<3> {
         let [rows, cols, _] = x.dims();
-        if fused
-            && let AttentionMode::Segments {
-                segments,
-                caches: None,
-            } = mode
-        {
-            return self.forward_varlen(x, cos, sin, segments);
-        }
+        let mode = match mode {
+            AttentionMode::Segments { segments, caches } if fused => {
+                return match caches {
+                    None => self.forward_varlen(x, cos, sin, segments),
+                    Some(caches) => self.forward_cached_host(x, cos, sin, segments, caches, layer),
+                };
+            }
+            mode => mode,
+        };
         let (q, k) = if fused {
             // Token-major [rows·cols, heads, d] is the projections' own layout.
             let tokens = rows * cols;
@@ -177,6 +178,67 @@ impl Attention {
             .swap_dims(1, 2)
             .reshape([rows, cols, self.num_heads * self.head_dim]);
         self.o_proj.forward_with(out, fused)
+    }
+
+    /// Generation through the fused kernels: the new tokens' keys/values join each sequence's host
+    /// cache in place, and one kernel call attends every sequence's new tokens to its cache.
+    fn forward_cached_host(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        segments: &[Segment],
+        caches: &mut [KvCache],
+        layer: usize,
+    ) -> Tensor<3> {
+        let [rows, cols, _] = x.dims();
+        let (tokens, d) = (rows * cols, self.head_dim);
+        let device = x.device();
+        let cos = cos.clone().reshape([tokens, d]);
+        let sin = sin.clone().reshape([tokens, d]);
+        let project = |proj: &Linear, heads: usize| {
+            proj.forward_with(x.clone(), true)
+                .reshape([tokens, heads, d])
+        };
+        let host = |t: Tensor<3>| -> Vec<f32> {
+            t.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32 activations")
+        };
+        let q = host(fused_ops::rope(
+            project(&self.q_proj, self.num_heads),
+            cos.clone(),
+            sin.clone(),
+        ));
+        let k = host(fused_ops::rope(
+            project(&self.k_proj, self.num_kv_heads),
+            cos,
+            sin,
+        ));
+        let v = host(project(&self.v_proj, self.num_kv_heads));
+        let kv_row = self.num_kv_heads * d;
+        let mut queries = Vec::with_capacity(segments.len());
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            let at = seg.row * cols + seg.start;
+            let rows = at * kv_row..(at + seg.len) * kv_row;
+            cache.append_host(layer, &k[rows.clone()], &v[rows], seg.len);
+            queries.push((at, seg.len));
+        }
+        let keys: Vec<(&[f32], &[f32])> = caches.iter().map(|c| c.host_kv(layer)).collect();
+        let dims = crate::fused::cpu::AttentionDims {
+            tokens,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: d,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = crate::fused::cpu::cached_attention(&q, dims, &queries, &keys, scale);
+        let out = Tensor::<3>::from_data(
+            burn::tensor::TensorData::new(out, [rows, cols, self.num_heads * d]),
+            &device,
+        );
+        self.o_proj.forward_with(out, true)
     }
 
     /// Packed rows through the fused kernels: RoPE, then causal attention per segment in one call.
