@@ -6,8 +6,13 @@ use burn::tensor::Device;
 use crate::error::{GrailError, Result};
 
 /// Parses a device name: `"cpu"` (the Flex backend), and with the matching cargo features
-/// `"vulkan"`/`"vulkan:N"` (N-th discrete GPU) or `"cuda"`/`"cuda:N"`.
+/// `"vulkan"`/`"vulkan:N"` (N-th discrete GPU), `"vulkan:cpu"` (Mesa's lavapipe CPU driver) or `"cuda"`/`"cuda:N"`.
 pub fn parse_device(name: &str) -> Result<Device> {
+    // The CPU's Vulkan driver (Mesa lavapipe): slow, but it runs the CubeCL kernels anywhere.
+    #[cfg(feature = "vulkan")]
+    if name == "vulkan:cpu" {
+        return Ok(Device::vulkan(burn::tensor::DeviceKind::Cpu));
+    }
     let (kind, index) = match name.split_once(':') {
         Some((k, i)) => {
             let idx = i.parse::<usize>().map_err(|_| {

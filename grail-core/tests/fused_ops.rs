@@ -1,13 +1,49 @@
 //! Each fused op equals its unfused tensor-math reference, in values and gradients (relative error
 //! ≤ 1e-5 in f32), on random inputs of odd sizes: segments of length 1, lengths that are not
 //! multiples of anything, padding tokens, GQA ratios 1, 2 and 4.
+//!
+//! The references always run on Flex. The fused ops run on the device `GRAIL_TEST_DEVICE` names
+//! (default `cpu`): with `--features vulkan`, `GRAIL_TEST_DEVICE=vulkan:cpu` runs the CubeCL
+//! kernels on Mesa's lavapipe (CI does), `vulkan` on a GPU. Only the op tests (`op_*`) move;
+//! the model-level tests stay on Flex (burn's own matmul and reductions crash lavapipe's shader
+//! compiler, so on the kernel device the tests seed backward with the upstream gradient itself,
+//! `(y · g).backward()`, which burn starts from ones, instead of reducing with `.sum()`).
 
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 use grail_core::fused::ops::{rms_norm, rope, supported, swiglu, varlen_attention};
 
+/// The reference device: Flex under autodiff.
 fn device() -> Device {
     Device::flex().autodiff()
+}
+
+/// The device the fused ops under test run on (autodiff).
+fn kernel_device() -> Device {
+    let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    grail_core::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("GRAIL_TEST_DEVICE={name}: {e}"))
+        .autodiff()
+}
+
+/// A copy of a reference tensor on the kernel device, tracked for gradients.
+fn on_kernel<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
+    Tensor::from_data(t.to_data(), &kernel_device()).require_grad()
+}
+
+/// A copy on the kernel device without gradient tracking.
+fn const_on_kernel<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
+    Tensor::from_data(t.to_data(), &kernel_device())
+}
+
+/// Whether the kernel device is lavapipe, where ops built on burn's matmul cannot run (its
+/// shader crashes the driver's compiler): those tests then stop early, saying so.
+fn matmul_crashes_here(test: &str) -> bool {
+    let lavapipe = std::env::var("GRAIL_TEST_DEVICE").is_ok_and(|d| d == "vulkan:cpu");
+    if lavapipe {
+        eprintln!("{test}: not run on lavapipe (uses burn's matmul); runs on Flex and real GPUs");
+    }
+    lavapipe
 }
 
 fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<D> {
@@ -16,9 +52,11 @@ fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device)
 }
 
+/// `‖a − b‖ / ‖b‖` over all elements (the two may live on different devices).
 fn rel<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f64 {
-    let a: Vec<f32> = a.into_data().try_to_vec().unwrap();
-    let b: Vec<f32> = b.into_data().try_to_vec().unwrap();
+    let a: Vec<f32> = a.into_data().convert::<f32>().try_to_vec().unwrap();
+    let b: Vec<f32> = b.into_data().convert::<f32>().try_to_vec().unwrap();
+    assert_eq!(a.len(), b.len());
     let num: f64 = a
         .iter()
         .zip(&b)
@@ -68,8 +106,8 @@ fn reference_attention(
 }
 
 #[test]
-fn varlen_attention_equals_the_reference_in_values_and_gradients() {
-    assert!(supported(&device()));
+fn op_varlen_attention_equals_the_reference_in_values_and_gradients() {
+    assert!(supported(&kernel_device()));
     for (heads, kv) in [(4, 4), (4, 2), (8, 2)] {
         let d = 6;
         // Lengths 1, 13, 1, 30, 150 (three query tiles, the last partial) and 3 padding tokens.
@@ -79,62 +117,62 @@ fn varlen_attention_equals_the_reference_in_values_and_gradients() {
         let k = random([tokens, kv, d], 2).require_grad();
         let v = random([tokens, kv, d], 3).require_grad();
         let w = random([tokens, heads, d], 4);
-        let fused = varlen_attention(q.clone(), k.clone(), v.clone(), &segments, 0.37);
+        let (qk, kk, vk) = (on_kernel(&q), on_kernel(&k), on_kernel(&v));
+        let fused = varlen_attention(qk.clone(), kk.clone(), vk.clone(), &segments, 0.37);
         let reference = reference_attention(q.clone(), k.clone(), v.clone(), &segments, 0.37);
         let e = rel(fused.clone(), reference.clone());
         assert!(e <= 1e-5, "H={heads} KV={kv}: values rel err {e:e}");
-        let gf = (fused * w.clone()).sum().backward();
+        let gf = (fused * const_on_kernel(&w)).backward();
         let gr = (reference * w).sum().backward();
-        for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
-            let e = rel(t.grad(&gf).unwrap(), t.grad(&gr).unwrap());
+        for (name, tk, t) in [("q", &qk, &q), ("k", &kk, &k), ("v", &vk, &v)] {
+            let e = rel(tk.grad(&gf).unwrap(), t.grad(&gr).unwrap());
             assert!(e <= 1e-5, "H={heads} KV={kv}: d{name} rel err {e:e}");
         }
     }
 }
 
 #[test]
-fn rms_norm_equals_the_reference() {
+fn op_rms_norm_equals_the_reference() {
     let x = random([37, 24], 5).require_grad();
     let w = random([24], 6).require_grad();
     let g = random([37, 24], 7);
     let eps = 1e-6;
-    let fused = rms_norm(x.clone(), w.clone(), eps);
+    let (xk, wk) = (on_kernel(&x), on_kernel(&w));
+    let fused = rms_norm(xk.clone(), wk.clone(), eps);
     let r = (x.clone().square().mean_dim(1) + eps as f64).sqrt().recip();
     let reference = x.clone() * r * w.clone().reshape([1, 24]);
     assert!(rel(fused.clone(), reference.clone()) <= 1e-5);
-    let gf = (fused * g.clone()).sum().backward();
+    let gf = (fused * const_on_kernel(&g)).backward();
     let gr = (reference * g).sum().backward();
     for (name, e) in [
-        ("x", rel(x.grad(&gf).unwrap(), x.grad(&gr).unwrap())),
-        ("w", rel(w.grad(&gf).unwrap(), w.grad(&gr).unwrap())),
+        ("x", rel(xk.grad(&gf).unwrap(), x.grad(&gr).unwrap())),
+        ("w", rel(wk.grad(&gf).unwrap(), w.grad(&gr).unwrap())),
     ] {
         assert!(e <= 1e-5, "d{name} rel err {e:e}");
     }
 }
 
 #[test]
-fn swiglu_equals_the_reference() {
+fn op_swiglu_equals_the_reference() {
     let gate = random([19, 33], 8).require_grad();
     let up = random([19, 33], 9).require_grad();
     let g = random([19, 33], 10);
-    let fused = swiglu(gate.clone(), up.clone());
+    let (gk, uk) = (on_kernel(&gate), on_kernel(&up));
+    let fused = swiglu(gk.clone(), uk.clone());
     let reference = silu(gate.clone()) * up.clone();
     assert!(rel(fused.clone(), reference.clone()) <= 1e-5);
-    let gf = (fused * g.clone()).sum().backward();
+    let gf = (fused * const_on_kernel(&g)).backward();
     let gr = (reference * g).sum().backward();
     for (name, e) in [
-        (
-            "gate",
-            rel(gate.grad(&gf).unwrap(), gate.grad(&gr).unwrap()),
-        ),
-        ("up", rel(up.grad(&gf).unwrap(), up.grad(&gr).unwrap())),
+        ("gate", rel(gk.grad(&gf).unwrap(), gate.grad(&gr).unwrap())),
+        ("up", rel(uk.grad(&gf).unwrap(), up.grad(&gr).unwrap())),
     ] {
         assert!(e <= 1e-5, "d{name} rel err {e:e}");
     }
 }
 
 #[test]
-fn rope_equals_rotate_half() {
+fn op_rope_equals_rotate_half() {
     let (tokens, heads, d) = (11, 3, 10);
     let x = random([tokens, heads, d], 11).require_grad();
     let g = random([tokens, heads, d], 12);
@@ -144,7 +182,8 @@ fn rope_equals_rotate_half() {
     let (cos, sin) = (angles.clone().cos(), angles.sin());
     let cos = Tensor::<2>::from_data(cos.into_data(), &device());
     let sin = Tensor::<2>::from_data(sin.into_data(), &device());
-    let fused = rope(x.clone(), cos.clone(), sin.clone());
+    let xk = on_kernel(&x);
+    let fused = rope(xk.clone(), const_on_kernel(&cos), const_on_kernel(&sin));
     let half = d / 2;
     let rotated = Tensor::cat(
         vec![
@@ -155,10 +194,112 @@ fn rope_equals_rotate_half() {
     );
     let reference = x.clone() * cos.reshape([tokens, 1, d]) + rotated * sin.reshape([tokens, 1, d]);
     assert!(rel(fused.clone(), reference.clone()) <= 1e-5);
-    let gf = (fused * g.clone()).sum().backward();
+    let gf = (fused * const_on_kernel(&g)).backward();
     let gr = (reference * g).sum().backward();
-    let e = rel(x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+    let e = rel(xk.grad(&gf).unwrap(), x.grad(&gr).unwrap());
     assert!(e <= 1e-5, "dx rel err {e:e}");
+}
+
+#[test]
+fn op_selective_logprobs_equal_log_softmax_gather() {
+    if matmul_crashes_here("op_selective_logprobs") {
+        return;
+    }
+    use burn::tensor::activation::log_softmax;
+    use grail_core::fused::{ChunkSizes, ops::selective_logprobs};
+    let (n, h, v) = (45, 12, 203);
+    let temperature = 0.7;
+    let hidden = random([n, h], 19).require_grad();
+    let weight = (random([v, h], 20) * 0.3).detach().require_grad();
+    let g = random([n], 21);
+    let ids: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % v) as i64).collect();
+    let targets =
+        |device: &Device| Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [n]), device);
+    let logits = hidden.clone().matmul(weight.clone().transpose()) / temperature;
+    let logp_all = log_softmax(logits, 1);
+    let reference = logp_all
+        .clone()
+        .gather(1, targets(&device()).reshape([n, 1]))
+        .reshape([n]);
+    let entropy = (logp_all.clone().exp() * logp_all)
+        .sum_dim(1)
+        .neg()
+        .reshape([n]);
+    // Token tiles that do not divide the 45 tokens.
+    let chunks = ChunkSizes {
+        tokens: 16,
+        vocab: 64,
+    };
+    let (hk, wk) = (on_kernel(&hidden), on_kernel(&weight));
+    let (logp, ent) = selective_logprobs(
+        hk.clone(),
+        wk.clone(),
+        targets(&kernel_device()),
+        temperature,
+        chunks,
+        true,
+    );
+    assert!(rel(logp.clone(), reference.clone()) <= 1e-5);
+    assert!(rel(ent, entropy.detach()) <= 1e-5);
+    let gf = (logp * const_on_kernel(&g)).backward();
+    let gr = (reference * g).sum().backward();
+    assert!(rel(hk.grad(&gf).unwrap(), hidden.grad(&gr).unwrap()) <= 1e-5);
+    assert!(rel(wk.grad(&gf).unwrap(), weight.grad(&gr).unwrap()) <= 1e-5);
+}
+
+#[test]
+fn op_adamw_equals_the_formula() {
+    use grail_core::fused::{cpu::AdamWStep, ops::adamw};
+    let shape = [33, 17];
+    let (p, g, m) = (random(shape, 22), random(shape, 23), random(shape, 24));
+    let v = random(shape, 25).abs();
+    let step = AdamWStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.99,
+        epsilon: 1e-8,
+        weight_decay: 0.1,
+        time: 3,
+    };
+    let k = |t: &Tensor<2>| const_on_kernel(t).without_autodiff();
+    let (p1, m1, v1) = adamw(k(&p), k(&g), k(&m), k(&v), step);
+    let m_ref = m * 0.9 + g.clone() * 0.1;
+    let v_ref = v * 0.99 + g.square() * 0.01;
+    let (c1, c2) = (1.0 - 0.9f64.powi(3), 1.0 - 0.99f64.powi(3));
+    let delta = (m_ref.clone() / c1) / ((v_ref.clone() / c2).sqrt() + 1e-8);
+    let p_ref = p * (1.0 - 1e-2 * 0.1) - delta * 1e-2;
+    assert!(rel(p1, p_ref) <= 1e-6);
+    assert!(rel(m1, m_ref) <= 1e-6);
+    assert!(rel(v1, v_ref) <= 1e-6);
+}
+
+#[test]
+fn op_linear_equals_matmul_by_the_transposed_weight() {
+    if matmul_crashes_here("op_linear") {
+        return;
+    }
+    use grail_core::fused::ops::linear;
+    let x = random([37, 19], 15).require_grad();
+    let w = random([23, 19], 16).require_grad();
+    let g = random([37, 23], 17);
+    let (xk, wk) = (on_kernel(&x), on_kernel(&w));
+    let fused = linear(xk.clone(), wk.clone());
+    let reference = x.clone().matmul(w.clone().transpose());
+    assert!(rel(fused.clone(), reference.clone()) <= 1e-5);
+    let gf = (fused * const_on_kernel(&g)).backward();
+    let gr = (reference * g).sum().backward();
+    assert!(rel(xk.grad(&gf).unwrap(), x.grad(&gr).unwrap()) <= 1e-5);
+    assert!(rel(wk.grad(&gf).unwrap(), w.grad(&gr).unwrap()) <= 1e-5);
+}
+
+#[test]
+fn op_sum_squares_and_scale_match_tensor_math() {
+    use grail_core::fused::ops::{scale, sum_squares};
+    let x = random([300, 70], 18).without_autodiff();
+    let want = x.clone().square().sum().into_scalar::<f64>();
+    let xk = const_on_kernel(&x).without_autodiff();
+    assert!((sum_squares(xk.clone()) - want).abs() <= 1e-5 * want);
+    assert!(rel(scale(xk, 0.3), x * 0.3) <= 1e-7);
 }
 
 #[test]
@@ -172,19 +313,35 @@ fn fused_ops_run_without_autodiff_too() {
 
 #[test]
 fn the_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
+    model_fused_on_off(&device());
+}
+
+/// The model-level check on the kernel device, only where that is a real GPU
+/// (`GRAIL_TEST_DEVICE=vulkan[:N]` or `cuda[:N]`): it runs burn's matmul, which lavapipe cannot.
+#[test]
+fn gpu_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
+    let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_default();
+    if name.is_empty() || name == "cpu" || name == "vulkan:cpu" {
+        eprintln!("gpu_model: needs GRAIL_TEST_DEVICE naming a real GPU; not run");
+        return;
+    }
+    model_fused_on_off(&kernel_device());
+}
+
+fn model_fused_on_off(device: &Device) {
     use burn::tensor::Int;
     use grail_core::model::{CausalLm, Layout, ModelConfig};
     // GQA 2, odd lengths, two packed rows with a padding tail.
     let config = ModelConfig::qwen2(97, 48, 80, 2, 4, 2, 256, false);
-    let fused = CausalLm::init(&config, 3, &device());
+    let fused = CausalLm::init(&config, 3, device);
     let plain = fused.clone().with_fused_ops(false);
     assert!(fused.uses_fused_ops() && !plain.uses_fused_ops());
     let lens = vec![vec![1, 37, 70], vec![65, 11]];
     let cols = 110;
     let ids: Vec<i64> = (0..2 * cols).map(|i| (i * 7 % 97) as i64).collect();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, cols]), &device());
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, cols]), device);
     let layout = Layout::Packed { rows: lens };
-    let w = random([2, cols, 97], 14);
+    let w = Tensor::<3>::from_data(random([2, cols, 97], 14).to_data(), device);
     let out_f = fused.forward(ids.clone(), &layout).unwrap();
     let out_p = plain.forward(ids, &layout).unwrap();
     // Padding positions differ by design (zeros vs attention over padding): compare the first
@@ -225,30 +382,6 @@ fn the_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
         .grad(&gp)
         .unwrap();
     assert!(rel(norm_f, norm_p) <= 1e-5);
-}
-
-#[test]
-fn linear_equals_matmul_by_the_transposed_weight() {
-    use grail_core::fused::ops::linear;
-    let x = random([37, 19], 15).require_grad();
-    let w = random([23, 19], 16).require_grad();
-    let g = random([37, 23], 17);
-    let fused = linear(x.clone(), w.clone());
-    let reference = x.clone().matmul(w.clone().transpose());
-    assert!(rel(fused.clone(), reference.clone()) <= 1e-5);
-    let gf = (fused * g.clone()).sum().backward();
-    let gr = (reference * g).sum().backward();
-    assert!(rel(x.grad(&gf).unwrap(), x.grad(&gr).unwrap()) <= 1e-5);
-    assert!(rel(w.grad(&gf).unwrap(), w.grad(&gr).unwrap()) <= 1e-5);
-}
-
-#[test]
-fn sum_squares_and_scale_match_tensor_math() {
-    use grail_core::fused::ops::{scale, sum_squares};
-    let x = random([300, 70], 18).without_autodiff();
-    let want = x.clone().square().sum().into_scalar::<f64>();
-    assert!((sum_squares(x.clone()) - want).abs() <= 1e-5 * want);
-    assert!(rel(scale(x.clone(), 0.3), x * 0.3) <= 1e-7);
 }
 
 #[test]

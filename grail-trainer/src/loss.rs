@@ -504,7 +504,6 @@ pub fn naive_grpo_loss(
 ) -> Result<(LossStats, Tensor<1>)> {
     let n = hidden.dims()[0];
     validate_batch(cfg, batch, n, &targets)?;
-    let device = hidden.device();
     let logits = hidden.matmul(weight.transpose()) / cfg.temperature;
     let logprobs = burn::tensor::activation::log_softmax(logits, 1);
     let entropy_sum = (logprobs.clone().exp() * logprobs.clone())
@@ -512,6 +511,47 @@ pub fn naive_grpo_loss(
         .neg()
         .into_scalar::<f64>();
     let logp = logprobs.gather(1, targets.reshape([n, 1])).reshape([n]);
+    grpo_loss_on_logp(cfg, norm, batch, logp, entropy_sum)
+}
+
+/// The fused path on the autodiff graph: log-probs from the differentiable fused op
+/// ([`grail_core::fused::ops::selective_logprobs`], whose backward node recomputes each tile), then
+/// the loss. `hidden`/`weight` are on the model's autodiff graph; call `backward()` on the loss.
+/// Needs a backend with the fused kernels (`grail_core::fused::ops::supported`).
+pub fn fused_autodiff_grpo_loss(
+    cfg: &GrpoLossConfig,
+    norm: StepNormalizer,
+    batch: &LossBatch,
+    hidden: Tensor<2>,
+    weight: Tensor<2>,
+    targets: Tensor<1, Int>,
+    chunks: ChunkSizes,
+) -> Result<(LossStats, Tensor<1>)> {
+    let n = hidden.dims()[0];
+    validate_batch(cfg, batch, n, &targets)?;
+    let (logp, entropy) = grail_core::fused::ops::selective_logprobs(
+        hidden,
+        weight,
+        targets,
+        cfg.temperature,
+        chunks,
+        true,
+    );
+    let entropy_sum = entropy.sum().into_scalar::<f64>();
+    grpo_loss_on_logp(cfg, norm, batch, logp, entropy_sum)
+}
+
+/// The loss and its stats from per-token log-probs `logp` `[tokens]` (aligned with
+/// `batch.cells`, on whatever autodiff graph produced them) and the entropy sum.
+fn grpo_loss_on_logp(
+    cfg: &GrpoLossConfig,
+    norm: StepNormalizer,
+    batch: &LossBatch,
+    logp: Tensor<1>,
+    entropy_sum: f64,
+) -> Result<(LossStats, Tensor<1>)> {
+    let n = logp.dims()[0];
+    let device = logp.device();
     let logp_host = host_f32(logp.clone().without_autodiff());
     // Scatter the token log-probs into the grid (cells without a token read the appended zero).
     let size = batch.sequences * batch.width;

@@ -20,7 +20,10 @@ use crate::advantages::compute_advantages;
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainerError};
 use crate::flops::train_flops;
-use crate::loss::{LossBatch, LossStats, StepNormalizer, fused_grpo_loss, naive_grpo_loss};
+use crate::loss::{
+    LossBatch, LossStats, StepNormalizer, fused_autodiff_grpo_loss, fused_grpo_loss,
+    naive_grpo_loss,
+};
 use crate::off_policy::IsStats;
 use crate::optimizer::FusedAdamW;
 use crate::packing::pack;
@@ -689,6 +692,9 @@ impl GrpoTrainer {
             clock = now;
             s
         };
+        // The differentiable fused log-prob op where the model runs its fused kernels; elsewhere
+        // (other backends, or fused ops switched off) the portable surrogate path.
+        let fused_autodiff = model.uses_fused_ops();
         let mut accum = GradientsAccumulator::<CausalLm>::new();
         let mut stats = LossStats::default();
         let mut allocated = 0;
@@ -727,7 +733,22 @@ impl GrpoTrainer {
                 )?;
                 times.loss_s += lap();
                 (s, loss.backward())
+            } else if fused_autodiff {
+                // The fused log-prob op is a node on the model's graph: one backward.
+                let (s, loss) = fused_autodiff_grpo_loss(
+                    &cfg.loss,
+                    p.norm,
+                    &batch,
+                    hidden,
+                    weight,
+                    mb.targets.clone(),
+                    cfg.logprob_chunks,
+                )?;
+                times.loss_s += lap();
+                (s, loss.backward())
             } else {
+                // Backends without the fused kernels: chunked tensor ops on plain tensors, the
+                // gradients handed to the graph through a surrogate.
                 let h = hidden.clone().without_autodiff();
                 let w = weight.clone().without_autodiff();
                 let targets = mb.targets.clone().without_autodiff();

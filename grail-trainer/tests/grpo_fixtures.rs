@@ -6,7 +6,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use grail_core::fixtures::{FixtureTensor, fixtures_root, read_tensors};
 use grail_core::fused::ChunkSizes;
 use grail_trainer::loss::{
-    GrpoLossConfig, ImportanceSamplingLevel, LossBatch, LossType, StepNormalizer, fused_grpo_loss,
+    GrpoLossConfig, ImportanceSamplingLevel, LossBatch, LossType, StepNormalizer,
+    fused_autodiff_grpo_loss, fused_grpo_loss,
 };
 use serde_json::Value;
 use std::collections::HashMap;
@@ -180,6 +181,44 @@ fn every_liger_case_matches_through_the_fused_path() {
                 let e = rel(&[stats.kl() as f32], &kl.values);
                 assert!(e <= TOL, "{what}: kl {} vs {:?}", stats.kl(), kl.values);
             }
+
+            // The same loss through the differentiable fused op (a backward node on the graph).
+            let h_ad = hidden_real.clone().autodiff().require_grad();
+            let w_ad = weight.clone().autodiff().require_grad();
+            let (stats, loss) = fused_autodiff_grpo_loss(
+                &cfg,
+                norm,
+                &batch,
+                h_ad.clone(),
+                w_ad.clone(),
+                targets_real.clone().autodiff(),
+                chunks,
+            )
+            .unwrap();
+            let e = rel(&[stats.loss as f32], &expected["loss"].values);
+            assert!(e <= TOL, "{what} (autodiff op): loss rel {e:e}");
+            let grads = loss.backward();
+            let gh_full = Tensor::<2>::zeros([b * t, h], &device).select_assign(
+                0,
+                idx.clone(),
+                h_ad.grad(&grads).unwrap(),
+                burn::tensor::IndexingUpdateOp::Add,
+            );
+            let e = rel(
+                &gh_full.into_data().try_to_vec::<f32>().unwrap(),
+                &expected["grad_hidden"].values,
+            );
+            assert!(e <= TOL, "{what} (autodiff op): grad_hidden rel {e:e}");
+            let e = rel(
+                &w_ad
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
+                &expected["grad_weight"].values,
+            );
+            assert!(e <= TOL, "{what} (autodiff op): grad_weight rel {e:e}");
         }
     }
 }

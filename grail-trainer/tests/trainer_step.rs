@@ -401,6 +401,8 @@ fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
 
 #[test]
 fn a_grpo_step_has_the_same_loss_and_gradients_with_fused_ops_on_and_off() {
+    // On: fused kernels and the log-prob op as a backward node on the model's graph. Off: plain
+    // tensor math and the portable surrogate path for the log-probs.
     let data = groups(3, 4, 2);
     let cfg = base_config(LossType::Dapo);
     let run = |fused: bool| {

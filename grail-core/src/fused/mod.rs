@@ -4,6 +4,8 @@
 //!   lm_head weight, in chunks, so that the `[tokens × vocab]` logits never exist.
 
 pub mod cpu;
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+pub mod cube;
 pub mod logprob;
 pub mod ops;
 

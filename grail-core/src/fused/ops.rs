@@ -2,8 +2,9 @@
 //! rotate-half RoPE, each one kernel forward and one backward, with a hand-written autodiff node.
 //!
 //! Routing: `#[backend_extension]` dispatches a call to the backend the tensors live on. Flex runs
-//! the CPU kernels of [`super::cpu`]; `Autodiff<B>` records one backward node per op that calls the
-//! inner backend's backward kernel. Other backends have no implementation yet: call
+//! the CPU kernels of [`super::cpu`], the CubeCL backends (`vulkan`/`cuda` features) the `#[cube]`
+//! kernels of `super::cube`; `Autodiff<B>` records one backward node per op that calls the inner
+//! backend's backward kernel. Other backends (none ship today) have no implementation: call
 //! [`supported`] first (the model falls back to unfused tensor math where it is false).
 //!
 //! Every op keeps only what its backward needs: attention the per-row log-sum-exp (O(tokens),
@@ -26,8 +27,10 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use super::cpu::{self, AttentionDims, LogprobDims};
 
 /// The fused ops every supported backend implements. The `*_forward` / `*_backward` pairs are the
-/// kernels; `attention`, `rms_norm`, `swiglu` and `rope` are the differentiable entry points.
-#[backend_extension(Flex, Autodiff)]
+/// kernels; `fused_attention`, `fused_linear`, `fused_rms_norm`, `fused_swiglu`, `fused_rope` and
+/// `fused_logprob` are the differentiable entry points: their default bodies run the forward
+/// kernel, and `Autodiff<B>` overrides them to record the backward node.
+#[backend_extension(Flex, Cube: cfg(any(feature = "vulkan", feature = "cuda")), Autodiff)]
 pub trait FusedOps: Backend {
     /// Causal attention within each `(start, len)` segment of the token axis: `q` `[T, H, d]`,
     /// `k`/`v` `[T, KV, d]` → `[T, H, d]`.
@@ -37,7 +40,9 @@ pub trait FusedOps: Backend {
         v: FloatTensor<Self>,
         segments: Vec<(usize, usize)>,
         scale: f32,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        Self::fused_attention_forward(q, k, v, segments, scale).0
+    }
     /// Kernel: attention output and per-row log-sum-exp `[T, H]`.
     fn fused_attention_forward(
         q: FloatTensor<Self>,
@@ -60,7 +65,9 @@ pub trait FusedOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// `x [N, in] · Wᵀ` for `W` `[out, in]`; its weight gradient comes out contiguous.
-    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::fused_linear_forward(x, w)
+    }
     /// Kernel: the product.
     fn fused_linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Kernel: `(dx, dW)`.
@@ -71,7 +78,9 @@ pub trait FusedOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// RMSNorm over the last axis of `x` `[N, C]` with weight `w` `[C]`.
-    fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
+    fn fused_rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        Self::fused_rms_norm_forward(x, w, eps).0
+    }
     /// Kernel: output and inverse RMS `[N]`.
     fn fused_rms_norm_forward(
         x: FloatTensor<Self>,
@@ -87,7 +96,9 @@ pub trait FusedOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// `silu(gate) · up`, element-wise (`[N, I]`).
-    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::fused_swiglu_forward(gate, up)
+    }
     /// Kernel: the forward.
     fn fused_swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Kernel: `(dgate, dup)` recomputed from the inputs.
@@ -102,7 +113,9 @@ pub trait FusedOps: Backend {
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        Self::fused_rope_forward(x, cos, sin, false)
+    }
     /// Kernel: the rotation, or its transpose (`inverse`), which is its backward.
     fn fused_rope_forward(
         x: FloatTensor<Self>,
@@ -130,6 +143,31 @@ pub trait FusedOps: Backend {
         weight_decay: f32,
         time: i32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Selective log-probs as a differentiable op: `(logp, entropy)`, each `[tokens]`; only `logp`
+    /// carries gradients (to `hidden` and `weight`, through a backward node that recomputes each
+    /// tile from the saved log-sum-exp). Entropy is zeros unless asked for.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_logprob(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        inv_t: f32,
+        tile_tokens: usize,
+        tile_vocab: usize,
+        with_entropy: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (logp, _, entropy) = Self::fused_logprob_forward(
+            hidden,
+            weight,
+            targets,
+            inv_t,
+            tile_tokens,
+            tile_vocab,
+            with_entropy,
+        );
+        (logp, entropy)
+    }
 
     /// Kernel: selective log-probs of `targets` under `softmax(hidden · weightᵀ · inv_t)` in
     /// `[tile_tokens × tile_vocab]` tiles: `(logp, lse, entropy)`, each `[tokens]` (entropy zeros
@@ -209,16 +247,6 @@ fn attention_dims(q: &FlexTensor, k: &FlexTensor) -> AttentionDims {
 }
 
 impl FusedOps for Flex {
-    fn fused_attention(
-        q: FlexTensor,
-        k: FlexTensor,
-        v: FlexTensor,
-        segments: Vec<(usize, usize)>,
-        scale: f32,
-    ) -> FlexTensor {
-        Self::fused_attention_forward(q, k, v, segments, scale).0
-    }
-
     fn fused_attention_forward(
         q: FlexTensor,
         k: FlexTensor,
@@ -261,10 +289,6 @@ impl FusedOps for Flex {
         (flex(dq, q.shape()), flex(dk, kv_shape), flex(dv, kv_shape))
     }
 
-    fn fused_linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
-        Self::fused_linear_forward(x, w)
-    }
-
     fn fused_linear_forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
         let (n, in_f, out_f) = (x.shape()[0], x.shape()[1], w.shape()[0]);
         flex(
@@ -283,10 +307,6 @@ impl FusedOps for Flex {
         (flex(dx, [n, in_f]), flex(dw, [out_f, in_f]))
     }
 
-    fn fused_rms_norm(x: FlexTensor, w: FlexTensor, eps: f32) -> FlexTensor {
-        Self::fused_rms_norm_forward(x, w, eps).0
-    }
-
     fn fused_rms_norm_forward(x: FlexTensor, w: FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
         let (y, r) = cpu::rms_norm_forward(&host(&x), &host(&w), eps);
         let rows = r.len();
@@ -303,10 +323,6 @@ impl FusedOps for Flex {
         (flex(dx, x.shape()), flex(dw, w.shape()))
     }
 
-    fn fused_swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
-        Self::fused_swiglu_forward(gate, up)
-    }
-
     fn fused_swiglu_forward(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
         flex(cpu::swiglu_forward(&host(&gate), &host(&up)), gate.shape())
     }
@@ -318,10 +334,6 @@ impl FusedOps for Flex {
     ) -> (FlexTensor, FlexTensor) {
         let (dg, du) = cpu::swiglu_backward(&host(&gate), &host(&up), &host(&dout));
         (flex(dg, gate.shape()), flex(du, up.shape()))
-    }
-
-    fn fused_rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
-        Self::fused_rope_forward(x, cos, sin, false)
     }
 
     fn fused_rope_forward(
@@ -516,6 +528,30 @@ impl<B: FusedOps> Backward<B, 1> for RopeBackward {
             ops.parents,
             [B::fused_rope_forward(dout, cos, sin, true)]
         );
+    }
+}
+
+#[derive(Debug)]
+struct LogprobBackward;
+
+impl<B: FusedOps> Backward<B, 2> for LogprobBackward {
+    #[allow(clippy::type_complexity)]
+    type State = ([FloatTensor<B>; 3], IntTensor<B>, f32, usize, usize);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let ([hidden, weight, lse], targets, inv_t, tile_tokens, tile_vocab) = ops.state;
+        let (dh, dw) = B::fused_logprob_backward(
+            hidden,
+            weight,
+            targets,
+            lse,
+            grad,
+            inv_t,
+            tile_tokens,
+            tile_vocab,
+        );
+        give!(B, grads, ops.parents, [dh, dw]);
     }
 }
 
@@ -778,6 +814,36 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Ad<B, C> {
         )
     }
 
+    fn fused_logprob(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        inv_t: f32,
+        tile_tokens: usize,
+        tile_vocab: usize,
+        with_entropy: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (hp, wp) = (hidden.primitive().clone(), weight.primitive().clone());
+        let forward = |h, w, t| {
+            B::fused_logprob_forward(h, w, t, inv_t, tile_tokens, tile_vocab, with_entropy)
+        };
+        match LogprobBackward
+            .prepare::<C>([hidden.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (logp, lse, ent) = forward(hp.clone(), wp.clone(), targets.clone());
+                let state = ([hp, wp, lse], targets, inv_t, tile_tokens, tile_vocab);
+                (prep.finish(state, logp), Self::from_inner(ent))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (logp, _, ent) = forward(hp, wp, targets);
+                (prep.finish(logp), Self::from_inner(ent))
+            }
+        }
+    }
+
     fn fused_logprob_forward(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -830,8 +896,21 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Ad<B, C> {
 // ---------------------------------------------------------------------------------------------
 // The tensor-level API.
 
-/// Whether the fused ops run on `device` (Flex, with or without autodiff).
+/// Whether the fused ops run on `device`: Flex (the CPU kernels) and, with the `vulkan`/`cuda`
+/// features, the CubeCL backends ([`super::cube`]); with or without autodiff.
 pub fn supported(device: &Device) -> bool {
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        #[cfg(any(feature = "vulkan", feature = "cuda"))]
+        DispatchDevice::Cube(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// Whether the device's tensors live in host memory, where the CPU-only paths (the host KV cache
+/// and its cached-attention kernel used by generation) can read them directly.
+pub fn host_kernels(device: &Device) -> bool {
     matches!(
         device.clone().inner().as_dispatch(),
         DispatchDevice::Flex(_)
@@ -988,4 +1067,27 @@ pub fn scale<const D: usize>(x: Tensor<D>, factor: f32) -> Tensor<D> {
         x.into_dispatch(),
         factor,
     ))
+}
+
+/// Differentiable selective log-probs `log softmax(hidden · weightᵀ / temperature)[targets]` and
+/// (when asked, without gradient) the entropies, `[tokens]` each, through the fused kernels: the
+/// `[tokens × vocab]` logits never exist, forward or backward. Needs [`supported`].
+pub fn selective_logprobs(
+    hidden: Tensor<2>,
+    weight: Tensor<2>,
+    targets: Tensor<1, Int>,
+    temperature: f64,
+    chunks: super::ChunkSizes,
+    with_entropy: bool,
+) -> (Tensor<1>, Tensor<1>) {
+    let (logp, ent) = <Dispatch as FusedOps>::fused_logprob(
+        hidden.into_dispatch(),
+        weight.into_dispatch(),
+        targets.into_dispatch(),
+        (1.0 / temperature) as f32,
+        chunks.tokens,
+        chunks.vocab,
+        with_entropy,
+    );
+    (Tensor::from_dispatch(logp), Tensor::from_dispatch(ent))
 }
