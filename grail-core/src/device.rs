@@ -6,12 +6,14 @@ use burn::tensor::Device;
 use crate::error::{GrailError, Result};
 
 /// Parses a device name: `"cpu"` (the Flex backend), and with the matching cargo features
-/// `"vulkan"`/`"vulkan:N"` (N-th discrete GPU), `"vulkan:cpu"` (Mesa's lavapipe CPU driver) or `"cuda"`/`"cuda:N"`.
+/// `"vulkan"`/`"vulkan:N"` (N-th discrete GPU), `"vulkan:cpu"` (Mesa's lavapipe CPU driver) or
+/// `"cuda"`/`"cuda:N"`. A Vulkan device is brought up here, so a machine without the adapter
+/// gets an error naming the adapters it has, not a panic inside the first tensor operation.
 pub fn parse_device(name: &str) -> Result<Device> {
     // The CPU's Vulkan driver (Mesa lavapipe): slow, but it runs the CubeCL kernels anywhere.
     #[cfg(feature = "vulkan")]
     if name == "vulkan:cpu" {
-        return Ok(Device::vulkan(burn::tensor::DeviceKind::Cpu));
+        return vulkan_device(name, burn::tensor::DeviceKind::Cpu);
     }
     let (kind, index) = match name.split_once(':') {
         Some((k, i)) => {
@@ -25,7 +27,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
     match kind {
         "cpu" | "flex" => Ok(Device::flex()),
         #[cfg(feature = "vulkan")]
-        "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index))),
+        "vulkan" => vulkan_device(name, burn::tensor::DeviceKind::DiscreteGpu(index)),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Device::cuda(index)),
         // Reached only for a backend this build lacks (the arms above take the others).
@@ -44,6 +46,38 @@ pub fn parse_device(name: &str) -> Result<Device> {
             "device",
             name,
             "unknown device (expected \"cpu\", \"vulkan[:N]\" or \"cuda[:N]\")",
+        )),
+    }
+}
+
+/// Brings up the Vulkan runtime for `kind` once per process (later calls reuse it).
+#[cfg(feature = "vulkan")]
+fn vulkan_device(name: &str, kind: burn::tensor::DeviceKind) -> Result<Device> {
+    use burn::tensor::wgpu::{WgpuBackend, WgpuInitError};
+    use std::sync::Mutex;
+    static READY: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
+    if ready.iter().any(|n| n == name) {
+        return Ok(Device::vulkan(kind));
+    }
+    match Device::wgpu_options()
+        .device_kind(kind.clone())
+        .graphics_api(WgpuBackend::Vulkan)
+        .init()
+    {
+        Ok(device) => {
+            ready.push(name.to_string());
+            Ok(device)
+        }
+        // Someone (a tensor operation) initialised this runtime before us: it is usable.
+        Err(WgpuInitError::Registration { .. }) => {
+            ready.push(name.to_string());
+            Ok(Device::vulkan(kind))
+        }
+        Err(e) => Err(GrailError::config(
+            "device",
+            name,
+            format!("no usable Vulkan adapter: {e}"),
         )),
     }
 }

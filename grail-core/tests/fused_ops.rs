@@ -413,3 +413,14 @@ fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
         assert!(e <= 1e-5, "cached logits rel err {e:e}");
     }
 }
+
+/// A Vulkan adapter that does not exist is a configuration error naming the device, not a panic
+/// inside the first tensor operation.
+#[cfg(feature = "vulkan")]
+#[test]
+fn a_missing_vulkan_adapter_is_a_clear_error() {
+    let err = grail_core::device::parse_device("vulkan:99")
+        .expect_err("no machine has 100 discrete GPUs")
+        .to_string();
+    assert!(err.contains("device") && err.contains("vulkan:99"), "{err}");
+}
