@@ -903,7 +903,7 @@ impl FusedOps for CubeBackend {
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
         let (hidden, weight) = (f32_contiguous(hidden), f32_contiguous(weight));
         let targets = into_contiguous(B::int_into_float(targets, burn::tensor::FloatDType::F32));
-        let (tokens, vocab) = (hidden.shape()[0], weight.shape()[0]);
+        let tokens = hidden.shape()[0];
         let (logp, lse, ent) = (
             empty_like(&hidden, [tokens]),
             empty_like(&hidden, [tokens]),
@@ -912,21 +912,12 @@ impl FusedOps for CubeBackend {
         let wt = B::float_transpose(weight);
         for (row0, rows) in tiles(tokens, tile_tokens) {
             let logits = scaled_logits(&hidden, &wt, row0, rows, inv_t);
-            let (count, dim) = grid(&hidden, rows);
-            logprob_rows_kernel::launch(
-                &hidden.client,
-                count,
-                dim,
-                arg(&logits),
-                arg(&targets),
-                arg(&logp),
-                arg(&lse),
-                arg(&ent),
-                rows as u32,
-                vocab as u32,
-                row0 as u32,
-                with_entropy,
-            );
+            let outputs = LogprobOutputs {
+                logp: &logp,
+                lse: &lse,
+                entropy: &ent,
+            };
+            logprob_rows(&logits, &targets, outputs, row0, with_entropy);
         }
         (logp, lse, ent)
     }
@@ -944,27 +935,13 @@ impl FusedOps for CubeBackend {
         let (hidden, weight) = (f32_contiguous(hidden), f32_contiguous(weight));
         let (lse, grad) = (f32_contiguous(lse), f32_contiguous(grad));
         let targets = into_contiguous(B::int_into_float(targets, burn::tensor::FloatDType::F32));
-        let (tokens, vocab) = (hidden.shape()[0], weight.shape()[0]);
+        let tokens = hidden.shape()[0];
         let wt = B::float_transpose(weight.clone());
         let mut dh_tiles = Vec::new();
         let mut dw: Option<CubeTensor> = None;
         for (row0, rows) in tiles(tokens, tile_tokens) {
             let logits = scaled_logits(&hidden, &wt, row0, rows, inv_t);
-            let g = empty_like(&hidden, [rows, vocab]);
-            let (count, dim) = grid(&hidden, rows * vocab);
-            logprob_grad_kernel::launch(
-                &hidden.client,
-                count,
-                dim,
-                arg(&logits),
-                arg(&targets),
-                arg(&lse),
-                arg(&grad),
-                arg(&g),
-                vocab as u32,
-                row0 as u32,
-                inv_t,
-            );
+            let g = logprob_tile_grad(&logits, &targets, &lse, &grad, row0, inv_t);
             let h = B::float_slice(hidden.clone(), &[Slice::from(row0..row0 + rows)]);
             dh_tiles.push(B::float_matmul(g.clone(), weight.clone()));
             let tile_dw = B::float_matmul(B::float_transpose(g), h);
@@ -988,6 +965,69 @@ impl FusedOps for CubeBackend {
     }
 }
 
+/// The per-token outputs of the log-prob forward, `[tokens]` each.
+struct LogprobOutputs<'a> {
+    logp: &'a CubeTensor,
+    lse: &'a CubeTensor,
+    entropy: &'a CubeTensor,
+}
+
+/// Log-sum-exp, target log-prob and entropy of each row of a `[rows, vocab]` tile of scaled
+/// logits, written at `row0..row0 + rows` of the outputs.
+fn logprob_rows(
+    logits: &CubeTensor,
+    targets: &CubeTensor,
+    out: LogprobOutputs<'_>,
+    row0: usize,
+    with_entropy: bool,
+) {
+    let (rows, vocab) = (logits.shape()[0], logits.shape()[1]);
+    let (count, dim) = grid(logits, rows);
+    logprob_rows_kernel::launch(
+        &logits.client,
+        count,
+        dim,
+        arg(logits),
+        arg(targets),
+        arg(out.logp),
+        arg(out.lse),
+        arg(out.entropy),
+        rows as u32,
+        vocab as u32,
+        row0 as u32,
+        with_entropy,
+    );
+}
+
+/// `dL/dz · inv_t` over a `[rows, vocab]` tile of scaled logits whose rows are tokens
+/// `row0..row0 + rows` (`lse`, `grad`, `targets` are `[tokens]`).
+fn logprob_tile_grad(
+    logits: &CubeTensor,
+    targets: &CubeTensor,
+    lse: &CubeTensor,
+    grad: &CubeTensor,
+    row0: usize,
+    inv_t: f32,
+) -> CubeTensor {
+    let (rows, vocab) = (logits.shape()[0], logits.shape()[1]);
+    let g = empty_like(logits, [rows, vocab]);
+    let (count, dim) = grid(logits, rows * vocab);
+    logprob_grad_kernel::launch(
+        &logits.client,
+        count,
+        dim,
+        arg(logits),
+        arg(targets),
+        arg(lse),
+        arg(grad),
+        arg(&g),
+        vocab as u32,
+        row0 as u32,
+        inv_t,
+    );
+    g
+}
+
 /// `(first row, rows)` of each tile of `tile` tokens.
 fn tiles(tokens: usize, tile: usize) -> impl Iterator<Item = (usize, usize)> {
     let tile = tile.max(1);
@@ -1007,4 +1047,96 @@ fn scaled_logits(
     let h = B::float_slice(hidden.clone(), &[Slice::from(row0..row0 + rows)]);
     let logits = B::float_mul_scalar(B::float_matmul(h, wt.clone()), inv_t.into());
     into_contiguous(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The log-prob row kernels on their own, fed logits directly: the full op also needs burn's
+    //! matmul, which lavapipe cannot run, so this is what CI can check of them on CPU Vulkan.
+    use super::*;
+    use burn::backend::DispatchDevice;
+    use burn::tensor::TensorData;
+
+    fn device() -> burn_cubecl::CubeDevice {
+        let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_else(|_| "vulkan:cpu".into());
+        let device = crate::device::parse_device(&name).expect("a Vulkan device");
+        match device.inner().as_dispatch().clone() {
+            DispatchDevice::Cube(d) => d,
+            _ => panic!("{name} is not a CubeCL device"),
+        }
+    }
+
+    fn upload(values: Vec<f32>, shape: impl Into<Shape>) -> CubeTensor {
+        B::float_from_data(TensorData::new(values, shape.into()), &device())
+    }
+
+    fn read(t: CubeTensor) -> Vec<f32> {
+        cubecl::future::block_on(B::float_into_data(t))
+            .expect("readback")
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn logprob_rows_and_tile_gradient_match_the_formulas() {
+        let (tokens, vocab, row0, rows) = (7, 37, 2, 4);
+        let inv_t = 1.0 / 0.7;
+        let logits: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 7919 % 103) as f32 / 17.0 - 3.0) * inv_t)
+            .collect();
+        let targets: Vec<f32> = (0..tokens).map(|t| ((t * 11 + 3) % vocab) as f32).collect();
+        let grad: Vec<f32> = (0..tokens).map(|t| 0.5 - t as f32 * 0.2).collect();
+        let tile = upload(logits.clone(), [rows, vocab]);
+        let target_t = upload(targets.clone(), [tokens]);
+        let zeros = || upload(vec![0.0; tokens], [tokens]);
+        let (logp, lse, ent) = (zeros(), zeros(), zeros());
+        let out = LogprobOutputs {
+            logp: &logp,
+            lse: &lse,
+            entropy: &ent,
+        };
+        logprob_rows(&tile, &target_t, out, row0, true);
+        let g = logprob_tile_grad(
+            &tile,
+            &target_t,
+            &lse,
+            &upload(grad.clone(), [tokens]),
+            row0,
+            inv_t,
+        );
+        let (logp, lse, ent, g) = (read(logp), read(lse), read(ent), read(g));
+        for r in 0..rows {
+            let z = &logits[r * vocab..(r + 1) * vocab];
+            let m = z
+                .iter()
+                .cloned()
+                .fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
+            let sum: f64 = z.iter().map(|&x| (x as f64 - m).exp()).sum();
+            let l = m + sum.ln();
+            let t = row0 + r;
+            let target = targets[t] as usize;
+            let entropy = l - z
+                .iter()
+                .map(|&x| (x as f64 - l).exp() * x as f64)
+                .sum::<f64>();
+            assert!((lse[t] as f64 - l).abs() < 1e-5, "lse row {t}");
+            assert!(
+                (logp[t] as f64 - (z[target] as f64 - l)).abs() < 1e-5,
+                "logp row {t}"
+            );
+            assert!((ent[t] as f64 - entropy).abs() < 1e-4, "entropy row {t}");
+            for c in 0..vocab {
+                let p = (z[c] as f64 - l).exp();
+                let onehot = if c == target { 1.0 } else { 0.0 };
+                let want = grad[t] as f64 * inv_t as f64 * (onehot - p);
+                assert!(
+                    (g[r * vocab + c] as f64 - want).abs() < 1e-6,
+                    "grad {t},{c}"
+                );
+            }
+        }
+        // Rows outside the tile are untouched.
+        assert_eq!((logp[0], logp[tokens - 1]), (0.0, 0.0));
+    }
 }
