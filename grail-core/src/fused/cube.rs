@@ -27,6 +27,7 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use burn::backend::ops::{FloatTensorOps, IntTensorOps};
 
+use super::logprob::ranges;
 use super::ops::FusedOps;
 
 type B = CubeBackend;
@@ -902,7 +903,7 @@ impl FusedOps for CubeBackend {
         with_entropy: bool,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
         let (hidden, weight) = (f32_contiguous(hidden), f32_contiguous(weight));
-        let targets = into_contiguous(B::int_into_float(targets, burn::tensor::FloatDType::F32));
+        let targets = float_targets(targets);
         let tokens = hidden.shape()[0];
         let (logp, lse, ent) = (
             empty_like(&hidden, [tokens]),
@@ -910,14 +911,15 @@ impl FusedOps for CubeBackend {
             empty_like(&hidden, [tokens]),
         );
         let wt = B::float_transpose(weight);
-        for (row0, rows) in tiles(tokens, tile_tokens) {
-            let logits = scaled_logits(&hidden, &wt, row0, rows, inv_t);
+        for rows in ranges(tokens, tile_tokens) {
+            let h = B::float_slice(hidden.clone(), &[Slice::from(rows.clone())]);
+            let logits = scaled_logits(h, &wt, inv_t);
             let outputs = LogprobOutputs {
                 logp: &logp,
                 lse: &lse,
                 entropy: &ent,
             };
-            logprob_rows(&logits, &targets, outputs, row0, with_entropy);
+            logprob_rows(&logits, &targets, outputs, rows.start, with_entropy);
         }
         (logp, lse, ent)
     }
@@ -934,15 +936,15 @@ impl FusedOps for CubeBackend {
     ) -> (CubeTensor, CubeTensor) {
         let (hidden, weight) = (f32_contiguous(hidden), f32_contiguous(weight));
         let (lse, grad) = (f32_contiguous(lse), f32_contiguous(grad));
-        let targets = into_contiguous(B::int_into_float(targets, burn::tensor::FloatDType::F32));
+        let targets = float_targets(targets);
         let tokens = hidden.shape()[0];
         let wt = B::float_transpose(weight.clone());
         let mut dh_tiles = Vec::new();
         let mut dw: Option<CubeTensor> = None;
-        for (row0, rows) in tiles(tokens, tile_tokens) {
-            let logits = scaled_logits(&hidden, &wt, row0, rows, inv_t);
-            let g = logprob_tile_grad(&logits, &targets, &lse, &grad, row0, inv_t);
-            let h = B::float_slice(hidden.clone(), &[Slice::from(row0..row0 + rows)]);
+        for rows in ranges(tokens, tile_tokens) {
+            let h = B::float_slice(hidden.clone(), &[Slice::from(rows.clone())]);
+            let logits = scaled_logits(h.clone(), &wt, inv_t);
+            let g = logprob_tile_grad(&logits, &targets, &lse, &grad, rows.start, inv_t);
             dh_tiles.push(B::float_matmul(g.clone(), weight.clone()));
             let tile_dw = B::float_matmul(B::float_transpose(g), h);
             dw = Some(match dw {
@@ -1028,23 +1030,15 @@ fn logprob_tile_grad(
     g
 }
 
-/// `(first row, rows)` of each tile of `tile` tokens.
-fn tiles(tokens: usize, tile: usize) -> impl Iterator<Item = (usize, usize)> {
-    let tile = tile.max(1);
-    (0..tokens)
-        .step_by(tile)
-        .map(move |r| (r, tile.min(tokens - r)))
+/// Target ids as f32 (exact below 2²⁴, far above any vocabulary), so the row kernels read them
+/// without a host round trip or an integer-dtype variant.
+fn float_targets(targets: CubeTensor) -> CubeTensor {
+    into_contiguous(B::int_into_float(targets, burn::tensor::FloatDType::F32))
 }
 
-/// `hidden[row0..row0+rows] · Wᵀ · inv_t`, contiguous `[rows, vocab]`: the only logits that exist.
-fn scaled_logits(
-    hidden: &CubeTensor,
-    wt: &CubeTensor,
-    row0: usize,
-    rows: usize,
-    inv_t: f32,
-) -> CubeTensor {
-    let h = B::float_slice(hidden.clone(), &[Slice::from(row0..row0 + rows)]);
+/// A tile's hidden rows `h` `[rows, width]` times `Wᵀ · inv_t`, contiguous `[rows, vocab]`: the
+/// only logits that exist.
+fn scaled_logits(h: CubeTensor, wt: &CubeTensor, inv_t: f32) -> CubeTensor {
     let logits = B::float_mul_scalar(B::float_matmul(h, wt.clone()), inv_t.into());
     into_contiguous(logits)
 }

@@ -54,7 +54,8 @@ fn kernel_applies(hidden: &Tensor<2>, weight: &Tensor<2>) -> bool {
         && super::ops::supported_dtype(weight.dtype())
 }
 
-fn ranges(total: usize, step: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+/// The ranges `0..step`, `step..2·step`, … covering `0..total` (the last one shorter).
+pub(super) fn ranges(total: usize, step: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let step = step.max(1);
     (0..total)
         .step_by(step)

@@ -86,18 +86,18 @@ impl Attention {
     ) -> Tensor<3> {
         let [rows, cols, _] = x.dims();
         let mode = match mode {
-            AttentionMode::Segments { segments, caches } if fused => match caches {
-                None => return self.forward_varlen(x, cos, sin, segments),
-                // The host KV cache and its attention kernel are CPU-only; a GPU backend keeps
-                // its cache on the device and takes the tensor path below.
-                Some(caches) if fused_ops::host_kernels(&x.device()) => {
-                    return self.forward_cached_host(x, cos, sin, segments, caches, layer);
-                }
-                Some(caches) => AttentionMode::Segments {
-                    segments,
-                    caches: Some(caches),
-                },
-            },
+            AttentionMode::Segments {
+                segments,
+                caches: None,
+            } if fused => return self.forward_varlen(x, cos, sin, segments),
+            // The host KV cache and its attention kernel are CPU-only; a GPU backend keeps its
+            // cache on the device and takes the tensor path below.
+            AttentionMode::Segments {
+                segments,
+                caches: Some(caches),
+            } if fused && fused_ops::host_kernels(&x.device()) => {
+                return self.forward_cached_host(x, cos, sin, segments, caches, layer);
+            }
             mode => mode,
         };
         let (q, k) = if fused {
