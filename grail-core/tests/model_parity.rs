@@ -44,6 +44,18 @@ fn sequences(expected: &HashMap<String, FixtureTensor>) -> Vec<(Vec<u32>, Vec<f3
     out
 }
 
+/// The sequence lengths of a packed row: boundaries are where the positions restart at 0.
+fn packed_lengths(positions: &[u32]) -> Vec<usize> {
+    let mut lengths: Vec<usize> = Vec::new();
+    for &p in positions {
+        if p == 0 {
+            lengths.push(0);
+        }
+        *lengths.last_mut().unwrap() += 1;
+    }
+    lengths
+}
+
 fn ids_tensor(rows: &[Vec<u32>], cols: usize, device: &Device) -> Tensor<2, Int> {
     let mut flat = Vec::with_capacity(rows.len() * cols);
     for r in rows {
@@ -90,14 +102,7 @@ fn packed_row_matches_packed_logits() {
         let device = case.model.device();
         let ids = case.expected["packed_input_ids"].ids();
         let positions = case.expected["packed_position_ids"].ids();
-        // Sequence boundaries are where the positions restart at 0.
-        let mut lengths: Vec<usize> = Vec::new();
-        for &p in &positions {
-            if p == 0 {
-                lengths.push(0);
-            }
-            *lengths.last_mut().unwrap() += 1;
-        }
+        let lengths = packed_lengths(&positions);
         assert!(
             lengths.len() > 1,
             "{}: packed fixture holds one sequence",
@@ -149,6 +154,48 @@ fn packed_row_matches_packed_logits() {
             &case.expected["packed_logits"].f32(),
         );
     }
+}
+
+/// The packed fixture row on the device `GRAIL_TEST_DEVICE` names (a GPU, or lavapipe with
+/// `vulkan:cpu`): the CubeCL kernels against transformers' logits. On lavapipe only checkpoints
+/// the fused path runs (f32) are checked: the plain path needs burn's matmul, which lavapipe's
+/// shader compiler cannot build.
+#[test]
+fn packed_logits_match_transformers_on_the_kernel_device() {
+    let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_default();
+    if name.is_empty() || name == "cpu" {
+        eprintln!("kernel-device parity: GRAIL_TEST_DEVICE names no CubeCL device; not run");
+        return;
+    }
+    let device = grail_core::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("GRAIL_TEST_DEVICE={name}: {e}"));
+    let mut checked = 0;
+    for dir in model_dirs() {
+        let model = load_model(&dir, &device).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let case = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "vulkan:cpu" && !model.uses_fused_ops() {
+            eprintln!("kernel-device parity: {case} runs the plain path; not run on lavapipe");
+            continue;
+        }
+        let expected = read_tensors(&dir.join("expected.safetensors")).unwrap();
+        let ids = expected["packed_input_ids"].ids();
+        let positions = expected["packed_position_ids"].ids();
+        let lengths = packed_lengths(&positions);
+        let out = model
+            .forward(
+                ids_tensor(std::slice::from_ref(&ids), ids.len(), &device),
+                &Layout::packed_single_row(lengths),
+            )
+            .unwrap();
+        check(
+            &case,
+            &format!("packed_logits on {name}"),
+            &to_vec(out),
+            &expected["packed_logits"].f32(),
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no fixture checkpoint could run on {name}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The fused ops on the CubeCL backends (`vulkan`, `cuda` features): `#[cube]` kernels for
 //! varlen attention (forward and backward), RMSNorm, SwiGLU, RoPE, AdamW and the row-wise parts
-//! of the selective log-probs; the products (linear, the log-prob tiles' GEMMs) use burn's own
-//! CubeCL matmul, which is autotuned per device and which a hand-written GEMM would not beat.
+//! of the selective log-probs. The products (linear, the log-prob tiles' GEMMs) go through
+//! [`super::cube_gemm::product`]: burn's autotuned CubeCL matmul on GPUs, grail's own GEMM kernel
+//! on CPU adapters (lavapipe), where burn's matmul cannot be compiled.
 //!
 //! The kernels are written for clarity first: one GPU thread per output row (attention: per
 //! query row × head for the forward and `dq`, per key row × kv head for `dk`/`dv`; RMSNorm: per
@@ -9,7 +10,9 @@
 //! math as the CPU kernels of [`super::cpu`], f32 throughout) and keep the same memory contract:
 //! attention saves only the per-row log-sum-exp, the log-probs never hold more than one
 //! `[tile_tokens × vocab]` tile of logits. Tiled (flash-style) versions are the next step for
-//! speed; the tests in `tests/cube_kernels.rs` pin their results.
+//! speed; `tests/fused_ops.rs` (run with `GRAIL_TEST_DEVICE`) pins their results. Note that
+//! shared memory as CubeCL's SPIR-V declares it crashes lavapipe's compiler, so tiled kernels
+//! can only be checked on a real GPU.
 //!
 //! All tensors are made contiguous f32 before a launch; segment bounds travel as `u32` buffers.
 
@@ -27,6 +30,7 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use burn::backend::ops::{FloatTensorOps, IntTensorOps};
 
+use super::cube_gemm::product;
 use super::logprob::ranges;
 use super::ops::FusedOps;
 
@@ -683,7 +687,7 @@ impl FusedOps for CubeBackend {
     }
 
     fn fused_linear_forward(x: CubeTensor, w: CubeTensor) -> CubeTensor {
-        B::float_matmul(x, B::float_transpose(w))
+        product(x, false, w, true)
     }
 
     fn fused_linear_backward(
@@ -691,10 +695,10 @@ impl FusedOps for CubeBackend {
         w: CubeTensor,
         dy: CubeTensor,
     ) -> (CubeTensor, CubeTensor) {
-        let dx = B::float_matmul(dy.clone(), w);
-        // `dyᵀ · x` comes out of the matmul contiguous in the weight's own `[out, in]` layout.
-        let dw = B::float_matmul(B::float_transpose(dy), x);
-        (dx, into_contiguous(dw))
+        let dx = product(dy.clone(), false, w, false);
+        // `dyᵀ · x` is the weight gradient in the weight's own `[out, in]` layout.
+        let dw = product(dy, true, x, false);
+        (dx, dw)
     }
 
     fn fused_rms_norm_forward(x: CubeTensor, w: CubeTensor, eps: f32) -> (CubeTensor, CubeTensor) {
@@ -910,10 +914,9 @@ impl FusedOps for CubeBackend {
             empty_like(&hidden, [tokens]),
             empty_like(&hidden, [tokens]),
         );
-        let wt = B::float_transpose(weight);
         for rows in ranges(tokens, tile_tokens) {
             let h = B::float_slice(hidden.clone(), &[Slice::from(rows.clone())]);
-            let logits = scaled_logits(h, &wt, inv_t);
+            let logits = scaled_logits(h, &weight, inv_t);
             let outputs = LogprobOutputs {
                 logp: &logp,
                 lse: &lse,
@@ -938,15 +941,14 @@ impl FusedOps for CubeBackend {
         let (lse, grad) = (f32_contiguous(lse), f32_contiguous(grad));
         let targets = float_targets(targets);
         let tokens = hidden.shape()[0];
-        let wt = B::float_transpose(weight.clone());
         let mut dh_tiles = Vec::new();
         let mut dw: Option<CubeTensor> = None;
         for rows in ranges(tokens, tile_tokens) {
             let h = B::float_slice(hidden.clone(), &[Slice::from(rows.clone())]);
-            let logits = scaled_logits(h.clone(), &wt, inv_t);
+            let logits = scaled_logits(h.clone(), &weight, inv_t);
             let g = logprob_tile_grad(&logits, &targets, &lse, &grad, rows.start, inv_t);
-            dh_tiles.push(B::float_matmul(g.clone(), weight.clone()));
-            let tile_dw = B::float_matmul(B::float_transpose(g), h);
+            dh_tiles.push(product(g.clone(), false, weight.clone(), false));
+            let tile_dw = product(g, true, h, false);
             dw = Some(match dw {
                 Some(acc) => B::float_add(acc, tile_dw),
                 None => tile_dw,
@@ -1036,22 +1038,22 @@ fn float_targets(targets: CubeTensor) -> CubeTensor {
     into_contiguous(B::int_into_float(targets, burn::tensor::FloatDType::F32))
 }
 
-/// A tile's hidden rows `h` `[rows, width]` times `Wᵀ · inv_t`, contiguous `[rows, vocab]`: the
-/// only logits that exist.
-fn scaled_logits(h: CubeTensor, wt: &CubeTensor, inv_t: f32) -> CubeTensor {
-    let logits = B::float_mul_scalar(B::float_matmul(h, wt.clone()), inv_t.into());
+/// A tile's hidden rows `h` `[rows, width]` times `Wᵀ · inv_t` (`W` `[vocab, width]`),
+/// contiguous `[rows, vocab]`: the only logits that exist.
+fn scaled_logits(h: CubeTensor, weight: &CubeTensor, inv_t: f32) -> CubeTensor {
+    let logits = B::float_mul_scalar(product(h, false, weight.clone(), true), inv_t.into());
     into_contiguous(logits)
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     //! The log-prob row kernels on their own, fed logits directly: the full op also needs burn's
     //! matmul, which lavapipe cannot run, so this is what CI can check of them on CPU Vulkan.
     use super::*;
     use burn::backend::DispatchDevice;
     use burn::tensor::TensorData;
 
-    fn device() -> burn_cubecl::CubeDevice {
+    pub(crate) fn device() -> burn_cubecl::CubeDevice {
         let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_else(|_| "vulkan:cpu".into());
         let device = crate::device::parse_device(&name).expect("a Vulkan device");
         match device.inner().as_dispatch().clone() {
@@ -1060,11 +1062,11 @@ mod tests {
         }
     }
 
-    fn upload(values: Vec<f32>, shape: impl Into<Shape>) -> CubeTensor {
+    pub(crate) fn upload(values: Vec<f32>, shape: impl Into<Shape>) -> CubeTensor {
         B::float_from_data(TensorData::new(values, shape.into()), &device())
     }
 
-    fn read(t: CubeTensor) -> Vec<f32> {
+    pub(crate) fn read(t: CubeTensor) -> Vec<f32> {
         cubecl::future::block_on(B::float_into_data(t))
             .expect("readback")
             .convert::<f32>()

@@ -6,6 +6,8 @@
 pub mod cpu;
 #[cfg(any(feature = "vulkan", feature = "cuda"))]
 pub mod cube;
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+mod cube_gemm;
 pub mod logprob;
 pub mod ops;
 

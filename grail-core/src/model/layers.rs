@@ -53,17 +53,9 @@ impl Linear {
     }
 }
 
-/// `x · weightᵀ + bias` over the last dimension, with `weight` `[out, in]`.
-pub fn project<const D: usize>(
-    x: Tensor<D>,
-    weight: Tensor<2>,
-    bias: Option<Tensor<1>>,
-) -> Tensor<D> {
-    project_with(x, weight, bias, false)
-}
-
-/// [`project`]; `fused` multiplies by the weight in place with one kernel whose weight gradient
-/// comes out contiguous (see [`crate::fused::ops::linear`]).
+/// `x · weightᵀ + bias` over the last dimension, with `weight` `[out, in]`; `fused` multiplies
+/// by the weight in place with one kernel whose weight gradient comes out contiguous (see
+/// [`crate::fused::ops::linear`]).
 pub fn project_with<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,

@@ -353,9 +353,10 @@ impl CausalLm {
         }
     }
 
-    /// Logits `[..., vocab]` from final hidden states `[..., hidden]`.
+    /// Logits `[..., vocab]` from final hidden states `[..., hidden]` (through the fused linear
+    /// kernel when the model runs fused ops, as every other projection does).
     pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
-        layers::project(hidden, self.lm_head_weight(), None)
+        layers::project_with(hidden, self.lm_head_weight(), None, self.uses_fused_ops())
     }
 
     /// The log-prob of each completion token given the prompt and the tokens before it:
