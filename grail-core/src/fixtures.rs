@@ -12,6 +12,26 @@ use crate::error::{GrailError, Result};
 /// Environment variable naming the fixtures root.
 pub const FIXTURES_ENV: &str = "GRAIL_FIXTURES";
 
+/// Environment variable naming the device the kernel tests run on (`cpu`, `vulkan:cpu` for
+/// Mesa's lavapipe, `vulkan[:N]`, `cuda[:N]`); unset means `cpu`.
+pub const TEST_DEVICE_ENV: &str = "GRAIL_TEST_DEVICE";
+
+/// The device `$GRAIL_TEST_DEVICE` names, with its name, when it is not the CPU (Flex): the tests
+/// of the CubeCL paths run there. Otherwise `None`, after printing that `test` is not run.
+///
+/// # Panics
+/// If the variable names a device this build cannot open (the message says which and why).
+pub fn kernel_test_device(test: &str) -> Option<(String, burn::tensor::Device)> {
+    let name = std::env::var(TEST_DEVICE_ENV).unwrap_or_default();
+    if name.is_empty() || name == "cpu" {
+        eprintln!("{test}: {TEST_DEVICE_ENV} names no CubeCL device; not run");
+        return None;
+    }
+    let device = crate::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("{TEST_DEVICE_ENV}={name}: {e}"));
+    Some((name, device))
+}
+
 /// The fixtures root: `$GRAIL_FIXTURES` if set, else `../shared/fixtures` from the workspace
 /// root (found from this crate's manifest directory).
 pub fn fixtures_root() -> PathBuf {

@@ -13,6 +13,7 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
+use grail_core::fixtures::kernel_test_device;
 use grail_core::fused::ops::{rms_norm, rope, supported, swiglu, varlen_attention};
 
 /// The reference device: Flex under autodiff.
@@ -121,6 +122,67 @@ fn op_varlen_attention_equals_the_reference_in_values_and_gradients() {
             assert!(e <= 1e-5, "H={heads} KV={kv}: d{name} rel err {e:e}");
         }
     }
+}
+
+#[test]
+fn op_cached_attention_equals_attention_over_the_whole_sequence() {
+    use grail_core::fused::ops::{CachedSpan, cached_attention};
+    let (heads, kv, d) = (4, 2, 6);
+    // A prefill of 5 on an empty cache, decode steps on caches of 40 and 70, 2 new tokens on a
+    // cache of 3; one padding row between the first two, one at the end.
+    let spans = [
+        CachedSpan {
+            q_start: 0,
+            q_len: 5,
+            k_start: 0,
+            k_len: 5,
+        },
+        CachedSpan {
+            q_start: 6,
+            q_len: 1,
+            k_start: 5,
+            k_len: 41,
+        },
+        CachedSpan {
+            q_start: 7,
+            q_len: 1,
+            k_start: 46,
+            k_len: 71,
+        },
+        CachedSpan {
+            q_start: 8,
+            q_len: 2,
+            k_start: 117,
+            k_len: 5,
+        },
+    ];
+    let (tokens, keys) = (11, 122);
+    let q = random([tokens, heads, d], 30);
+    let k = random([keys, kv, d], 31);
+    let v = random([keys, kv, d], 32);
+    let out = cached_attention(
+        const_on_kernel(&q),
+        const_on_kernel(&k),
+        const_on_kernel(&v),
+        &spans,
+        0.41,
+    );
+    let mut want = Tensor::<3>::zeros([tokens, heads, d], &device());
+    for (i, s) in spans.iter().enumerate() {
+        // The new queries are the last rows of a causal attention over the sequence's keys; the
+        // earlier queries are arbitrary.
+        let earlier = random([s.k_len - s.q_len, heads, d], 40 + i as u64);
+        let q_full = Tensor::cat(vec![earlier, q.clone().narrow(0, s.q_start, s.q_len)], 0);
+        let span = |t: &Tensor<3>| t.clone().narrow(0, s.k_start, s.k_len);
+        let full = reference_attention(q_full, span(&k), span(&v), &[(0, s.k_len)], 0.41);
+        let rows = s.q_start..s.q_start + s.q_len;
+        want = want.slice_assign(
+            [rows, 0..heads, 0..d],
+            full.narrow(0, s.k_len - s.q_len, s.q_len),
+        );
+    }
+    let e = rel(out, want);
+    assert!(e <= 1e-5, "cached attention rel err {e:e}");
 }
 
 #[test]
@@ -379,9 +441,7 @@ fn the_fused_model_on_the_kernel_device_equals_the_model_on_flex() {
     use burn::module::Module;
     use burn::tensor::Int;
     use grail_core::model::{CausalLm, Layout, ModelConfig};
-    let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_default();
-    if name.is_empty() || name == "cpu" {
-        eprintln!("kernel model: GRAIL_TEST_DEVICE names no CubeCL device; not run");
+    if kernel_test_device("kernel model").is_none() {
         return;
     }
     // GQA 2, odd lengths, two packed rows with a padding tail, an untied lm_head.
@@ -453,6 +513,43 @@ fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
     for (a, b) in run(&fused).into_iter().zip(run(&plain)) {
         let e = rel(a, b);
         assert!(e <= 1e-5, "cached logits rel err {e:e}");
+    }
+}
+
+/// Generation on the kernel device (fused path, device KV caches, one cached-attention kernel
+/// per layer) gives the logits of generation on Flex (host caches): a prefill of mixed lengths,
+/// then decode steps. Runs wherever `GRAIL_TEST_DEVICE` names a CubeCL device, lavapipe included.
+#[test]
+fn cached_generation_on_the_kernel_device_equals_flex() {
+    use burn::module::Module;
+    use grail_core::model::{CausalLm, KvCache, ModelConfig};
+    if kernel_test_device("kernel generation").is_none() {
+        return;
+    }
+    let config = ModelConfig::qwen2(61, 32, 48, 2, 4, 2, 256, true);
+    let reference = CausalLm::init(&config, 5, &Device::flex());
+    let kernel = reference
+        .clone()
+        .to_device(&kernel_device().without_autodiff());
+    let run = |m: &CausalLm| {
+        let mut caches = vec![KvCache::new(2), KvCache::new(2), KvCache::new(2)];
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![3],
+            (0..70).map(|i| i % 61).collect(),
+            vec![9, 8, 7, 6, 5],
+        ];
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let mut out = vec![m.forward_cached(&refs, &mut caches).unwrap()];
+        for step in 0..3u32 {
+            let next = [[step + 1], [step + 20], [step + 40]];
+            let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
+            out.push(m.forward_cached(&refs, &mut caches).unwrap());
+        }
+        out
+    };
+    for (step, (a, b)) in run(&kernel).into_iter().zip(run(&reference)).enumerate() {
+        let e = rel(a, b);
+        assert!(e <= 1e-5, "step {step}: cached logits rel err {e:e}");
     }
 }
 

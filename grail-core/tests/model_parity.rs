@@ -3,7 +3,9 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use grail_core::checkpoint::load_model;
-use grail_core::fixtures::{FixtureTensor, max_rel_diff, model_dirs, read_tensors};
+use grail_core::fixtures::{
+    FixtureTensor, kernel_test_device, max_rel_diff, model_dirs, read_tensors,
+};
 use grail_core::model::{CausalLm, KvCache, Layout, greedy};
 use std::collections::HashMap;
 use std::path::Path;
@@ -162,13 +164,9 @@ fn packed_row_matches_packed_logits() {
 /// shader compiler cannot build.
 #[test]
 fn packed_logits_match_transformers_on_the_kernel_device() {
-    let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_default();
-    if name.is_empty() || name == "cpu" {
-        eprintln!("kernel-device parity: GRAIL_TEST_DEVICE names no CubeCL device; not run");
+    let Some((name, device)) = kernel_test_device("kernel-device parity") else {
         return;
-    }
-    let device = grail_core::device::parse_device(&name)
-        .unwrap_or_else(|e| panic!("GRAIL_TEST_DEVICE={name}: {e}"));
+    };
     let mut checked = 0;
     for dir in model_dirs() {
         let model = load_model(&dir, &device).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));

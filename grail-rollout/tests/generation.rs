@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
-use grail_core::fixtures::{model_dirs, read_tensors};
+use grail_core::fixtures::{kernel_test_device, model_dirs, read_tensors};
 use grail_core::model::ModelConfig;
 use grail_core::model::{CausalLm, greedy};
 use grail_rollout::generate::{
@@ -92,6 +92,53 @@ fn continuous_batching_greedy_equals_transformers_and_uncached_greedy() {
         };
         assert_eq!(run(&model, &cfg, &prompts[..1], 1)[0].ids, want);
     }
+}
+
+/// Continuous batching on the device `GRAIL_TEST_DEVICE` names (a GPU, or lavapipe with
+/// `vulkan:cpu`; CI runs the latter): the fused device path (device KV caches, one
+/// cached-attention kernel per layer) gives the Flex run's tokens and behaviour log-probs, and
+/// transformers' greedy tokens. On lavapipe only checkpoints the fused path runs are checked.
+#[test]
+fn generation_on_the_kernel_device_equals_flex_and_transformers() {
+    let Some((name, device)) = kernel_test_device("kernel-device generation") else {
+        return;
+    };
+    let mut checked = 0;
+    for dir in model_dirs() {
+        let model = load_model(&dir, &device).unwrap();
+        if name == "vulkan:cpu" && !model.uses_fused_ops() {
+            eprintln!("{}: plain path, not run on lavapipe", dir.display());
+            continue;
+        }
+        let reference = load_model(&dir, &Device::flex()).unwrap();
+        let expected = read_tensors(&dir.join("expected.safetensors")).unwrap();
+        let prompt = expected["greedy_prompt"].ids();
+        let want = expected["greedy_tokens"].ids();
+        let prompts = vec![prompt.clone(), prompt[1..].to_vec(), vec![prompt[0]]];
+        let cfg = GenerationConfig {
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                ..SamplingConfig::default()
+            },
+            max_completion_length: want.len(),
+            max_batch: 2,
+            ..GenerationConfig::default()
+        };
+        let out = run(&model, &cfg, &prompts, 1);
+        assert_eq!(out[0].ids, want, "{}: fixture greedy tokens", dir.display());
+        for (g, r) in out.iter().zip(run(&reference, &cfg, &prompts, 1)) {
+            assert_eq!(g.ids, r.ids, "{}", dir.display());
+            let diff = g.logps.iter().zip(&r.logps).map(|(a, b)| (a - b).abs());
+            let worst = diff.fold(0.0f32, f32::max);
+            assert!(
+                worst <= 1e-4,
+                "{}: behaviour log-prob diff {worst}",
+                dir.display()
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no fixture checkpoint could run on {name}");
 }
 
 #[test]

@@ -32,7 +32,7 @@ use burn::backend::ops::{FloatTensorOps, IntTensorOps};
 
 use super::cube_gemm::product;
 use super::logprob::ranges;
-use super::ops::FusedOps;
+use super::ops::{CachedSpan, FusedOps};
 
 type B = CubeBackend;
 
@@ -161,16 +161,18 @@ fn rope_kernel(
     }
 }
 
-/// Causal attention forward, one thread per (query token, head): an online softmax over the keys
-/// `start..=t` of the query's segment; saves the log-sum-exp. Tokens outside every segment
-/// (`start > t`) get zeros.
+/// Attention forward, one thread per (query token, head): an online softmax over the keys
+/// `key_start[t]..key_end[t]` of `k`/`v` (their own token axis: the packed row itself for varlen
+/// attention, the gathered KV caches for generation); saves the log-sum-exp. Tokens with an
+/// empty range get zeros.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward_kernel(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    seg_start: &[u32],
+    key_start: &[u32],
+    key_end: &[u32],
     out: &mut [f32],
     lse: &mut [f32],
     heads: u32,
@@ -188,7 +190,8 @@ fn attention_forward_kernel(
     let h = row % heads;
     let kvh = h / (heads / kv_heads);
     let q_base = row * head_dim;
-    let start = seg_start[t] as usize;
+    let start = key_start[t] as usize;
+    let end = key_end[t] as usize;
 
     let mut acc = Array::new(head_dim);
     for dd in 0..head_dim {
@@ -196,7 +199,7 @@ fn attention_forward_kernel(
     }
     let mut m = f32::new(-1.0e30);
     let mut l = f32::new(0.0);
-    for j in start..t + 1 {
+    for j in start..end {
         let k_base = (j * kv_heads + kvh) * head_dim;
         let mut dot = f32::new(0.0);
         for dd in 0..head_dim {
@@ -573,6 +576,40 @@ fn dims3(t: &CubeTensor) -> [usize; 3] {
     [s[0], s[1], s[2]]
 }
 
+/// Launches [`attention_forward_kernel`]: query token `t` attends keys `start[t]..end[t]`.
+#[allow(clippy::too_many_arguments)]
+fn attention_forward(
+    q: &CubeTensor,
+    k: &CubeTensor,
+    v: &CubeTensor,
+    start: &[u32],
+    end: &[u32],
+    scale: f32,
+    out: &CubeTensor,
+    lse: &CubeTensor,
+) {
+    let [tokens, heads, d] = dims3(q);
+    let kv_heads = k.shape()[1];
+    let (start, end) = (u32_buffer(q, start), u32_buffer(q, end));
+    let (count, dim) = grid(q, tokens * heads);
+    attention_forward_kernel::launch(
+        &q.client,
+        count,
+        dim,
+        arg(q),
+        arg(k),
+        arg(v),
+        u32_arg(&start),
+        u32_arg(&end),
+        arg(out),
+        arg(lse),
+        heads as u32,
+        kv_heads as u32,
+        scale,
+        d,
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The backend extension.
 
@@ -586,28 +623,35 @@ impl FusedOps for CubeBackend {
     ) -> (CubeTensor, CubeTensor) {
         let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
         let [tokens, heads, d] = dims3(&q);
-        let kv_heads = k.shape()[1];
         let out = empty_like(&q, [tokens, heads, d]);
         let lse = empty_like(&q, [tokens, heads]);
-        let (start, _) = segment_bounds(tokens, &segments);
-        let start = u32_buffer(&q, &start);
-        let (count, dim) = grid(&q, tokens * heads);
-        attention_forward_kernel::launch(
-            &q.client,
-            count,
-            dim,
-            arg(&q),
-            arg(&k),
-            arg(&v),
-            u32_arg(&start),
-            arg(&out),
-            arg(&lse),
-            heads as u32,
-            kv_heads as u32,
-            scale,
-            d,
-        );
+        // Token t of a segment starting at s sees keys s..=t; tokens outside every segment none.
+        let (mut start, mut end) = (vec![0u32; tokens], vec![0u32; tokens]);
+        for &(s, len) in &segments {
+            for t in s..(s + len).min(tokens) {
+                start[t] = s as u32;
+                end[t] = t as u32 + 1;
+            }
+        }
+        attention_forward(&q, &k, &v, &start, &end, scale, &out, &lse);
         (out, lse)
+    }
+
+    fn fused_cached_attention(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        spans: Vec<CachedSpan>,
+        scale: f32,
+    ) -> CubeTensor {
+        let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
+        let [tokens, heads, d] = dims3(&q);
+        // Rows no span covers (padding) have an empty key range: the kernel writes zeros there.
+        let out = empty_like(&q, [tokens, heads, d]);
+        let lse = empty_like(&q, [tokens, heads]);
+        let (start, end) = CachedSpan::key_ranges(&spans, tokens);
+        attention_forward(&q, &k, &v, &start, &end, scale, &out, &lse);
+        out
     }
 
     fn fused_attention_backward(

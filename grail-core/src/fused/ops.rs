@@ -26,6 +26,39 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::cpu::{self, AttentionDims, LogprobDims};
 
+/// One sequence of a cached-attention call ([`cached_attention`]): its new tokens are rows
+/// `q_start..q_start + q_len` of the queries, its keys/values rows `k_start..k_start + k_len` of
+/// the gathered caches with the new tokens' own keys last, so new token `j` sees keys
+/// `k_start ..= k_start + k_len − q_len + j`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedSpan {
+    /// First query row of the sequence's new tokens.
+    pub q_start: usize,
+    /// Number of new tokens.
+    pub q_len: usize,
+    /// First key row of the sequence's cache.
+    pub k_start: usize,
+    /// Keys in the cache, the new tokens' included (`≥ q_len`).
+    pub k_len: usize,
+}
+
+impl CachedSpan {
+    /// Per query row (of `tokens`), the `[start, end)` of the key rows it sees; empty for rows
+    /// no span covers.
+    pub fn key_ranges(spans: &[CachedSpan], tokens: usize) -> (Vec<u32>, Vec<u32>) {
+        let (mut start, mut end) = (vec![0u32; tokens], vec![0u32; tokens]);
+        for s in spans {
+            debug_assert!(s.k_len >= s.q_len, "{s:?}: fewer keys than new tokens");
+            let seen_before = s.k_start + s.k_len - s.q_len;
+            for j in 0..s.q_len.min(tokens.saturating_sub(s.q_start)) {
+                start[s.q_start + j] = s.k_start as u32;
+                end[s.q_start + j] = (seen_before + j + 1) as u32;
+            }
+        }
+        (start, end)
+    }
+}
+
 /// The fused ops every supported backend implements. The `*_forward` / `*_backward` pairs are the
 /// kernels; `fused_attention`, `fused_linear`, `fused_rms_norm`, `fused_swiglu`, `fused_rope` and
 /// `fused_logprob` are the differentiable entry points: their default bodies run the forward
@@ -63,6 +96,17 @@ pub trait FusedOps: Backend {
         segments: Vec<(usize, usize)>,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Attention of new tokens to their sequences' KV caches, for generation (no gradient):
+    /// `q` `[T, H, d]`, `k`/`v` `[S, KV, d]` every sequence's cache gathered along the first axis
+    /// (see [`CachedSpan`]) → `[T, H, d]`, zeros on rows no span covers.
+    fn fused_cached_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spans: Vec<CachedSpan>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
 
     /// `x [N, in] · Wᵀ` for `W` `[out, in]`; its weight gradient comes out contiguous.
     fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -287,6 +331,28 @@ impl FusedOps for Flex {
         );
         let kv_shape = [dims.tokens, dims.kv_heads, dims.head_dim];
         (flex(dq, q.shape()), flex(dk, kv_shape), flex(dv, kv_shape))
+    }
+
+    fn fused_cached_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        spans: Vec<CachedSpan>,
+        scale: f32,
+    ) -> FlexTensor {
+        let dims = attention_dims(&q, &k);
+        let (k, v) = (host(&k), host(&v));
+        let row = dims.kv_heads * dims.head_dim;
+        let queries: Vec<(usize, usize)> = spans.iter().map(|s| (s.q_start, s.q_len)).collect();
+        let keys: Vec<(&[f32], &[f32])> = spans
+            .iter()
+            .map(|s| {
+                let rows = s.k_start * row..(s.k_start + s.k_len) * row;
+                (&k[rows.clone()], &v[rows])
+            })
+            .collect();
+        let out = cpu::cached_attention(&host(&q), dims, &queries, &keys, scale);
+        flex(out, q.shape())
     }
 
     fn fused_linear_forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
@@ -635,6 +701,23 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Ad<B, C> {
         )
     }
 
+    fn fused_cached_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spans: Vec<CachedSpan>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        // Generation: nothing to differentiate, the result is a constant of the graph.
+        Self::from_inner(B::fused_cached_attention(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            spans,
+            scale,
+        ))
+    }
+
     fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
         match LinearBackward
@@ -936,6 +1019,25 @@ pub fn varlen_attention(
         k.into_dispatch(),
         v.into_dispatch(),
         segments.to_vec(),
+        scale,
+    ))
+}
+
+/// Attention of new tokens to their sequences' KV caches (generation, no gradient): `q`
+/// `[T, H, d]`, `k`/`v` `[S, KV, d]` all caches gathered; see [`CachedSpan`]. Rows of `q` no span
+/// covers get zeros.
+pub fn cached_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    spans: &[CachedSpan],
+    scale: f32,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_cached_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        spans.to_vec(),
         scale,
     ))
 }

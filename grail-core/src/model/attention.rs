@@ -90,13 +90,17 @@ impl Attention {
                 segments,
                 caches: None,
             } if fused => return self.forward_varlen(x, cos, sin, segments),
-            // The host KV cache and its attention kernel are CPU-only; a GPU backend keeps its
-            // cache on the device and takes the tensor path below.
+            // Host memory (Flex): the cache grows in place and the kernel reads it there; a GPU
+            // backend keeps its caches on the device.
             AttentionMode::Segments {
                 segments,
                 caches: Some(caches),
-            } if fused && fused_ops::host_kernels(&x.device()) => {
-                return self.forward_cached_host(x, cos, sin, segments, caches, layer);
+            } if fused => {
+                return if fused_ops::host_kernels(&x.device()) {
+                    self.forward_cached_host(x, cos, sin, segments, caches, layer)
+                } else {
+                    self.forward_cached_device(x, cos, sin, segments, caches, layer)
+                };
             }
             mode => mode,
         };
@@ -200,29 +204,14 @@ impl Attention {
         let [rows, cols, _] = x.dims();
         let (tokens, d) = (rows * cols, self.head_dim);
         let device = x.device();
-        let cos = cos.clone().reshape([tokens, d]);
-        let sin = sin.clone().reshape([tokens, d]);
-        let project = |proj: &Linear, heads: usize| {
-            proj.forward_with(x.clone(), true)
-                .reshape([tokens, heads, d])
-        };
         let host = |t: Tensor<3>| -> Vec<f32> {
             t.into_data()
                 .convert::<f32>()
                 .try_into_vec::<f32>()
                 .expect("f32 activations")
         };
-        let q = host(fused_ops::rope(
-            project(&self.q_proj, self.num_heads),
-            cos.clone(),
-            sin.clone(),
-        ));
-        let k = host(fused_ops::rope(
-            project(&self.k_proj, self.num_kv_heads),
-            cos,
-            sin,
-        ));
-        let v = host(project(&self.v_proj, self.num_kv_heads));
+        let (q, k, v) = self.rotated_qkv(x, cos, sin);
+        let (q, k, v) = (host(q), host(k), host(v));
         let kv_row = self.num_kv_heads * d;
         let mut queries = Vec::with_capacity(segments.len());
         for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
@@ -247,14 +236,53 @@ impl Attention {
         self.o_proj.forward_with(out, true)
     }
 
-    /// Packed rows through the fused kernels: RoPE, then causal attention per segment in one call.
-    fn forward_varlen(
+    /// Generation through the fused kernels on a device backend: the new tokens' keys/values join
+    /// each sequence's device cache, the caches are gathered along the token axis, and one kernel
+    /// call attends every sequence's new tokens to its own cache.
+    fn forward_cached_device(
         &self,
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
         segments: &[Segment],
+        caches: &mut [KvCache],
+        layer: usize,
     ) -> Tensor<3> {
+        let [rows, cols, _] = x.dims();
+        let (q, k, v) = self.rotated_qkv(x, cos, sin);
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut spans = Vec::with_capacity(segments.len());
+        let mut k_start = 0;
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            let at = seg.row * cols + seg.start;
+            let new = |t: &Tensor<3>| t.clone().narrow(0, at, seg.len);
+            let (ks, vs) = cache.append_device(layer, new(&k), new(&v));
+            let k_len = ks.dims()[0];
+            spans.push(fused_ops::CachedSpan {
+                q_start: at,
+                q_len: seg.len,
+                k_start,
+                k_len,
+            });
+            k_start += k_len;
+            keys.push(ks);
+            values.push(vs);
+        }
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let (keys, values) = (Tensor::cat(keys, 0), Tensor::cat(values, 0));
+        let out = fused_ops::cached_attention(q, keys, values, &spans, scale);
+        let out = out.reshape([rows, cols, self.num_heads * self.head_dim]);
+        self.o_proj.forward_with(out, true)
+    }
+
+    /// Token-major `q` `[tokens, heads, d]`, `k`/`v` `[tokens, kv_heads, d]` of `x`
+    /// `[rows, cols, hidden]` through the fused linear and RoPE kernels (RoPE on q and k).
+    fn rotated_qkv(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+    ) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
         let [rows, cols, _] = x.dims();
         let (tokens, d) = (rows * cols, self.head_dim);
         let cos = cos.clone().reshape([tokens, d]);
@@ -269,7 +297,20 @@ impl Attention {
             sin.clone(),
         );
         let k = fused_ops::rope(project(&self.k_proj, self.num_kv_heads), cos, sin);
-        let v = project(&self.v_proj, self.num_kv_heads);
+        (q, k, project(&self.v_proj, self.num_kv_heads))
+    }
+
+    /// Packed rows through the fused kernels: RoPE, then causal attention per segment in one call.
+    fn forward_varlen(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        segments: &[Segment],
+    ) -> Tensor<3> {
+        let [rows, cols, _] = x.dims();
+        let d = self.head_dim;
+        let (q, k, v) = self.rotated_qkv(x, cos, sin);
         let ranges: Vec<(usize, usize)> = segments
             .iter()
             .map(|s| (s.row * cols + s.start, s.len))
