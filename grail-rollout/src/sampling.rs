@@ -81,15 +81,25 @@ pub fn log_softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
 /// The tokens the sampler may draw from (after top-k, top-p, min-p), most likely first, with
 /// their full-distribution log-probs.
 pub fn candidate_set(logprobs: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f32)> {
+    // Most likely first, ties by id: a total order, so the set is the same however it is reached.
+    let likelier = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let mut order: Vec<(u32, f32)> = logprobs
         .iter()
         .enumerate()
         .map(|(i, &l)| (i as u32, l))
         .collect();
-    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if cfg.top_k > 0 {
+    // min-p and top-k keep a prefix of the sorted vocabulary, so they can cut it in linear time
+    // first; only what survives is sorted (a full sort per token costs more than the model's
+    // decode step at a 150k vocabulary).
+    if cfg.min_p > 0.0 {
+        let floor = logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max) + cfg.min_p.ln();
+        order.retain(|&(_, l)| l >= floor);
+    }
+    if cfg.top_k > 0 && cfg.top_k < order.len() {
+        order.select_nth_unstable_by(cfg.top_k - 1, likelier);
         order.truncate(cfg.top_k);
     }
+    order.sort_by(likelier);
     if cfg.top_p < 1.0 {
         let mut mass = 0.0f32;
         let keep = order
@@ -101,11 +111,12 @@ pub fn candidate_set(logprobs: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f32)> 
             .map_or(order.len(), |i| i + 1);
         order.truncate(keep);
     }
-    if cfg.min_p > 0.0 {
-        let floor = order[0].1 + cfg.min_p.ln();
-        order.retain(|&(_, l)| l >= floor);
-    }
     order
+}
+
+/// Whether top-k, top-p or min-p would drop any token.
+fn truncates(cfg: &SamplingConfig, vocab: usize) -> bool {
+    (cfg.top_k > 0 && cfg.top_k < vocab) || cfg.top_p < 1.0 || cfg.min_p > 0.0
 }
 
 /// Draws one token from `logits` (one row) given the tokens generated so far; returns the token and
@@ -155,6 +166,25 @@ pub fn sample_token(
                 });
         return (token as u32, raw(token as u32, logprobs[token]));
     }
+    if !truncates(cfg, logprobs.len()) {
+        // The whole distribution: draw in id order, nothing to sort.
+        let total: f32 = logprobs.iter().map(|l| l.exp()).sum();
+        let mut u = rng.random_range(0.0..total);
+        // Rounding can leave u a hair above zero at the end: then the last token that has any
+        // probability, never one that has none.
+        let mut fallback = 0;
+        for (token, &l) in logprobs.iter().enumerate() {
+            let p = l.exp();
+            u -= p;
+            if u <= 0.0 {
+                return (token as u32, raw(token as u32, l));
+            }
+            if p > 0.0 {
+                fallback = token;
+            }
+        }
+        return (fallback as u32, raw(fallback as u32, logprobs[fallback]));
+    }
     let candidates = candidate_set(&logprobs, cfg);
     let total: f32 = candidates.iter().map(|&(_, l)| l.exp()).sum();
     let mut u = rng.random_range(0.0..total);
@@ -166,4 +196,86 @@ pub fn sample_token(
     }
     let &(token, l) = candidates.last().expect("at least one candidate");
     (token, raw(token, l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference: sort the whole vocabulary, then truncate by top-k, top-p, min-p in turn.
+    fn full_sort_candidates(logprobs: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f32)> {
+        let mut order: Vec<(u32, f32)> = (0..logprobs.len() as u32)
+            .map(|i| (i, logprobs[i as usize]))
+            .collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if cfg.top_k > 0 {
+            order.truncate(cfg.top_k);
+        }
+        let mut mass = 0.0f32;
+        if cfg.top_p < 1.0 {
+            let keep = order
+                .iter()
+                .position(|&(_, l)| {
+                    mass += l.exp();
+                    mass >= cfg.top_p
+                })
+                .map_or(order.len(), |i| i + 1);
+            order.truncate(keep);
+        }
+        if cfg.min_p > 0.0 {
+            let floor = order[0].1 + cfg.min_p.ln();
+            order.retain(|&(_, l)| l >= floor);
+        }
+        order
+    }
+
+    #[test]
+    fn cutting_before_sorting_keeps_the_same_candidates() {
+        // Logits with ties, a vocabulary of 301, every combination of the three truncations.
+        let logits: Vec<f32> = (0..301).map(|i| ((i * 37 % 53) as f32) / 7.0).collect();
+        let logprobs = log_softmax(&logits, 0.8);
+        for top_k in [0, 1, 7, 300, 301, 500] {
+            for top_p in [1.0, 0.95, 0.5, 0.01] {
+                for min_p in [0.0, 0.05, 0.5] {
+                    let cfg = SamplingConfig {
+                        top_k,
+                        top_p,
+                        min_p,
+                        ..SamplingConfig::default()
+                    };
+                    assert_eq!(
+                        candidate_set(&logprobs, &cfg),
+                        full_sort_candidates(&logprobs, &cfg),
+                        "top_k {top_k} top_p {top_p} min_p {min_p}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn untruncated_draws_follow_the_distribution() {
+        let logits = [2.0f32, -1.0, 0.5, 1.5, -30.0];
+        let probs: Vec<f32> = log_softmax(&logits, 1.0).iter().map(|l| l.exp()).collect();
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            ..SamplingConfig::default()
+        };
+        let mut rng = sample_rng(7, 0, 0);
+        let n = 40_000;
+        let mut counts = [0usize; 5];
+        for _ in 0..n {
+            let (token, logp) = sample_token(&logits, &[], &cfg, &mut rng);
+            assert!((logp.exp() - probs[token as usize]).abs() < 1e-6);
+            counts[token as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip(&probs) {
+            // Five standard deviations of a binomial count.
+            let sd = (n as f32 * p * (1.0 - p)).sqrt();
+            assert!(
+                (*c as f32 - n as f32 * p).abs() <= 5.0 * sd + 1.0,
+                "{counts:?} vs {probs:?}"
+            );
+        }
+    }
 }
