@@ -97,17 +97,28 @@ enum Bench {
     },
 }
 
+/// Waits for the work queued on `device` (a no-op on the CPU).
+pub(crate) fn sync(device: &Device) {
+    device
+        .sync()
+        .unwrap_or_else(|e| panic!("device sync failed: {e:?}"));
+}
+
 /// The ~5M-parameter Qwen2 shape used across grail's CPU benchmarks.
 fn bench_config() -> ModelConfig {
     ModelConfig::qwen2(8192, 256, 704, 4, 4, 2, 2048, true)
 }
 
-fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+/// The median wall time of `f` over `reps` runs after a warm-up, each run waiting for `device` to
+/// finish what `f` queued (GPU backends run asynchronously).
+fn median_secs(reps: usize, device: &Device, mut f: impl FnMut()) -> f64 {
     f(); // warm-up
+    sync(device);
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t = Instant::now();
             f();
+            sync(device);
             t.elapsed().as_secs_f64()
         })
         .collect();
@@ -169,7 +180,7 @@ fn forward_bench(
         let mut tps = Vec::new();
         for (name, ids, layout, allocated) in &cases {
             let ids = (*ids).clone().to_device(&dev);
-            let secs = median_secs(args.reps, || {
+            let secs = median_secs(args.reps, &dev, || {
                 let hidden = model
                     .forward_hidden(ids.clone(), layout)
                     .expect("valid layout");
@@ -275,13 +286,20 @@ fn rollout_bench(
         seed: args.seed,
         ..GenerationConfig::default()
     };
+    // Untimed warm-up (a prefill and a decode step): a GPU backend compiles each kernel on its
+    // first launch, which would land in the prefill's time and make the decode's meaningless.
+    let warm_up = GenerationConfig {
+        max_completion_length: 2,
+        ..prefill_cfg.clone()
+    };
+    generate(&model, &warm_up, requests.clone(), |_| {})?;
+    let cfg = GenerationConfig {
+        max_completion_length: new_tokens,
+        ..prefill_cfg.clone()
+    };
     let t = Instant::now();
     generate(&model, &prefill_cfg, requests.clone(), |_| {})?;
     let prefill_s = t.elapsed().as_secs_f64();
-    let cfg = GenerationConfig {
-        max_completion_length: new_tokens,
-        ..prefill_cfg
-    };
     let t = Instant::now();
     let stats = generate(&model, &cfg, requests, |_| {})?;
     let total_s = t.elapsed().as_secs_f64();
@@ -524,7 +542,7 @@ fn logprob_bench(
     let targets = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens]), device);
     let g = Tensor::<1>::ones([tokens], device);
     let rss_before = peak_rss_bytes();
-    let secs = median_secs(args.reps, || {
+    let secs = median_secs(args.reps, device, || {
         if naive {
             let ha = h.clone().autodiff().require_grad();
             let wa = w.clone().autodiff().require_grad();

@@ -115,7 +115,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
             );
             let segs = segments(t);
             let g = upstream([t, h, d], device);
-            time(|| {
+            time(device, || {
                 let out = if a.unfused {
                     unfused_attention(q.clone(), k.clone(), v.clone(), &segs)
                 } else {
@@ -133,7 +133,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
         Op::RmsNorm => {
             let (x, w) = (random([t, a.hidden], device), random([a.hidden], device));
             let g = upstream([t, a.hidden], device);
-            time(|| {
+            time(device, || {
                 let out = if a.unfused {
                     let r = (x.clone().square().mean_dim(1) + 1e-6).sqrt().recip();
                     x.clone() * r * w.clone().reshape([1, a.hidden])
@@ -146,7 +146,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
         Op::Swiglu => {
             let (gate, u) = (random([t, a.inter], device), random([t, a.inter], device));
             let g = upstream([t, a.inter], device);
-            time(|| {
+            time(device, || {
                 let out = if a.unfused {
                     silu(gate.clone()) * u.clone()
                 } else {
@@ -162,7 +162,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
                 .autodiff();
             let sin = cos.clone() * 0.5;
             let g = upstream([t, h, d], device);
-            time(|| {
+            time(device, || {
                 let out = if a.unfused {
                     let half = d / 2;
                     let rotated = Tensor::cat(
@@ -186,7 +186,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
                 random([a.inter, a.hidden], device),
             );
             let g = upstream([t, a.inter], device);
-            time(|| {
+            time(device, || {
                 let out = if a.unfused {
                     x.clone().matmul(w.clone().transpose())
                 } else {
@@ -205,12 +205,15 @@ fn upstream<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::<D>::from_data(g.into_data(), device)
 }
 
-fn time(mut f: impl FnMut()) -> f64 {
+/// The median of 5 timed runs of `f` after a warm-up, each waiting for the device's queue.
+fn time(device: &Device, mut f: impl FnMut()) -> f64 {
     f(); // warm-up
+    crate::sync(device);
     let mut times: Vec<f64> = (0..5)
         .map(|_| {
             let t = Instant::now();
             f();
+            crate::sync(device);
             t.elapsed().as_secs_f64()
         })
         .collect();

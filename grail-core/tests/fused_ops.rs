@@ -187,9 +187,10 @@ fn op_cached_attention_equals_attention_over_the_whole_sequence() {
 
 #[test]
 fn op_rms_norm_equals_the_reference() {
-    let x = random([37, 24], 5).require_grad();
+    // 601 rows: more than two of the Cube weight gradient's row blocks, the last one partial.
+    let x = random([601, 24], 5).require_grad();
     let w = random([24], 6).require_grad();
-    let g = random([37, 24], 7);
+    let g = random([601, 24], 7);
     let eps = 1e-6;
     let (xk, wk) = (on_kernel(&x), on_kernel(&w));
     let fused = rms_norm(xk.clone(), wk.clone(), eps);
@@ -258,7 +259,8 @@ fn op_rope_equals_rotate_half() {
 fn op_selective_logprobs_equal_log_softmax_gather() {
     use burn::tensor::activation::log_softmax;
     use grail_core::fused::{ChunkSizes, ops::selective_logprobs};
-    let (n, h, v) = (45, 12, 203);
+    // A vocabulary of 1,203: three of the Cube row kernel's vocabulary blocks, the last partial.
+    let (n, h, v) = (45, 12, 1203);
     let temperature = 0.7;
     let hidden = random([n, h], 19).require_grad();
     let weight = (random([v, h], 20) * 0.3).detach().require_grad();

@@ -36,6 +36,11 @@ use super::ops::{CachedSpan, FusedOps};
 
 type B = CubeBackend;
 
+/// Rows per thread in the first stage of the RMSNorm weight gradient.
+const ROW_BLOCK: usize = 256;
+/// Vocabulary entries per thread in the first stage of the log-prob rows.
+const VOCAB_BLOCK: usize = 512;
+
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
@@ -87,19 +92,50 @@ fn rms_norm_dx_kernel(x: &[f32], w: &[f32], r: &[f32], dy: &[f32], dx: &mut [f32
     }
 }
 
-/// One thread per column: `dw = Σ_rows dy · x · r`.
+/// One thread per (block of `block` rows, column): that block's share of `dw = Σ_rows dy · x · r`,
+/// written at `partial[block_index · cols + col]`. Splitting the rows keeps thousands of threads
+/// busy where one per column would leave a GPU almost idle (a few hundred columns, many rows).
 #[cube(launch)]
-fn rms_norm_dw_kernel(x: &[f32], r: &[f32], dy: &[f32], dw: &mut [f32], rows: u32) {
-    let col = ABSOLUTE_POS;
-    if col >= dw.len() {
+fn rms_norm_dw_partial_kernel(
+    x: &[f32],
+    r: &[f32],
+    dy: &[f32],
+    partial: &mut [f32],
+    rows: u32,
+    cols: u32,
+    block: u32,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= partial.len() {
         terminate!();
     }
-    let cols = dw.len();
+    let cols = cols as usize;
+    let col = i % cols;
+    let first = (i / cols) * block as usize;
+    let mut last = first + block as usize;
+    if last > rows as usize {
+        last = rows as usize;
+    }
     let mut acc = f32::new(0.0);
-    for row in 0..rows as usize {
+    for row in first..last {
         acc += dy[row * cols + col] * x[row * cols + col] * r[row];
     }
-    dw[col] = acc;
+    partial[i] = acc;
+}
+
+/// One thread per column of a `[blocks, cols]` buffer: `out[col] = Σ_blocks partial[·, col]`.
+#[cube(launch)]
+fn column_sum_kernel(partial: &[f32], out: &mut [f32], blocks: u32) {
+    let col = ABSOLUTE_POS;
+    if col >= out.len() {
+        terminate!();
+    }
+    let cols = out.len();
+    let mut acc = f32::new(0.0);
+    for b in 0..blocks as usize {
+        acc += partial[b * cols + col];
+    }
+    out[col] = acc;
 }
 
 /// Element-wise `silu(gate) · up`.
@@ -431,30 +467,36 @@ fn adamw_kernel(
     p_out[i] = param[i] * decay - delta * lr;
 }
 
-/// One thread per row of a `[rows, vocab]` tile of scaled logits: the row's log-sum-exp, the
-/// target's log-prob and (when asked) the entropy, written at `row0 + row` of the outputs.
+/// One thread per (row, block of `block` vocabulary entries) of a `[rows, vocab]` tile of scaled
+/// logits: the block's max `m`, `Σ e^(z−m)` and `Σ e^(z−m)·z`, at `[row · blocks + block_index]`
+/// of the three partial buffers. A whole row per thread would leave a GPU nearly idle (a tile has
+/// ~100 rows of ~100k entries).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn logprob_rows_kernel(
+fn logprob_partial_kernel(
     logits: &[f32],
-    targets: &[f32],
-    logp: &mut [f32],
-    lse: &mut [f32],
-    entropy: &mut [f32],
-    rows: u32,
+    part_max: &mut [f32],
+    part_sum: &mut [f32],
+    part_weighted: &mut [f32],
     vocab: u32,
-    row0: u32,
+    blocks: u32,
+    block: u32,
     #[comptime] with_entropy: bool,
 ) {
-    let r = ABSOLUTE_POS;
-    if r >= rows as usize {
+    let i = ABSOLUTE_POS;
+    if i >= part_max.len() {
         terminate!();
     }
     let vocab = vocab as usize;
-    let base = r * vocab;
-    let out = row0 as usize + r;
+    let row = i / blocks as usize;
+    let first = (i % blocks as usize) * block as usize;
+    let mut last = first + block as usize;
+    if last > vocab {
+        last = vocab;
+    }
+    let base = row * vocab;
     let mut m = f32::new(-1.0e30);
-    for c in 0..vocab {
+    for c in first..last {
         let z = logits[base + c];
         if z > m {
             m = z;
@@ -462,7 +504,7 @@ fn logprob_rows_kernel(
     }
     let mut sum = f32::new(0.0);
     let mut weighted = f32::new(0.0);
-    for c in 0..vocab {
+    for c in first..last {
         let z = logits[base + c];
         let e = (z - m).exp();
         sum += e;
@@ -470,10 +512,57 @@ fn logprob_rows_kernel(
             weighted += e * z;
         }
     }
+    part_max[i] = m;
+    part_sum[i] = sum;
+    part_weighted[i] = weighted;
+}
+
+/// One thread per row: combines the row's partials into its log-sum-exp, the target's log-prob
+/// and (when asked) the entropy, written at `row0 + row` of the outputs.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn logprob_combine_kernel(
+    logits: &[f32],
+    targets: &[f32],
+    part_max: &[f32],
+    part_sum: &[f32],
+    part_weighted: &[f32],
+    logp: &mut [f32],
+    lse: &mut [f32],
+    entropy: &mut [f32],
+    rows: u32,
+    vocab: u32,
+    blocks: u32,
+    row0: u32,
+    #[comptime] with_entropy: bool,
+) {
+    let r = ABSOLUTE_POS;
+    if r >= rows as usize {
+        terminate!();
+    }
+    let blocks = blocks as usize;
+    let first = r * blocks;
+    let mut m = f32::new(-1.0e30);
+    for b in 0..blocks {
+        let x = part_max[first + b];
+        if x > m {
+            m = x;
+        }
+    }
+    let mut sum = f32::new(0.0);
+    let mut weighted = f32::new(0.0);
+    for b in 0..blocks {
+        let scale = (part_max[first + b] - m).exp();
+        sum += part_sum[first + b] * scale;
+        if comptime![with_entropy] {
+            weighted += part_weighted[first + b] * scale;
+        }
+    }
     let l = m + sum.ln();
+    let out = row0 as usize + r;
     lse[out] = l;
     let target = u32::cast_from(targets[out]) as usize;
-    logp[out] = logits[base + target] - l;
+    logp[out] = logits[r * vocab as usize + target] - l;
     if comptime![with_entropy] {
         entropy[out] = l - weighted / sum;
     } else {
@@ -796,16 +885,29 @@ impl FusedOps for CubeBackend {
             arg(&dx),
             cols as u32,
         );
-        let (count, dim) = grid(&x, cols);
-        rms_norm_dw_kernel::launch(
+        let blocks = rows.div_ceil(ROW_BLOCK).max(1);
+        let partial = empty_like(&x, [blocks, cols]);
+        let (count, dim) = grid(&x, blocks * cols);
+        rms_norm_dw_partial_kernel::launch(
             &x.client,
             count,
             dim,
             arg(&x),
             arg(&r),
             arg(&dy),
-            arg(&dw),
+            arg(&partial),
             rows as u32,
+            cols as u32,
+            ROW_BLOCK as u32,
+        );
+        let (count, dim) = grid(&x, cols);
+        column_sum_kernel::launch(
+            &x.client,
+            count,
+            dim,
+            arg(&partial),
+            arg(&dw),
+            blocks as u32,
         );
         (dx, dw)
     }
@@ -1030,18 +1132,39 @@ fn logprob_rows(
     with_entropy: bool,
 ) {
     let (rows, vocab) = (logits.shape()[0], logits.shape()[1]);
+    let blocks = vocab.div_ceil(VOCAB_BLOCK).max(1);
+    let part = || empty_like(logits, [rows * blocks]);
+    let (part_max, part_sum, part_weighted) = (part(), part(), part());
+    let (count, dim) = grid(logits, rows * blocks);
+    logprob_partial_kernel::launch(
+        &logits.client,
+        count,
+        dim,
+        arg(logits),
+        arg(&part_max),
+        arg(&part_sum),
+        arg(&part_weighted),
+        vocab as u32,
+        blocks as u32,
+        VOCAB_BLOCK as u32,
+        with_entropy,
+    );
     let (count, dim) = grid(logits, rows);
-    logprob_rows_kernel::launch(
+    logprob_combine_kernel::launch(
         &logits.client,
         count,
         dim,
         arg(logits),
         arg(targets),
+        arg(&part_max),
+        arg(&part_sum),
+        arg(&part_weighted),
         arg(out.logp),
         arg(out.lse),
         arg(out.entropy),
         rows as u32,
         vocab as u32,
+        blocks as u32,
         row0 as u32,
         with_entropy,
     );
@@ -1120,7 +1243,8 @@ pub(super) mod tests {
 
     #[test]
     fn logprob_rows_and_tile_gradient_match_the_formulas() {
-        let (tokens, vocab, row0, rows) = (7, 37, 2, 4);
+        // Three vocabulary blocks of the partial kernel, the last one partial.
+        let (tokens, vocab, row0, rows) = (7, 2 * VOCAB_BLOCK + 37, 2, 4);
         let inv_t = 1.0 / 0.7;
         let logits: Vec<f32> = (0..rows * vocab)
             .map(|i| ((i * 7919 % 103) as f32 / 17.0 - 3.0) * inv_t)
