@@ -411,6 +411,10 @@ struct TrainerStepArgs {
     /// Plain tensor math instead of the fused RMSNorm / SwiGLU / RoPE / varlen attention kernels.
     #[arg(long)]
     no_fused_ops: bool,
+    /// Recompute π_prox for the importance-sampling correction, as the default trainer config
+    /// does (off by default here: the PyTorch reference step has no such forward).
+    #[arg(long)]
+    is_correction: bool,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), 0 where unknown.
@@ -470,8 +474,8 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
         max_tokens_per_microbatch: t.max_tokens_per_microbatch,
         packing: !t.no_packing,
         naive_logprob: t.naive_logprob,
-        // As the PyTorch reference step: no extra proximal forward for the IS correction.
-        importance_sampling_correction: false,
+        // Off by default as in the PyTorch reference step (no extra proximal forward).
+        importance_sampling_correction: t.is_correction,
         ..TrainerConfig::default()
     };
     cfg.loss.loss_type = LossType::Dapo;
@@ -510,7 +514,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             "tokens_per_s": m.real_tokens as f64 / s_per_step, "s_per_step": s_per_step,
             "flops_per_step": m.flops, "peak_flops": peak, "mfu": m.flops / s_per_step / peak,
             "packing_efficiency": m.packing_efficiency, "peak_rss_bytes": peak_rss_bytes(),
-            "steps": t.steps, "is_correction": false,
+            "steps": t.steps, "is_correction": t.is_correction,
             "ms_per_step": {
                 "prepare": times[0] * 1e3, "forward": times[1] * 1e3, "loss": times[2] * 1e3,
                 "backward": times[3] * 1e3, "optimizer": times[4] * 1e3,

@@ -6,7 +6,7 @@
 //! (default `cpu`): with `--features vulkan`, `GRAIL_TEST_DEVICE=vulkan:cpu` runs the CubeCL
 //! kernels on Mesa's lavapipe (CI does), `vulkan` on a GPU. The op tests (`op_*`) and the fused
 //! model test move there; the fused-on/off model test stays on Flex unless the device is a real
-//! GPU: its unfused path needs burn's matmul and reductions, whose shared-memory shaders crash
+//! GPU: its unfused path needs burn's matmul and `sum()`, whose shared-memory shaders crash
 //! lavapipe's compiler. For the same reason the fused products run on grail's own GEMM kernel on
 //! CPU adapters, and on the kernel device the tests seed backward with the upstream gradient
 //! itself, `(y · g).backward()`, which burn starts from ones, instead of reducing with `.sum()`.

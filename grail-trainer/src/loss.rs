@@ -306,9 +306,7 @@ fn policy_loss(
         Some(reference) if cfg.beta != 0.0 => {
             let d = reference - logp;
             let kl = d.clone().exp() - d - 1.0;
-            let kl_sum = (kl.clone().detach() * mask.clone())
-                .sum()
-                .into_scalar::<f64>();
+            let kl_sum = total(kl.clone().detach() * mask.clone()).into_scalar::<f64>();
             (per_token + kl * cfg.beta, kl_sum)
         }
         _ => (per_token, 0.0),
@@ -316,13 +314,13 @@ fn policy_loss(
     let masked = per_token * mask.clone();
     let loss = match cfg.loss_type {
         LossType::Grpo | LossType::Sapo => {
-            (masked.sum_dim(1) / tokens_per_seq).sum() / norm.sequences.max(1) as f64
+            total(masked.sum_dim(1) / tokens_per_seq) / norm.sequences.max(1) as f64
         }
         LossType::Bnpo | LossType::Dapo | LossType::Cispo => {
-            masked.sum() / norm.tokens.max(1) as f64
+            total(masked) / norm.tokens.max(1) as f64
         }
         LossType::DrGrpo => {
-            masked.sum() / (norm.sequences.max(1) * cfg.max_completion_length) as f64
+            total(masked) / (norm.sequences.max(1) * cfg.max_completion_length) as f64
         }
     };
 
@@ -332,7 +330,7 @@ fn policy_loss(
     let high = coef.greater_elem(hi).float();
     let neg_adv = adv.clone().lower_elem(0.0).float();
     let pos_adv = adv.greater_elem(0.0).float();
-    let count = |t: Tensor<2>| (t * mask.clone()).sum().into_scalar::<f64>();
+    let count = |t: Tensor<2>| total(t * mask.clone()).into_scalar::<f64>();
     let clipped_low = count(low.clone() * neg_adv);
     let clipped_high = count(high.clone() * pos_adv);
     let outside = count(low + high);
@@ -454,12 +452,7 @@ pub fn fused_grpo_loss(
     validate_batch(cfg, batch, n, targets)?;
     let fwd = selective_logprobs_forward(hidden, weight, targets, cfg.temperature, chunks, true);
     let logp_host = host_f32(fwd.logp.clone());
-    let entropy_sum = fwd
-        .entropy
-        .clone()
-        .expect("asked for")
-        .sum()
-        .into_scalar::<f64>();
+    let entropy_sum = total(fwd.entropy.clone().expect("asked for")).into_scalar::<f64>();
 
     // The loss on a small autodiff graph whose only leaf is the [sequences × width] logp grid.
     let device = hidden.device().autodiff();
@@ -506,8 +499,7 @@ pub fn naive_grpo_loss(
     validate_batch(cfg, batch, n, &targets)?;
     let logits = hidden.matmul(weight.transpose()) / cfg.temperature;
     let logprobs = burn::tensor::activation::log_softmax(logits, 1);
-    let entropy_sum = (logprobs.clone().exp() * logprobs.clone())
-        .sum()
+    let entropy_sum = total(logprobs.clone().exp() * logprobs.clone())
         .neg()
         .into_scalar::<f64>();
     let logp = logprobs.gather(1, targets.reshape([n, 1])).reshape([n]);
@@ -537,7 +529,7 @@ pub fn fused_autodiff_grpo_loss(
         chunks,
         true,
     );
-    let entropy_sum = entropy.sum().into_scalar::<f64>();
+    let entropy_sum = total(entropy).into_scalar::<f64>();
     grpo_loss_on_logp(cfg, norm, batch, logp, entropy_sum)
 }
 
@@ -567,4 +559,12 @@ fn grpo_loss_on_logp(
     let Grids { loss, metrics } = loss_on_grid(cfg, norm, batch, logp_grid, &logp_host);
     let loss_value = loss.clone().into_scalar::<f64>();
     Ok((stats(loss_value, metrics, entropy_sum, n), loss))
+}
+
+/// Σ of every element, as `[1]`. Through a per-axis reduction rather than `sum()`: burn's
+/// whole-tensor reduction kernel cannot be compiled by Mesa's lavapipe, the CPU Vulkan driver CI
+/// checks the GPU path on, while a per-axis reduction can; the two mean the same.
+fn total<const D: usize>(t: Tensor<D>) -> Tensor<1> {
+    let n = t.shape().num_elements();
+    t.reshape([n]).sum_dim(0)
 }

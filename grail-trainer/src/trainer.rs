@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
 use grail_core::model::{CausalLm, Layout};
 use grail_core::sync::{WeightSink, WireDtype, named_tensors};
@@ -174,6 +174,18 @@ pub(crate) struct MicroBatchInput {
     pub(crate) cells: Vec<usize>,
     pub(crate) width: usize,
     pub(crate) allocated: usize,
+}
+
+/// `t` on `device`, carrying autodiff exactly when `device` does. The micro-batch tensors live on
+/// the policy's autodiff device and `to_device` alone keeps that flag: an autodiff input would put
+/// a no-grad model's forward (π_prox, the reference) on the autodiff graph, and its log-probs on
+/// the tensor-op path instead of the fused kernel.
+fn on_device<const D: usize>(t: &Tensor<D, Int>, device: &Device) -> Tensor<D, Int> {
+    if device.is_autodiff() {
+        t.clone().to_device(device)
+    } else {
+        t.clone().without_autodiff().to_device(device)
+    }
 }
 
 /// The GRPO trainer. Holds the policy (on an autodiff device), an optional frozen reference model,
@@ -637,10 +649,11 @@ impl GrpoTrainer {
 
     /// Hidden states `[completion tokens, hidden]` that predict each completion token.
     pub(crate) fn prediction_hidden(model: &CausalLm, mb: &MicroBatchInput) -> Result<Tensor<2>> {
-        let ids = mb.ids.clone().to_device(&model.device());
+        let device = model.device();
+        let ids = on_device(&mb.ids, &device);
         let hidden = model.forward_hidden(ids, &mb.layout)?;
         let [rows, cols, h] = hidden.dims();
-        let rows_idx = mb.prediction_rows.clone().to_device(&model.device());
+        let rows_idx = on_device(&mb.prediction_rows, &device);
         Ok(hidden.reshape([rows * cols, h]).select(0, rows_idx))
     }
 
@@ -656,7 +669,7 @@ impl GrpoTrainer {
             let mb = self.assemble(seqs, members);
             let hidden = Self::prediction_hidden(model, &mb)?;
             let device = hidden.device();
-            let targets = mb.targets.clone().without_autodiff().to_device(&device);
+            let targets = on_device(&mb.targets, &device);
             let logp = selective_logprobs_forward(
                 &hidden,
                 &model.lm_head_weight(),

@@ -468,3 +468,50 @@ fn params(model: &CausalLm) -> Vec<f32> {
     model.visit(&mut c);
     c.0
 }
+
+/// The trainer on the device `GRAIL_TEST_DEVICE` names (a GPU, or lavapipe with `vulkan:cpu`,
+/// which CI runs): the gradients of a GRPO step (fused model, fused log-probs with their backward
+/// node, the loss) and the weights after a full step (clipping, AdamW through the fused kernels)
+/// equal the same on Flex.
+#[test]
+fn a_step_on_the_kernel_device_equals_the_step_on_flex() {
+    let Some((_, device)) = grail_core::fixtures::kernel_test_device("kernel trainer step") else {
+        return;
+    };
+    // ε = 1e-4: Adam divides each gradient by its own magnitude, so a gradient that is zero up to
+    // rounding (the k_proj bias: softmax ignores a shift shared by all keys) would otherwise
+    // become a ±lr step whose sign is rounding noise and differs between devices.
+    let cfg = TrainerConfig {
+        learning_rate: 1e-2,
+        max_grad_norm: 0.5,
+        adam_epsilon: 1e-4,
+        ..TrainerConfig::default()
+    };
+    let g = groups(3, 4, 11);
+    let reference = model(7);
+    let kernel = reference.clone().fork(&device.autodiff());
+    let on = |m: CausalLm| GrpoTrainer::new(m, None, cfg.clone(), 1e11).unwrap();
+    let (mut r, mut k) = (on(reference), on(kernel));
+    let (grads_r, stats_r) = r.gradients(&g).unwrap();
+    let (grads_k, stats_k) = k.gradients(&g).unwrap();
+    let e = rel(
+        &flat_grads(k.model(), &grads_k),
+        &flat_grads(r.model(), &grads_r),
+    );
+    assert!(e <= 1e-5, "gradient rel err {e:e}");
+    assert!((stats_k.loss - stats_r.loss).abs() <= 1e-5 * (1.0 + stats_r.loss.abs()));
+    r.train_step(&g).unwrap();
+    k.train_step(&g).unwrap();
+    let weights = |t: &GrpoTrainer| match t.weight_update().payload {
+        WeightPayload::Full(tensors) => tensors,
+        _ => panic!("weight_update is a full payload"),
+    };
+    for (a, b) in weights(&k).iter().zip(weights(&r).iter()) {
+        let e = rel(&a.values, &b.values);
+        assert!(
+            e <= 1e-5,
+            "{}: weights after the step, rel err {e:e}",
+            a.name
+        );
+    }
+}
