@@ -2,8 +2,6 @@
 //! time (median) and this process's peak memory. Run the two paths as separate processes so each
 //! peak RSS is its own.
 
-use std::time::Instant;
-
 use anyhow::Result;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
@@ -50,6 +48,9 @@ pub struct OpArgs {
     #[arg(long)]
     pub unfused: bool,
 }
+
+/// Timed runs per op (the median is reported).
+const REPS: usize = 5;
 
 fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), device).require_grad()
@@ -115,7 +116,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
             );
             let segs = segments(t);
             let g = upstream([t, h, d], device);
-            time(device, || {
+            crate::median_secs(REPS, device, || {
                 let out = if a.unfused {
                     unfused_attention(q.clone(), k.clone(), v.clone(), &segs)
                 } else {
@@ -133,7 +134,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
         Op::RmsNorm => {
             let (x, w) = (random([t, a.hidden], device), random([a.hidden], device));
             let g = upstream([t, a.hidden], device);
-            time(device, || {
+            crate::median_secs(REPS, device, || {
                 let out = if a.unfused {
                     let r = (x.clone().square().mean_dim(1) + 1e-6).sqrt().recip();
                     x.clone() * r * w.clone().reshape([1, a.hidden])
@@ -146,7 +147,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
         Op::Swiglu => {
             let (gate, u) = (random([t, a.inter], device), random([t, a.inter], device));
             let g = upstream([t, a.inter], device);
-            time(device, || {
+            crate::median_secs(REPS, device, || {
                 let out = if a.unfused {
                     silu(gate.clone()) * u.clone()
                 } else {
@@ -162,7 +163,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
                 .autodiff();
             let sin = cos.clone() * 0.5;
             let g = upstream([t, h, d], device);
-            time(device, || {
+            crate::median_secs(REPS, device, || {
                 let out = if a.unfused {
                     let half = d / 2;
                     let rotated = Tensor::cat(
@@ -186,7 +187,7 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
                 random([a.inter, a.hidden], device),
             );
             let g = upstream([t, a.inter], device);
-            time(device, || {
+            crate::median_secs(REPS, device, || {
                 let out = if a.unfused {
                     x.clone().matmul(w.clone().transpose())
                 } else {
@@ -203,22 +204,6 @@ fn run(a: &OpArgs, device: &Device) -> f64 {
 fn upstream<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     let g = Tensor::<D>::random(shape, Distribution::Normal(0.0, 1.0), device).without_autodiff();
     Tensor::<D>::from_data(g.into_data(), device)
-}
-
-/// The median of 5 timed runs of `f` after a warm-up, each waiting for the device's queue.
-fn time(device: &Device, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
-    crate::sync(device);
-    let mut times: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            crate::sync(device);
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[2]
 }
 
 /// Runs the op bench and prints its JSON line.

@@ -166,36 +166,36 @@ pub fn sample_token(
                 });
         return (token as u32, raw(token as u32, logprobs[token]));
     }
-    if !truncates(cfg, logprobs.len()) {
+    let (token, l) = if truncates(cfg, logprobs.len()) {
+        draw(candidate_set(&logprobs, cfg).into_iter(), rng)
+    } else {
         // The whole distribution: draw in id order, nothing to sort.
-        let total: f32 = logprobs.iter().map(|l| l.exp()).sum();
-        let mut u = rng.random_range(0.0..total);
-        // Rounding can leave u a hair above zero at the end: then the last token that has any
-        // probability, never one that has none.
-        let mut fallback = 0;
-        for (token, &l) in logprobs.iter().enumerate() {
-            let p = l.exp();
-            u -= p;
-            if u <= 0.0 {
-                return (token as u32, raw(token as u32, l));
-            }
-            if p > 0.0 {
-                fallback = token;
-            }
-        }
-        return (fallback as u32, raw(fallback as u32, logprobs[fallback]));
-    }
-    let candidates = candidate_set(&logprobs, cfg);
-    let total: f32 = candidates.iter().map(|&(_, l)| l.exp()).sum();
-    let mut u = rng.random_range(0.0..total);
-    for &(token, l) in &candidates {
-        u -= l.exp();
-        if u <= 0.0 {
-            return (token, raw(token, l));
-        }
-    }
-    let &(token, l) = candidates.last().expect("at least one candidate");
+        draw(
+            logprobs.iter().enumerate().map(|(i, &l)| (i as u32, l)),
+            rng,
+        )
+    };
     (token, raw(token, l))
+}
+
+/// Draws one of the `(token, log-prob)` pairs in proportion to its probability, walking them in
+/// the order given. Rounding can leave the draw a hair past the end: then the last pair that has
+/// any probability, never one that has none.
+fn draw(pairs: impl Iterator<Item = (u32, f32)> + Clone, rng: &mut StdRng) -> (u32, f32) {
+    let total: f32 = pairs.clone().map(|(_, l)| l.exp()).sum();
+    let mut u = rng.random_range(0.0..total);
+    let mut fallback = None;
+    for (token, l) in pairs {
+        let p = l.exp();
+        u -= p;
+        if u <= 0.0 {
+            return (token, l);
+        }
+        if p > 0.0 {
+            fallback = Some((token, l));
+        }
+    }
+    fallback.expect("a distribution with positive mass")
 }
 
 #[cfg(test)]

@@ -603,7 +603,7 @@ fn logprob_grad_kernel(
 // ---------------------------------------------------------------------------------------------
 // Launch helpers.
 
-fn f32_contiguous(t: CubeTensor) -> CubeTensor {
+pub(super) fn f32_contiguous(t: CubeTensor) -> CubeTensor {
     let t = if t.dtype == DType::F32 {
         t
     } else {
@@ -612,7 +612,7 @@ fn f32_contiguous(t: CubeTensor) -> CubeTensor {
     into_contiguous(t)
 }
 
-fn empty_like(like: &CubeTensor, shape: impl Into<Shape>) -> CubeTensor {
+pub(super) fn empty_like(like: &CubeTensor, shape: impl Into<Shape>) -> CubeTensor {
     empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
@@ -665,38 +665,40 @@ fn dims3(t: &CubeTensor) -> [usize; 3] {
     [s[0], s[1], s[2]]
 }
 
-/// Launches [`attention_forward_kernel`]: query token `t` attends keys `start[t]..end[t]`.
-#[allow(clippy::too_many_arguments)]
-fn attention_forward(
-    q: &CubeTensor,
-    k: &CubeTensor,
-    v: &CubeTensor,
-    start: &[u32],
-    end: &[u32],
+/// [`attention_forward_kernel`] over every row of `q` `[T, H, d]`: each query row attends the key
+/// range its [`CachedSpan`] gives (none: zeros). Returns the output and the log-sum-exp `[T, H]`.
+fn ranged_attention(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    spans: &[CachedSpan],
     scale: f32,
-    out: &CubeTensor,
-    lse: &CubeTensor,
-) {
-    let [tokens, heads, d] = dims3(q);
+) -> (CubeTensor, CubeTensor) {
+    let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
+    let [tokens, heads, d] = dims3(&q);
     let kv_heads = k.shape()[1];
-    let (start, end) = (u32_buffer(q, start), u32_buffer(q, end));
-    let (count, dim) = grid(q, tokens * heads);
+    let out = empty_like(&q, [tokens, heads, d]);
+    let lse = empty_like(&q, [tokens, heads]);
+    let (start, end) = CachedSpan::key_ranges(spans, tokens);
+    let (start, end) = (u32_buffer(&q, &start), u32_buffer(&q, &end));
+    let (count, dim) = grid(&q, tokens * heads);
     attention_forward_kernel::launch(
         &q.client,
         count,
         dim,
-        arg(q),
-        arg(k),
-        arg(v),
+        arg(&q),
+        arg(&k),
+        arg(&v),
         u32_arg(&start),
         u32_arg(&end),
-        arg(out),
-        arg(lse),
+        arg(&out),
+        arg(&lse),
         heads as u32,
         kv_heads as u32,
         scale,
         d,
     );
+    (out, lse)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -710,20 +712,18 @@ impl FusedOps for CubeBackend {
         segments: Vec<(usize, usize)>,
         scale: f32,
     ) -> (CubeTensor, CubeTensor) {
-        let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
-        let [tokens, heads, d] = dims3(&q);
-        let out = empty_like(&q, [tokens, heads, d]);
-        let lse = empty_like(&q, [tokens, heads]);
-        // Token t of a segment starting at s sees keys s..=t; tokens outside every segment none.
-        let (mut start, mut end) = (vec![0u32; tokens], vec![0u32; tokens]);
-        for &(s, len) in &segments {
-            for t in s..(s + len).min(tokens) {
-                start[t] = s as u32;
-                end[t] = t as u32 + 1;
-            }
-        }
-        attention_forward(&q, &k, &v, &start, &end, scale, &out, &lse);
-        (out, lse)
+        // A segment is a sequence with an empty cache: its keys are its own tokens, so token t of
+        // a segment starting at s sees keys s..=t.
+        let spans: Vec<CachedSpan> = segments
+            .iter()
+            .map(|&(start, len)| CachedSpan {
+                q_start: start,
+                q_len: len,
+                k_start: start,
+                k_len: len,
+            })
+            .collect();
+        ranged_attention(q, k, v, &spans, scale)
     }
 
     fn fused_cached_attention(
@@ -733,14 +733,7 @@ impl FusedOps for CubeBackend {
         spans: Vec<CachedSpan>,
         scale: f32,
     ) -> CubeTensor {
-        let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
-        let [tokens, heads, d] = dims3(&q);
-        // Rows no span covers (padding) have an empty key range: the kernel writes zeros there.
-        let out = empty_like(&q, [tokens, heads, d]);
-        let lse = empty_like(&q, [tokens, heads]);
-        let (start, end) = CachedSpan::key_ranges(&spans, tokens);
-        attention_forward(&q, &k, &v, &start, &end, scale, &out, &lse);
-        out
+        ranged_attention(q, k, v, &spans, scale).0
     }
 
     fn fused_attention_backward(

@@ -8,19 +8,17 @@
 //! log-prob paths execute on lavapipe too (CI checks them there). `GRAIL_CUBE_GEMM=own|burn`
 //! forces one of the two anywhere, e.g. to check the kernel on a GPU.
 
-// Kernel code indexes buffers explicitly: iterators do not exist inside `#[cube]` functions.
-
 use std::sync::OnceLock;
 
 use burn::backend::TensorMetadata;
 use burn::backend::ops::FloatTensorOps;
-use burn::tensor::{DType, FloatDType};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::device::{Device, WgpuDeviceKind};
 use cubecl::prelude::*;
+
+use super::cube::{empty_like, f32_contiguous};
 
 type B = CubeBackend;
 
@@ -134,27 +132,13 @@ pub(super) fn product(a: CubeTensor, a_t: bool, b: CubeTensor, b_t: bool) -> Cub
     }
 }
 
-fn f32_contiguous(t: CubeTensor) -> CubeTensor {
-    let t = if t.dtype == DType::F32 {
-        t
-    } else {
-        B::float_cast(t, FloatDType::F32)
-    };
-    into_contiguous(t)
-}
-
 fn own_product(
     a: CubeTensor,
     b: CubeTensor,
     [m, k, n]: [usize; 3],
     [a_t, b_t]: [bool; 2],
 ) -> CubeTensor {
-    let c = empty_device_contiguous_dtype(
-        a.client.clone(),
-        a.device.clone(),
-        [m, n].into(),
-        DType::F32,
-    );
+    let c = empty_like(&a, [m, n]);
     if m == 0 || n == 0 {
         return c;
     }
@@ -195,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn the_tiled_gemm_equals_a_host_product_in_every_layout() {
+    fn the_gemm_kernel_equals_a_host_product_in_every_layout() {
         for &(m, k, n) in &[(37, 19, 23), (1, 5, 1), (16, 16, 16), (40, 33, 3)] {
             let (a, b) = (values(m * k, 1), values(k * n, 2));
             let mut want = vec![0.0f64; m * n];
