@@ -64,6 +64,31 @@ pub fn model_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// Environment variable naming the SmolLM2-135M-Instruct directory built by
+/// `../shared/models/smollm2.sh` (a real bf16 checkpoint with its tokenizer and `expected.json`).
+pub const SMOLLM2_ENV: &str = "GRAIL_SMOLLM2";
+
+/// The SmolLM2-135M-Instruct directory: `$GRAIL_SMOLLM2` if set, else
+/// `.models/smollm2-135m-instruct` in the workspace (where `.ci/run` builds it). `None`, after
+/// printing why `test` is skipped, when that directory holds no `model.safetensors`.
+pub fn smollm2_dir(test: &str) -> Option<PathBuf> {
+    let dir = match std::env::var_os(SMOLLM2_ENV) {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.models/smollm2-135m-instruct"),
+    };
+    if dir.join("model.safetensors").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "{test}: skipped: no SmolLM2 model at {} (build it with \
+             `../shared/models/smollm2.sh {}` or set {SMOLLM2_ENV})",
+            dir.display(),
+            dir.display()
+        );
+        None
+    }
+}
+
 /// A fixture tensor: its shape and its values widened to f64 (integers included).
 #[derive(Debug, Clone)]
 pub struct FixtureTensor {

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
-use super::layers::RopePrecision;
 use crate::error::{GrailError, Result};
 
 /// The model families grail runs. Both are pre-norm decoder-only transformers with RMSNorm,
@@ -66,8 +65,6 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Whether the lm_head reuses the embedding matrix.
     pub tie_word_embeddings: bool,
-    /// Precision of the RoPE frequencies (follows the checkpoint's `dtype`, as in transformers).
-    pub rope_precision: RopePrecision,
     /// Bias on q/k/v projections.
     pub qkv_bias: bool,
     /// Bias on the attention output projection.
@@ -280,11 +277,6 @@ impl ModelConfig {
             vocab_size: req_usize(obj, "vocab_size")?,
             max_position_embeddings: opt_usize(obj, "max_position_embeddings")?.unwrap_or(4096),
             tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?.unwrap_or(false),
-            rope_precision: RopePrecision::from_hf_dtype(
-                get(obj, "dtype")
-                    .or_else(|| get(obj, "torch_dtype"))
-                    .and_then(Value::as_str),
-            ),
             qkv_bias,
             o_bias,
             bos_token_id: token_ids(obj, "bos_token_id")?.first().copied(),
@@ -318,7 +310,6 @@ impl ModelConfig {
             vocab_size,
             max_position_embeddings,
             tie_word_embeddings,
-            rope_precision: RopePrecision::F32,
             qkv_bias: true,
             o_bias: false,
             bos_token_id: None,

@@ -190,60 +190,25 @@ impl Mlp {
     }
 }
 
-/// The precision of RoPE's inverse-frequency buffer.
-///
-/// transformers keeps `inv_freq` as a module buffer, so it is cast with the model: a checkpoint
-/// whose `config.json` says `"dtype": "bfloat16"` runs with bf16-rounded frequencies even when
-/// the weights are later upcast to f32. Matching that keeps grail's logits within 1e-6 of
-/// transformers' instead of drifting ~1e-3 with position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RopePrecision {
-    /// Full f32 frequencies (checkpoints saved in f32, models built from scratch).
-    #[default]
-    F32,
-    /// Frequencies rounded to bfloat16.
-    BF16,
-    /// Frequencies rounded to IEEE half.
-    F16,
-}
-
-impl RopePrecision {
-    /// Rounds an f32 value to this precision (and back to f32).
-    pub fn round(self, x: f32) -> f32 {
-        match self {
-            RopePrecision::F32 => x,
-            RopePrecision::BF16 => half::bf16::from_f32(x).to_f32(),
-            RopePrecision::F16 => half::f16::from_f32(x).to_f32(),
-        }
-    }
-
-    /// The precision for a `config.json` `dtype` / `torch_dtype` string.
-    pub fn from_hf_dtype(dtype: Option<&str>) -> Self {
-        match dtype {
-            Some("bfloat16") => RopePrecision::BF16,
-            Some("float16") => RopePrecision::F16,
-            _ => RopePrecision::F32,
-        }
-    }
-}
-
 /// Rotate-half rotary position embedding, Hugging Face's variant: channel `i` of the first half
 /// pairs with channel `i + d/2`, with inverse frequency `theta^(-2i/d)`.
 ///
-/// The cos/sin values are computed on the host in f32 for the exact positions of a call, exactly
-/// as transformers computes them (f32 inverse frequencies times f32 positions), so parity does not
-/// depend on a table's size.
+/// The inverse frequencies and the cos/sin values are computed on the host in f32 from
+/// `rope_theta`, for the exact positions of a call, whatever dtype the checkpoint stores its
+/// weights in: transformers' `from_pretrained` keeps its `inv_freq` buffer in f32 for f32, bf16
+/// and f16 loads alike, and rounding the frequencies to bf16 shifts the angles by up to ~3e-3
+/// relative, an error that grows with position.
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
 }
 
 impl Rope {
-    /// Frequencies for heads of width `head_dim` (even) with base `theta`, held at `precision`.
-    pub fn new(head_dim: usize, theta: f64, precision: RopePrecision) -> Self {
+    /// f32 frequencies for heads of width `head_dim` (even) with base `theta`.
+    pub fn new(head_dim: usize, theta: f64) -> Self {
         let theta = theta as f32;
         let inv_freq = (0..head_dim / 2)
-            .map(|i| precision.round(1.0 / theta.powf((2 * i) as f32 / head_dim as f32)))
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
         Self { inv_freq }
     }

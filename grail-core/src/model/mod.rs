@@ -17,7 +17,7 @@ pub use attention::Attention;
 pub use cache::KvCache;
 pub use config::{ModelConfig, ModelFamily};
 pub use generate::{argmax_rows, greedy};
-pub use layers::{Embedding, Linear, Mlp, RmsNorm, Rope, RopePrecision};
+pub use layers::{Embedding, Linear, Mlp, RmsNorm, Rope};
 pub use layout::{Layout, Segment};
 pub use weights::{NamedTensorSource, RandomInit, WeightSource, stable_id};
 
@@ -323,11 +323,7 @@ impl CausalLm {
         mut caches: Option<&mut [KvCache]>,
     ) -> Tensor<3> {
         let device = self.device();
-        let rope = Rope::new(
-            self.config.head_dim,
-            self.config.rope_theta,
-            self.config.rope_precision,
-        );
+        let rope = Rope::new(self.config.head_dim, self.config.rope_theta);
         let (cos, sin) = rope.tables(positions, rows, &device);
         let fused = self.uses_fused_ops();
         let mut x = self.model.embed_tokens.forward(ids);
