@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
+use grail::config::{EnvSection, GrpoConfig};
+use grail::{report, run};
 use grail_core::env::ArithmeticConfig;
-use grail_examples::job::{EnvSection, JobConfig};
-use grail_examples::run::{report, run_job};
 
 #[derive(Parser, Debug)]
 #[command(about = "GRPO on arithmetic word problems with a tiny model trained from scratch")]
@@ -22,13 +22,13 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    grail_examples::init_logging();
+    grail::init_logging();
     let args = Args::parse();
     let mut cfg = match &args.config {
-        Some(p) => JobConfig::from_file(p)?,
-        None => JobConfig {
+        Some(p) => GrpoConfig::from_file(p)?,
+        None => GrpoConfig {
             output_dir: "runs/arithmetic".into(),
-            ..JobConfig::default()
+            ..GrpoConfig::default()
         },
     };
     if !matches!(cfg.env, EnvSection::Arithmetic(_)) {
@@ -38,7 +38,7 @@ fn main() -> Result<()> {
         a.digits = d;
     }
     cfg.validate()?;
-    let summary = run_job(&cfg, grail_examples::ctrl_c_flag())?;
+    let summary = run(&cfg, grail::stop_on_signals())?;
     report(&summary);
     Ok(())
 }

@@ -7,13 +7,13 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use grail_examples::job::JobConfig;
-use grail_examples::run::{report, run_job};
+use grail::GrpoConfig;
+use grail::{report, run};
 
 #[derive(Parser, Debug)]
 #[command(about = "GRPO on countdown with a tiny model trained from scratch")]
 struct Args {
-    /// A job TOML (defaults: the built-in countdown job, see grail_examples::job).
+    /// A job TOML (defaults: the built-in countdown job, see grail::config).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override the seed.
@@ -22,16 +22,16 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    grail_examples::init_logging();
+    grail::init_logging();
     let args = Args::parse();
     let mut cfg = match &args.config {
-        Some(p) => JobConfig::from_file(p)?,
-        None => JobConfig::default(),
+        Some(p) => GrpoConfig::from_file(p)?,
+        None => GrpoConfig::default(),
     };
     if let Some(s) = args.seed {
         cfg.seed = s;
     }
-    let summary = run_job(&cfg, grail_examples::ctrl_c_flag())?;
+    let summary = run(&cfg, grail::stop_on_signals())?;
     report(&summary);
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use grail_examples::job::JobConfig;
-use grail_examples::run::{report, run_job};
+use grail::GrpoConfig;
+use grail::{report, run};
 
 #[derive(Parser, Debug)]
 #[command(about = "GRPO on a Hugging Face checkpoint")]
@@ -21,9 +21,9 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    grail_examples::init_logging();
+    grail::init_logging();
     let args = Args::parse();
-    let mut cfg = JobConfig::from_file(&args.config)?;
+    let mut cfg = GrpoConfig::from_file(&args.config)?;
     if let Some(m) = args.model {
         cfg.model.path = Some(m);
     }
@@ -34,7 +34,7 @@ fn main() -> Result<()> {
         );
     }
     cfg.validate()?;
-    let summary = run_job(&cfg, grail_examples::ctrl_c_flag())?;
+    let summary = run(&cfg, grail::stop_on_signals())?;
     report(&summary);
     Ok(())
 }

@@ -33,9 +33,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .init();
+    grail::init_logging();
     let args = Args::parse();
     let device = parse_device(&args.device)?;
     let start = Instant::now();

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use grail_examples::job::JobConfig;
-use grail_examples::run::{load_checkpoint, run_job};
+use grail::GrpoConfig;
+use grail::runner::{load_checkpoint, run};
 
 fn err(toml: &str) -> String {
     format!(
         "{:#}",
-        JobConfig::from_toml(toml).expect_err("config should be rejected")
+        GrpoConfig::from_toml(toml).expect_err("config should be rejected")
     )
 }
 
@@ -42,10 +42,10 @@ fn config_errors_name_the_key_or_path() {
     let m = err("[grpo]\nimportance_sampling_mode = \"sequence_clip\"\n");
     assert!(m.contains("sequence_clip"), "{m}");
     // Peers' names for the pool-side limit are accepted.
-    let aliased = JobConfig::from_toml("[grpo]\nmax_head_offpolicyness = 1\n").unwrap();
+    let aliased = GrpoConfig::from_toml("[grpo]\nmax_head_offpolicyness = 1\n").unwrap();
     assert_eq!(aliased.grpo.max_ahead, Some(1));
-    assert!(JobConfig::from_toml("").is_ok(), "every key has a default");
-    let missing = JobConfig::from_file(std::path::Path::new("/nonexistent/job.toml")).unwrap_err();
+    assert!(GrpoConfig::from_toml("").is_ok(), "every key has a default");
+    let missing = GrpoConfig::from_file(std::path::Path::new("/nonexistent/job.toml")).unwrap_err();
     assert!(format!("{missing:#}").contains("/nonexistent/job.toml"));
 }
 
@@ -79,8 +79,8 @@ every = 3
 "#,
         dir.path().display()
     );
-    let cfg = JobConfig::from_toml(&toml).unwrap();
-    let summary = run_job(&cfg, Arc::new(AtomicBool::new(false))).unwrap();
+    let cfg = GrpoConfig::from_toml(&toml).unwrap();
+    let summary = run(&cfg, Arc::new(AtomicBool::new(false))).unwrap();
     assert_eq!(summary.steps, 6);
     assert!(
         (0.0..=1.0).contains(&summary.baseline_accuracy)

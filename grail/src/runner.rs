@@ -26,7 +26,7 @@ use grail_trainer::trainer::GrpoTrainer;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::job::{EnvSection, JobConfig};
+use crate::config::{EnvSection, GrpoConfig};
 
 /// End-of-sequence marker of trained tokenizers.
 pub const EOS: &str = "<|endoftext|>";
@@ -61,7 +61,7 @@ pub struct RunSummary {
 }
 
 /// A task's reference completion text for prompt `index` of the train split (SFT targets).
-fn reference_completion(cfg: &JobConfig, env: &dyn Environment, index: u64) -> Option<String> {
+fn reference_completion(cfg: &GrpoConfig, env: &dyn Environment, index: u64) -> Option<String> {
     Some(match &cfg.env {
         EnvSection::Countdown(c) => countdown_task(c, cfg.seed, Split::Train, index).solution,
         EnvSection::Arithmetic(a) => format!(
@@ -73,7 +73,7 @@ fn reference_completion(cfg: &JobConfig, env: &dyn Environment, index: u64) -> O
 }
 
 /// Texts a BPE for this task is trained on.
-fn tokenizer_corpus(cfg: &JobConfig) -> Vec<String> {
+fn tokenizer_corpus(cfg: &GrpoConfig) -> Vec<String> {
     let mut out = Vec::new();
     match &cfg.env {
         EnvSection::Countdown(c) => {
@@ -97,7 +97,7 @@ fn tokenizer_corpus(cfg: &JobConfig) -> Vec<String> {
     out
 }
 
-fn make_env(cfg: &JobConfig, split: Split, tok: Arc<Tokenizer>) -> Result<Arc<dyn Environment>> {
+fn make_env(cfg: &GrpoConfig, split: Split, tok: Arc<Tokenizer>) -> Result<Arc<dyn Environment>> {
     Ok(match &cfg.env {
         EnvSection::Countdown(c) => Arc::new(Countdown::new(c.clone(), cfg.seed, split, tok)?),
         EnvSection::Arithmetic(a) => Arc::new(Arithmetic::new(a.clone(), cfg.seed, split, tok)?),
@@ -159,7 +159,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// Runs the job. `stop` (set by Ctrl-C) ends GRPO early with a final evaluation and checkpoint.
-pub fn run_job(cfg: &JobConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
+pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     let start = Instant::now();
     let device = parse_device(&cfg.device)?;
     std::fs::create_dir_all(&cfg.output_dir)

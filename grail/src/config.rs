@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 /// The whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct JobConfig {
+pub struct GrpoConfig {
     /// Seed of everything random (model init, tasks, sampling). Default 0.
     pub seed: u64,
     /// Compute device. Default "cpu".
@@ -195,7 +195,7 @@ pub struct EvalSection {
     pub every: usize,
 }
 
-impl Default for JobConfig {
+impl Default for GrpoConfig {
     fn default() -> Self {
         Self {
             seed: 0,
@@ -299,7 +299,7 @@ fn positive(key: &str, v: usize) -> Result<()> {
     Ok(())
 }
 
-impl JobConfig {
+impl GrpoConfig {
     /// Parses a TOML file (a missing file, bad TOML, an unknown key or a wrong type is an error
     /// naming the file and key) and validates it.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -310,7 +310,7 @@ impl JobConfig {
 
     /// Parses TOML text and validates it.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let cfg: JobConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cfg: GrpoConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -1,0 +1,46 @@
+//! **grail**: asynchronous GRPO post-training of language models, in one call.
+//!
+//! A run is one [`GrpoConfig`] (TRL's `GRPOConfig` names, loadable from TOML or built in code).
+//! [`run`] owns the whole loop: tokenizer and model, an optional SFT warm-up, the rollout pool
+//! and the trainer running at the same time and meeting only through channels (groups of scored
+//! completions one way, versioned weights the other), held-out evaluation, checkpoints, metrics
+//! and the run summary with its sample accounting.
+//!
+//! ```no_run
+//! use grail::prelude::*;
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! grail::init_logging();
+//! let config = GrpoConfig::from_toml("[grpo]\nmax_steps = 50\n")?;
+//! let summary = grail::run(&config, grail::stop_on_signals())?;
+//! grail::report(&summary);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod plot;
+pub mod runner;
+pub mod signals;
+
+pub use config::GrpoConfig;
+pub use runner::{RunSummary, evaluate, report, run};
+pub use signals::stop_on_signals;
+
+/// What a run needs, in one import.
+pub mod prelude {
+    pub use crate::config::{EnvSection, GrpoConfig};
+    pub use crate::runner::{RunSummary, run};
+    pub use crate::signals::stop_on_signals;
+}
+
+/// Logging to stderr (`RUST_LOG` filters; default `info`).
+pub fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
