@@ -60,7 +60,7 @@ fn smollm2_matches_transformers() {
             .narrow(1, len - 1, 1)
             .reshape([vocab])
             .into_data()
-            .to_vec()
+            .try_to_vec::<f32>()
             .unwrap();
         let top5 = &case["last_logits_top5"];
         let top_ids = ids_of(&top5["ids"]);
