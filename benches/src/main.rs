@@ -331,8 +331,8 @@ fn weight_sync_bench(
     use grail_trainer::trainer::GrpoTrainer;
     let config = m.model_config()?;
     let policy = CausalLm::init(&config, args.seed, &device.clone().autodiff());
-    let mut delta = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, &policy);
-    let mut state = WeightState::new(&policy);
+    let mut delta = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, &policy, 0);
+    let mut state = WeightState::new(&policy, 0, WireDtype::Bf16);
     let cfg = TrainerConfig {
         learning_rate: lr,
         // Random behaviour log-probs: a mask would zero the update this bench measures.

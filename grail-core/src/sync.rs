@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::error::{GrailError, Result};
 use crate::model::CausalLm;
-use crate::types::{NamedTensor, PolicyVersion, WeightPayload, WeightUpdate};
+use crate::types::{NamedTensor, PolicyVersion, PoolMessage, WeightPayload, WeightUpdate};
 
 /// The dtype weights travel at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -83,13 +83,19 @@ pub struct WeightPublisher {
 }
 
 impl WeightPublisher {
-    /// A publisher whose receivers start from `initial` (the weights the pool was spawned with).
-    pub fn new(mode: SyncMode, wire: WireDtype, initial: &CausalLm) -> Self {
+    /// A publisher whose receivers start from `initial` at `version` (the weights the pool was
+    /// spawned with: version 0 for a new run, the checkpoint's version on resume).
+    pub fn new(
+        mode: SyncMode,
+        wire: WireDtype,
+        initial: &CausalLm,
+        version: PolicyVersion,
+    ) -> Self {
         Self {
             mode,
             wire,
             last: named_tensors(initial, wire),
-            last_version: 0,
+            last_version: version,
         }
     }
 
@@ -162,11 +168,14 @@ pub struct WeightState {
 }
 
 impl WeightState {
-    /// Starts from the weights the pool was spawned with (version 0).
-    pub fn new(initial: &CausalLm) -> Self {
+    /// Starts from the weights the pool was spawned with, which are `version`, rounded to `wire`
+    /// (the publisher's dtype): then the weights at every version are exactly the trainer's
+    /// rounded to `wire`, whatever the history, so a resumed pool samples from the same weights
+    /// as one that never stopped.
+    pub fn new(initial: &CausalLm, version: PolicyVersion, wire: WireDtype) -> Self {
         Self {
-            tensors: named_tensors(initial, WireDtype::F32),
-            version: 0,
+            tensors: named_tensors(initial, wire),
+            version,
         }
     }
 
@@ -263,10 +272,37 @@ impl WeightState {
     }
 }
 
-/// Where a trainer sends its updates: the channel and the publisher that encodes them.
-pub struct WeightSink {
-    /// The pool's weight channel.
-    pub tx: flume::Sender<WeightUpdate>,
+/// The trainer's end of the channel back to the rollout pool: new weights, encoded by the
+/// publisher, and how many groups the trainer has consumed, in one ordered stream.
+pub struct PoolFeedback {
+    /// The pool's feedback channel.
+    pub tx: flume::Sender<PoolMessage>,
     /// Encoder state.
     pub publisher: WeightPublisher,
+    consumed: u64,
+}
+
+impl PoolFeedback {
+    /// Feedback through `tx`, encoding weights with `publisher`.
+    pub fn new(tx: flume::Sender<PoolMessage>, publisher: WeightPublisher) -> Self {
+        Self {
+            tx,
+            publisher,
+            consumed: 0,
+        }
+    }
+
+    /// Sends `model`'s weights as `version`. A closed pool is not an error: the trainer keeps its
+    /// weights and its run ends when the group channel closes.
+    pub fn publish(&mut self, version: PolicyVersion, model: &CausalLm) {
+        let update = self.publisher.publish(version, model);
+        let _ = self.tx.send(PoolMessage::Weights(update));
+    }
+
+    /// Records that the trainer is done with `groups` more groups (trained, filtered or dropped as
+    /// stale) and tells the pool the new total, which frees it to take as many new prompts.
+    pub fn consumed(&mut self, groups: usize) {
+        self.consumed += groups as u64;
+        let _ = self.tx.send(PoolMessage::Consumed(self.consumed));
+    }
 }

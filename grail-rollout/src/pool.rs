@@ -22,8 +22,8 @@ use std::time::Duration;
 use grail_core::GrailError;
 use grail_core::env::{Completion, Environment, Prompt};
 use grail_core::model::CausalLm;
-use grail_core::sync::WeightState;
-use grail_core::types::{Group, Sample, WeightUpdate};
+use grail_core::sync::{WeightState, WireDtype};
+use grail_core::types::{Group, PolicyVersion, PoolMessage, Sample};
 use rayon::prelude::*;
 
 use crate::generate::{
@@ -43,13 +43,24 @@ pub struct PoolConfig {
     pub generation: GenerationConfig,
     /// Capacity of the group channel (groups).
     pub channel_capacity: usize,
-    /// How far ahead of the trainer the pool may run, in optimizer steps of `groups_per_step`
-    /// groups: a worker starts a new batch only while the prompts taken so far are fewer than
-    /// `(v + max_ahead + 1) × groups_per_step`, where v is the newest weight version it has.
-    /// `None`: only the bounded channel holds the pool back.
+    /// How far ahead of the trainer the pool may run, in batches of `groups_per_step` groups: a
+    /// worker starts a new batch only while the prompts taken since the pool started are fewer
+    /// than `settled + (max_ahead + 1) × groups_per_step`, where `settled` counts the groups the
+    /// trainer reported consumed (trained, filtered or dropped as stale) plus the groups the
+    /// pool failed itself. Counting what was consumed, not optimizer steps, keeps the pool going
+    /// through batches that train nothing. `None`: only the bounded channel holds it back.
     pub max_ahead: Option<u64>,
     /// Groups the trainer consumes per step (for `max_ahead`).
     pub groups_per_step: usize,
+    /// The version of the weights the pool is spawned with: 0 for a new run, the checkpoint's
+    /// version on resume (so the trainer does not find every group stale).
+    pub start_version: PolicyVersion,
+    /// Index of the first prompt to take from the environment (the prompt cursor on resume).
+    pub first_prompt: u64,
+    /// The dtype the trainer publishes weights in: the pool starts from its initial weights
+    /// rounded to it, so that its weights at any version depend on that version alone. Default
+    /// f32 (the initial weights exactly).
+    pub weight_wire: WireDtype,
     /// Switch to new weights between decode steps, mid-completion (off: only between batches).
     pub in_flight_weight_updates: bool,
 }
@@ -64,6 +75,9 @@ impl Default for PoolConfig {
             channel_capacity: 8,
             max_ahead: None,
             groups_per_step: 1,
+            start_version: 0,
+            first_prompt: 0,
+            weight_wire: WireDtype::F32,
             in_flight_weight_updates: false,
         }
     }
@@ -107,8 +121,9 @@ pub struct PoolReport {
 pub struct RolloutPool {
     /// Scored groups, in the order they finish.
     pub groups: flume::Receiver<Group>,
-    /// Where the trainer publishes new weights.
-    pub weights: flume::Sender<WeightUpdate>,
+    /// Where the trainer sends new weights and its consumption count
+    /// (see [`grail_core::sync::PoolFeedback`]).
+    pub feedback: flume::Sender<PoolMessage>,
     shutdown: Arc<AtomicBool>,
     counters: Arc<PoolCounters>,
     workers: Vec<JoinHandle<Result<(), GrailError>>>,
@@ -138,7 +153,7 @@ impl RolloutPool {
                 }
             }
         }
-        // Closing our weight sender ends the forwarder once the trainer's clones are gone too.
+        // Closing our feedback sender ends the forwarder once the trainer's clones are gone too.
         drop(self.forwarder.take());
         let c = &self.counters;
         let report = PoolReport {
@@ -179,36 +194,38 @@ pub fn spawn_pool(
         .validate()
         .map_err(|m| GrailError::config("sampling", &m, "invalid sampling parameter"))?;
     let (group_tx, group_rx) = flume::bounded(cfg.channel_capacity);
-    let (weight_tx, weight_rx) = flume::unbounded::<WeightUpdate>();
+    let (feedback_tx, feedback_rx) = flume::unbounded::<PoolMessage>();
     let shutdown = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(PoolCounters::default());
-    let next_prompt = Arc::new(AtomicU64::new(0));
-    // Every worker gets every update, in order (deltas only make sense applied in sequence).
+    let next_prompt = Arc::new(AtomicU64::new(cfg.first_prompt));
+    // Every worker gets every message, in order (deltas only make sense applied in sequence).
     let (worker_txs, worker_rxs): (Vec<_>, Vec<_>) = (0..cfg.workers)
-        .map(|_| flume::unbounded::<Arc<WeightUpdate>>())
+        .map(|_| flume::unbounded::<Arc<PoolMessage>>())
         .unzip();
     let forwarder = std::thread::Builder::new()
-        .name("grail-weights".into())
+        .name("grail-feedback".into())
         .spawn(move || {
-            for update in weight_rx.iter() {
-                let update = Arc::new(update);
+            for message in feedback_rx.iter() {
+                let message = Arc::new(message);
                 for tx in &worker_txs {
-                    let _ = tx.send(update.clone());
+                    let _ = tx.send(message.clone());
                 }
             }
         })
         .map_err(|e| GrailError::io("<thread>", e))?;
-    let initial = WeightState::new(model);
+    let initial = WeightState::new(model, cfg.start_version, cfg.weight_wire);
+    let start_model = initial.build_model(&model.config, &model.device())?;
     let mut workers = Vec::with_capacity(cfg.workers);
     for (w, updates) in worker_rxs.into_iter().enumerate() {
         let worker = Worker {
             weights: WorkerWeights {
                 policy: Policy {
-                    model: model.clone(),
+                    model: start_model.clone(),
                     version: initial.version(),
                 },
                 state: initial.clone(),
                 updates,
+                consumed: 0,
             },
             ctx: WorkerContext {
                 env: env.clone(),
@@ -227,7 +244,7 @@ pub fn spawn_pool(
     }
     Ok(RolloutPool {
         groups: group_rx,
-        weights: weight_tx,
+        feedback: feedback_tx,
         shutdown,
         counters,
         workers,
@@ -235,22 +252,28 @@ pub fn spawn_pool(
     })
 }
 
-/// A worker's weights: the model it samples with, the state updates apply to, and where they come
-/// from.
+/// A worker's weights: the model it samples with, the state updates apply to, where they come
+/// from, and the trainer's consumption count that came with them.
 struct WorkerWeights {
     policy: Policy,
     state: WeightState,
-    updates: flume::Receiver<Arc<WeightUpdate>>,
+    updates: flume::Receiver<Arc<PoolMessage>>,
+    consumed: u64,
 }
 
 impl WorkerWeights {
-    /// Applies every update published since the last call, in order, and rebuilds the model once.
+    /// Applies every message sent since the last call, in order, and rebuilds the model once.
     /// Returns whether the weights changed.
     fn refresh(&mut self) -> Result<bool, GrailError> {
         let mut changed = false;
-        for update in self.updates.try_iter() {
-            self.state.apply(&update)?;
-            changed = true;
+        for message in self.updates.try_iter() {
+            match message.as_ref() {
+                PoolMessage::Weights(update) => {
+                    self.state.apply(update)?;
+                    changed = true;
+                }
+                PoolMessage::Consumed(total) => self.consumed = self.consumed.max(*total),
+            }
         }
         if changed {
             let model = &self.policy.model;
@@ -303,15 +326,17 @@ impl Worker {
         Ok(())
     }
 
-    /// Whether starting another batch would put the pool more than `max_ahead` steps ahead of
-    /// the newest weights it has seen.
+    /// Whether starting another batch would put the pool more than `max_ahead` batches ahead
+    /// of what the trainer has consumed (see [`PoolConfig::max_ahead`]).
     fn too_far_ahead(&self) -> bool {
         let Some(ahead) = self.ctx.cfg.max_ahead else {
             return false;
         };
-        let allowed =
-            (self.weights.policy.version + ahead + 1) * self.ctx.cfg.groups_per_step as u64;
-        self.ctx.next_prompt.load(Ordering::SeqCst) >= allowed
+        let settled =
+            self.weights.consumed + self.ctx.counters.failed_groups.load(Ordering::SeqCst) as u64;
+        let allowed = settled + (ahead + 1) * self.ctx.cfg.groups_per_step as u64;
+        let taken = self.ctx.next_prompt.load(Ordering::SeqCst) - self.ctx.cfg.first_prompt;
+        taken >= allowed
     }
 }
 

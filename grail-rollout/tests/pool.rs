@@ -8,9 +8,11 @@ use burn::module::Module;
 use burn::tensor::Device;
 use grail_core::env::{Completion, Environment, Prompt, Reward};
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::sync::{SyncMode, WeightPublisher, WireDtype};
+use grail_core::sync::{PoolFeedback, SyncMode, WeightPublisher, WireDtype};
+use grail_core::types::PoolMessage;
 use grail_rollout::generate::GenerationConfig;
-use grail_rollout::{PoolConfig, spawn_pool};
+use grail_rollout::{PoolConfig, RolloutPool, spawn_pool};
+use grail_trainer::channel::{ChannelRun, RunEvent};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::trainer::GrpoTrainer;
 
@@ -88,6 +90,24 @@ fn trainer(policy: CausalLm) -> GrpoTrainer {
     GrpoTrainer::new(policy, None, cfg, 1e11).unwrap()
 }
 
+/// The trainer's feedback to `pool`: bf16 deltas from the trainer's current weights.
+fn feedback(pool: &RolloutPool, trainer: &GrpoTrainer) -> PoolFeedback {
+    PoolFeedback::new(
+        pool.feedback.clone(),
+        WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model(), 0),
+    )
+}
+
+/// A channel run without a watchdog.
+fn channel_run(groups_per_step: usize, max_staleness: u64, max_steps: usize) -> ChannelRun {
+    ChannelRun {
+        groups_per_step,
+        max_staleness,
+        max_steps,
+        stall_timeout: None,
+    }
+}
+
 #[test]
 fn pool_and_trainer_meet_through_channels_and_account_for_everything() {
     let device = Device::flex();
@@ -100,14 +120,14 @@ fn pool_and_trainer_meet_through_channels_and_account_for_everything() {
     .unwrap();
     let mut trainer = trainer(policy);
     // Sparse bf16 deltas: every worker must apply each one, in order.
-    let mut publisher = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model());
+    let mut publisher = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model(), 0);
     let mut versions_seen = Vec::new();
     for _ in 0..4 {
         let batch: Vec<_> = (0..2).map(|_| pool.groups.recv().unwrap()).collect();
         versions_seen.extend(batch.iter().map(|g| g.oldest_version()));
         trainer.train_step(&batch).unwrap();
-        pool.weights
-            .send(publisher.publish(trainer.version(), trainer.model()))
+        pool.feedback
+            .send(publisher.publish(trainer.version(), trainer.model()).into())
             .unwrap();
     }
     // Later groups were generated with published weights.
@@ -170,17 +190,19 @@ fn a_slow_trainer_drops_stale_samples_and_the_accounting_is_exact() {
     )
     .unwrap();
     let mut trainer = trainer(policy);
-    let mut sink = grail_core::sync::WeightSink {
-        tx: pool.weights.clone(),
-        publisher: WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model()),
-    };
+    let mut feedback = feedback(&pool, &trainer);
     // Staleness 0 and a trainer that dawdles after every step: groups made before the last
     // update arrive stale and are dropped.
     let run = trainer
-        .run_from_channel(&pool.groups.clone(), Some(&mut sink), 2, 0, 5, |_, _| {
-            std::thread::sleep(std::time::Duration::from_millis(60));
-            std::ops::ControlFlow::Continue(())
-        })
+        .run_from_channel(
+            &pool.groups.clone(),
+            Some(&mut feedback),
+            &channel_run(2, 0, 5),
+            |_, _| {
+                std::thread::sleep(std::time::Duration::from_millis(60));
+                std::ops::ControlFlow::Continue(())
+            },
+        )
         .unwrap();
     assert_eq!(trainer.step(), 5);
     assert!(run.dropped_stale > 0, "{run:?}");
@@ -211,18 +233,30 @@ fn the_pool_pauses_when_too_far_ahead_and_resumes_with_new_weights() {
     };
     let pool = spawn_pool(&model, Arc::new(Sevens::new(10_000, None)), cfg).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(400));
-    // Version 0, zero steps ahead: one step's worth of prompts (2 groups × 4 samples), then a pause.
+    // Nothing consumed, zero steps ahead: one step's worth of prompts (2 groups × 4 samples), then
+    // a pause.
     assert_eq!(pool.counters().generated.load(Ordering::SeqCst), 8);
-    let mut publisher = WeightPublisher::new(SyncMode::Full, WireDtype::F32, &model);
-    pool.weights.send(publisher.publish(1, &model)).unwrap();
+    // New weights alone do not free the pool: only consumed groups do.
+    let mut publisher = WeightPublisher::new(SyncMode::Full, WireDtype::F32, &model, 0);
+    pool.feedback
+        .send(publisher.publish(1, &model).into())
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(pool.counters().generated.load(Ordering::SeqCst), 8);
+    pool.feedback.send(PoolMessage::Consumed(2)).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(400));
     assert_eq!(
         pool.counters().generated.load(Ordering::SeqCst),
         16,
-        "one more step after version 1"
+        "one more step's worth once the trainer consumed the first"
     );
+    // A batch the trainer filtered out (no optimizer step, no new weights) frees it just the
+    // same: a run whose batches all have zero reward spread cannot stall the pool.
+    pool.feedback.send(PoolMessage::Consumed(4)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(pool.counters().generated.load(Ordering::SeqCst), 24);
     let report = pool.shutdown().unwrap();
-    assert_eq!(report.generated, 16);
+    assert_eq!(report.generated, 24);
 }
 
 #[test]
@@ -310,21 +344,18 @@ fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
         ..TrainerConfig::default()
     };
     let mut trainer = GrpoTrainer::new(policy, None, t_cfg, 1e11).unwrap();
-    let mut sink = grail_core::sync::WeightSink {
-        tx: pool.weights.clone(),
-        publisher: WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model()),
-    };
+    let mut feedback = feedback(&pool, &trainer);
     let mut metrics = Vec::new();
     let steps = 30;
     let run = trainer
         .run_from_channel(
             &pool.groups.clone(),
-            Some(&mut sink),
-            2,
-            2,
-            steps,
-            |_, m| {
-                metrics.push(m.clone());
+            Some(&mut feedback),
+            &channel_run(2, 2, steps),
+            |_, e| {
+                if let RunEvent::Step(m) = e {
+                    metrics.push(m.clone());
+                }
                 std::ops::ControlFlow::Continue(())
             },
         )
@@ -421,8 +452,10 @@ fn an_in_flight_update_splits_a_completion_between_versions() {
     let pool = spawn_pool(&old, Arc::new(env), cfg).unwrap();
     // Mid-completion (3 tokens in), version 1 arrives.
     reached.recv().unwrap();
-    let mut publisher = WeightPublisher::new(SyncMode::Full, WireDtype::F32, &old);
-    pool.weights.send(publisher.publish(1, &new)).unwrap();
+    let mut publisher = WeightPublisher::new(SyncMode::Full, WireDtype::F32, &old, 0);
+    pool.feedback
+        .send(publisher.publish(1, &new).into())
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
     release.send(()).unwrap();
     let group = pool.groups.recv().unwrap();
@@ -457,4 +490,107 @@ fn an_in_flight_update_splits_a_completion_between_versions() {
             .fold(0f32, f32::max);
         assert!(max <= 1e-4, "max |Δ| {max:e}");
     }
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned within `limit`: a hang becomes
+/// a failure instead of a test that never ends.
+fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = flume::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("still running after {limit:?}: the run hung"))
+}
+
+/// Liveness: a pool bounded by `max_ahead`, whose every group has zero reward spread (so no batch
+/// trains and the weights never change), keeps generating because the trainer reports what it
+/// consumed; the watchdog then ends the run with the reason instead of a silent hang.
+#[test]
+fn zero_spread_batches_neither_stall_the_pool_nor_hang_the_run() {
+    let (err, generated) = within(std::time::Duration::from_secs(120), || {
+        let device = Device::flex();
+        let policy = CausalLm::init(&config(), 12, &device.clone().autodiff());
+        let mut env = Sevens::new(10_000, None);
+        env.rewards = vec![
+            Reward::new("flat", 1.0, |_p: &Prompt, _c: &Completion| 1.0),
+            Reward::new("flat_too", 0.5, |_p: &Prompt, _c: &Completion| 0.0),
+        ];
+        let cfg = PoolConfig {
+            max_ahead: Some(0),
+            groups_per_step: 2,
+            ..pool_config(1)
+        };
+        let pool = spawn_pool(&policy.valid(), Arc::new(env), cfg).unwrap();
+        let t_cfg = TrainerConfig {
+            reward_weights: vec![1.0, 0.5],
+            filter_zero_std_groups: true,
+            ..TrainerConfig::default()
+        };
+        let mut trainer = GrpoTrainer::new(policy, None, t_cfg, 1e11).unwrap();
+        let mut feedback = feedback(&pool, &trainer);
+        let run = ChannelRun {
+            stall_timeout: Some(std::time::Duration::from_secs(2)),
+            ..channel_run(2, 1, 5)
+        };
+        let err = trainer
+            .run_from_channel(&pool.groups.clone(), Some(&mut feedback), &run, |_, _| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap_err();
+        let generated = pool.counters().generated.load(Ordering::SeqCst);
+        pool.shutdown().unwrap();
+        (err.to_string(), generated)
+    });
+    assert!(
+        err.contains("zero reward spread") && err.contains("consecutive batches"),
+        "{err}"
+    );
+    // Far more than the one batch (2 groups × 4 samples) the old bound allowed at version 0.
+    assert!(generated > 8 * 4, "the pool stalled at {generated} samples");
+}
+
+/// Liveness: groups whose rewards fail (here every third prompt) count as settled, so a pool
+/// bounded by `max_ahead` keeps the trainer fed and the accounting identity holds.
+#[test]
+fn failed_reward_groups_do_not_stall_a_bounded_pool() {
+    let (run, report, left, steps) = within(std::time::Duration::from_secs(120), || {
+        let device = Device::flex();
+        let policy = CausalLm::init(&config(), 13, &device.clone().autodiff());
+        let cfg = PoolConfig {
+            max_ahead: Some(0),
+            groups_per_step: 2,
+            ..pool_config(1)
+        };
+        let pool =
+            spawn_pool(&policy.valid(), Arc::new(Sevens::new(10_000, Some(3))), cfg).unwrap();
+        let mut trainer = trainer(policy);
+        let mut feedback = feedback(&pool, &trainer);
+        let run = trainer
+            .run_from_channel(
+                &pool.groups.clone(),
+                Some(&mut feedback),
+                &channel_run(2, 1, 6),
+                |_, _| std::ops::ControlFlow::Continue(()),
+            )
+            .unwrap();
+        let groups = pool.groups.clone();
+        let report = pool.shutdown().unwrap();
+        let left: usize = groups.drain().map(|g| g.samples.len()).sum();
+        (run, report, left, trainer.step())
+    });
+    assert_eq!(steps, 6);
+    assert!(report.failed_groups > 0, "{report:?}");
+    assert_eq!(
+        report.generated,
+        report.sent + report.failed + report.unsent_at_shutdown
+    );
+    assert_eq!(report.sent, run.received + left);
+    assert_eq!(
+        run.received,
+        run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
+    );
 }

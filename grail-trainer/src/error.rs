@@ -26,6 +26,10 @@ pub enum TrainerError {
         /// Samples in them.
         samples: usize,
     },
+    /// The run made no progress for longer than its `stall_timeout`; the message says what was
+    /// seen meanwhile (nothing arriving, zero-spread batches, stale groups).
+    #[error("the run stalled: {0}")]
+    Stalled(String),
     /// An error from grail-core (model, checkpoint).
     #[error(transparent)]
     Core(#[from] grail_core::GrailError),

@@ -9,6 +9,7 @@ pub mod optimizer;
 
 pub use error::{Result, TrainerError};
 pub mod advantages;
+pub mod channel;
 pub mod config;
 pub mod flops;
 pub mod packing;

@@ -13,7 +13,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
 use grail_core::model::{CausalLm, Layout};
-use grail_core::sync::{WeightSink, WireDtype, named_tensors};
+use grail_core::sync::{WireDtype, named_tensors};
 use grail_core::types::{Group, PolicyVersion, WeightPayload, WeightUpdate};
 
 use crate::advantages::compute_advantages;
@@ -130,22 +130,6 @@ pub struct StepTimes {
     pub backward_s: f64,
     /// Gradient-norm clipping and the AdamW update.
     pub optimizer_s: f64,
-}
-
-/// Sample accounting of [`GrpoTrainer::run_from_channel`]:
-/// `received = trained + dropped_stale + dropped_filtered + unused_at_close`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RunStats {
-    /// Samples received from the channel.
-    pub received: usize,
-    /// Samples trained on.
-    pub trained: usize,
-    /// Samples dropped as too stale.
-    pub dropped_stale: usize,
-    /// Samples in groups filtered out for zero reward spread.
-    pub dropped_filtered: usize,
-    /// Samples received but not trained on because the channel closed mid-batch.
-    pub unused_at_close: usize,
 }
 
 /// One training sequence: prompt + completion tokens and what the loss needs about it.
@@ -289,66 +273,6 @@ impl GrpoTrainer {
         self.step = step;
         self.version = version;
         Ok(())
-    }
-
-    /// Trains from a channel of groups: each step takes `groups_per_step` groups, drops (and
-    /// counts) groups whose oldest sample is more than `max_staleness` versions behind, trains,
-    /// and publishes the new weights through `weights` (if given). Stops after `steps` optimizer steps
-    /// or when the channel closes; `on_step` sees the trainer and every step's metrics after the
-    /// weights are published, and stops the run by returning `ControlFlow::Break`.
-    pub fn run_from_channel(
-        &mut self,
-        groups: &flume::Receiver<Group>,
-        mut weights: Option<&mut WeightSink>,
-        groups_per_step: usize,
-        max_staleness: u64,
-        steps: usize,
-        mut on_step: impl FnMut(&GrpoTrainer, &StepMetrics) -> std::ops::ControlFlow<()>,
-    ) -> Result<RunStats> {
-        let mut stats = RunStats::default();
-        let start_step = self.step;
-        while self.step - start_step < steps {
-            let mut batch = Vec::with_capacity(groups_per_step);
-            while batch.len() < groups_per_step {
-                let Ok(group) = groups.recv() else {
-                    stats.unused_at_close +=
-                        batch.iter().map(|g: &Group| g.samples.len()).sum::<usize>();
-                    return Ok(stats);
-                };
-                stats.received += group.samples.len();
-                if self.version.saturating_sub(group.oldest_version()) > max_staleness {
-                    stats.dropped_stale += group.samples.len();
-                    continue;
-                }
-                batch.push(group);
-            }
-            let batch_samples: usize = batch.iter().map(|g| g.samples.len()).sum();
-            let metrics = match self.train_step(&batch) {
-                Ok(m) => m,
-                // Nothing to learn from this batch: count it and wait for the next one.
-                Err(TrainerError::AllFiltered { samples, .. }) => {
-                    stats.dropped_filtered += samples;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let filtered: usize = metrics.first().map_or(0, |m| m.dropped_zero_std_samples);
-            stats.dropped_filtered += filtered;
-            stats.trained += batch_samples - filtered;
-            if let Some(sink) = weights.as_deref_mut() {
-                let update = sink.publisher.publish(self.version, self.model());
-                // A closed pool is not an error for the trainer: it keeps the weights.
-                let _ = sink.tx.send(update);
-            }
-            let mut stop = false;
-            for m in &metrics {
-                stop |= on_step(self, m).is_break();
-            }
-            if stop {
-                break;
-            }
-        }
-        Ok(stats)
     }
 
     /// The current weights as a [`WeightUpdate`] (full tensors, HF names).

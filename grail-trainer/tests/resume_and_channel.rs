@@ -5,8 +5,10 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::sync::{SyncMode, WeightPublisher, WeightSink, WeightState, WireDtype};
+use grail_core::sync::{PoolFeedback, SyncMode, WeightPublisher, WeightState, WireDtype};
+use grail_core::types::PoolMessage;
 use grail_core::types::{Group, Sample, WeightPayload};
+use grail_trainer::channel::{ChannelRun, RunEvent};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::off_policy::IsMode;
 use grail_trainer::trainer::GrpoTrainer;
@@ -99,14 +101,14 @@ fn resume_is_bit_identical() {
 #[test]
 fn channel_run_trains_drops_stale_and_publishes() {
     let (group_tx, group_rx) = flume::bounded(16);
-    let (weight_tx, weight_rx) = flume::unbounded();
+    let (feedback_tx, feedback_rx) = flume::unbounded();
     let mut cfg = config();
     cfg.num_iterations = 1;
     let mut trainer = GrpoTrainer::new(model(), None, cfg, 1e11).unwrap();
-    let mut sink = WeightSink {
-        tx: weight_tx,
-        publisher: WeightPublisher::new(SyncMode::Full, WireDtype::F32, trainer.model()),
-    };
+    let mut feedback = PoolFeedback::new(
+        feedback_tx,
+        WeightPublisher::new(SyncMode::Full, WireDtype::F32, trainer.model(), 0),
+    );
     // Fresh, fresh, then a group two versions old at step 2 (max_staleness 1), then fresh ones.
     for g in batch(0, 0) {
         group_tx.send(g).unwrap();
@@ -125,8 +127,10 @@ fn channel_run_trains_drops_stale_and_publishes() {
     drop(group_tx);
     let mut seen = Vec::new();
     let stats = trainer
-        .run_from_channel(&group_rx, Some(&mut sink), 2, 1, 10, |_, m| {
-            seen.push(m.step);
+        .run_from_channel(&group_rx, Some(&mut feedback), &run(2, 1, 10), |_, e| {
+            if let RunEvent::Step(m) = e {
+                seen.push(m.step);
+            }
             std::ops::ControlFlow::Continue(())
         })
         .unwrap();
@@ -138,17 +142,24 @@ fn channel_run_trains_drops_stale_and_publishes() {
         stats.received,
         stats.trained + stats.dropped_stale + stats.unused_at_close
     );
-    let versions: Vec<u64> = weight_rx.try_iter().map(|u| u.version).collect();
-    assert_eq!(versions, vec![1, 2, 3]);
+    // Weights after each step; every settled group reported back, the stale one at once.
+    let messages: Vec<String> = feedback_rx
+        .try_iter()
+        .map(|m| match m {
+            PoolMessage::Weights(u) => format!("w{}", u.version),
+            PoolMessage::Consumed(n) => format!("c{n}"),
+        })
+        .collect();
+    assert_eq!(messages, ["w1", "c2", "w2", "c4", "c5", "w3", "c7"]);
 }
 
 #[test]
 fn delta_sync_reproduces_the_trainers_bf16_weights_exactly() {
     let initial = model();
-    let mut delta_state = WeightState::new(&initial);
-    let mut full_state = WeightState::new(&initial);
-    let mut delta = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, &initial);
-    let mut full = WeightPublisher::new(SyncMode::Full, WireDtype::Bf16, &initial);
+    let mut delta_state = WeightState::new(&initial, 0, WireDtype::Bf16);
+    let mut full_state = WeightState::new(&initial, 0, WireDtype::Bf16);
+    let mut delta = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, &initial, 0);
+    let mut full = WeightPublisher::new(SyncMode::Full, WireDtype::Bf16, &initial, 0);
     let mut cfg = config();
     cfg.learning_rate = 1e-6; // TRL's default: most bf16 values do not move in a step
     let mut trainer = GrpoTrainer::new(initial, None, cfg, 1e11).unwrap();
@@ -197,4 +208,46 @@ fn delta_sync_reproduces_the_trainers_bf16_weights_exactly() {
             .to_string()
             .contains("in order")
     );
+}
+
+/// A channel run of `groups_per_step`, `max_staleness` and `max_steps`, without a watchdog.
+fn run(groups_per_step: usize, max_staleness: u64, max_steps: usize) -> ChannelRun {
+    ChannelRun {
+        groups_per_step,
+        max_staleness,
+        max_steps,
+        stall_timeout: None,
+    }
+}
+
+#[test]
+fn a_silent_pool_is_a_stall_error_naming_the_cause() {
+    let (group_tx, group_rx) = flume::bounded::<grail_core::types::Group>(4);
+    let mut trainer = GrpoTrainer::new(model(), None, config(), 1e11).unwrap();
+    let run = ChannelRun {
+        stall_timeout: Some(std::time::Duration::from_secs(2)),
+        ..run(2, 1, 3)
+    };
+    let mut waits = 0;
+    let err = trainer
+        .run_from_channel(&group_rx, None, &run, |_, e| {
+            if let RunEvent::Waiting { .. } = e {
+                waits += 1;
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap_err();
+    drop(group_tx);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no group arrived from the rollout pool"),
+        "{msg}"
+    );
+    assert!(waits >= 1, "the caller saw no waiting event");
+    // A caller may also stop while waiting (Ctrl-C): the run returns at once, without error.
+    let (_tx, rx) = flume::bounded::<grail_core::types::Group>(4);
+    let stats = trainer
+        .run_from_channel(&rx, None, &run, |_, _| std::ops::ControlFlow::Break(()))
+        .unwrap();
+    assert_eq!(stats.received, 0);
 }

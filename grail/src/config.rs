@@ -167,6 +167,11 @@ pub struct GrpoSection {
     /// AReaL): it recomputes its KV caches with the new weights and each token records the version
     /// that produced it. Default false (whole completions from one version).
     pub in_flight_weight_updates: bool,
+    /// The watchdog, in seconds: the run stops with an error saying why when it has taken no
+    /// optimizer step for this long and, meanwhile, either no group arrived from the rollout pool
+    /// for this long or batches were filtered (zero reward spread) or dropped as stale. Time
+    /// inside a step does not count. 0 turns it off. Default 600.
+    pub stall_timeout: u64,
     /// Rollout worker threads. Default 1.
     pub rollout_workers: usize,
     /// full | delta. Default delta.
@@ -271,6 +276,7 @@ impl Default for GrpoSection {
             max_staleness: 2,
             max_ahead: Some(2),
             in_flight_weight_updates: false,
+            stall_timeout: 600,
             rollout_workers: 1,
             weight_sync: SyncMode::Delta,
             importance_sampling_correction: true,
@@ -404,9 +410,10 @@ impl GrpoConfig {
                 self.sft.learning_rate
             );
         }
-        if !(0.0..=10.0).contains(&g.temperature) {
+        if !(g.temperature > 0.0 && g.temperature <= 10.0) {
             bail!(
-                "config key `grpo.temperature` = {}: must be in [0, 10]",
+                "config key `grpo.temperature` = {}: must be in (0, 10]; GRPO learns from the spread \
+                 of rewards within a group, and at temperature 0 every completion of a prompt is the same",
                 g.temperature
             );
         }
@@ -453,11 +460,7 @@ impl GrpoConfig {
         t.loss.epsilon_low = g.epsilon;
         t.loss.epsilon_high = g.epsilon_high;
         t.loss.beta = g.beta;
-        t.loss.temperature = if g.temperature > 0.0 {
-            g.temperature as f64
-        } else {
-            1.0
-        };
+        t.loss.temperature = g.temperature as f64;
         t.loss.max_completion_length = g.max_completion_length;
         t
     }

@@ -21,6 +21,7 @@
 
 pub mod config;
 pub mod plot;
+pub mod progress;
 pub mod runner;
 pub mod signals;
 

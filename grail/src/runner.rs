@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
@@ -15,18 +15,23 @@ use grail_core::device::parse_device;
 use grail_core::env::tasks::{arithmetic_task, countdown_task};
 use grail_core::env::{Arithmetic, Completion, Countdown, Environment, JsonlDataset, Split};
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::sync::{WeightPublisher, WeightSink, WireDtype};
+use grail_core::sync::{PoolFeedback, WeightPublisher, WireDtype};
 use grail_core::tokenizer::Tokenizer;
 use grail_rollout::generate::{FinishReason, GenerationConfig, GenerationRequest, generate};
 use grail_rollout::sampling::SamplingConfig;
 use grail_rollout::{PoolConfig, spawn_pool};
+use grail_trainer::TrainerError;
+use grail_trainer::channel::{ChannelRun, RunEvent};
 use grail_trainer::flops::measure_peak_flops;
 use grail_trainer::sft::SftExample;
 use grail_trainer::trainer::GrpoTrainer;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::config::{EnvSection, GrpoConfig};
+use crate::progress::Progress;
+
+/// The dtype weights travel to the rollout workers in.
+const WIRE: WireDtype = WireDtype::Bf16;
 
 /// End-of-sequence marker of trained tokenizers.
 pub const EOS: &str = "<|endoftext|>";
@@ -147,17 +152,6 @@ pub fn evaluate(
     Ok(score / prompts.len() as f64)
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:>6} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(what.to_string());
-    pb
-}
-
 /// Runs the job. `stop` (set by Ctrl-C) ends GRPO early with a final evaluation and checkpoint.
 pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     let start = Instant::now();
@@ -231,11 +225,14 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
 
     // SFT warm-up on reference completions.
     let sft_start = Instant::now();
-    let pb = bar(cfg.sft.steps as u64, "sft");
+    let mut progress = Progress::new(cfg.sft.steps as u64, "sft");
     let mut next = 0u64;
-    for _ in 0..cfg.sft.steps {
+    for step in 0..cfg.sft.steps {
         if stop.load(Ordering::SeqCst) {
-            break;
+            bail!(
+                "stopped by a signal during the SFT warm-up (after {step} of {} steps), before GRPO started; nothing was saved",
+                cfg.sft.steps
+            );
         }
         let mut batch = Vec::with_capacity(cfg.sft.batch_size);
         while batch.len() < cfg.sft.batch_size {
@@ -254,10 +251,9 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             });
         }
         let m = trainer.sft_step(&batch, cfg.sft.learning_rate)?;
-        pb.set_message(format!("loss {:.3}", m.loss));
-        pb.inc(1);
+        progress.step(format!("loss {:.3}", m.loss));
     }
-    pb.finish();
+    progress.finish();
     let sft_seconds = sft_start.elapsed().as_secs_f64();
 
     let generation = GenerationConfig {
@@ -285,44 +281,67 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
 
     // Async GRPO: the pool generates while the trainer trains; they meet only through channels.
     let grpo_start = Instant::now();
+    let g = &cfg.grpo;
     let pool = spawn_pool(
         &trainer.model().valid(),
         train_env.clone(),
         PoolConfig {
-            workers: cfg.grpo.rollout_workers,
-            num_generations: cfg.grpo.num_generations,
-            prompts_per_batch: cfg.grpo.prompts_per_step.div_ceil(cfg.grpo.rollout_workers),
+            workers: g.rollout_workers,
+            num_generations: g.num_generations,
+            prompts_per_batch: g.prompts_per_step.div_ceil(g.rollout_workers),
             generation: GenerationConfig {
-                max_batch: cfg.grpo.num_generations * cfg.grpo.prompts_per_step,
+                max_batch: g.num_generations * g.prompts_per_step,
                 ..generation.clone()
             },
-            channel_capacity: cfg.grpo.prompts_per_step * 2,
-            max_ahead: cfg.grpo.max_ahead,
-            in_flight_weight_updates: cfg.grpo.in_flight_weight_updates,
-            groups_per_step: cfg.grpo.prompts_per_step,
+            channel_capacity: g.prompts_per_step * 2,
+            max_ahead: g.max_ahead,
+            groups_per_step: g.prompts_per_step,
+            start_version: trainer.version(),
+            first_prompt: 0,
+            weight_wire: WIRE,
+            in_flight_weight_updates: g.in_flight_weight_updates,
         },
     )?;
-    let mut sink = WeightSink {
-        tx: pool.weights.clone(),
-        publisher: WeightPublisher::new(cfg.grpo.weight_sync, WireDtype::Bf16, trainer.model()),
+    let mut feedback = PoolFeedback::new(
+        pool.feedback.clone(),
+        WeightPublisher::new(g.weight_sync, WIRE, trainer.model(), trainer.version()),
+    );
+    let channel_run = ChannelRun {
+        groups_per_step: g.prompts_per_step,
+        max_staleness: g.max_staleness,
+        max_steps: g.max_steps,
+        stall_timeout: (g.stall_timeout > 0).then(|| Duration::from_secs(g.stall_timeout)),
     };
     let metrics_path = cfg.output_dir.join("metrics.jsonl");
     let mut metrics_file = std::fs::File::create(&metrics_path)
         .with_context(|| format!("creating {}", metrics_path.display()))?;
-    let pb = bar(cfg.grpo.max_steps as u64, "grpo");
+    let mut progress = Progress::new(g.max_steps as u64, "grpo");
     let mut curve: Vec<(usize, f64, Option<f64>)> = Vec::new();
     let mut overlapped = 0usize;
     let mut last_generated = pool.counters().generated.load(Ordering::SeqCst);
     let mut last_tokens = pool.counters().tokens.load(Ordering::SeqCst);
     let mut last_time = Instant::now();
     let mut io_error = None;
-    let run = trainer.run_from_channel(
+    let result = trainer.run_from_channel(
         &pool.groups.clone(),
-        Some(&mut sink),
-        cfg.grpo.prompts_per_step,
-        cfg.grpo.max_staleness,
-        cfg.grpo.max_steps,
-        |t, m| {
+        Some(&mut feedback),
+        &channel_run,
+        |t, event| {
+            let m = match event {
+                RunEvent::Step(m) => m,
+                RunEvent::Waiting { since_step } => {
+                    progress.update(format!(
+                        "waiting for rollouts ({:.0} s since the last step; {} groups failed)",
+                        since_step.as_secs_f64(),
+                        pool.counters().failed_groups.load(Ordering::SeqCst)
+                    ));
+                    return if stop.load(Ordering::SeqCst) {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    };
+                }
+            };
             let generated = pool.counters().generated.load(Ordering::SeqCst);
             let during = generated - last_generated;
             last_generated = generated;
@@ -363,27 +382,38 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 io_error.get_or_insert(e);
             }
             curve.push((m.step, m.reward_mean, acc));
-            pb.set_message(format!(
+            progress.step(format!(
                 "reward {:.3} acc {} is-masked {}",
                 m.reward_mean,
                 acc.map_or("-".into(), |a| format!("{a:.2}")),
                 m.is_masked_fraction
                     .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f))
             ));
-            pb.inc(1);
             if stop.load(Ordering::SeqCst) {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
             }
         },
-    )?;
-    pb.finish();
+    );
+    progress.finish();
+    let groups = pool.groups.clone();
+    let failed_groups = pool.counters().failed_groups.load(Ordering::SeqCst);
+    let report = pool.shutdown();
+    let run = match result {
+        Ok(run) => run,
+        Err(e @ TrainerError::Stalled(_)) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "GRPO stopped at step {} ({failed_groups} groups failed in the reward functions)",
+                trainer.step()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let report = report?;
     if let Some(e) = io_error {
         return Err(e).with_context(|| format!("writing {}", metrics_path.display()));
     }
-    let groups = pool.groups.clone();
-    let report = pool.shutdown()?;
     let left_in_channel: usize = groups.drain().map(|g| g.samples.len()).sum();
     let grpo_seconds = grpo_start.elapsed().as_secs_f64();
 

@@ -35,6 +35,11 @@ fn config_errors_name_the_key_or_path() {
         m.contains("env.countdown.numbers") || m.contains("numbers"),
         "{m}"
     );
+    let m = err("[grpo]\ntemperature = 0.0\n");
+    assert!(
+        m.contains("grpo.temperature") && m.contains("every completion of a prompt is the same"),
+        "temperature 0 would make every group zero-spread: {m}"
+    );
     let m = err("[grpo]\ntop_p = 1.5\n");
     assert!(m.contains("top_p"), "{m}");
     let m = err("[grpo]\nimportance_sampling_cap = 0.5\n");
