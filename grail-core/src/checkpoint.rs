@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Device, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
+use crate::atomic;
 use crate::error::{GrailError, Result};
 use crate::model::{CausalLm, ModelConfig, WeightSource};
 
@@ -357,15 +358,16 @@ pub fn save_model(model: &CausalLm, dir: impl AsRef<Path>, dtype: StorageDtype) 
         })?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let path = dir.join(WEIGHTS_FILE);
-    // Write to a temporary name and rename, so an interrupted save never leaves a torn file.
-    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
-    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| {
-        GrailError::Safetensors {
-            path: tmp.clone(),
-            message: e.to_string(),
-        }
+    // Each file is written atomically: an interrupted save never leaves a torn file. (A whole
+    // checkpoint is made consistent by writing its directory with `atomic::write_dir`.)
+    atomic::write_file_with(&path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| {
+            GrailError::Safetensors {
+                path: tmp.to_path_buf(),
+                message: e.to_string(),
+            }
+        })
     })?;
-    std::fs::rename(&tmp, &path).map_err(|e| GrailError::io(&path, e))?;
     let index = dir.join(INDEX_FILE);
     if index.exists() {
         // A stale index would make loaders look for shards we did not write.
@@ -373,6 +375,5 @@ pub fn save_model(model: &CausalLm, dir: impl AsRef<Path>, dtype: StorageDtype) 
     }
     let config = serde_json::to_string_pretty(&model.config.to_hf_json(dtype.hf_name()))
         .expect("JSON value");
-    let config_path = dir.join(CONFIG_FILE);
-    std::fs::write(&config_path, config + "\n").map_err(|e| GrailError::io(&config_path, e))
+    atomic::write_file(&dir.join(CONFIG_FILE), (config + "\n").as_bytes())
 }

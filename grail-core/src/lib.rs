@@ -9,6 +9,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod device;
 pub mod env;

@@ -11,6 +11,7 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
+use crate::atomic;
 use crate::error::{GrailError, Result};
 
 /// One message of a chat, as chat templates expect it.
@@ -185,9 +186,11 @@ impl Tokenizer {
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| GrailError::io(dir, e))?;
-        self.inner
-            .save(dir.join("tokenizer.json"), false)
-            .map_err(|e| GrailError::Tokenizer(format!("saving tokenizer.json: {e}")))?;
+        atomic::write_file_with(&dir.join("tokenizer.json"), |tmp| {
+            self.inner
+                .save(tmp, false)
+                .map_err(|e| GrailError::Tokenizer(format!("saving tokenizer.json: {e}")))
+        })?;
         let cfg = serde_json::json!({
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
@@ -195,12 +198,12 @@ impl Tokenizer {
             "chat_template": self.chat_template,
             "tokenizer_class": "PreTrainedTokenizerFast",
         });
-        let path = dir.join("tokenizer_config.json");
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&cfg).expect("JSON value"),
+        atomic::write_file(
+            &dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&cfg)
+                .expect("JSON value")
+                .as_bytes(),
         )
-        .map_err(|e| GrailError::io(&path, e))
     }
 
     /// Number of tokens, added tokens included.

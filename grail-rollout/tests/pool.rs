@@ -353,7 +353,7 @@ fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
             Some(&mut feedback),
             &channel_run(2, 2, steps),
             |_, e| {
-                if let RunEvent::Step(m) = e {
+                if let RunEvent::Step { metrics: m, .. } = e {
                     metrics.push(m.clone());
                 }
                 std::ops::ControlFlow::Continue(())

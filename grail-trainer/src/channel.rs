@@ -48,13 +48,20 @@ pub struct RunStats {
     pub dropped_filtered: usize,
     /// Samples received but not trained on because the channel closed mid-batch.
     pub unused_at_close: usize,
+    /// Groups settled (trained on, filtered or dropped as stale) and reported to the pool.
+    pub groups_settled: usize,
 }
 
 /// What [`GrpoTrainer::run_from_channel`] shows its caller.
 #[derive(Debug)]
 pub enum RunEvent<'a> {
     /// An optimizer step finished and its weights were published.
-    Step(&'a StepMetrics),
+    Step {
+        /// The step's metrics.
+        metrics: &'a StepMetrics,
+        /// The accounting so far.
+        stats: &'a RunStats,
+    },
     /// Nothing arrived for a while (sent about once a second while waiting): a chance to show
     /// progress or to stop.
     Waiting {
@@ -127,8 +134,9 @@ impl SinceStep {
     }
 }
 
-/// Tells the pool (if there is one) that `groups` more groups are settled.
-fn settle(feedback: &mut Option<&mut PoolFeedback>, groups: usize) {
+/// Counts `groups` more settled groups and tells the pool (if there is one).
+fn settle(stats: &mut RunStats, feedback: &mut Option<&mut PoolFeedback>, groups: usize) {
+    stats.groups_settled += groups;
     if let Some(f) = feedback.as_deref_mut() {
         f.consumed(groups);
     }
@@ -194,7 +202,7 @@ impl GrpoTrainer {
                         "dropped a stale group"
                     );
                     stats.dropped_stale += group.samples.len();
-                    settle(&mut feedback, 1);
+                    settle(&mut stats, &mut feedback, 1);
                     continue;
                 }
                 batch.push(group);
@@ -210,7 +218,7 @@ impl GrpoTrainer {
                         "every group of the batch had zero reward spread; nothing to train on"
                     );
                     stats.dropped_filtered += samples;
-                    settle(&mut feedback, batch.len());
+                    settle(&mut stats, &mut feedback, batch.len());
                     if let Some(reason) = run.stall_timeout.and_then(|t| since.stalled(t, run)) {
                         return Err(TrainerError::Stalled(reason));
                     }
@@ -225,10 +233,14 @@ impl GrpoTrainer {
             if let Some(f) = feedback.as_deref_mut() {
                 f.publish(self.version(), self.model());
             }
-            settle(&mut feedback, batch.len());
+            settle(&mut stats, &mut feedback, batch.len());
             let mut stop = false;
             for m in &metrics {
-                stop |= on_event(self, RunEvent::Step(m)).is_break();
+                let event = RunEvent::Step {
+                    metrics: m,
+                    stats: &stats,
+                };
+                stop |= on_event(self, event).is_break();
             }
             if stop {
                 break;

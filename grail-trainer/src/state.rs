@@ -1,8 +1,9 @@
 //! Train state on disk, so a run can stop and resume exactly.
 //!
 //! A state directory holds:
-//! - `model/`: the policy in Hugging Face layout (f32 `model.safetensors` + `config.json`),
-//!   loadable by grail's checkpoint loader and by transformers;
+//! - the policy in Hugging Face layout (f32 `model.safetensors` + `config.json`), loadable by
+//!   grail's checkpoint loader and by transformers;
+//! - `reference/`: the frozen reference model, when the loss has a KL term (beta > 0);
 //! - `optimizer.bpk`: the AdamW moments and step counts (burn-pack), keyed by parameter ids that
 //!   grail derives from the tensor names, so they match the reloaded model;
 //! - `trainer_state.json`: step, policy version and the trainer config.
@@ -13,10 +14,9 @@
 use std::path::Path;
 
 use burn::tensor::Device;
-use grail_core::GrailError;
 use grail_core::checkpoint::{StorageDtype, load_model, save_model};
-use grail_core::model::CausalLm;
 use grail_core::types::PolicyVersion;
+use grail_core::{GrailError, atomic};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainerConfig;
@@ -34,60 +34,72 @@ pub struct TrainerState {
     pub config: TrainerConfig,
 }
 
-const MODEL_DIR: &str = "model";
+const REFERENCE_DIR: &str = "reference";
 const OPTIMIZER_FILE: &str = "optimizer.bpk";
 const STATE_FILE: &str = "trainer_state.json";
 
-fn io(path: &Path, e: std::io::Error) -> TrainerError {
-    TrainerError::Core(GrailError::io(path, e))
-}
-
 impl GrpoTrainer {
-    /// Writes the train state to `dir` (created if needed). Files are written to a temporary
-    /// directory first and renamed into place, so an interrupted save leaves the previous state.
+    /// Writes the train state to `dir` as a whole: into a temporary directory first, then
+    /// swapped into place, so an interrupted save leaves the previous state intact.
     pub fn save_state(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
-        let tmp = dir.with_extension("saving");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        atomic::write_dir(dir.as_ref(), |tmp| self.write_state(tmp))
+    }
+
+    /// Writes the train state's files into the existing directory `dir` (for a caller that
+    /// assembles a larger checkpoint and makes it atomic itself).
+    pub fn write_state(&self, dir: &Path) -> Result<()> {
+        save_model(self.model(), dir, StorageDtype::F32)?;
+        if let Some(reference) = self.reference() {
+            save_model(reference, dir.join(REFERENCE_DIR), StorageDtype::F32)?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        save_model(self.model(), tmp.join(MODEL_DIR), StorageDtype::F32)?;
-        self.optimizer()
-            .save(tmp.join(OPTIMIZER_FILE))
-            .map_err(|e| TrainerError::Input(format!("saving optimizer state: {e:?}")))?;
+        let optimizer = dir.join(OPTIMIZER_FILE);
+        self.optimizer().save(&optimizer).map_err(|e| {
+            TrainerError::Input(format!(
+                "{}: cannot save optimizer state: {e:?}",
+                optimizer.display()
+            ))
+        })?;
         let state = TrainerState {
             step: self.step(),
             policy_version: self.version(),
             config: self.config().clone(),
         };
         let json = serde_json::to_string_pretty(&state).expect("serialisable state");
-        std::fs::write(tmp.join(STATE_FILE), json).map_err(|e| io(&tmp.join(STATE_FILE), e))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))
+        atomic::write_file(&dir.join(STATE_FILE), json.as_bytes())?;
+        Ok(())
     }
 
-    /// Restores a trainer saved by [`save_state`](Self::save_state) onto `device` (with autodiff).
-    /// `reference` is needed when the saved config has beta > 0.
+    /// Restores a trainer saved by [`save_state`](Self::save_state) (or
+    /// [`write_state`](Self::write_state)) onto `device` (with autodiff). `config` replaces the
+    /// saved configuration when given (a resumed run may, say, train for more steps).
     pub fn load_state(
         dir: impl AsRef<Path>,
         device: &Device,
-        reference: Option<CausalLm>,
+        config: Option<TrainerConfig>,
         peak_flops: f64,
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let state_path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&state_path).map_err(|e| io(&state_path, e))?;
+        let text = std::fs::read_to_string(&state_path)
+            .map_err(|e| TrainerError::Core(GrailError::io(&state_path, e)))?;
         let state: TrainerState = serde_json::from_str(&text).map_err(|e| {
             TrainerError::Core(GrailError::Json {
                 path: state_path.clone(),
                 message: e.to_string(),
             })
         })?;
-        let model = load_model(dir.join(MODEL_DIR), &device.clone().autodiff())?;
-        let mut trainer = GrpoTrainer::new(model, reference, state.config, peak_flops)?;
+        let model = load_model(dir, &device.clone().autodiff())?;
+        let reference_dir = dir.join(REFERENCE_DIR);
+        let reference = if reference_dir.is_dir() {
+            Some(load_model(
+                &reference_dir,
+                &device.clone().without_autodiff(),
+            )?)
+        } else {
+            None
+        };
+        let config = config.unwrap_or(state.config);
+        let mut trainer = GrpoTrainer::new(model, reference, config, peak_flops)?;
         let optim_path = dir.join(OPTIMIZER_FILE);
         trainer.restore(state.step, state.policy_version, |optim| {
             optim.load(&optim_path).map_err(|e| {

@@ -240,6 +240,11 @@ impl GrpoTrainer {
         self.version
     }
 
+    /// The frozen reference model of the KL term (present when beta > 0).
+    pub fn reference(&self) -> Option<&CausalLm> {
+        self.reference.as_ref()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &TrainerConfig {
         &self.config

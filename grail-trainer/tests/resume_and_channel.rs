@@ -95,7 +95,7 @@ fn resume_is_bit_identical() {
     assert_eq!(resumed.step(), straight.step());
     assert_eq!(weights(&resumed), weights(&straight));
     // The saved weights are a regular HF checkpoint.
-    assert!(load_model(state.join("model"), &Device::flex()).is_ok());
+    assert!(load_model(&state, &Device::flex()).is_ok());
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn channel_run_trains_drops_stale_and_publishes() {
     let mut seen = Vec::new();
     let stats = trainer
         .run_from_channel(&group_rx, Some(&mut feedback), &run(2, 1, 10), |_, e| {
-            if let RunEvent::Step(m) = e {
+            if let RunEvent::Step { metrics: m, .. } = e {
                 seen.push(m.step);
             }
             std::ops::ControlFlow::Continue(())

@@ -36,8 +36,24 @@ pub struct GrpoConfig {
     pub seed: u64,
     /// Compute device. Default "cpu".
     pub device: String,
-    /// Where metrics, plot and checkpoint go. Default "runs/<env kind>".
+    /// Where metrics, plot and checkpoints go. Default "runs/countdown".
     pub output_dir: PathBuf,
+    /// Start a new run in an `output_dir` that holds another one (its `metrics.jsonl` and
+    /// checkpoints are removed first). Without it such a directory is an error. Default false.
+    pub overwrite_output_dir: bool,
+    /// Write a checkpoint (`output_dir/checkpoint-<step>/`: weights in Hugging Face layout,
+    /// tokenizer, optimizer state, trainer and run state) every this many GRPO steps; 0: only
+    /// the final one. A checkpoint is always written when the run ends or is stopped by a signal.
+    /// Default 100.
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints, removing the oldest after a new one is written.
+    /// Default: keep all.
+    pub save_total_limit: Option<usize>,
+    /// Continue a run: `true` = from the newest checkpoint in `output_dir`, or the path of a
+    /// checkpoint directory. The run continues with its weights, optimizer state, schedule step,
+    /// policy version, prompt cursor and accounting; `metrics.jsonl` is appended to (lines after
+    /// the checkpoint's step, from the interrupted attempt, are dropped). Default false.
+    pub resume_from_checkpoint: ResumeFrom,
     /// The policy model.
     pub model: ModelSection,
     /// The tokenizer.
@@ -200,12 +216,32 @@ pub struct EvalSection {
     pub every: usize,
 }
 
+/// `resume_from_checkpoint`: `false`, `true` (the newest checkpoint in `output_dir`) or a path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ResumeFrom {
+    /// `true`: the newest checkpoint in `output_dir`; `false`: a new run.
+    Latest(bool),
+    /// A checkpoint directory.
+    Path(PathBuf),
+}
+
+impl Default for ResumeFrom {
+    fn default() -> Self {
+        ResumeFrom::Latest(false)
+    }
+}
+
 impl Default for GrpoConfig {
     fn default() -> Self {
         Self {
             seed: 0,
             device: "cpu".into(),
             output_dir: PathBuf::from("runs/countdown"),
+            overwrite_output_dir: false,
+            save_steps: 100,
+            save_total_limit: None,
+            resume_from_checkpoint: ResumeFrom::default(),
             model: ModelSection::default(),
             tokenizer: TokenizerSection::default(),
             env: EnvSection::Countdown(CountdownConfig::default()),
@@ -368,6 +404,7 @@ impl GrpoConfig {
                 g.max_tokens_per_microbatch,
             ),
             ("eval.prompts", self.eval.prompts),
+            ("save_total_limit", self.save_total_limit.unwrap_or(1)),
         ] {
             positive(k, v)?;
         }

@@ -19,7 +19,9 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod config;
+pub mod output;
 pub mod plot;
 pub mod progress;
 pub mod runner;

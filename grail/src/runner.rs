@@ -1,7 +1,6 @@
 //! The RL job: tokenizer → model → SFT warm-up → baseline eval → async GRPO (pool + trainer over
 //! channels) → final eval → checkpoint, metrics, plot, summary.
 
-use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use grail_core::checkpoint::{StorageDtype, load_model, save_model};
+use burn::tensor::Device;
+use grail_core::checkpoint::load_model;
 use grail_core::device::parse_device;
 use grail_core::env::tasks::{arithmetic_task, countdown_task};
 use grail_core::env::{Arithmetic, Completion, Countdown, Environment, JsonlDataset, Split};
@@ -21,13 +21,16 @@ use grail_rollout::generate::{FinishReason, GenerationConfig, GenerationRequest,
 use grail_rollout::sampling::SamplingConfig;
 use grail_rollout::{PoolConfig, spawn_pool};
 use grail_trainer::TrainerError;
-use grail_trainer::channel::{ChannelRun, RunEvent};
+use grail_trainer::channel::{ChannelRun, RunEvent, RunStats};
+use grail_trainer::config::TrainerConfig;
 use grail_trainer::flops::measure_peak_flops;
 use grail_trainer::sft::SftExample;
 use grail_trainer::trainer::GrpoTrainer;
 use serde_json::json;
 
+use crate::checkpoint::{self, Accounting, RunState};
 use crate::config::{EnvSection, GrpoConfig};
+use crate::output::{self, MetricsLog};
 use crate::progress::Progress;
 
 /// The dtype weights travel to the rollout workers in.
@@ -45,15 +48,17 @@ pub struct RunSummary {
     pub final_accuracy: f64,
     /// GRPO optimizer steps taken.
     pub steps: usize,
-    /// Wall time of the whole run.
+    /// Wall time of this process's part of the run.
     pub seconds: f64,
     /// Wall time of the SFT warm-up.
     pub sft_seconds: f64,
-    /// Wall time of GRPO.
+    /// Wall time of GRPO, over every attempt of a resumed run.
     pub grpo_seconds: f64,
     /// The seed.
     pub seed: u64,
-    /// Final checkpoint directory (HF layout + tokenizer).
+    /// The checkpoint this run resumed from, if any.
+    pub resumed_from: Option<PathBuf>,
+    /// The final checkpoint (`checkpoint-<step>`: HF layout + tokenizer + train state).
     pub checkpoint: PathBuf,
     /// Per-step metrics (JSONL).
     pub metrics: PathBuf,
@@ -61,7 +66,8 @@ pub struct RunSummary {
     pub plot: Option<PathBuf>,
     /// Steps during which the pool generated samples while the trainer trained (overlap).
     pub overlapped_steps: usize,
-    /// Pool and trainer sample accounting.
+    /// Pool and trainer sample accounting ([`Accounting`] with `identity_holds`), over every
+    /// attempt of a resumed run.
     pub accounting: serde_json::Value,
 }
 
@@ -152,21 +158,16 @@ pub fn evaluate(
     Ok(score / prompts.len() as f64)
 }
 
-/// Runs the job. `stop` (set by Ctrl-C) ends GRPO early with a final evaluation and checkpoint.
-pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
-    let start = Instant::now();
-    let device = parse_device(&cfg.device)?;
-    std::fs::create_dir_all(&cfg.output_dir)
-        .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
-
-    // Tokenizer: given, the model's own, or trained now on the task's text.
-    let tok_dir = cfg.tokenizer.path.clone().or_else(|| {
+/// The tokenizer of a new run: the one named in the config, the model's own, or a byte-level BPE
+/// trained now on the task's text.
+fn new_tokenizer(cfg: &GrpoConfig) -> Result<Tokenizer> {
+    let dir = cfg.tokenizer.path.clone().or_else(|| {
         cfg.model
             .path
             .clone()
             .filter(|p| p.join("tokenizer.json").is_file())
     });
-    let tokenizer = Arc::new(match tok_dir {
+    Ok(match dir {
         Some(dir) => Tokenizer::from_dir(&dir)?,
         None => {
             let corpus = tokenizer_corpus(cfg);
@@ -176,15 +177,18 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 &[EOS],
             )?
         }
-    });
-    let eos: Vec<u32> = tokenizer.eos_token_ids.clone();
-    if eos.is_empty() {
-        bail!("the tokenizer has no end-of-sequence token");
-    }
-    let train_env = make_env(cfg, Split::Train, tokenizer.clone())?;
-    let eval_env = make_env(cfg, Split::Eval, tokenizer.clone())?;
+    })
+}
 
-    // Policy on an autodiff device.
+/// The trainer of a new run: the policy loaded from `[model] path` or built from scratch, on an
+/// autodiff device, with a frozen copy as reference when the loss has a KL term.
+fn new_trainer(
+    cfg: &GrpoConfig,
+    tokenizer: &Tokenizer,
+    device: &Device,
+    tcfg: TrainerConfig,
+    peak: f64,
+) -> Result<GrpoTrainer> {
     let ad = device.clone().autodiff();
     let policy = match &cfg.model.path {
         Some(path) => load_model(path, &ad)?,
@@ -200,31 +204,25 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 512,
                 true,
             );
-            mc.eos_token_ids = eos.clone();
+            mc.eos_token_ids = tokenizer.eos_token_ids.clone();
             CausalLm::init(&mc, cfg.seed, &ad)
         }
     };
-    if policy.vocab_size() < tokenizer.vocab_size() {
-        bail!(
-            "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
-            policy.vocab_size(),
-            tokenizer.vocab_size()
-        );
-    }
-    let mut tcfg = cfg.trainer_config();
-    tcfg.reward_weights = train_env.rewards().iter().map(|r| r.weight).collect();
     let reference = (cfg.grpo.beta != 0.0).then(|| policy.valid());
-    let peak = measure_peak_flops(&device, 1024);
-    let mut trainer = GrpoTrainer::new(policy, reference, tcfg, peak)?;
-    tracing::info!(
-        params = trainer.model().config.num_parameters(),
-        vocab = tokenizer.vocab_size(),
-        peak_gflops = peak / 1e9,
-        "model ready"
-    );
+    Ok(GrpoTrainer::new(policy, reference, tcfg, peak)?)
+}
 
-    // SFT warm-up on reference completions.
-    let sft_start = Instant::now();
+/// The SFT warm-up on the task's reference completions; returns its wall time. A signal stops
+/// the run here, before GRPO starts.
+fn sft_warm_up(
+    cfg: &GrpoConfig,
+    trainer: &mut GrpoTrainer,
+    env: &dyn Environment,
+    tokenizer: &Tokenizer,
+    stop: &AtomicBool,
+) -> Result<f64> {
+    let start = Instant::now();
+    let eos = tokenizer.eos_token_ids[0];
     let mut progress = Progress::new(cfg.sft.steps as u64, "sft");
     let mut next = 0u64;
     for step in 0..cfg.sft.steps {
@@ -236,15 +234,14 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         }
         let mut batch = Vec::with_capacity(cfg.sft.batch_size);
         while batch.len() < cfg.sft.batch_size {
-            let Some(p) = train_env.prompt(next) else {
+            let Some(p) = env.prompt(next) else {
                 next = 0;
                 continue;
             };
-            let text = reference_completion(cfg, train_env.as_ref(), next)
-                .context("reference completion")?;
+            let text = reference_completion(cfg, env, next).context("reference completion")?;
             next += 1;
             let mut completion = tokenizer.encode(&text, false)?;
-            completion.extend(&eos[..1]);
+            completion.push(eos);
             batch.push(SftExample {
                 prompt: p.ids.to_vec(),
                 completion,
@@ -254,9 +251,12 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         progress.step(format!("loss {:.3}", m.loss));
     }
     progress.finish();
-    let sft_seconds = sft_start.elapsed().as_secs_f64();
+    Ok(start.elapsed().as_secs_f64())
+}
 
-    let generation = GenerationConfig {
+/// Generation settings of the run (the pool's sampling; evaluation makes them greedy).
+fn generation_config(cfg: &GrpoConfig, eos: &[u32]) -> GenerationConfig {
+    GenerationConfig {
         sampling: SamplingConfig {
             temperature: cfg.grpo.temperature,
             top_p: cfg.grpo.top_p,
@@ -266,22 +266,122 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         },
         max_completion_length: cfg.grpo.max_completion_length,
         max_batch: 64,
-        eos_token_ids: eos.clone(),
+        eos_token_ids: eos.to_vec(),
         stop_sequences: Vec::new(),
         stop_strings: Vec::new(),
         seed: cfg.seed,
+    }
+}
+
+/// The first step after `step` at which a checkpoint is due (never, for `save_steps` 0).
+fn next_save_after(step: usize, save_steps: usize) -> usize {
+    step.checked_div(save_steps)
+        .map_or(usize::MAX, |done| (done + 1) * save_steps)
+}
+
+/// The accounting of what a run settled so far (its in-flight samples left out).
+fn settled(stats: &RunStats, failed_samples: usize) -> Accounting {
+    let received = stats.trained + stats.dropped_stale + stats.dropped_filtered;
+    Accounting {
+        generated: received + failed_samples,
+        sent: received,
+        failed: failed_samples,
+        received,
+        trained: stats.trained,
+        dropped_stale: stats.dropped_stale,
+        dropped_filtered: stats.dropped_filtered,
+        ..Accounting::default()
+    }
+}
+
+/// Runs GRPO as `cfg` says, from scratch or from a checkpoint: tokenizer and model, SFT warm-up,
+/// baseline evaluation, then the rollout pool and the trainer at the same time, checkpoints every
+/// `save_steps`, and at the end (or when `stop` is set, by a signal) a final checkpoint, the final
+/// evaluation, the plot and the summary.
+pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
+    let start = Instant::now();
+    cfg.validate()?;
+    let device = parse_device(&cfg.device)?;
+    let resume = output::claim(cfg)?;
+    let tokenizer = Arc::new(match &resume {
+        Some(dir) => Tokenizer::from_dir(dir)?,
+        None => new_tokenizer(cfg)?,
+    });
+    if tokenizer.eos_token_ids.is_empty() {
+        bail!("the tokenizer has no end-of-sequence token");
+    }
+    let train_env = make_env(cfg, Split::Train, tokenizer.clone())?;
+    let eval_env = make_env(cfg, Split::Eval, tokenizer.clone())?;
+    let generation = generation_config(cfg, &tokenizer.eos_token_ids);
+    let mut tcfg = cfg.trainer_config();
+    tcfg.reward_weights = train_env.rewards().iter().map(|r| r.weight).collect();
+    let peak = measure_peak_flops(&device, 1024);
+
+    let (mut trainer, state) = match &resume {
+        Some(dir) => {
+            let state = checkpoint::load_run_state(dir)?;
+            let trainer = GrpoTrainer::load_state(dir, &device, Some(tcfg), peak)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            tracing::info!(
+                checkpoint = %dir.display(),
+                step = trainer.step(),
+                prompt_cursor = state.prompt_cursor,
+                "resuming"
+            );
+            (trainer, state)
+        }
+        None => {
+            let mut trainer = new_trainer(cfg, &tokenizer, &device, tcfg, peak)?;
+            tracing::info!(
+                params = trainer.model().config.num_parameters(),
+                vocab = tokenizer.vocab_size(),
+                peak_gflops = peak / 1e9,
+                "model ready"
+            );
+            let sft_seconds =
+                sft_warm_up(cfg, &mut trainer, train_env.as_ref(), &tokenizer, &stop)?;
+            let baseline = evaluate(
+                &trainer.model().valid(),
+                eval_env.as_ref(),
+                cfg.eval.prompts,
+                &generation,
+            )?;
+            tracing::info!(baseline_accuracy = baseline, "held-out accuracy after SFT");
+            let state = RunState {
+                step: 0,
+                prompt_cursor: 0,
+                baseline_accuracy: baseline,
+                sft_seconds,
+                grpo_seconds: 0.0,
+                overlapped_steps: 0,
+                accounting: Accounting::default(),
+            };
+            (trainer, state)
+        }
     };
-    let baseline = evaluate(
-        &trainer.model().valid(),
-        eval_env.as_ref(),
-        cfg.eval.prompts,
-        &generation,
-    )?;
-    tracing::info!(baseline_accuracy = baseline, "held-out accuracy after SFT");
+    if trainer.model().vocab_size() < tokenizer.vocab_size() {
+        bail!(
+            "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
+            trainer.model().vocab_size(),
+            tokenizer.vocab_size()
+        );
+    }
 
     // Async GRPO: the pool generates while the trainer trains; they meet only through channels.
-    let grpo_start = Instant::now();
+    let segment_start = Instant::now();
     let g = &cfg.grpo;
+    let (mut metrics_log, kept) =
+        MetricsLog::open(&cfg.output_dir, resume.as_ref().map(|_| state.step))?;
+    let mut curve: Vec<(usize, f64, Option<f64>)> = kept
+        .iter()
+        .map(|l| {
+            (
+                l["step"].as_u64().unwrap_or(0) as usize,
+                l["reward_mean"].as_f64().unwrap_or(0.0),
+                l["eval_accuracy"].as_f64(),
+            )
+        })
+        .collect();
     let pool = spawn_pool(
         &trainer.model().valid(),
         train_env.clone(),
@@ -297,7 +397,7 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             max_ahead: g.max_ahead,
             groups_per_step: g.prompts_per_step,
             start_version: trainer.version(),
-            first_prompt: 0,
+            first_prompt: state.prompt_cursor,
             weight_wire: WIRE,
             in_flight_weight_updates: g.in_flight_weight_updates,
         },
@@ -309,26 +409,24 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     let channel_run = ChannelRun {
         groups_per_step: g.prompts_per_step,
         max_staleness: g.max_staleness,
-        max_steps: g.max_steps,
+        max_steps: g.max_steps.saturating_sub(trainer.step()),
         stall_timeout: (g.stall_timeout > 0).then(|| Duration::from_secs(g.stall_timeout)),
     };
-    let metrics_path = cfg.output_dir.join("metrics.jsonl");
-    let mut metrics_file = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
     let mut progress = Progress::new(g.max_steps as u64, "grpo");
-    let mut curve: Vec<(usize, f64, Option<f64>)> = Vec::new();
+    progress.set_position(trainer.step() as u64);
     let mut overlapped = 0usize;
     let mut last_generated = pool.counters().generated.load(Ordering::SeqCst);
     let mut last_tokens = pool.counters().tokens.load(Ordering::SeqCst);
     let mut last_time = Instant::now();
-    let mut io_error = None;
+    let mut next_save = next_save_after(trainer.step(), cfg.save_steps);
+    let mut write_error: Option<anyhow::Error> = None;
     let result = trainer.run_from_channel(
         &pool.groups.clone(),
         Some(&mut feedback),
         &channel_run,
         |t, event| {
-            let m = match event {
-                RunEvent::Step(m) => m,
+            let (m, stats) = match event {
+                RunEvent::Step { metrics, stats } => (metrics, stats),
                 RunEvent::Waiting { since_step } => {
                     progress.update(format!(
                         "waiting for rollouts ({:.0} s since the last step; {} groups failed)",
@@ -342,13 +440,14 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                     };
                 }
             };
-            let generated = pool.counters().generated.load(Ordering::SeqCst);
+            let counters = pool.counters();
+            let generated = counters.generated.load(Ordering::SeqCst);
             let during = generated - last_generated;
             last_generated = generated;
             if during > 0 {
                 overlapped += 1;
             }
-            let tokens = pool.counters().tokens.load(Ordering::SeqCst);
+            let tokens = counters.tokens.load(Ordering::SeqCst);
             let rollout_tokens_per_s =
                 (tokens - last_tokens) as f64 / last_time.elapsed().as_secs_f64().max(1e-9);
             last_tokens = tokens;
@@ -365,21 +464,17 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 })
                 .flatten();
             let mut line = serde_json::to_value(m).expect("metrics serialise");
-            let names: Vec<&str> = train_env
-                .rewards()
-                .iter()
-                .map(|r| r.name.as_str())
-                .collect();
-            for (name, v) in names.iter().zip(&m.reward_means) {
-                line[format!("reward/{name}")] = json!(v);
+            for (reward, v) in train_env.rewards().iter().zip(&m.reward_means) {
+                line[format!("reward/{}", reward.name)] = json!(v);
             }
             line["eval_accuracy"] = json!(acc);
             line["pool_generated_during_step"] = json!(during);
             line["rollout_tokens_per_s"] = json!(rollout_tokens_per_s);
-            line["pool_failed"] = json!(pool.counters().failed.load(Ordering::SeqCst));
-            line["elapsed_s"] = json!(start.elapsed().as_secs_f64());
-            if let Err(e) = writeln!(metrics_file, "{line}") {
-                io_error.get_or_insert(e);
+            line["pool_failed"] = json!(counters.failed.load(Ordering::SeqCst));
+            line["elapsed_s"] = json!(state.grpo_seconds + segment_start.elapsed().as_secs_f64());
+            if let Err(e) = metrics_log.append(&line) {
+                write_error = Some(e);
+                return ControlFlow::Break(());
             }
             curve.push((m.step, m.reward_mean, acc));
             progress.step(format!(
@@ -389,6 +484,32 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 m.is_masked_fraction
                     .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f))
             ));
+            // A batch of μ iterations reports μ steps; the trainer is at the last of them.
+            if m.step == t.step() && t.step() >= next_save {
+                next_save = next_save_after(t.step(), cfg.save_steps);
+                let snapshot = RunState {
+                    step: t.step(),
+                    prompt_cursor: state.prompt_cursor
+                        + (stats.groups_settled + counters.failed_groups.load(Ordering::SeqCst))
+                            as u64,
+                    grpo_seconds: state.grpo_seconds + segment_start.elapsed().as_secs_f64(),
+                    overlapped_steps: state.overlapped_steps + overlapped,
+                    accounting: state
+                        .accounting
+                        .plus(&settled(stats, counters.failed.load(Ordering::SeqCst))),
+                    ..state.clone()
+                };
+                if let Err(e) = checkpoint::save(
+                    &cfg.output_dir,
+                    t,
+                    &tokenizer,
+                    &snapshot,
+                    cfg.save_total_limit,
+                ) {
+                    write_error = Some(e);
+                    return ControlFlow::Break(());
+                }
+            }
             if stop.load(Ordering::SeqCst) {
                 ControlFlow::Break(())
             } else {
@@ -411,48 +532,67 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         Err(e) => return Err(e.into()),
     };
     let report = report?;
-    if let Some(e) = io_error {
-        return Err(e).with_context(|| format!("writing {}", metrics_path.display()));
+    if let Some(e) = write_error {
+        return Err(e);
     }
-    let left_in_channel: usize = groups.drain().map(|g| g.samples.len()).sum();
-    let grpo_seconds = grpo_start.elapsed().as_secs_f64();
-
+    let segment = Accounting {
+        generated: report.generated,
+        sent: report.sent,
+        failed: report.failed,
+        unsent_at_shutdown: report.unsent_at_shutdown,
+        received: run.received,
+        trained: run.trained,
+        dropped_stale: run.dropped_stale,
+        dropped_filtered: run.dropped_filtered,
+        unused_at_close: run.unused_at_close,
+        left_in_channel: groups.drain().map(|g| g.samples.len()).sum(),
+    };
+    let grpo_seconds = state.grpo_seconds + segment_start.elapsed().as_secs_f64();
+    let final_state = RunState {
+        step: trainer.step(),
+        prompt_cursor: state.prompt_cursor + (run.groups_settled + report.failed_groups) as u64,
+        grpo_seconds,
+        overlapped_steps: state.overlapped_steps + overlapped,
+        accounting: state.accounting.plus(&segment),
+        ..state.clone()
+    };
+    // The final checkpoint comes before the final evaluation: a second signal during the
+    // evaluation loses nothing.
+    let checkpoint = checkpoint::save(
+        &cfg.output_dir,
+        &trainer,
+        &tokenizer,
+        &final_state,
+        cfg.save_total_limit,
+    )?;
     let final_acc = evaluate(
         &trainer.model().valid(),
         eval_env.as_ref(),
         cfg.eval.prompts,
         &generation,
     )?;
-    let checkpoint = cfg.output_dir.join("checkpoint");
-    save_model(trainer.model(), &checkpoint, StorageDtype::F32)?;
-    tokenizer.save(&checkpoint)?;
     let plot = crate::plot::plot_curves(
         &cfg.output_dir.join("reward.png"),
         &curve,
-        baseline,
+        state.baseline_accuracy,
         final_acc,
     )
     .map_err(|e| tracing::warn!("no plot: {e}"))
     .ok();
-    let accounting = json!({
-        "generated": report.generated, "sent": report.sent, "failed": report.failed,
-        "unsent_at_shutdown": report.unsent_at_shutdown, "received": run.received, "trained": run.trained,
-        "dropped_stale": run.dropped_stale, "dropped_filtered": run.dropped_filtered, "unused_at_close": run.unused_at_close, "left_in_channel": left_in_channel,
-        "identity_holds": report.generated == run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close + left_in_channel + report.failed + report.unsent_at_shutdown,
-    });
     Ok(RunSummary {
-        baseline_accuracy: baseline,
+        baseline_accuracy: state.baseline_accuracy,
         final_accuracy: final_acc,
         steps: trainer.step(),
         seconds: start.elapsed().as_secs_f64(),
-        sft_seconds,
+        sft_seconds: state.sft_seconds,
         grpo_seconds,
         seed: cfg.seed,
+        resumed_from: resume,
         checkpoint,
-        metrics: metrics_path,
+        metrics: metrics_log.path().to_path_buf(),
         plot,
-        overlapped_steps: overlapped,
-        accounting,
+        overlapped_steps: final_state.overlapped_steps,
+        accounting: final_state.accounting.to_json(),
     })
 }
 

@@ -100,6 +100,7 @@ every = 3
         summary.accounting
     );
     // The checkpoint loads back; the metrics parse, one line per step.
+    assert!(summary.checkpoint.ends_with("checkpoint-6"));
     let model = load_checkpoint(&summary.checkpoint).unwrap();
     assert_eq!(model.config.hidden_size, 32);
     assert!(summary.checkpoint.join("tokenizer.json").is_file());
@@ -143,4 +144,124 @@ every = 3
         }
     }
     assert!(lines[2]["eval_accuracy"].is_number(), "eval every 3 steps");
+}
+
+/// A small synchronous job (one rollout worker, `max_ahead = 0`: every batch is generated with
+/// the weights of the step before it, so the whole pipeline is deterministic).
+fn sync_job(dir: &std::path::Path, max_steps: usize, extra: &str) -> GrpoConfig {
+    GrpoConfig::from_toml(&format!(
+        r#"
+output_dir = "{}"
+save_steps = 2
+{extra}
+[model]
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+num_key_value_heads = 1
+intermediate_size = 64
+[tokenizer]
+vocab_size = 300
+[sft]
+steps = 5
+batch_size = 16
+[grpo]
+max_steps = {max_steps}
+prompts_per_step = 4
+num_generations = 4
+max_completion_length = 8
+max_ahead = 0
+rollout_workers = 1
+[eval]
+prompts = 8
+every = 0
+"#,
+        dir.display()
+    ))
+    .unwrap()
+}
+
+fn metric_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The run's weights, as the raw bytes of its final checkpoint.
+fn weights(summary: &grail::RunSummary) -> Vec<u8> {
+    std::fs::read(summary.checkpoint.join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn a_run_stopped_at_step_k_and_resumed_equals_the_uninterrupted_run() {
+    let no_stop = || Arc::new(AtomicBool::new(false));
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = run(&sync_job(straight_dir.path(), 6, ""), no_stop()).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = run(&sync_job(dir.path(), 3, ""), no_stop()).unwrap();
+    assert_eq!(first.steps, 3);
+    assert!(first.checkpoint.ends_with("checkpoint-3"));
+    // A new run into the same directory is refused: it would mix two runs' output.
+    let again = run(&sync_job(dir.path(), 6, ""), no_stop()).unwrap_err();
+    let msg = format!("{again:#}");
+    assert!(
+        msg.contains("holds another run") && msg.contains("overwrite_output_dir"),
+        "{msg}"
+    );
+    let resumed = run(
+        &sync_job(dir.path(), 6, "resume_from_checkpoint = true"),
+        no_stop(),
+    )
+    .unwrap();
+    assert_eq!(
+        resumed.resumed_from.as_deref(),
+        Some(first.checkpoint.as_path())
+    );
+    assert_eq!(resumed.steps, 6);
+    assert_eq!(resumed.baseline_accuracy, straight.baseline_accuracy);
+    assert!(
+        weights(&resumed) == weights(&straight),
+        "resumed weights differ from the uninterrupted run's"
+    );
+    let (a, b) = (
+        metric_lines(&straight.metrics),
+        metric_lines(&resumed.metrics),
+    );
+    let steps: Vec<u64> = b.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(
+        steps,
+        [1, 2, 3, 4, 5, 6],
+        "every step once, appended on resume"
+    );
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["reward_mean", "loss", "grad_norm", "policy_version"] {
+            assert_eq!(x[key], y[key], "step {}: {key}", x["step"]);
+        }
+    }
+    for s in [&straight, &resumed] {
+        assert_eq!(s.accounting["identity_holds"], true, "{}", s.accounting);
+    }
+    assert_eq!(
+        resumed.accounting["trained"], straight.accounting["trained"],
+        "{} vs {}",
+        resumed.accounting, straight.accounting
+    );
+    // Periodic checkpoints were written every 2 steps; each is a loadable HF model.
+    for step in [2, 4, 6] {
+        let ckpt = dir.path().join(format!("checkpoint-{step}"));
+        assert!(load_checkpoint(&ckpt).is_ok(), "{}", ckpt.display());
+        assert!(ckpt.join("tokenizer.json").is_file());
+    }
+    // overwrite_output_dir starts afresh.
+    let fresh = run(
+        &sync_job(dir.path(), 2, "overwrite_output_dir = true"),
+        no_stop(),
+    )
+    .unwrap();
+    assert_eq!(fresh.steps, 2);
+    assert_eq!(metric_lines(&fresh.metrics).len(), 2);
+    assert!(!dir.path().join("checkpoint-6").exists());
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use grail::config::{EnvSection, GrpoConfig};
+use grail::config::{EnvSection, GrpoConfig, ResumeFrom};
 use grail::{report, run};
 use grail_core::env::ArithmeticConfig;
 
@@ -19,6 +19,12 @@ struct Args {
     /// Digits per operand.
     #[arg(long)]
     digits: Option<u32>,
+    /// Continue the run in output_dir from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Replace a previous run in output_dir.
+    #[arg(long)]
+    overwrite_output_dir: bool,
 }
 
 fn main() -> Result<()> {
@@ -38,6 +44,10 @@ fn main() -> Result<()> {
         a.digits = d;
     }
     cfg.validate()?;
+    if args.resume {
+        cfg.resume_from_checkpoint = ResumeFrom::Latest(true);
+    }
+    cfg.overwrite_output_dir |= args.overwrite_output_dir;
     let summary = run(&cfg, grail::stop_on_signals())?;
     report(&summary);
     Ok(())

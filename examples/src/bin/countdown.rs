@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use grail::GrpoConfig;
+use grail::config::ResumeFrom;
 use grail::{report, run};
 
 #[derive(Parser, Debug)]
@@ -19,6 +20,12 @@ struct Args {
     /// Override the seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Continue the run in output_dir from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Replace a previous run in output_dir.
+    #[arg(long)]
+    overwrite_output_dir: bool,
 }
 
 fn main() -> Result<()> {
@@ -31,6 +38,10 @@ fn main() -> Result<()> {
     if let Some(s) = args.seed {
         cfg.seed = s;
     }
+    if args.resume {
+        cfg.resume_from_checkpoint = ResumeFrom::Latest(true);
+    }
+    cfg.overwrite_output_dir |= args.overwrite_output_dir;
     let summary = run(&cfg, grail::stop_on_signals())?;
     report(&summary);
     Ok(())

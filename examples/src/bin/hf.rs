@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Parser;
 use grail::GrpoConfig;
+use grail::config::ResumeFrom;
 use grail::{report, run};
 
 #[derive(Parser, Debug)]
@@ -18,6 +19,12 @@ struct Args {
     /// Override `[model] path`.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Continue the run in output_dir from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Replace a previous run in output_dir.
+    #[arg(long)]
+    overwrite_output_dir: bool,
 }
 
 fn main() -> Result<()> {
@@ -34,6 +41,10 @@ fn main() -> Result<()> {
         );
     }
     cfg.validate()?;
+    if args.resume {
+        cfg.resume_from_checkpoint = ResumeFrom::Latest(true);
+    }
+    cfg.overwrite_output_dir |= args.overwrite_output_dir;
     let summary = run(&cfg, grail::stop_on_signals())?;
     report(&summary);
     Ok(())

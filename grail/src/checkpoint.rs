@@ -1,0 +1,179 @@
+//! Run checkpoints: `output_dir/checkpoint-<step>/` holds everything a run needs to continue as
+//! if it had never stopped, and is written as a whole (a temporary directory, synced, renamed
+//! into place), so a crash at any moment leaves every earlier checkpoint intact.
+//!
+//! Files: the policy in Hugging Face layout (`model.safetensors`, `config.json`) with its
+//! tokenizer (`tokenizer.json`, `tokenizer_config.json`), so the directory is also a model
+//! transformers and `[model] path` load; `optimizer.bpk` and `trainer_state.json` (step, policy
+//! version, trainer config; see `grail_trainer::state`); `reference/` when the loss has a KL
+//! term; and `run_state.json` ([`RunState`]), written last.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use grail_core::atomic;
+use grail_core::tokenizer::Tokenizer;
+use grail_trainer::trainer::GrpoTrainer;
+use serde::{Deserialize, Serialize};
+
+const RUN_STATE: &str = "run_state.json";
+const PREFIX: &str = "checkpoint-";
+
+/// Where every sample of a run went. `generated = trained + dropped_stale + dropped_filtered +
+/// unused_at_close + left_in_channel + failed + unsent_at_shutdown`, summed over the run's
+/// attempts when it was resumed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accounting {
+    /// Samples the rollout pool generated.
+    pub generated: usize,
+    /// Samples the pool sent to the trainer.
+    pub sent: usize,
+    /// Samples in groups whose rewards failed.
+    pub failed: usize,
+    /// Samples generated but not sent when the pool shut down.
+    pub unsent_at_shutdown: usize,
+    /// Samples the trainer took off the channel.
+    pub received: usize,
+    /// Samples trained on.
+    pub trained: usize,
+    /// Samples dropped as too stale.
+    pub dropped_stale: usize,
+    /// Samples in groups filtered out for zero reward spread.
+    pub dropped_filtered: usize,
+    /// Samples received but not trained on when the run stopped mid-batch.
+    pub unused_at_close: usize,
+    /// Samples still in the channel when the run stopped.
+    pub left_in_channel: usize,
+}
+
+impl Accounting {
+    /// Whether every generated sample is accounted for.
+    pub fn identity_holds(&self) -> bool {
+        self.generated
+            == self.trained
+                + self.dropped_stale
+                + self.dropped_filtered
+                + self.unused_at_close
+                + self.left_in_channel
+                + self.failed
+                + self.unsent_at_shutdown
+            && self.sent == self.received + self.left_in_channel
+    }
+
+    /// The sum of two attempts' accounting.
+    pub fn plus(&self, o: &Accounting) -> Accounting {
+        Accounting {
+            generated: self.generated + o.generated,
+            sent: self.sent + o.sent,
+            failed: self.failed + o.failed,
+            unsent_at_shutdown: self.unsent_at_shutdown + o.unsent_at_shutdown,
+            received: self.received + o.received,
+            trained: self.trained + o.trained,
+            dropped_stale: self.dropped_stale + o.dropped_stale,
+            dropped_filtered: self.dropped_filtered + o.dropped_filtered,
+            unused_at_close: self.unused_at_close + o.unused_at_close,
+            left_in_channel: self.left_in_channel + o.left_in_channel,
+        }
+    }
+
+    /// As JSON, with `identity_holds`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("serialisable");
+        v["identity_holds"] = self.identity_holds().into();
+        v
+    }
+}
+
+/// The run's own state at a checkpoint (the trainer's is in `trainer_state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// GRPO optimizer steps taken.
+    pub step: usize,
+    /// The index of the first prompt a resumed pool takes.
+    pub prompt_cursor: u64,
+    /// Held-out accuracy after the SFT warm-up.
+    pub baseline_accuracy: f64,
+    /// Wall time of the SFT warm-up.
+    pub sft_seconds: f64,
+    /// Wall time spent in GRPO so far, over every attempt.
+    pub grpo_seconds: f64,
+    /// Steps during which the pool generated while the trainer trained, so far.
+    pub overlapped_steps: usize,
+    /// Where the samples settled so far went (samples still in flight are not counted: a
+    /// resumed pool regenerates their prompts).
+    pub accounting: Accounting,
+}
+
+/// The directory of the checkpoint at `step`.
+pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!("{PREFIX}{step}"))
+}
+
+/// Every complete checkpoint in `output_dir` (one with its `run_state.json`), oldest first.
+pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(output_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", output_dir.display())),
+    };
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("reading {}", output_dir.display()))?
+            .path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(step) = step
+            && path.join(RUN_STATE).is_file()
+        {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Writes the checkpoint at the trainer's step as a whole, then removes the oldest ones beyond
+/// `keep`. Returns its directory.
+pub fn save(
+    output_dir: &Path,
+    trainer: &GrpoTrainer,
+    tokenizer: &Tokenizer,
+    state: &RunState,
+    keep: Option<usize>,
+) -> Result<PathBuf> {
+    let dir = checkpoint_dir(output_dir, trainer.step());
+    atomic::write_dir(&dir, |tmp| -> Result<()> {
+        trainer.write_state(tmp)?;
+        tokenizer.save(tmp)?;
+        let json = serde_json::to_string_pretty(state).expect("serialisable");
+        atomic::write_file(&tmp.join(RUN_STATE), json.as_bytes())?;
+        Ok(())
+    })
+    .with_context(|| format!("writing checkpoint {}", dir.display()))?;
+    if let Some(keep) = keep {
+        let all = checkpoints(output_dir)?;
+        for (_, old) in &all[..all.len().saturating_sub(keep)] {
+            std::fs::remove_dir_all(old)
+                .with_context(|| format!("removing old checkpoint {}", old.display()))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Reads a checkpoint's run state, checking the checkpoint is complete.
+pub fn load_run_state(dir: &Path) -> Result<RunState> {
+    let path = dir.join(RUN_STATE);
+    if !path.is_file() {
+        bail!(
+            "{} is not a grail checkpoint (no {RUN_STATE}; checkpoints are the checkpoint-<step> directories of a run's output_dir)",
+            dir.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
