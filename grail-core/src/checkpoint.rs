@@ -268,13 +268,27 @@ impl WeightSource for CheckpointSource<'_> {
         }
         let raw = &bytes[entry.start..entry.end];
         self.taken.push(name.to_string());
-        decode_f32(raw, entry.dtype).ok_or_else(|| GrailError::Safetensors {
+        let values = decode_f32(raw, entry.dtype).ok_or_else(|| GrailError::Safetensors {
             path: path.clone(),
             message: format!(
                 "tensor `{name}` has dtype {:?}; grail reads F32, BF16, F16 and F64",
                 entry.dtype
             ),
-        })
+        })?;
+        // A NaN or infinity in the weights poisons every forward; say where it is at load time.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(GrailError::Safetensors {
+                path: path.clone(),
+                message: format!(
+                    "tensor `{name}` holds a non-finite value ({} at flat index {i}; {} of {} \
+                     values are not finite)",
+                    values[i],
+                    values.iter().filter(|v| !v.is_finite()).count(),
+                    values.len()
+                ),
+            });
+        }
+        Ok(values)
     }
 
     fn device(&self) -> Device {

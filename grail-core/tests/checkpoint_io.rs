@@ -278,3 +278,42 @@ fn rope_theta_is_read_from_top_level_or_rope_parameters() {
     nested["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 777.0});
     assert_eq!(ModelConfig::from_hf_json(nested).unwrap().rope_theta, 777.0);
 }
+
+#[test]
+fn non_finite_weights_are_an_error_naming_the_tensor() {
+    let dir = model_dirs()
+        .into_iter()
+        .find(|d| d.join("model.safetensors").is_file())
+        .expect("a single-file fixture");
+    let out = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join(f), out.path().join(f)).unwrap();
+    }
+    let path = out.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = "model.norm.weight";
+    // The tensor's byte offset in the file, and its element width.
+    let (offset, width) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let view = st.tensor(name).unwrap();
+        let width = view.data().len() / view.shape().iter().product::<usize>();
+        (
+            view.data().as_ptr() as usize - bytes.as_ptr() as usize,
+            width,
+        )
+    };
+    let nan: Vec<u8> = match width {
+        4 => f32::NAN.to_le_bytes().to_vec(),
+        2 => half::bf16::NAN.to_le_bytes().to_vec(),
+        w => panic!("unexpected element width {w}"),
+    };
+    bytes[offset + width..offset + 2 * width].copy_from_slice(&nan);
+    std::fs::write(&path, bytes).unwrap();
+    let err = load_model(out.path(), &Device::flex())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(name) && err.contains("non-finite") && err.contains("index 1"),
+        "{err}"
+    );
+}

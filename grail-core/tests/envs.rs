@@ -64,7 +64,7 @@ fn countdown_solutions_verify_and_splits_are_disjoint() {
 #[test]
 fn countdown_rewards_score_format_and_correctness() {
     let env = Countdown::new(CountdownConfig::default(), 3, Split::Train, tokenizer()).unwrap();
-    let p = env.prompt(5).unwrap();
+    let p = env.prompt(5).unwrap().unwrap();
     let task = env.task(5);
     assert_eq!(p.text, task.prompt());
     let score = |text: &str, finished: bool| -> Vec<f32> {
@@ -137,7 +137,7 @@ fn jsonl_dataset_reads_rows_and_names_bad_lines() {
     let train = JsonlDataset::open(&path, Split::Train, tokenizer()).unwrap();
     let eval = JsonlDataset::open(&path, Split::Eval, tokenizer()).unwrap();
     assert_eq!(train.len() + eval.len(), 50);
-    let p = train.prompt(0).unwrap();
+    let p = train.prompt(0).unwrap().unwrap();
     let good = Completion {
         ids: vec![],
         text: format!("#### {}", p.answer),
@@ -145,7 +145,7 @@ fn jsonl_dataset_reads_rows_and_names_bad_lines() {
     };
     assert_eq!((train.rewards()[1].func)(&p, &good), 1.0);
     assert!(
-        eval.prompt(eval.len() as u64).is_none(),
+        eval.prompt(eval.len() as u64).unwrap().is_none(),
         "held-out prompts are served once"
     );
 
@@ -162,4 +162,57 @@ fn jsonl_dataset_reads_rows_and_names_bad_lines() {
         msg.contains("data.jsonl") && msg.contains("line 2"),
         "{msg}"
     );
+}
+
+#[test]
+fn jsonl_reads_a_byte_order_mark_and_gsm8k_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gsm8k.jsonl");
+    let rows: Vec<String> = (0..40)
+        .map(|i| {
+            serde_json::json!({
+                "question": format!("Tom has {i} apples and buys 1,000 more. How many?"),
+                "answer": format!("{i} + 1000 = <<{i}+1000={}>>{}\n#### {}", i + 1000, i + 1000, i + 1000),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&path, format!("\u{feff}{}\n", rows.join("\n"))).unwrap();
+    let train = JsonlDataset::open(&path, Split::Train, tokenizer()).unwrap();
+    let eval = JsonlDataset::open(&path, Split::Eval, tokenizer()).unwrap();
+    assert_eq!(
+        train.len() + eval.len(),
+        40,
+        "the first line (after the BOM) is read too"
+    );
+    let p = train.prompt(0).unwrap().unwrap();
+    assert!(p.text.starts_with("Tom has"), "{}", p.text);
+    assert!(p.answer.parse::<u32>().unwrap() >= 1000, "{}", p.answer);
+}
+
+#[test]
+fn a_prompt_the_tokenizer_cannot_encode_is_an_error_not_the_end_of_the_data() {
+    use std::collections::HashMap;
+    use tokenizers::models::wordlevel::WordLevel;
+    // A word-level vocabulary whose unknown token is missing: any other word fails to encode.
+    let vocab: HashMap<String, u32> = [("What".to_string(), 0), ("<eos>".to_string(), 1)].into();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<unk>".into())
+        .build()
+        .unwrap();
+    let mut inner = tokenizers::Tokenizer::new(model);
+    inner.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+    let tok = std::sync::Arc::new(grail_core::tokenizer::Tokenizer::from_inner(inner));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.jsonl");
+    let rows: Vec<String> = (0..20)
+        .map(|i| serde_json::json!({"prompt": format!("What {i}"), "answer": "1"}).to_string())
+        .collect();
+    std::fs::write(&path, rows.join("\n")).unwrap();
+    let train = JsonlDataset::open(&path, Split::Train, tok).unwrap();
+    let err = train
+        .prompt(0)
+        .expect_err("an unknown word cannot be encoded");
+    assert!(err.to_string().to_lowercase().contains("unk"), "{err}");
 }

@@ -1,11 +1,12 @@
-//! grail-rollout: turns prompts into scored groups for the trainer.
-//!
-//! Built so far: seeded sampling with raw behaviour log-probs ([`sampling`]) and continuous-
-//! batching generation over per-sequence KV caches ([`generate`]).
+//! grail-rollout: turns prompts into scored groups for the trainer: seeded sampling with raw
+//! behaviour log-probs ([`sampling`]), continuous-batching generation over per-sequence KV caches
+//! ([`generate`]), prompt length limits ([`prompt_limits`]) and the worker pool ([`pool`]).
 #![warn(missing_docs)]
 
 pub mod generate;
 pub mod pool;
+pub mod prompt_limits;
 pub mod sampling;
 
 pub use pool::{PoolConfig, PoolReport, RolloutPool, spawn_pool};
+pub use prompt_limits::{PromptLimits, PromptTruncation};

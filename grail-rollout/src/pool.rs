@@ -29,6 +29,7 @@ use rayon::prelude::*;
 use crate::generate::{
     FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate_in_flight,
 };
+use crate::prompt_limits::{PromptLimits, PromptTruncation};
 
 /// Pool settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +64,12 @@ pub struct PoolConfig {
     pub weight_wire: WireDtype,
     /// Switch to new weights between decode steps, mid-completion (off: only between batches).
     pub in_flight_weight_updates: bool,
+    /// Longest prompt in tokens; `None`: only the model's context bounds it (every prompt plus
+    /// `max_completion_length` must fit `max_position_embeddings`, or the run stops with an error
+    /// naming the prompt).
+    pub max_prompt_length: Option<usize>,
+    /// What happens to a prompt longer than `max_prompt_length`.
+    pub prompt_truncation: PromptTruncation,
 }
 
 impl Default for PoolConfig {
@@ -79,6 +86,8 @@ impl Default for PoolConfig {
             first_prompt: 0,
             weight_wire: WireDtype::F32,
             in_flight_weight_updates: false,
+            max_prompt_length: None,
+            prompt_truncation: PromptTruncation::Left,
         }
     }
 }
@@ -98,6 +107,8 @@ pub struct PoolCounters {
     pub tokens: AtomicUsize,
     /// Groups whose rewards failed.
     pub failed_groups: AtomicUsize,
+    /// Prompts cut to `max_prompt_length` (from the left).
+    pub truncated_prompts: AtomicUsize,
 }
 
 /// Final accounting of a pool: `generated = sent + failed + unsent_at_shutdown`.
@@ -304,20 +315,24 @@ struct WorkerContext {
 }
 
 impl Worker {
+    /// Generates until shutdown or the end of the prompts. An error stops the whole pool (so the
+    /// trainer's channel closes and the run ends with it) and comes back from `shutdown`.
     fn run(mut self) -> Result<(), GrailError> {
+        let result = self.work();
+        if result.is_err() {
+            self.ctx.shutdown.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn work(&mut self) -> Result<(), GrailError> {
         while !self.ctx.shutdown.load(Ordering::SeqCst) {
             self.weights.refresh()?;
             if self.too_far_ahead() {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
-            let prompts: Vec<Prompt> = (0..self.ctx.cfg.prompts_per_batch)
-                .map_while(|_| {
-                    self.ctx
-                        .env
-                        .prompt(self.ctx.next_prompt.fetch_add(1, Ordering::SeqCst))
-                })
-                .collect();
+            let prompts = self.ctx.take_prompts(&self.weights.policy.model)?;
             if prompts.is_empty() {
                 break; // the environment is exhausted
             }
@@ -341,6 +356,46 @@ impl Worker {
 }
 
 impl WorkerContext {
+    /// The next batch of prompts, within the limits (fewer when the environment runs out).
+    fn take_prompts(&self, model: &CausalLm) -> Result<Vec<Prompt>, GrailError> {
+        let limits = PromptLimits {
+            max_prompt_length: self.cfg.max_prompt_length,
+            truncation: self.cfg.prompt_truncation,
+            max_completion_length: self.cfg.generation.max_completion_length,
+            max_positions: model.config.max_position_embeddings,
+        };
+        let mut prompts = Vec::with_capacity(self.cfg.prompts_per_batch);
+        for _ in 0..self.cfg.prompts_per_batch {
+            let index = self.next_prompt.fetch_add(1, Ordering::SeqCst);
+            let prompt = match self.env.prompt(index) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(GrailError::Input(format!(
+                        "the environment failed on prompt {index}: {e}"
+                    )));
+                }
+            };
+            let (prompt, truncated) = limits.apply(prompt)?;
+            if truncated
+                && self
+                    .counters
+                    .truncated_prompts
+                    .fetch_add(1, Ordering::SeqCst)
+                    == 0
+            {
+                tracing::warn!(
+                    prompt = index,
+                    max_prompt_length = self.cfg.max_prompt_length,
+                    "prompt cut from the left to max_prompt_length (counted in truncated_prompts; \
+                     logged once)"
+                );
+            }
+            prompts.push(prompt);
+        }
+        Ok(prompts)
+    }
+
     fn generate_batch(
         &self,
         weights: &mut WorkerWeights,

@@ -43,14 +43,14 @@ impl Sevens {
 }
 
 impl Environment for Sevens {
-    fn prompt(&self, index: u64) -> Option<Prompt> {
-        (index < self.limit).then(|| Prompt {
+    fn prompt(&self, index: u64) -> grail_core::Result<Option<Prompt>> {
+        Ok((index < self.limit).then(|| Prompt {
             id: index,
             text: String::new(),
             ids: Arc::new(vec![(index % 50) as u32, 1, 2]),
             answer: String::new(),
             metadata: serde_json::Value::Null,
-        })
+        }))
     }
     fn rewards(&self) -> &[Reward] {
         &self.rewards
@@ -416,7 +416,7 @@ struct Gated {
 }
 
 impl Environment for Gated {
-    fn prompt(&self, index: u64) -> Option<Prompt> {
+    fn prompt(&self, index: u64) -> grail_core::Result<Option<Prompt>> {
         self.inner.prompt(index)
     }
     fn rewards(&self) -> &[Reward] {
@@ -593,4 +593,105 @@ fn failed_reward_groups_do_not_stall_a_bounded_pool() {
         run.received,
         run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
     );
+}
+
+/// `Sevens` whose prompt `at` cannot be produced (as when a tokenizer fails on its text).
+struct FailsAt {
+    inner: Sevens,
+    at: u64,
+}
+
+impl Environment for FailsAt {
+    fn prompt(&self, index: u64) -> grail_core::Result<Option<Prompt>> {
+        if index == self.at {
+            return Err(grail_core::GrailError::Tokenizer(
+                "encode: no token for 'ß'".into(),
+            ));
+        }
+        self.inner.prompt(index)
+    }
+    fn rewards(&self) -> &[Reward] {
+        self.inner.rewards()
+    }
+    fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids)
+    }
+}
+
+/// A prompt the environment cannot produce stops every worker, so the trainer's channel closes,
+/// and the error names the prompt and the cause (it used to read as "no more prompts").
+#[test]
+fn an_environment_error_stops_the_run_naming_the_prompt() {
+    let err = within(std::time::Duration::from_secs(120), || {
+        let device = Device::flex();
+        let policy = CausalLm::init(&config(), 14, &device.clone().autodiff());
+        let env = FailsAt {
+            inner: Sevens::new(10_000, None),
+            at: 5,
+        };
+        let pool = spawn_pool(&policy.valid(), Arc::new(env), pool_config(2)).unwrap();
+        let mut trainer = trainer(policy);
+        let mut feedback = feedback(&pool, &trainer);
+        let run = trainer
+            .run_from_channel(
+                &pool.groups.clone(),
+                Some(&mut feedback),
+                &channel_run(2, 4, 1_000),
+                |_, _| std::ops::ControlFlow::Continue(()),
+            )
+            .unwrap();
+        assert!(trainer.step() < 1_000, "the run went on: {run:?}");
+        pool.shutdown().unwrap_err().to_string()
+    });
+    assert!(
+        err.contains("prompt 5") && err.contains("no token for"),
+        "{err}"
+    );
+}
+
+#[test]
+fn long_prompts_are_cut_from_the_left_or_stop_the_run_by_name() {
+    let device = Device::flex();
+    let model = CausalLm::init(&config(), 15, &device);
+    let cfg = PoolConfig {
+        max_prompt_length: Some(2),
+        ..pool_config(1)
+    };
+    let pool = spawn_pool(&model, Arc::new(Sevens::new(4, None)), cfg.clone()).unwrap();
+    let group = pool.groups.recv().unwrap();
+    assert_eq!(
+        *group.prompt_ids,
+        vec![1, 2],
+        "the last max_prompt_length tokens"
+    );
+    assert!(pool.counters().truncated_prompts.load(Ordering::SeqCst) >= 1);
+    pool.shutdown().unwrap();
+
+    let strict = PoolConfig {
+        prompt_truncation: grail_rollout::PromptTruncation::Error,
+        ..cfg
+    };
+    let pool = spawn_pool(&model, Arc::new(Sevens::new(4, None)), strict).unwrap();
+    assert!(
+        pool.groups.recv().is_err(),
+        "no group from a prompt over the limit"
+    );
+    let err = pool.shutdown().unwrap_err().to_string();
+    assert!(
+        err.contains("prompt 0: 3 tokens") && err.contains("max_prompt_length = 2"),
+        "{err}"
+    );
+
+    // Prompt + completion beyond the model's context (64 positions) is an error too.
+    let long = PoolConfig {
+        generation: GenerationConfig {
+            max_completion_length: 62,
+            ..pool_config(1).generation
+        },
+        ..pool_config(1)
+    };
+    let pool = spawn_pool(&model, Arc::new(Sevens::new(4, None)), long).unwrap();
+    assert!(pool.groups.recv().is_err());
+    let err = pool.shutdown().unwrap_err().to_string();
+    assert!(err.contains("max_position_embeddings 64"), "{err}");
 }

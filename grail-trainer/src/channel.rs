@@ -62,8 +62,8 @@ pub enum RunEvent<'a> {
         /// The accounting so far.
         stats: &'a RunStats,
     },
-    /// Nothing arrived for a while (sent about once a second while waiting): a chance to show
-    /// progress or to stop.
+    /// No step yet: nothing arrived for a second, or a batch trained nothing (every group had
+    /// zero reward spread). A chance to show progress or to stop.
     Waiting {
         /// Time since the last optimizer step (or the start), not counting time in steps.
         since_step: Duration,
@@ -212,15 +212,24 @@ impl GrpoTrainer {
                 Ok(m) => m,
                 Err(TrainerError::AllFiltered { groups, samples }) => {
                     since.filtered_batches += 1;
-                    tracing::warn!(
-                        groups,
-                        in_a_row = since.filtered_batches,
-                        "every group of the batch had zero reward spread; nothing to train on"
-                    );
+                    // Logged at 1, 2, 4, 8, … in a row: news without a flood.
+                    if since.filtered_batches.is_power_of_two() {
+                        tracing::warn!(
+                            groups,
+                            in_a_row = since.filtered_batches,
+                            "every group of the batch had zero reward spread; nothing to train on"
+                        );
+                    }
                     stats.dropped_filtered += samples;
                     settle(&mut stats, &mut feedback, batch.len());
                     if let Some(reason) = run.stall_timeout.and_then(|t| since.stalled(t, run)) {
                         return Err(TrainerError::Stalled(reason));
+                    }
+                    let event = RunEvent::Waiting {
+                        since_step: since.waited,
+                    };
+                    if on_event(self, event).is_break() {
+                        return Ok(stats);
                     }
                     continue;
                 }

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use grail_core::env::{ArithmeticConfig, CountdownConfig};
 use grail_core::sync::SyncMode;
+use grail_rollout::PromptTruncation;
 use grail_trainer::advantages::ScaleRewards;
 use grail_trainer::loss::{ImportanceSamplingLevel, LossType};
 use grail_trainer::off_policy::IsMode;
@@ -133,8 +134,13 @@ pub struct GrpoSection {
     pub num_generations: usize,
     /// Prompts per optimizer step. Default 16.
     pub prompts_per_step: usize,
-    /// Prompts longer than this (tokens) are an error. Default 64.
+    /// Longest prompt in tokens; longer ones are handled as `prompt_truncation` says. Every
+    /// prompt plus `max_completion_length` must also fit the model's `max_position_embeddings`
+    /// (an error naming the prompt otherwise). Default 64.
     pub max_prompt_length: usize,
+    /// left (keep the last `max_prompt_length` tokens, as TRL does) | error (stop the run naming
+    /// the prompt). Default left.
+    pub prompt_truncation: PromptTruncation,
     /// Completion budget (tokens). Default 16.
     pub max_completion_length: usize,
     /// Default 1.0.
@@ -161,6 +167,8 @@ pub struct GrpoSection {
     pub num_iterations: usize,
     /// Default 1.0.
     pub max_grad_norm: f64,
+    /// AdamW's decoupled weight decay. Default 0.0.
+    pub weight_decay: f64,
     /// Default 0.
     pub warmup_steps: usize,
     /// constant | linear | cosine. Default constant.
@@ -291,6 +299,7 @@ impl Default for GrpoSection {
             num_generations: 8,
             prompts_per_step: 16,
             max_prompt_length: 64,
+            prompt_truncation: PromptTruncation::Left,
             max_completion_length: 16,
             temperature: 1.0,
             top_p: 1.0,
@@ -304,6 +313,7 @@ impl Default for GrpoSection {
             scale_rewards: ScaleRewards::Group,
             num_iterations: 1,
             max_grad_norm: 1.0,
+            weight_decay: 0.0,
             warmup_steps: 0,
             lr_scheduler_type: LrSchedulerType::Constant,
             max_steps: 600,
@@ -475,6 +485,7 @@ impl GrpoConfig {
         let mut t = grail_trainer::config::TrainerConfig {
             learning_rate: g.learning_rate,
             max_grad_norm: g.max_grad_norm,
+            weight_decay: g.weight_decay,
             lr_scheduler_type: g.lr_scheduler_type,
             warmup_steps: g.warmup_steps,
             max_steps: g.max_steps,

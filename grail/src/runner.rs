@@ -13,13 +13,15 @@ use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::device::parse_device;
 use grail_core::env::tasks::{arithmetic_task, countdown_task};
-use grail_core::env::{Arithmetic, Completion, Countdown, Environment, JsonlDataset, Split};
+use grail_core::env::{
+    Arithmetic, Completion, Countdown, Environment, JsonlDataset, Prompt, Split,
+};
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_core::sync::{PoolFeedback, WeightPublisher, WireDtype};
 use grail_core::tokenizer::Tokenizer;
 use grail_rollout::generate::{FinishReason, GenerationConfig, GenerationRequest, generate};
 use grail_rollout::sampling::SamplingConfig;
-use grail_rollout::{PoolConfig, spawn_pool};
+use grail_rollout::{PoolConfig, PromptLimits, spawn_pool};
 use grail_trainer::TrainerError;
 use grail_trainer::channel::{ChannelRun, RunEvent, RunStats};
 use grail_trainer::config::TrainerConfig;
@@ -71,15 +73,37 @@ pub struct RunSummary {
     pub accounting: serde_json::Value,
 }
 
-/// A task's reference completion text for prompt `index` of the train split (SFT targets).
-fn reference_completion(cfg: &GrpoConfig, env: &dyn Environment, index: u64) -> Option<String> {
-    Some(match &cfg.env {
+/// A task's reference completion text for `prompt` (index `index` of the train split): the SFT
+/// target.
+fn reference_completion(cfg: &GrpoConfig, prompt: &Prompt, index: u64) -> String {
+    match &cfg.env {
         EnvSection::Countdown(c) => countdown_task(c, cfg.seed, Split::Train, index).solution,
         EnvSection::Arithmetic(a) => format!(
             "#### {}",
             arithmetic_task(a, cfg.seed, Split::Train, index).1
         ),
-        EnvSection::Jsonl { .. } => format!("#### {}", env.prompt(index)?.answer),
+        EnvSection::Jsonl { .. } => format!("#### {}", prompt.answer),
+    }
+}
+
+/// The prompt limits of a run on `model`.
+fn prompt_limits(cfg: &GrpoConfig, model: &CausalLm) -> PromptLimits {
+    PromptLimits {
+        max_prompt_length: Some(cfg.grpo.max_prompt_length),
+        truncation: cfg.grpo.prompt_truncation,
+        max_completion_length: cfg.grpo.max_completion_length,
+        max_positions: model.config.max_position_embeddings,
+    }
+}
+
+/// Prompt `index` of `env` within `limits`; `None` past the end; an error naming the prompt.
+fn prompt_at(env: &dyn Environment, index: u64, limits: &PromptLimits) -> Result<Option<Prompt>> {
+    let prompt = env
+        .prompt(index)
+        .with_context(|| format!("the environment failed on prompt {index}"))?;
+    Ok(match prompt {
+        Some(p) => Some(limits.apply(p)?.0),
+        None => None,
     })
 }
 
@@ -116,15 +140,22 @@ fn make_env(cfg: &GrpoConfig, split: Split, tok: Arc<Tokenizer>) -> Result<Arc<d
     })
 }
 
-/// Held-out accuracy: greedy completions of the first `n` held-out prompts, scored by the
-/// environment's `correct` reward (or its last reward).
+/// Held-out accuracy: greedy completions of the first `n` held-out prompts (within `limits`),
+/// scored by the environment's `correct` reward (or its last reward).
 pub fn evaluate(
     model: &CausalLm,
     env: &dyn Environment,
     n: usize,
     generation: &GenerationConfig,
+    limits: &PromptLimits,
 ) -> Result<f64> {
-    let prompts: Vec<_> = (0..n as u64).map_while(|i| env.prompt(i)).collect();
+    let mut prompts = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        match prompt_at(env, i, limits)? {
+            Some(p) => prompts.push(p),
+            None => break,
+        }
+    }
     if prompts.is_empty() {
         bail!("the held-out split has no prompts");
     }
@@ -161,12 +192,17 @@ pub fn evaluate(
 /// The tokenizer of a new run: the one named in the config, the model's own, or a byte-level BPE
 /// trained now on the task's text.
 fn new_tokenizer(cfg: &GrpoConfig) -> Result<Tokenizer> {
-    let dir = cfg.tokenizer.path.clone().or_else(|| {
-        cfg.model
-            .path
-            .clone()
-            .filter(|p| p.join("tokenizer.json").is_file())
-    });
+    let dir = match (&cfg.tokenizer.path, &cfg.model.path) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(model)) if model.join("tokenizer.json").is_file() => Some(model.clone()),
+        // A pretrained model speaks its own vocabulary: a BPE trained now would be nonsense to it.
+        (None, Some(model)) => bail!(
+            "config key `model.path` = {}: the model has no tokenizer.json (set `tokenizer.path` \
+             to the directory of its tokenizer)",
+            model.display()
+        ),
+        (None, None) => None,
+    };
     Ok(match dir {
         Some(dir) => Tokenizer::from_dir(&dir)?,
         None => {
@@ -219,11 +255,12 @@ fn sft_warm_up(
     trainer: &mut GrpoTrainer,
     env: &dyn Environment,
     tokenizer: &Tokenizer,
+    limits: &PromptLimits,
     stop: &AtomicBool,
 ) -> Result<f64> {
     let start = Instant::now();
     let eos = tokenizer.eos_token_ids[0];
-    let mut progress = Progress::new(cfg.sft.steps as u64, "sft");
+    let progress = Progress::new(cfg.sft.steps as u64, "sft");
     let mut next = 0u64;
     for step in 0..cfg.sft.steps {
         if stop.load(Ordering::SeqCst) {
@@ -234,11 +271,14 @@ fn sft_warm_up(
         }
         let mut batch = Vec::with_capacity(cfg.sft.batch_size);
         while batch.len() < cfg.sft.batch_size {
-            let Some(p) = env.prompt(next) else {
+            let Some(p) = prompt_at(env, next, limits)? else {
+                if next == 0 {
+                    bail!("the environment has no training prompts");
+                }
                 next = 0;
                 continue;
             };
-            let text = reference_completion(cfg, env, next).context("reference completion")?;
+            let text = reference_completion(cfg, &p, next);
             next += 1;
             let mut completion = tokenizer.encode(&text, false)?;
             completion.push(eos);
@@ -338,13 +378,21 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 peak_gflops = peak / 1e9,
                 "model ready"
             );
-            let sft_seconds =
-                sft_warm_up(cfg, &mut trainer, train_env.as_ref(), &tokenizer, &stop)?;
+            let limits = prompt_limits(cfg, trainer.model());
+            let sft_seconds = sft_warm_up(
+                cfg,
+                &mut trainer,
+                train_env.as_ref(),
+                &tokenizer,
+                &limits,
+                &stop,
+            )?;
             let baseline = evaluate(
                 &trainer.model().valid(),
                 eval_env.as_ref(),
                 cfg.eval.prompts,
                 &generation,
+                &limits,
             )?;
             tracing::info!(baseline_accuracy = baseline, "held-out accuracy after SFT");
             let state = RunState {
@@ -366,6 +414,8 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             tokenizer.vocab_size()
         );
     }
+
+    let limits = prompt_limits(cfg, trainer.model());
 
     // Async GRPO: the pool generates while the trainer trains; they meet only through channels.
     let segment_start = Instant::now();
@@ -400,6 +450,8 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             first_prompt: state.prompt_cursor,
             weight_wire: WIRE,
             in_flight_weight_updates: g.in_flight_weight_updates,
+            max_prompt_length: limits.max_prompt_length,
+            prompt_truncation: limits.truncation,
         },
     )?;
     let mut feedback = PoolFeedback::new(
@@ -412,7 +464,7 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         max_steps: g.max_steps.saturating_sub(trainer.step()),
         stall_timeout: (g.stall_timeout > 0).then(|| Duration::from_secs(g.stall_timeout)),
     };
-    let mut progress = Progress::new(g.max_steps as u64, "grpo");
+    let progress = Progress::new(g.max_steps as u64, "grpo");
     progress.set_position(trainer.step() as u64);
     let mut overlapped = 0usize;
     let mut last_generated = pool.counters().generated.load(Ordering::SeqCst);
@@ -459,6 +511,7 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                         eval_env.as_ref(),
                         cfg.eval.prompts,
                         &generation,
+                        &limits,
                     )
                     .ok()
                 })
@@ -570,6 +623,7 @@ pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         eval_env.as_ref(),
         cfg.eval.prompts,
         &generation,
+        &limits,
     )?;
     let plot = crate::plot::plot_curves(
         &cfg.output_dir.join("reward.png"),

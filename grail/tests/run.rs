@@ -49,6 +49,13 @@ fn config_errors_name_the_key_or_path() {
     // Peers' names for the pool-side limit are accepted.
     let aliased = GrpoConfig::from_toml("[grpo]\nmax_head_offpolicyness = 1\n").unwrap();
     assert_eq!(aliased.grpo.max_ahead, Some(1));
+    let m = err("[grpo]\nprompt_truncation = \"right\"\n");
+    assert!(
+        m.contains("right") && m.contains("prompt_truncation"),
+        "{m}"
+    );
+    let decayed = GrpoConfig::from_toml("[grpo]\nweight_decay = 0.01\n").unwrap();
+    assert_eq!(decayed.trainer_config().weight_decay, 0.01);
     assert!(GrpoConfig::from_toml("").is_ok(), "every key has a default");
     let missing = GrpoConfig::from_file(std::path::Path::new("/nonexistent/job.toml")).unwrap_err();
     assert!(format!("{missing:#}").contains("/nonexistent/job.toml"));
@@ -264,4 +271,25 @@ fn a_run_stopped_at_step_k_and_resumed_equals_the_uninterrupted_run() {
     assert_eq!(fresh.steps, 2);
     assert_eq!(metric_lines(&fresh.metrics).len(), 2);
     assert!(!dir.path().join("checkpoint-6").exists());
+}
+
+#[test]
+fn a_pretrained_model_without_its_tokenizer_is_refused() {
+    let model = grail_core::fixtures::model_dirs().remove(0);
+    assert!(!model.join("tokenizer.json").exists());
+    let out = tempfile::tempdir().unwrap();
+    let cfg = GrpoConfig::from_toml(&format!(
+        "output_dir = \"{}\"\n[model]\npath = \"{}\"\n",
+        out.path().display(),
+        model.display()
+    ))
+    .unwrap();
+    let msg = format!(
+        "{:#}",
+        run(&cfg, Arc::new(AtomicBool::new(false))).unwrap_err()
+    );
+    assert!(
+        msg.contains("model.path") && msg.contains("tokenizer.json"),
+        "{msg}"
+    );
 }

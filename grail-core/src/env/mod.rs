@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use crate::error::Result;
+
 /// A prompt with what its rewards need to judge a completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
@@ -73,8 +75,9 @@ impl Reward {
 
 /// A task: a prompt source and its reward functions.
 pub trait Environment: Send + Sync {
-    /// The prompt with this index, or `None` when the source is exhausted.
-    fn prompt(&self, index: u64) -> Option<Prompt>;
+    /// The prompt with this index, `Ok(None)` when the source is exhausted, or an error (a text
+    /// the tokenizer cannot encode, say) that stops the run.
+    fn prompt(&self, index: u64) -> Result<Option<Prompt>>;
 
     /// The reward functions, in the order their values appear in each sample.
     fn rewards(&self) -> &[Reward];

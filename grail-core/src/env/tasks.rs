@@ -257,17 +257,17 @@ impl Countdown {
 }
 
 impl Environment for Countdown {
-    fn prompt(&self, index: u64) -> Option<Prompt> {
+    fn prompt(&self, index: u64) -> Result<Option<Prompt>> {
         let task = self.task(index);
         let text = task.prompt();
-        let ids = self.tokenizer.encode(&text, false).ok()?;
-        Some(Prompt {
+        let ids = self.tokenizer.encode(&text, false)?;
+        Ok(Some(Prompt {
             id: index,
             ids: Arc::new(ids),
             answer: task.solution.clone(),
             metadata: json!({"numbers": task.numbers, "target": task.target}),
             text,
-        })
+        }))
     }
     fn rewards(&self) -> &[Reward] {
         &self.rewards
@@ -364,16 +364,16 @@ impl Arithmetic {
 }
 
 impl Environment for Arithmetic {
-    fn prompt(&self, index: u64) -> Option<Prompt> {
+    fn prompt(&self, index: u64) -> Result<Option<Prompt>> {
         let (q, ans) = arithmetic_task(&self.cfg, self.seed, self.split, index);
-        let ids = self.tokenizer.encode(&q, false).ok()?;
-        Some(Prompt {
+        let ids = self.tokenizer.encode(&q, false)?;
+        Ok(Some(Prompt {
             id: index,
             ids: Arc::new(ids),
             answer: ans.to_string(),
             metadata: json!(null),
             text: q,
-        })
+        }))
     }
     fn rewards(&self) -> &[Reward] {
         &self.rewards
@@ -393,10 +393,14 @@ pub struct JsonlDataset {
 }
 
 impl JsonlDataset {
-    /// Reads `path`; a line that is not an object with string `prompt` and `answer` (numbers are
-    /// accepted as answers) is an error naming the file and line.
+    /// Reads `path` (UTF-8, with or without a byte-order mark); a line that is not an object with
+    /// a string `prompt` (or `question`, as GSM8K names it) and an `answer` (a number, or text
+    /// whose `#### n` / `\boxed{n}` / plain value is the answer) is an error naming the file and
+    /// line.
     pub fn open(path: &Path, split: Split, tokenizer: Arc<Tokenizer>) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| GrailError::io(path, e))?;
+        // Editors on Windows start UTF-8 files with a byte-order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut rows = Vec::new();
         for (i, line) in text
             .lines()
@@ -411,8 +415,9 @@ impl JsonlDataset {
                 serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
             let prompt = v
                 .get("prompt")
+                .or_else(|| v.get("question"))
                 .and_then(|p| p.as_str())
-                .ok_or_else(|| bad("no string `prompt`".into()))?;
+                .ok_or_else(|| bad("no string `prompt` (or `question`)".into()))?;
             let answer = match v.get("answer") {
                 Some(serde_json::Value::String(s)) => {
                     extract_answer(s).unwrap_or_else(|| s.trim().to_string())
@@ -450,20 +455,22 @@ impl JsonlDataset {
 }
 
 impl Environment for JsonlDataset {
-    fn prompt(&self, index: u64) -> Option<Prompt> {
+    fn prompt(&self, index: u64) -> Result<Option<Prompt>> {
         let i = match self.split {
             Split::Train => index as usize % self.rows.len(),
             Split::Eval => index as usize,
         };
-        let (prompt, answer) = self.rows.get(i)?;
-        let ids = self.tokenizer.encode(prompt, false).ok()?;
-        Some(Prompt {
+        let Some((prompt, answer)) = self.rows.get(i) else {
+            return Ok(None);
+        };
+        let ids = self.tokenizer.encode(prompt, false)?;
+        Ok(Some(Prompt {
             id: index,
             ids: Arc::new(ids),
             answer: answer.clone(),
             metadata: json!(null),
             text: prompt.clone(),
-        })
+        }))
     }
     fn rewards(&self) -> &[Reward] {
         &self.rewards

@@ -3,17 +3,27 @@
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::{CausalLm, KvCache, Layout};
-use crate::error::Result;
+use crate::error::{GrailError, Result};
 
 /// Appends `max_new_tokens` greedy (arg-max) tokens to `prompt`, with the KV cache
 /// (`use_cache`, one prefill then one-token steps) or by re-running the whole sequence each step.
-/// No end-of-sequence stop: exactly `max_new_tokens` tokens come back.
+/// No end-of-sequence stop: exactly `max_new_tokens` tokens come back. A prompt plus budget
+/// beyond the model's `max_position_embeddings` is an error.
 pub fn greedy(
     model: &CausalLm,
     prompt: &[u32],
     max_new_tokens: usize,
     use_cache: bool,
 ) -> Result<Vec<u32>> {
+    let need = prompt.len() + max_new_tokens;
+    if need > model.config.max_position_embeddings {
+        return Err(GrailError::Input(format!(
+            "greedy: {} prompt tokens + {max_new_tokens} new tokens = {need} positions, more than \
+             the model's max_position_embeddings {}",
+            prompt.len(),
+            model.config.max_position_embeddings
+        )));
+    }
     let mut out = Vec::with_capacity(max_new_tokens);
     if use_cache {
         let mut cache = [KvCache::new(model.config.num_hidden_layers)];
