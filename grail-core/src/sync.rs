@@ -213,6 +213,22 @@ impl WeightState {
 
     fn apply_delta(&mut self, wire: WireDtype, bytes: &[u8]) -> Result<()> {
         let bad = |what: &str| GrailError::Input(format!("corrupt weight delta: {what}"));
+        // The largest honest delta: every tensor dense. A bigger size prefix is corruption, and
+        // must not become an allocation.
+        let most: usize = self
+            .tensors
+            .iter()
+            .map(|t| 5 + t.values.len() * (4 + wire.value_bytes()))
+            .sum();
+        let claimed = bytes
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| bad("truncated"))?;
+        if claimed > most {
+            return Err(bad(&format!(
+                "claims {claimed} bytes, more than the {most} a full update of these tensors takes"
+            )));
+        }
         let raw = lz4_flex::decompress_size_prepended(bytes).map_err(|e| bad(&e.to_string()))?;
         let mut at = 0usize;
         let mut read = |n: usize| -> Result<&[u8]> {
@@ -221,24 +237,29 @@ impl WeightState {
             Ok(s)
         };
         let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        for t in &mut self.tensors {
-            // The baseline is rounded lazily, so a bf16 stream starts from the rounded weights.
-            for v in &mut t.values {
-                *v = wire.round(*v);
-            }
-            let decode = |b: &[u8]| match wire {
-                WireDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                WireDtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-            };
+        let decode = |b: &[u8]| match wire {
+            WireDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            WireDtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        };
+        // Decode and check everything first, so a corrupt delta leaves the weights untouched.
+        let mut changes: Vec<Vec<(usize, f32)>> = Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            let len = t.values.len();
             let idx: Vec<usize> = match read(1)?[0] {
-                1 => (0..t.values.len()).collect(),
+                1 => (0..len).collect(),
                 0 => {
                     let count = u32_at(read(4)?) as usize;
+                    if count > len {
+                        return Err(bad(&format!(
+                            "{count} changes for the {len} values of `{}`",
+                            t.name
+                        )));
+                    }
                     let mut idx = Vec::with_capacity(count);
                     let mut prev = 0usize;
                     for _ in 0..count {
                         prev += u32_at(read(4)?) as usize;
-                        if prev >= t.values.len() {
+                        if prev >= len {
                             return Err(bad(&format!("index {prev} outside `{}`", t.name)));
                         }
                         idx.push(prev);
@@ -247,14 +268,25 @@ impl WeightState {
                 }
                 k => return Err(bad(&format!("unknown tensor kind {k}"))),
             };
+            let mut values = Vec::with_capacity(idx.len());
             for i in idx {
-                t.values[i] = decode(read(wire.value_bytes())?);
+                values.push((i, decode(read(wire.value_bytes())?)));
             }
+            changes.push(values);
         }
         if at != raw.len() {
             return Err(bad(
                 "trailing bytes (tensor layout differs from the publisher's)",
             ));
+        }
+        for (t, values) in self.tensors.iter_mut().zip(changes) {
+            // The baseline is rounded lazily, so a bf16 stream starts from the rounded weights.
+            for v in &mut t.values {
+                *v = wire.round(*v);
+            }
+            for (i, v) in values {
+                t.values[i] = v;
+            }
         }
         Ok(())
     }

@@ -107,8 +107,23 @@ impl Tokenizer {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| GrailError::Tokenizer(format!("{}: {e}", path.display())))?;
+        // tokenizers 0.23 panics (an `expect` in its decoder deserializer) on some malformed
+        // files instead of returning an error: a bad file must be an error naming it.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(&path)).map_err(
+            |panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                GrailError::Tokenizer(format!(
+                    "{}: malformed tokenizer file ({why})",
+                    path.display()
+                ))
+            },
+        )?;
+        let inner =
+            parsed.map_err(|e| GrailError::Tokenizer(format!("{}: {e}", path.display())))?;
         let mut tok = Self::from_inner(inner);
         if let Some(cfg) = read_json_opt(&dir.join("tokenizer_config.json"))? {
             tok.bos_token = token_content(cfg.get("bos_token"));
