@@ -25,7 +25,7 @@ use serde_json::json;
 struct Args {
     #[command(subcommand)]
     bench: Bench,
-    /// Compute device: cpu, vulkan[:N] or cuda[:N].
+    /// Compute device: cpu, vulkan, vulkan:N, cuda or cuda:N.
     #[arg(long, default_value = "cpu", global = true)]
     device: String,
     /// Timed repetitions (the median is reported).

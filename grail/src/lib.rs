@@ -1,10 +1,12 @@
 //! **grail**: asynchronous GRPO post-training of language models, in one call.
 //!
-//! A run is one [`GrpoConfig`] (TRL's `GRPOConfig` names, loadable from TOML or built in code).
-//! [`run`] owns the whole loop: tokenizer and model, an optional SFT warm-up, the rollout pool
-//! and the trainer running at the same time and meeting only through channels (groups of scored
-//! completions one way, versioned weights the other), held-out evaluation, checkpoints, metrics
-//! and the run summary with its sample accounting.
+//! A run is one [`GrpoConfig`] (TRL's `GRPOConfig` names, loadable from TOML or built in code)
+//! and a task: the config's built-in `[env]`, a [`Task`] of (prompt, answer) rows with reward
+//! closures, or environments of your own. [`Grpo`] owns the whole loop: tokenizer and model, an
+//! optional SFT warm-up, the rollout pool and the trainer running at the same time and meeting
+//! only through channels (groups of scored completions one way, versioned weights the other),
+//! held-out evaluation, checkpoints and resume, metrics, signals, and the run summary with its
+//! sample accounting.
 //!
 //! ```no_run
 //! use grail::prelude::*;
@@ -12,7 +14,7 @@
 //! # fn main() -> anyhow::Result<()> {
 //! grail::init_logging();
 //! let config = GrpoConfig::from_toml("[grpo]\nmax_steps = 50\n")?;
-//! let summary = grail::run(&config, grail::stop_on_signals())?;
+//! let summary = Grpo::new(config).run()?; // countdown, a tiny model from scratch
 //! grail::report(&summary);
 //! # Ok(())
 //! # }
@@ -26,16 +28,20 @@ pub mod plot;
 pub mod progress;
 pub mod runner;
 pub mod signals;
+pub mod task;
 
 pub use config::GrpoConfig;
-pub use runner::{RunSummary, evaluate, report, run};
+pub use runner::{Grpo, RunSummary, evaluate, report, run};
 pub use signals::stop_on_signals;
+pub use task::Task;
 
 /// What a run needs, in one import.
 pub mod prelude {
-    pub use crate::config::{EnvSection, GrpoConfig};
-    pub use crate::runner::{RunSummary, run};
-    pub use crate::signals::stop_on_signals;
+    pub use crate::config::{EnvSection, GrpoConfig, ResumeFrom};
+    pub use crate::runner::{Grpo, RunSummary, report};
+    pub use crate::task::Task;
+    pub use grail_core::env::{Completion, Environment, Prompt, Reward, Split};
+    pub use grail_core::tokenizer::Tokenizer;
 }
 
 /// Logging to stderr (`RUST_LOG` filters; default `info`).

@@ -13,9 +13,7 @@ use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::device::parse_device;
 use grail_core::env::tasks::{arithmetic_task, countdown_task};
-use grail_core::env::{
-    Arithmetic, Completion, Countdown, Environment, JsonlDataset, Prompt, Split,
-};
+use grail_core::env::{Arithmetic, Completion, Countdown, Dataset, Environment, Prompt, Split};
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_core::sync::{PoolFeedback, WeightPublisher, WireDtype};
 use grail_core::tokenizer::Tokenizer;
@@ -34,6 +32,7 @@ use crate::checkpoint::{self, Accounting, RunState};
 use crate::config::{EnvSection, GrpoConfig};
 use crate::output::{self, MetricsLog};
 use crate::progress::Progress;
+use crate::task::Task;
 
 /// The dtype weights travel to the rollout workers in.
 const WIRE: WireDtype = WireDtype::Bf16;
@@ -71,19 +70,6 @@ pub struct RunSummary {
     /// Pool and trainer sample accounting ([`Accounting`] with `identity_holds`), over every
     /// attempt of a resumed run.
     pub accounting: serde_json::Value,
-}
-
-/// A task's reference completion text for `prompt` (index `index` of the train split): the SFT
-/// target.
-fn reference_completion(cfg: &GrpoConfig, prompt: &Prompt, index: u64) -> String {
-    match &cfg.env {
-        EnvSection::Countdown(c) => countdown_task(c, cfg.seed, Split::Train, index).solution,
-        EnvSection::Arithmetic(a) => format!(
-            "#### {}",
-            arithmetic_task(a, cfg.seed, Split::Train, index).1
-        ),
-        EnvSection::Jsonl { .. } => format!("#### {}", prompt.answer),
-    }
 }
 
 /// The prompt limits of a run on `model`.
@@ -136,7 +122,7 @@ fn make_env(cfg: &GrpoConfig, split: Split, tok: Arc<Tokenizer>) -> Result<Arc<d
     Ok(match &cfg.env {
         EnvSection::Countdown(c) => Arc::new(Countdown::new(c.clone(), cfg.seed, split, tok)?),
         EnvSection::Arithmetic(a) => Arc::new(Arithmetic::new(a.clone(), cfg.seed, split, tok)?),
-        EnvSection::Jsonl { path } => Arc::new(JsonlDataset::open(path, split, tok)?),
+        EnvSection::Jsonl { path } => Arc::new(Dataset::open_jsonl(path, split, tok)?),
     })
 }
 
@@ -189,31 +175,35 @@ pub fn evaluate(
     Ok(score / prompts.len() as f64)
 }
 
-/// The tokenizer of a new run: the one named in the config, the model's own, or a byte-level BPE
-/// trained now on the task's text.
-fn new_tokenizer(cfg: &GrpoConfig) -> Result<Tokenizer> {
-    let dir = match (&cfg.tokenizer.path, &cfg.model.path) {
-        (Some(dir), _) => Some(dir.clone()),
-        (None, Some(model)) if model.join("tokenizer.json").is_file() => Some(model.clone()),
+/// The tokenizer of a new run: the one named in the config, the model's own, or (for a model
+/// built from scratch) a byte-level BPE trained now on the task's text.
+fn new_tokenizer(cfg: &GrpoConfig, source: &Source) -> Result<Tokenizer> {
+    match (&cfg.tokenizer.path, &cfg.model.path) {
+        (Some(dir), _) => return Ok(Tokenizer::from_dir(dir)?),
+        (None, Some(model)) if model.join("tokenizer.json").is_file() => {
+            return Ok(Tokenizer::from_dir(model)?);
+        }
         // A pretrained model speaks its own vocabulary: a BPE trained now would be nonsense to it.
         (None, Some(model)) => bail!(
             "config key `model.path` = {}: the model has no tokenizer.json (set `tokenizer.path` \
-             to the directory of its tokenizer)",
+             to the directory of its tokenizer, or pass one with Grpo::tokenizer)",
             model.display()
         ),
-        (None, None) => None,
+        (None, None) => {}
+    }
+    let corpus: Vec<String> = match source {
+        Source::Config => tokenizer_corpus(cfg),
+        Source::Task(task) => task.texts().collect(),
+        Source::Environments { .. } => bail!(
+            "a model built from scratch with environments of your own needs a tokenizer: pass \
+             one with Grpo::tokenizer (or set `tokenizer.path`)"
+        ),
     };
-    Ok(match dir {
-        Some(dir) => Tokenizer::from_dir(&dir)?,
-        None => {
-            let corpus = tokenizer_corpus(cfg);
-            Tokenizer::train_bpe(
-                corpus.iter().map(String::as_str),
-                cfg.tokenizer.vocab_size,
-                &[EOS],
-            )?
-        }
-    })
+    Ok(Tokenizer::train_bpe(
+        corpus.iter().map(String::as_str),
+        cfg.tokenizer.vocab_size,
+        &[EOS],
+    )?)
 }
 
 /// The trainer of a new run: the policy loaded from `[model] path` or built from scratch, on an
@@ -278,7 +268,13 @@ fn sft_warm_up(
                 next = 0;
                 continue;
             };
-            let text = reference_completion(cfg, &p, next);
+            let Some(text) = env.reference_completion(&p) else {
+                bail!(
+                    "sft.steps = {} but the task has no reference completion for prompt {next} \
+                     to imitate: set sft.steps = 0",
+                    cfg.sft.steps
+                );
+            };
             next += 1;
             let mut completion = tokenizer.encode(&text, false)?;
             completion.push(eos);
@@ -334,24 +330,148 @@ fn settled(stats: &RunStats, failed_samples: usize) -> Accounting {
     }
 }
 
-/// Runs GRPO as `cfg` says, from scratch or from a checkpoint: tokenizer and model, SFT warm-up,
-/// baseline evaluation, then the rollout pool and the trainer at the same time, checkpoints every
-/// `save_steps`, and at the end (or when `stop` is set, by a signal) a final checkpoint, the final
-/// evaluation, the plot and the summary.
+/// Where a run's prompts and rewards come from.
+enum Source {
+    /// The config's `[env]` section.
+    Config,
+    /// Rows and reward closures.
+    Task(Task),
+    /// Environments of the caller's own.
+    Environments {
+        train: Arc<dyn Environment>,
+        eval: Arc<dyn Environment>,
+    },
+}
+
+/// A GRPO run, put together in one chain and started with [`Grpo::run`]:
+///
+/// ```no_run
+/// use grail::prelude::*;
+///
+/// # fn main() -> anyhow::Result<()> {
+/// let task = Task::from_rows([("2 + 2 =", "4"), ("3 + 5 =", "8")])
+///     .reward("correct", 1.0, |p, c| (c.text.trim() == p.answer) as u8 as f32);
+/// let summary = Grpo::new(GrpoConfig::default())
+///     .model("path/to/hf-model")?
+///     .task(task)
+///     .run()?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Everything the loop needs is derived from the one config: the reward weights from the task,
+/// the loss temperature from the sampling temperature, groups per step for the pool and the
+/// trainer, the pool's starting weights and version from the trainer's.
+pub struct Grpo {
+    config: GrpoConfig,
+    tokenizer: Option<Tokenizer>,
+    source: Source,
+    stop: Option<Arc<AtomicBool>>,
+}
+
+impl Grpo {
+    /// A run of `config` (its `[env]` is the task unless [`task`](Self::task) or
+    /// [`environments`](Self::environments) says otherwise).
+    pub fn new(config: GrpoConfig) -> Self {
+        Self {
+            config,
+            tokenizer: None,
+            source: Source::Config,
+            stop: None,
+        }
+    }
+
+    /// Trains the Hugging Face model in `dir` (config.json + safetensors, and its tokenizer.json
+    /// unless [`tokenizer`](Self::tokenizer) gives one). Sets `model.path`.
+    pub fn model(mut self, dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        if !dir.join("config.json").is_file() {
+            bail!(
+                "model directory {}: no config.json (a Hugging Face model directory is expected)",
+                dir.display()
+            );
+        }
+        self.config.model.path = Some(dir);
+        Ok(self)
+    }
+
+    /// Uses `tokenizer` instead of the model's own (or of one trained at start).
+    pub fn tokenizer(mut self, tokenizer: Tokenizer) -> Self {
+        self.tokenizer = Some(tokenizer);
+        self
+    }
+
+    /// Trains on `task` (rows and reward closures) instead of the config's `[env]`.
+    pub fn task(mut self, task: Task) -> Self {
+        self.source = Source::Task(task);
+        self
+    }
+
+    /// Trains on environments of your own (anything richer than rows and closures):
+    /// `train` feeds the rollout pool, `eval` the held-out accuracy (its `correct` reward, or
+    /// its last one).
+    pub fn environments(mut self, train: Arc<dyn Environment>, eval: Arc<dyn Environment>) -> Self {
+        self.source = Source::Environments { train, eval };
+        self
+    }
+
+    /// Stops the run after the current step once `flag` is set. Default: SIGINT and SIGTERM
+    /// ([`stop_on_signals`](crate::signals::stop_on_signals)).
+    pub fn stop_when(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.stop = Some(flag);
+        self
+    }
+
+    /// Runs GRPO, from scratch or from a checkpoint: tokenizer and model, SFT warm-up, baseline
+    /// evaluation, then the rollout pool and the trainer at the same time, checkpoints every
+    /// `save_steps`, and at the end (or when stopped) a final checkpoint, the final evaluation,
+    /// the plot and the summary, whose sample accounting is checked.
+    pub fn run(self) -> Result<RunSummary> {
+        let stop = self
+            .stop
+            .clone()
+            .unwrap_or_else(crate::signals::stop_on_signals);
+        let summary = run_grpo(&self, stop)?;
+        if summary.accounting["identity_holds"] != true {
+            bail!(
+                "the sample accounting does not add up: {}",
+                summary.accounting
+            );
+        }
+        Ok(summary)
+    }
+}
+
+/// Runs `cfg` with its own `[env]`, stopping when `stop` is set: `Grpo::new(cfg).stop_when(stop).run()`.
 pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
+    Grpo::new(cfg.clone()).stop_when(stop).run()
+}
+
+fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     let start = Instant::now();
+    let cfg = &grpo.config;
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
     let resume = output::claim(cfg)?;
-    let tokenizer = Arc::new(match &resume {
-        Some(dir) => Tokenizer::from_dir(dir)?,
-        None => new_tokenizer(cfg)?,
+    let tokenizer = Arc::new(match (&resume, &grpo.tokenizer) {
+        (Some(dir), _) => Tokenizer::from_dir(dir)?,
+        (None, Some(given)) => given.clone(),
+        (None, None) => new_tokenizer(cfg, &grpo.source)?,
     });
     if tokenizer.eos_token_ids.is_empty() {
         bail!("the tokenizer has no end-of-sequence token");
     }
-    let train_env = make_env(cfg, Split::Train, tokenizer.clone())?;
-    let eval_env = make_env(cfg, Split::Eval, tokenizer.clone())?;
+    let (train_env, eval_env) = match &grpo.source {
+        Source::Config => (
+            make_env(cfg, Split::Train, tokenizer.clone())?,
+            make_env(cfg, Split::Eval, tokenizer.clone())?,
+        ),
+        Source::Task(task) => (
+            task.environment(Split::Train, tokenizer.clone())?,
+            task.environment(Split::Eval, tokenizer.clone())?,
+        ),
+        Source::Environments { train, eval } => (train.clone(), eval.clone()),
+    };
     let generation = generation_config(cfg, &tokenizer.eos_token_ids);
     let mut tcfg = cfg.trainer_config();
     tcfg.reward_weights = train_env.rewards().iter().map(|r| r.weight).collect();

@@ -2,7 +2,7 @@
 //! `timeout` send) ask the run to stop after the current step; a second signal leaves at once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Signals this soon after the first are the same request: `timeout` and SLURM deliver SIGTERM
@@ -14,9 +14,13 @@ const SAME_REQUEST: Duration = Duration::from_secs(1);
 /// process at once (status 130); checkpoints already on disk stay valid, since each is renamed
 /// into place whole.
 ///
-/// The handler is process-wide and installed once; later calls return flags that are never set
-/// and log a warning.
+/// The handler is process-wide: the first call installs it, every call returns the same flag.
 pub fn stop_on_signals() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(install).clone()
+}
+
+fn install() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     let first: Mutex<Option<Instant>> = Mutex::new(None);
@@ -32,7 +36,7 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
             }
         }
     }) {
-        tracing::warn!("cannot install the signal handler: {e}");
+        tracing::warn!("cannot install the signal handler (another one is set): {e}");
     }
     flag
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use grail::GrpoConfig;
 use grail_core::checkpoint::{Checkpoint, StorageDtype, save_model};
-use grail_core::env::{JsonlDataset, Split};
+use grail_core::env::{Dataset, Split};
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_core::sync::{SyncMode, WeightPublisher, WeightState, WireDtype};
 use grail_core::tokenizer::{ChatMessage, Tokenizer, render_chat_template};
@@ -262,7 +262,7 @@ fn jsonl_rows() {
     let tokenizer = Arc::new(trained_tokenizer());
     fuzz("jsonl", &seed, usize::MAX, |b| {
         std::fs::write(&path, b).unwrap();
-        JsonlDataset::open(&path, Split::Train, tokenizer.clone()).is_ok()
+        Dataset::open_jsonl(&path, Split::Train, tokenizer.clone()).is_ok()
     });
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use grail::config::{EnvSection, GrpoConfig, ResumeFrom};
-use grail::{report, run};
+use grail::{Grpo, report};
 use grail_core::env::ArithmeticConfig;
 
 #[derive(Parser, Debug)]
@@ -48,7 +48,7 @@ fn main() -> Result<()> {
         cfg.resume_from_checkpoint = ResumeFrom::Latest(true);
     }
     cfg.overwrite_output_dir |= args.overwrite_output_dir;
-    let summary = run(&cfg, grail::stop_on_signals())?;
+    let summary = Grpo::new(cfg).run()?;
     report(&summary);
     Ok(())
 }

@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Parser;
 use grail::GrpoConfig;
 use grail::config::ResumeFrom;
-use grail::{report, run};
+use grail::{Grpo, report};
 
 #[derive(Parser, Debug)]
 #[command(about = "GRPO on countdown with a tiny model trained from scratch")]
@@ -42,7 +42,7 @@ fn main() -> Result<()> {
         cfg.resume_from_checkpoint = ResumeFrom::Latest(true);
     }
     cfg.overwrite_output_dir |= args.overwrite_output_dir;
-    let summary = run(&cfg, grail::stop_on_signals())?;
+    let summary = Grpo::new(cfg).run()?;
     report(&summary);
     Ok(())
 }

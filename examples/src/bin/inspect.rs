@@ -27,7 +27,7 @@ struct Args {
     /// Number of tokens to generate.
     #[arg(long, default_value_t = 16)]
     max_new_tokens: usize,
-    /// Compute device: cpu, vulkan[:N] or cuda[:N] (GPU ones need the matching feature).
+    /// Compute device: cpu, vulkan, vulkan:N, cuda or cuda:N (GPU ones need the matching feature).
     #[arg(long, default_value = "cpu")]
     device: String,
 }

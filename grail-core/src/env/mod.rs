@@ -84,10 +84,15 @@ pub trait Environment: Send + Sync {
 
     /// Text of completion tokens (for reward functions that read text).
     fn decode(&self, ids: &[u32]) -> String;
+
+    /// A correct completion of `prompt` to imitate in the SFT warm-up, if the task has one.
+    fn reference_completion(&self, _prompt: &Prompt) -> Option<String> {
+        None
+    }
 }
 
 pub mod expr;
 pub mod extract;
 pub mod tasks;
 
-pub use tasks::{Arithmetic, ArithmeticConfig, Countdown, CountdownConfig, JsonlDataset, Split};
+pub use tasks::{Arithmetic, ArithmeticConfig, Countdown, CountdownConfig, Dataset, Row, Split};

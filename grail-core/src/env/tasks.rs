@@ -257,6 +257,9 @@ impl Countdown {
 }
 
 impl Environment for Countdown {
+    fn reference_completion(&self, prompt: &Prompt) -> Option<String> {
+        Some(prompt.answer.clone())
+    }
     fn prompt(&self, index: u64) -> Result<Option<Prompt>> {
         let task = self.task(index);
         let text = task.prompt();
@@ -364,6 +367,9 @@ impl Arithmetic {
 }
 
 impl Environment for Arithmetic {
+    fn reference_completion(&self, prompt: &Prompt) -> Option<String> {
+        Some(format!("#### {}", prompt.answer))
+    }
     fn prompt(&self, index: u64) -> Result<Option<Prompt>> {
         let (q, ans) = arithmetic_task(&self.cfg, self.seed, self.split, index);
         let ids = self.tokenizer.encode(&q, false)?;
@@ -383,21 +389,60 @@ impl Environment for Arithmetic {
     }
 }
 
-/// A user-supplied dataset: one `{"prompt": ..., "answer": ...}` object per line. Train cycles
-/// over its lines forever; held-out serves each of its lines once.
-pub struct JsonlDataset {
-    rows: Vec<(String, String)>,
+/// One example of a [`Dataset`]: the prompt text, the reference answer its rewards judge
+/// against, and the completion the SFT warm-up teaches (if any).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The prompt, as the model sees it.
+    pub prompt: String,
+    /// The reference answer (`Prompt::answer` for the rewards).
+    pub answer: String,
+    /// The SFT target; `None` leaves the example out of a warm-up.
+    pub completion: Option<String>,
+}
+
+/// Prompt/answer rows with reward functions: a JSONL file ([`Dataset::open_jsonl`]) or rows
+/// from anywhere ([`Dataset::from_rows`]). Each row falls in the train or the held-out split by a
+/// hash of its prompt; train cycles over its rows forever, held-out serves each row once.
+pub struct Dataset {
+    rows: Vec<Row>,
     split: Split,
     tokenizer: Arc<Tokenizer>,
     rewards: Vec<Reward>,
 }
 
-impl JsonlDataset {
-    /// Reads `path` (UTF-8, with or without a byte-order mark); a line that is not an object with
-    /// a string `prompt` (or `question`, as GSM8K names it) and an `answer` (a number, or text
-    /// whose `#### n` / `\boxed{n}` / plain value is the answer) is an error naming the file and
-    /// line.
-    pub fn open(path: &Path, split: Split, tokenizer: Arc<Tokenizer>) -> Result<Self> {
+impl Dataset {
+    /// The rows of `split` among `rows`, judged by `rewards`. No row in the split is an error.
+    pub fn from_rows(
+        rows: impl IntoIterator<Item = Row>,
+        split: Split,
+        tokenizer: Arc<Tokenizer>,
+        rewards: Vec<Reward>,
+    ) -> Result<Self> {
+        let rows: Vec<Row> = rows
+            .into_iter()
+            .filter(|r| in_split(&r.prompt, split))
+            .collect();
+        if rows.is_empty() {
+            return Err(GrailError::Input(format!(
+                "the dataset has no {split:?} rows (rows are split by a hash of the prompt, about \
+                 1 in {EVAL_BUCKETS} held out)"
+            )));
+        }
+        Ok(Self {
+            rows,
+            split,
+            tokenizer,
+            rewards,
+        })
+    }
+
+    /// Reads `path` (UTF-8, with or without a byte-order mark): one object per line with a string
+    /// `prompt` (or `question`, as GSM8K names it) and an `answer` (a number, or text whose
+    /// `#### n` / `\boxed{n}` / plain value is the answer); a line that is not is an error naming
+    /// the file and line. Rewards: `format` (0.1, a `#### n` or `\boxed{n}` answer in a finished
+    /// completion) and `correct` (1.0); the SFT target is `#### <answer>`.
+    pub fn open_jsonl(path: &Path, split: Split, tokenizer: Arc<Tokenizer>) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| GrailError::io(path, e))?;
         // Editors on Windows start UTF-8 files with a byte-order mark.
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -425,21 +470,15 @@ impl JsonlDataset {
                 Some(serde_json::Value::Number(n)) => n.to_string(),
                 _ => return Err(bad("no string or number `answer`".into())),
             };
-            if in_split(prompt, split) {
-                rows.push((prompt.to_string(), answer));
-            }
-        }
-        if rows.is_empty() {
-            return Err(GrailError::Json {
-                path: path.to_path_buf(),
-                message: format!("no {split:?} rows"),
+            rows.push(Row {
+                prompt: prompt.to_string(),
+                completion: Some(format!("#### {answer}")),
+                answer,
             });
         }
-        Ok(Self {
-            rows,
-            split,
-            tokenizer,
-            rewards: answer_rewards(),
+        Self::from_rows(rows, split, tokenizer, answer_rewards()).map_err(|e| GrailError::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
         })
     }
 
@@ -448,28 +487,32 @@ impl JsonlDataset {
         self.rows.len()
     }
 
-    /// Whether the split is empty (never: `open` refuses that).
+    /// Whether the split is empty (never: the constructors refuse that).
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
+
+    /// The row prompt `index` comes from (train wraps around; held-out ends).
+    fn row(&self, index: u64) -> Option<&Row> {
+        match self.split {
+            Split::Train => self.rows.get(index as usize % self.rows.len()),
+            Split::Eval => self.rows.get(index as usize),
+        }
+    }
 }
 
-impl Environment for JsonlDataset {
+impl Environment for Dataset {
     fn prompt(&self, index: u64) -> Result<Option<Prompt>> {
-        let i = match self.split {
-            Split::Train => index as usize % self.rows.len(),
-            Split::Eval => index as usize,
-        };
-        let Some((prompt, answer)) = self.rows.get(i) else {
+        let Some(row) = self.row(index) else {
             return Ok(None);
         };
-        let ids = self.tokenizer.encode(prompt, false)?;
+        let ids = self.tokenizer.encode(&row.prompt, false)?;
         Ok(Some(Prompt {
             id: index,
             ids: Arc::new(ids),
-            answer: answer.clone(),
+            answer: row.answer.clone(),
             metadata: json!(null),
-            text: prompt.clone(),
+            text: row.prompt.clone(),
         }))
     }
     fn rewards(&self) -> &[Reward] {
@@ -477,5 +520,8 @@ impl Environment for JsonlDataset {
     }
     fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+    fn reference_completion(&self, prompt: &Prompt) -> Option<String> {
+        self.row(prompt.id)?.completion.clone()
     }
 }

@@ -980,7 +980,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Ad<B, C> {
 // The tensor-level API.
 
 /// Whether the fused ops run on `device`: Flex (the CPU kernels) and, with the `vulkan`/`cuda`
-/// features, the CubeCL backends ([`super::cube`]); with or without autodiff.
+/// features, the CubeCL backends (`fused::cube`); with or without autodiff.
 pub fn supported(device: &Device) -> bool {
     match device.clone().inner().as_dispatch() {
         DispatchDevice::Flex(_) => true,

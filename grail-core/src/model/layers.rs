@@ -42,7 +42,7 @@ impl Linear {
         self.forward_with(x, false)
     }
 
-    /// Applies the layer; `fused` uses the fused linear kernel (see [`project_with`]).
+    /// Applies the layer; `fused` uses the fused linear kernel (see `project_with`).
     pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
         project_with(
             x,
