@@ -317,3 +317,26 @@ fn non_finite_weights_are_an_error_naming_the_tensor() {
         "{err}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn saved_files_get_the_mode_the_umask_gives() {
+    use std::os::unix::fs::PermissionsExt;
+    let out = tempfile::tempdir().unwrap();
+    let model = CausalLm::init(
+        &ModelConfig::qwen2(16, 8, 16, 1, 2, 1, 32, false),
+        1,
+        &Device::flex(),
+    );
+    save_model(&model, out.path(), StorageDtype::F32).unwrap();
+    let probe = out.path().join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
+    for f in ["model.safetensors", "config.json"] {
+        assert_eq!(
+            mode(&out.path().join(f)),
+            mode(&probe),
+            "{f} (safetensors writes through a private 0600 temporary)"
+        );
+    }
+}

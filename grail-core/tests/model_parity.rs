@@ -279,3 +279,16 @@ fn fixtures_root_has_the_documented_models() {
             .all(|d| Path::new(d).join("config.json").is_file())
     );
 }
+
+#[test]
+fn greedy_beyond_the_models_context_is_an_error() {
+    for case in cases() {
+        let max = case.model.config.max_position_embeddings;
+        let err = greedy(&case.model, &vec![1; max - 2], 3, true).unwrap_err();
+        assert!(
+            err.to_string().contains("max_position_embeddings"),
+            "{}: {err}",
+            case.name
+        );
+    }
+}
