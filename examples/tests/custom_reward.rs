@@ -20,7 +20,7 @@ fn the_readme_shows_the_custom_reward_example_verbatim() {
 #[test]
 fn custom_reward_trains_on_a_fixture_model() {
     // A fixture whose vocabulary holds the example's 300-token BPE.
-    let model = grail_core::fixtures::model_dirs()
+    let model = grail_testkit::model_dirs()
         .into_iter()
         .find(|d| {
             let config: serde_json::Value =

@@ -14,7 +14,6 @@ pub mod checkpoint;
 pub mod device;
 pub mod env;
 pub mod error;
-pub mod fixtures;
 pub mod fused;
 pub mod model;
 pub mod sync;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use grail_core::GrailError;
 use grail_core::checkpoint::{Checkpoint, StorageDtype, load_model, save_model};
-use grail_core::fixtures::model_dirs;
 use grail_core::model::{CausalLm, ModelConfig};
+use grail_testkit::model_dirs;
 
 fn tensors_of(model: &CausalLm) -> HashMap<String, (Vec<usize>, Vec<u8>)> {
     let mut out = HashMap::new();

@@ -13,8 +13,8 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
-use grail_core::fixtures::kernel_test_device;
 use grail_core::fused::ops::{rms_norm, rope, supported, swiglu, varlen_attention};
+use grail_testkit::kernel_test_device;
 
 /// The reference device: Flex under autodiff.
 fn device() -> Device {

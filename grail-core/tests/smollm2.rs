@@ -5,9 +5,9 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use grail_core::checkpoint::load_model;
-use grail_core::fixtures::{max_rel_diff, smollm2_dir};
 use grail_core::model::{Layout, greedy};
 use grail_core::tokenizer::{ChatMessage, Tokenizer};
+use grail_testkit::{max_rel_diff, smollm2_dir};
 use serde_json::Value;
 
 /// Agreement of the last-position logits: max |Δ| / max |logit| over transformers' top 5.

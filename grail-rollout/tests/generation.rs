@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
-use grail_core::fixtures::{kernel_test_device, model_dirs, read_tensors};
 use grail_core::model::ModelConfig;
 use grail_core::model::{CausalLm, greedy};
 use grail_rollout::generate::{
@@ -13,6 +12,7 @@ use grail_rollout::generate::{
     generate_in_flight,
 };
 use grail_rollout::sampling::{SamplingConfig, log_softmax, sample_rng, sample_token};
+use grail_testkit::{kernel_test_device, model_dirs, read_tensors};
 
 fn run(
     model: &CausalLm,
@@ -100,9 +100,11 @@ fn continuous_batching_greedy_equals_transformers_and_uncached_greedy() {
 /// transformers' greedy tokens. On lavapipe only checkpoints the fused path runs are checked.
 #[test]
 fn generation_on_the_kernel_device_equals_flex_and_transformers() {
-    let Some((name, device)) = kernel_test_device("kernel-device generation") else {
+    let Some(name) = kernel_test_device("kernel-device generation") else {
         return;
     };
+    let device = grail_core::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("GRAIL_TEST_DEVICE={name}: {e}"));
     let mut checked = 0;
     for dir in model_dirs() {
         let model = load_model(&dir, &device).unwrap();

@@ -3,8 +3,8 @@
 //! chunk sizes (including ones that divide neither the token nor the vocabulary count).
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use grail_core::fixtures::{FixtureTensor, fixtures_root, read_tensors};
 use grail_core::fused::ChunkSizes;
+use grail_testkit::{FixtureTensor, fixtures_root, read_tensors};
 use grail_trainer::loss::{
     GrpoLossConfig, ImportanceSamplingLevel, LossBatch, LossType, StepNormalizer,
     fused_autodiff_grpo_loss, fused_grpo_loss,

@@ -275,7 +275,7 @@ fn a_run_stopped_at_step_k_and_resumed_equals_the_uninterrupted_run() {
 
 #[test]
 fn a_pretrained_model_without_its_tokenizer_is_refused() {
-    let model = grail_core::fixtures::model_dirs().remove(0);
+    let model = grail_testkit::model_dirs().remove(0);
     assert!(!model.join("tokenizer.json").exists());
     let out = tempfile::tempdir().unwrap();
     let cfg = GrpoConfig::from_toml(&format!(

@@ -1,13 +1,16 @@
-//! Finding and reading the reference fixtures (`../shared/fixtures` or `$GRAIL_FIXTURES`) that
-//! parity tests in every grail crate check against. Tests discover every case they find, so a
-//! run on another fixtures root with other shapes must pass too.
+//! Test helpers shared by grail's crates (not published): finding and reading the reference
+//! fixtures (`../shared/fixtures` or `$GRAIL_FIXTURES`) that parity tests in every crate check
+//! against, the real SmolLM2 model, and the device the kernel tests run on. Tests discover every
+//! case they find, so a run on another fixtures root with other shapes must pass too.
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
-use crate::error::{GrailError, Result};
+/// A fixture that cannot be read: what and why.
+pub type Result<T> = std::result::Result<T, String>;
 
 /// Environment variable naming the fixtures root.
 pub const FIXTURES_ENV: &str = "GRAIL_FIXTURES";
@@ -16,20 +19,16 @@ pub const FIXTURES_ENV: &str = "GRAIL_FIXTURES";
 /// Mesa's lavapipe, `vulkan[:N]`, `cuda[:N]`); unset means `cpu`.
 pub const TEST_DEVICE_ENV: &str = "GRAIL_TEST_DEVICE";
 
-/// The device `$GRAIL_TEST_DEVICE` names, with its name, when it is not the CPU (Flex): the tests
-/// of the CubeCL paths run there. Otherwise `None`, after printing that `test` is not run.
-///
-/// # Panics
-/// If the variable names a device this build cannot open (the message says which and why).
-pub fn kernel_test_device(test: &str) -> Option<(String, burn::tensor::Device)> {
+/// The device `$GRAIL_TEST_DEVICE` names (for `grail_core::device::parse_device`) when it is not
+/// the CPU (Flex): the tests of the CubeCL paths run there. Otherwise `None`, after printing that
+/// `test` is not run.
+pub fn kernel_test_device(test: &str) -> Option<String> {
     let name = std::env::var(TEST_DEVICE_ENV).unwrap_or_default();
     if name.is_empty() || name == "cpu" {
         eprintln!("{test}: {TEST_DEVICE_ENV} names no CubeCL device; not run");
         return None;
     }
-    let device = crate::device::parse_device(&name)
-        .unwrap_or_else(|e| panic!("{TEST_DEVICE_ENV}={name}: {e}"));
-    Some((name, device))
+    Some(name)
 }
 
 /// The fixtures root: `$GRAIL_FIXTURES` if set, else `../shared/fixtures` from the workspace
@@ -112,11 +111,8 @@ impl FixtureTensor {
 
 /// Reads every tensor of a safetensors file (f64, f32, bf16, f16, i64, i32) as f64.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, FixtureTensor>> {
-    let bytes = std::fs::read(path).map_err(|e| GrailError::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| GrailError::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.iter() {
         let d = view.data();
@@ -146,10 +142,10 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, FixtureTensor>> {
                 .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
                 .collect(),
             other => {
-                return Err(GrailError::Safetensors {
-                    path: path.to_path_buf(),
-                    message: format!("fixture tensor `{name}` has unsupported dtype {other:?}"),
-                });
+                return Err(format!(
+                    "{}: fixture tensor `{name}` has unsupported dtype {other:?}",
+                    path.display()
+                ));
             }
         };
         out.insert(
