@@ -10,32 +10,11 @@ const MAX_STEPS: usize = 30;
 
 /// A tiny countdown job writing to `dir`, with a checkpoint every 2 steps.
 fn job(dir: &Path) -> PathBuf {
-    let toml = format!(
-        r#"
-output_dir = "{out}"
-save_steps = 2
-save_total_limit = 3
-[model]
-hidden_size = 32
-num_hidden_layers = 2
-num_attention_heads = 2
-num_key_value_heads = 1
-intermediate_size = 64
-[tokenizer]
-vocab_size = 300
-[sft]
-steps = 5
-batch_size = 16
-[grpo]
-max_steps = {MAX_STEPS}
-prompts_per_step = 4
-num_generations = 4
-max_completion_length = 8
-[eval]
-prompts = 8
-every = 0
-"#,
-        out = dir.join("out").display()
+    let toml = grail_testkit::tiny_job_toml(
+        &dir.join("out"),
+        "save_steps = 2\nsave_total_limit = 3",
+        &format!("max_steps = {MAX_STEPS}"),
+        "prompts = 8\nevery = 0",
     );
     let path = dir.join("job.toml");
     std::fs::write(&path, toml).unwrap();

@@ -11,8 +11,8 @@ use grail_core::model::{CausalLm, ModelConfig};
 use grail_core::sync::{PoolFeedback, SyncMode, WeightPublisher, WireDtype};
 use grail_core::types::PoolMessage;
 use grail_rollout::generate::GenerationConfig;
-use grail_rollout::{PoolConfig, RolloutPool, spawn_pool};
-use grail_trainer::channel::{ChannelRun, RunEvent};
+use grail_rollout::{PoolConfig, PoolReport, RolloutPool, spawn_pool};
+use grail_trainer::channel::{ChannelRun, RunEvent, RunStats};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::trainer::GrpoTrainer;
 
@@ -90,22 +90,26 @@ fn trainer(policy: CausalLm) -> GrpoTrainer {
     GrpoTrainer::new(policy, None, cfg, 1e11).unwrap()
 }
 
+/// Every sample is accounted for: generated = sent + failed + unsent; sent = received + left in
+/// the channel; received = trained + stale + filtered + unused.
+fn assert_accounted(report: &PoolReport, run: &RunStats, left: usize) {
+    assert_eq!(
+        report.generated,
+        report.sent + report.failed + report.unsent_at_shutdown
+    );
+    assert_eq!(report.sent, run.received + left);
+    assert_eq!(
+        run.received,
+        run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
+    );
+}
+
 /// The trainer's feedback to `pool`: bf16 deltas from the trainer's current weights.
 fn feedback(pool: &RolloutPool, trainer: &GrpoTrainer) -> PoolFeedback {
     PoolFeedback::new(
         pool.feedback.clone(),
         WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, trainer.model(), 0),
     )
-}
-
-/// A channel run without a watchdog.
-fn channel_run(groups_per_step: usize, max_staleness: u64, max_steps: usize) -> ChannelRun {
-    ChannelRun {
-        groups_per_step,
-        max_staleness,
-        max_steps,
-        stall_timeout: None,
-    }
 }
 
 #[test]
@@ -197,7 +201,7 @@ fn a_slow_trainer_drops_stale_samples_and_the_accounting_is_exact() {
         .run_from_channel(
             &pool.groups.clone(),
             Some(&mut feedback),
-            &channel_run(2, 0, 5),
+            &ChannelRun::new(2, 0, 5),
             |_, _| {
                 std::thread::sleep(std::time::Duration::from_millis(60));
                 std::ops::ControlFlow::Continue(())
@@ -210,15 +214,7 @@ fn a_slow_trainer_drops_stale_samples_and_the_accounting_is_exact() {
     let groups = pool.groups.clone();
     let report = pool.shutdown().unwrap();
     let left: usize = groups.drain().map(|g| g.samples.len()).sum();
-    assert_eq!(
-        report.generated,
-        report.sent + report.failed + report.unsent_at_shutdown
-    );
-    assert_eq!(report.sent, run.received + left);
-    assert_eq!(
-        run.received,
-        run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
-    );
+    assert_accounted(&report, &run, left);
 }
 
 #[test]
@@ -351,7 +347,7 @@ fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
         .run_from_channel(
             &pool.groups.clone(),
             Some(&mut feedback),
-            &channel_run(2, 2, steps),
+            &ChannelRun::new(2, 2, steps),
             |_, e| {
                 if let RunEvent::Step { metrics: m, .. } = e {
                     metrics.push(m.clone());
@@ -395,15 +391,7 @@ fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
         "reward did not rise: {first:.3} → {last:.3}"
     );
     // Nothing vanished.
-    assert_eq!(
-        report.generated,
-        report.sent + report.failed + report.unsent_at_shutdown
-    );
-    assert_eq!(report.sent, run.received + left);
-    assert_eq!(
-        run.received,
-        run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
-    );
+    assert_accounted(&report, &run, left);
 }
 
 /// `Sevens` whose `decode` (called every decode step for stop strings) stops once, when the
@@ -492,6 +480,18 @@ fn an_in_flight_update_splits_a_completion_between_versions() {
     }
 }
 
+/// Trains from `pool` as `run` says, with feedback, until it ends.
+fn train_from(
+    pool: &RolloutPool,
+    trainer: &mut GrpoTrainer,
+    run: &ChannelRun,
+) -> Result<RunStats, grail_trainer::TrainerError> {
+    let mut feedback = feedback(pool, trainer);
+    trainer.run_from_channel(&pool.groups.clone(), Some(&mut feedback), run, |_, _| {
+        std::ops::ControlFlow::Continue(())
+    })
+}
+
 /// Runs `f` on a thread and fails the test if it has not returned within `limit`: a hang becomes
 /// a failure instead of a test that never ends.
 fn within<T: Send + 'static>(
@@ -531,16 +531,11 @@ fn zero_spread_batches_neither_stall_the_pool_nor_hang_the_run() {
             ..TrainerConfig::default()
         };
         let mut trainer = GrpoTrainer::new(policy, None, t_cfg, 1e11).unwrap();
-        let mut feedback = feedback(&pool, &trainer);
         let run = ChannelRun {
             stall_timeout: Some(std::time::Duration::from_secs(2)),
-            ..channel_run(2, 1, 5)
+            ..ChannelRun::new(2, 1, 5)
         };
-        let err = trainer
-            .run_from_channel(&pool.groups.clone(), Some(&mut feedback), &run, |_, _| {
-                std::ops::ControlFlow::Continue(())
-            })
-            .unwrap_err();
+        let err = train_from(&pool, &mut trainer, &run).unwrap_err();
         let generated = pool.counters().generated.load(Ordering::SeqCst);
         pool.shutdown().unwrap();
         (err.to_string(), generated)
@@ -568,15 +563,7 @@ fn failed_reward_groups_do_not_stall_a_bounded_pool() {
         let pool =
             spawn_pool(&policy.valid(), Arc::new(Sevens::new(10_000, Some(3))), cfg).unwrap();
         let mut trainer = trainer(policy);
-        let mut feedback = feedback(&pool, &trainer);
-        let run = trainer
-            .run_from_channel(
-                &pool.groups.clone(),
-                Some(&mut feedback),
-                &channel_run(2, 1, 6),
-                |_, _| std::ops::ControlFlow::Continue(()),
-            )
-            .unwrap();
+        let run = train_from(&pool, &mut trainer, &ChannelRun::new(2, 1, 6)).unwrap();
         let groups = pool.groups.clone();
         let report = pool.shutdown().unwrap();
         let left: usize = groups.drain().map(|g| g.samples.len()).sum();
@@ -584,15 +571,7 @@ fn failed_reward_groups_do_not_stall_a_bounded_pool() {
     });
     assert_eq!(steps, 6);
     assert!(report.failed_groups > 0, "{report:?}");
-    assert_eq!(
-        report.generated,
-        report.sent + report.failed + report.unsent_at_shutdown
-    );
-    assert_eq!(report.sent, run.received + left);
-    assert_eq!(
-        run.received,
-        run.trained + run.dropped_stale + run.dropped_filtered + run.unused_at_close
-    );
+    assert_accounted(&report, &run, left);
 }
 
 /// `Sevens` whose prompt `at` cannot be produced (as when a tokenizer fails on its text).
@@ -631,15 +610,7 @@ fn an_environment_error_stops_the_run_naming_the_prompt() {
         };
         let pool = spawn_pool(&policy.valid(), Arc::new(env), pool_config(2)).unwrap();
         let mut trainer = trainer(policy);
-        let mut feedback = feedback(&pool, &trainer);
-        let run = trainer
-            .run_from_channel(
-                &pool.groups.clone(),
-                Some(&mut feedback),
-                &channel_run(2, 4, 1_000),
-                |_, _| std::ops::ControlFlow::Continue(()),
-            )
-            .unwrap();
+        let run = train_from(&pool, &mut trainer, &ChannelRun::new(2, 4, 1_000)).unwrap();
         assert!(trainer.step() < 1_000, "the run went on: {run:?}");
         pool.shutdown().unwrap_err().to_string()
     });

@@ -169,3 +169,34 @@ pub fn max_rel_diff(ours: &[f32], reference: &[f32]) -> f64 {
         .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
     max_diff / max_ref.max(f64::MIN_POSITIVE)
 }
+
+/// A run TOML for a tiny job that trains in seconds: a 2-layer Qwen2 of hidden size 32 from
+/// scratch, a 300-token BPE, 5 SFT steps, GRPO steps of 4 prompts × 4 completions of at most 8
+/// tokens, writing to `output_dir`. `top` adds top-level keys, `grpo` and `eval` keys of those
+/// tables (each may hold several lines).
+pub fn tiny_job_toml(output_dir: &Path, top: &str, grpo: &str, eval: &str) -> String {
+    format!(
+        r#"output_dir = "{}"
+{top}
+[model]
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+num_key_value_heads = 1
+intermediate_size = 64
+[tokenizer]
+vocab_size = 300
+[sft]
+steps = 5
+batch_size = 16
+[grpo]
+prompts_per_step = 4
+num_generations = 4
+max_completion_length = 8
+{grpo}
+[eval]
+{eval}
+"#,
+        output_dir.display()
+    )
+}

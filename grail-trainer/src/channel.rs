@@ -34,6 +34,19 @@ pub struct ChannelRun {
     pub stall_timeout: Option<Duration>,
 }
 
+impl ChannelRun {
+    /// `max_steps` steps of `groups_per_step` groups, dropping groups more than `max_staleness`
+    /// versions old, without a watchdog.
+    pub fn new(groups_per_step: usize, max_staleness: u64, max_steps: usize) -> Self {
+        Self {
+            groups_per_step,
+            max_staleness,
+            max_steps,
+            stall_timeout: None,
+        }
+    }
+}
+
 /// Sample accounting of [`GrpoTrainer::run_from_channel`]:
 /// `received = trained + dropped_stale + dropped_filtered + unused_at_close`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]

@@ -127,12 +127,17 @@ fn channel_run_trains_drops_stale_and_publishes() {
     drop(group_tx);
     let mut seen = Vec::new();
     let stats = trainer
-        .run_from_channel(&group_rx, Some(&mut feedback), &run(2, 1, 10), |_, e| {
-            if let RunEvent::Step { metrics: m, .. } = e {
-                seen.push(m.step);
-            }
-            std::ops::ControlFlow::Continue(())
-        })
+        .run_from_channel(
+            &group_rx,
+            Some(&mut feedback),
+            &ChannelRun::new(2, 1, 10),
+            |_, e| {
+                if let RunEvent::Step { metrics: m, .. } = e {
+                    seen.push(m.step);
+                }
+                std::ops::ControlFlow::Continue(())
+            },
+        )
         .unwrap();
     assert_eq!(seen, vec![1, 2, 3]);
     assert_eq!(stats.dropped_stale, 3);
@@ -210,23 +215,13 @@ fn delta_sync_reproduces_the_trainers_bf16_weights_exactly() {
     );
 }
 
-/// A channel run of `groups_per_step`, `max_staleness` and `max_steps`, without a watchdog.
-fn run(groups_per_step: usize, max_staleness: u64, max_steps: usize) -> ChannelRun {
-    ChannelRun {
-        groups_per_step,
-        max_staleness,
-        max_steps,
-        stall_timeout: None,
-    }
-}
-
 #[test]
 fn a_silent_pool_is_a_stall_error_naming_the_cause() {
     let (group_tx, group_rx) = flume::bounded::<grail_core::types::Group>(4);
     let mut trainer = GrpoTrainer::new(model(), None, config(), 1e11).unwrap();
     let run = ChannelRun {
         stall_timeout: Some(std::time::Duration::from_secs(2)),
-        ..run(2, 1, 3)
+        ..ChannelRun::new(2, 1, 3)
     };
     let mut waits = 0;
     let err = trainer

@@ -473,6 +473,15 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         Source::Environments { train, eval } => (train.clone(), eval.clone()),
     };
     let generation = generation_config(cfg, &tokenizer.eos_token_ids);
+    let held_out = |model: &CausalLm, limits: &PromptLimits| {
+        evaluate(
+            &model.valid(),
+            eval_env.as_ref(),
+            cfg.eval.prompts,
+            &generation,
+            limits,
+        )
+    };
     let mut tcfg = cfg.trainer_config();
     tcfg.reward_weights = train_env.rewards().iter().map(|r| r.weight).collect();
     let peak = measure_peak_flops(&device, 1024);
@@ -507,13 +516,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 &limits,
                 &stop,
             )?;
-            let baseline = evaluate(
-                &trainer.model().valid(),
-                eval_env.as_ref(),
-                cfg.eval.prompts,
-                &generation,
-                &limits,
-            )?;
+            let baseline = held_out(trainer.model(), &limits)?;
             tracing::info!(baseline_accuracy = baseline, "held-out accuracy after SFT");
             let state = RunState {
                 step: 0,
@@ -625,16 +628,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             last_tokens = tokens;
             last_time = Instant::now();
             let acc = (cfg.eval.every > 0 && m.step % cfg.eval.every == 0)
-                .then(|| {
-                    evaluate(
-                        &t.model().valid(),
-                        eval_env.as_ref(),
-                        cfg.eval.prompts,
-                        &generation,
-                        &limits,
-                    )
-                    .ok()
-                })
+                .then(|| held_out(t.model(), &limits).ok())
                 .flatten();
             let mut line = serde_json::to_value(m).expect("metrics serialise");
             for (reward, v) in train_env.rewards().iter().zip(&m.reward_means) {
@@ -738,13 +732,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         &final_state,
         cfg.save_total_limit,
     )?;
-    let final_acc = evaluate(
-        &trainer.model().valid(),
-        eval_env.as_ref(),
-        cfg.eval.prompts,
-        &generation,
-        &limits,
-    )?;
+    let final_acc = held_out(trainer.model(), &limits)?;
     let plot = crate::plot::plot_curves(
         &cfg.output_dir.join("reward.png"),
         &curve,

@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicBool;
 
 use grail::GrpoConfig;
 use grail::runner::{load_checkpoint, run};
+use grail_testkit::tiny_job_toml;
 
 fn err(toml: &str) -> String {
     format!(
@@ -64,32 +65,11 @@ fn config_errors_name_the_key_or_path() {
 #[test]
 fn a_miniature_run_overlaps_saves_and_accounts_for_every_sample() {
     let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        r#"
-output_dir = "{}"
-[model]
-hidden_size = 32
-num_hidden_layers = 2
-num_attention_heads = 2
-num_key_value_heads = 1
-intermediate_size = 64
-[tokenizer]
-vocab_size = 300
-[sft]
-steps = 10
-batch_size = 16
-[grpo]
-max_steps = 6
-prompts_per_step = 4
-num_generations = 4
-max_completion_length = 8
-filter_zero_std_groups = false
-in_flight_weight_updates = true
-[eval]
-prompts = 16
-every = 3
-"#,
-        dir.path().display()
+    let toml = tiny_job_toml(
+        dir.path(),
+        "",
+        "max_steps = 6\nfilter_zero_std_groups = false\nin_flight_weight_updates = true",
+        "prompts = 16\nevery = 3",
     );
     let cfg = GrpoConfig::from_toml(&toml).unwrap();
     let summary = run(&cfg, Arc::new(AtomicBool::new(false))).unwrap();
@@ -156,34 +136,11 @@ every = 3
 /// A small synchronous job (one rollout worker, `max_ahead = 0`: every batch is generated with
 /// the weights of the step before it, so the whole pipeline is deterministic).
 fn sync_job(dir: &std::path::Path, max_steps: usize, extra: &str) -> GrpoConfig {
-    GrpoConfig::from_toml(&format!(
-        r#"
-output_dir = "{}"
-save_steps = 2
-{extra}
-[model]
-hidden_size = 32
-num_hidden_layers = 2
-num_attention_heads = 2
-num_key_value_heads = 1
-intermediate_size = 64
-[tokenizer]
-vocab_size = 300
-[sft]
-steps = 5
-batch_size = 16
-[grpo]
-max_steps = {max_steps}
-prompts_per_step = 4
-num_generations = 4
-max_completion_length = 8
-max_ahead = 0
-rollout_workers = 1
-[eval]
-prompts = 8
-every = 0
-"#,
-        dir.display()
+    GrpoConfig::from_toml(&tiny_job_toml(
+        dir,
+        &format!("save_steps = 2\n{extra}"),
+        &format!("max_steps = {max_steps}\nmax_ahead = 0\nrollout_workers = 1"),
+        "prompts = 8\nevery = 0",
     ))
     .unwrap()
 }
