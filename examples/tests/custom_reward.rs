@@ -51,3 +51,26 @@ fn custom_reward_trains_on_a_fixture_model() {
         assert!(first[key].is_number(), "metrics lack {key}");
     }
 }
+
+#[test]
+fn a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training() {
+    // The example's 300-token BPE on a fixture whose vocabulary is smaller, if there is one.
+    let Some(model) = grail_testkit::model_dirs().into_iter().find(|d| {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        config["vocab_size"].as_u64().unwrap_or(u64::MAX) < 300
+    }) else {
+        eprintln!("no fixture model with a vocabulary under 300; not run");
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_custom_reward"))
+        .arg(&model)
+        .arg(out.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("smaller than the tokenizer's"), "{stderr}");
+}

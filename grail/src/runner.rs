@@ -234,6 +234,14 @@ fn new_trainer(
             CausalLm::init(&mc, cfg.seed, &ad)
         }
     };
+    // Checked before anything runs: a token id past the embedding would fail deep in a kernel.
+    if policy.vocab_size() < tokenizer.vocab_size() {
+        bail!(
+            "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
+            policy.vocab_size(),
+            tokenizer.vocab_size()
+        );
+    }
     let reference = (cfg.grpo.beta != 0.0).then(|| policy.valid());
     Ok(GrpoTrainer::new(policy, reference, tcfg, peak)?)
 }
@@ -530,13 +538,6 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
             (trainer, state)
         }
     };
-    if trainer.model().vocab_size() < tokenizer.vocab_size() {
-        bail!(
-            "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
-            trainer.model().vocab_size(),
-            tokenizer.vocab_size()
-        );
-    }
 
     let limits = prompt_limits(cfg, trainer.model());
 
