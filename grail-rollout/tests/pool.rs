@@ -316,8 +316,11 @@ fn behaviour_logprobs_sampled_with_top_p_match_the_trainers_recomputation() {
     let m = trainer.train_step(&batch).unwrap().remove(0);
     let diff = m.behaviour_logp_diff_max.unwrap();
     assert!(diff <= 1e-4, "max |log π_prox − log π_behav| = {diff:e}");
-    assert_eq!(m.is_masked_fraction, Some(0.0));
-    for r in [m.is_ratio_min, m.is_ratio_max] {
+    assert_eq!(m.importance_sampling_masked_fraction, Some(0.0));
+    for r in [
+        m.importance_sampling_ratio_min,
+        m.importance_sampling_ratio_max,
+    ] {
         assert!((r.unwrap() - 1.0).abs() < 1e-3, "{m:?}");
     }
 }
@@ -363,8 +366,8 @@ fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
     assert_eq!(metrics.len(), steps);
     for m in &metrics {
         assert!(
-            m.is_ratio_mean.is_some()
-                && m.is_masked_fraction.is_some()
+            m.importance_sampling_ratio_mean.is_some()
+                && m.importance_sampling_masked_fraction.is_some()
                 && m.behaviour_logp_diff_mean.is_some(),
             "IS metrics missing at step {}",
             m.step
@@ -380,7 +383,7 @@ fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
     let (first, last) = (mean(&metrics[..5]), mean(&metrics[steps - 5..]));
     let masked: f64 = metrics
         .iter()
-        .filter_map(|m| m.is_masked_fraction)
+        .filter_map(|m| m.importance_sampling_masked_fraction)
         .sum::<f64>()
         / steps as f64;
     eprintln!(

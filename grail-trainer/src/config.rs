@@ -5,7 +5,7 @@ use grail_core::fused::ChunkSizes;
 use crate::advantages::ScaleRewards;
 use crate::error::{Result, TrainerError};
 use crate::loss::GrpoLossConfig;
-use crate::off_policy::{IsCorrection, IsMode};
+use crate::off_policy::{ImportanceSamplingCorrection, ImportanceSamplingMode};
 use crate::schedule::LrSchedulerType;
 
 /// Everything one optimizer step needs to know.
@@ -48,7 +48,7 @@ pub struct TrainerConfig {
     /// policy (see [`crate::off_policy`]). Default on.
     pub importance_sampling_correction: bool,
     /// token_truncate | token_mask | sequence_truncate | sequence_mask (default, as TRL).
-    pub importance_sampling_mode: IsMode,
+    pub importance_sampling_mode: ImportanceSamplingMode,
     /// C: the truncation cap, and the default mask range `[1/C, C]`. Default 3.0.
     pub importance_sampling_cap: f64,
     /// Lower edge of the mask range (default 1/C).
@@ -86,7 +86,7 @@ impl Default for TrainerConfig {
             max_tokens_per_microbatch: 4096,
             packing: true,
             importance_sampling_correction: true,
-            importance_sampling_mode: IsMode::SequenceMask,
+            importance_sampling_mode: ImportanceSamplingMode::SequenceMask,
             importance_sampling_cap: 3.0,
             importance_sampling_mask_low: None,
             importance_sampling_mask_high: None,
@@ -153,7 +153,7 @@ impl TrainerConfig {
                 "need at least one finite weight",
             ));
         }
-        self.is_settings().validate()?;
+        self.importance_sampling().validate()?;
         if self.logprob_chunks.tokens == 0 || self.logprob_chunks.vocab == 0 {
             return Err(TrainerError::config(
                 "logprob_chunks",
@@ -167,8 +167,8 @@ impl TrainerConfig {
 
 impl TrainerConfig {
     /// The importance-sampling settings, whether or not the correction is on.
-    pub fn is_settings(&self) -> IsCorrection {
-        IsCorrection {
+    pub fn importance_sampling(&self) -> ImportanceSamplingCorrection {
+        ImportanceSamplingCorrection {
             mode: self.importance_sampling_mode,
             cap: self.importance_sampling_cap,
             mask_low: self.importance_sampling_mask_low,
@@ -178,7 +178,8 @@ impl TrainerConfig {
 
     /// The behaviour-weight correction the loss applies: only with the decoupled objective (in the
     /// classic one the sampler *is* the old policy, so its weight is 1 by definition).
-    pub fn behaviour_correction(&self) -> Option<IsCorrection> {
-        (self.importance_sampling_correction && self.use_decoupled_loss).then(|| self.is_settings())
+    pub fn behaviour_correction(&self) -> Option<ImportanceSamplingCorrection> {
+        (self.importance_sampling_correction && self.use_decoupled_loss)
+            .then(|| self.importance_sampling())
     }
 }

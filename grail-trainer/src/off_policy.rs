@@ -31,7 +31,7 @@ use crate::error::{Result, TrainerError};
 /// How the importance-sampling weight is formed (`importance_sampling_mode`, TRL's values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum IsMode {
+pub enum ImportanceSamplingMode {
     /// Per-token ratio, capped at C.
     TokenTruncate,
     /// Per-token ratio; tokens outside `[low, high]` get weight 0.
@@ -42,21 +42,27 @@ pub enum IsMode {
     SequenceMask,
 }
 
-impl IsMode {
+impl ImportanceSamplingMode {
     fn sequence_level(self) -> bool {
-        matches!(self, IsMode::SequenceTruncate | IsMode::SequenceMask)
+        matches!(
+            self,
+            ImportanceSamplingMode::SequenceTruncate | ImportanceSamplingMode::SequenceMask
+        )
     }
 
     fn masks(self) -> bool {
-        matches!(self, IsMode::TokenMask | IsMode::SequenceMask)
+        matches!(
+            self,
+            ImportanceSamplingMode::TokenMask | ImportanceSamplingMode::SequenceMask
+        )
     }
 }
 
 /// The importance-sampling correction's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct IsCorrection {
+pub struct ImportanceSamplingCorrection {
     /// Token or sequence level, truncate or mask.
-    pub mode: IsMode,
+    pub mode: ImportanceSamplingMode,
     /// C: the truncation cap, and the default mask range `[1/C, C]`.
     pub cap: f64,
     /// Lower edge of the mask range (default 1/C).
@@ -65,11 +71,11 @@ pub struct IsCorrection {
     pub mask_high: Option<f64>,
 }
 
-impl Default for IsCorrection {
+impl Default for ImportanceSamplingCorrection {
     /// `sequence_mask` with C = 3, as TRL defaults.
     fn default() -> Self {
         Self {
-            mode: IsMode::SequenceMask,
+            mode: ImportanceSamplingMode::SequenceMask,
             cap: 3.0,
             mask_low: None,
             mask_high: None,
@@ -77,7 +83,7 @@ impl Default for IsCorrection {
     }
 }
 
-impl IsCorrection {
+impl ImportanceSamplingCorrection {
     /// The mask range `[low, high]`.
     pub fn mask_range(&self) -> (f64, f64) {
         (
@@ -110,10 +116,14 @@ impl IsCorrection {
     ///
     /// `prox[i]` and `behav[i]` are the log-probs of sequence i's completion tokens under the
     /// trainer's proximal policy and the behaviour policy.
-    pub fn weights(&self, prox: &[Vec<f32>], behav: &[Vec<f32>]) -> (Vec<Vec<f32>>, IsStats) {
+    pub fn weights(
+        &self,
+        prox: &[Vec<f32>],
+        behav: &[Vec<f32>],
+    ) -> (Vec<Vec<f32>>, ImportanceSamplingStats) {
         let (low, high) = self.mask_range();
         let cap = self.cap;
-        let mut stats = IsStats::default();
+        let mut stats = ImportanceSamplingStats::default();
         let mut ratios = Vec::new();
         let mut weights = Vec::with_capacity(prox.len());
         for (p, b) in prox.iter().zip(behav) {
@@ -170,7 +180,7 @@ impl IsCorrection {
 /// What the correction saw over one step: the raw ratios (per token or per sequence, by mode)
 /// before truncation or masking, the tokens it masked, and the behaviour–trainer log-prob gap.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct IsStats {
+pub struct ImportanceSamplingStats {
     /// Smallest ratio.
     pub ratio_min: f64,
     /// Mean ratio.
@@ -187,7 +197,7 @@ pub struct IsStats {
     pub logp_diff_max: f64,
 }
 
-impl IsStats {
+impl ImportanceSamplingStats {
     /// Fraction of completion tokens masked.
     pub fn masked_fraction(&self) -> f64 {
         self.masked_tokens as f64 / self.tokens.max(1) as f64
@@ -203,11 +213,11 @@ impl IsStats {
 mod tests {
     use super::*;
 
-    fn correction(mode: IsMode) -> IsCorrection {
-        IsCorrection {
+    fn correction(mode: ImportanceSamplingMode) -> ImportanceSamplingCorrection {
+        ImportanceSamplingCorrection {
             mode,
             cap: 2.0,
-            ..IsCorrection::default()
+            ..ImportanceSamplingCorrection::default()
         }
     }
 
@@ -238,7 +248,7 @@ mod tests {
     #[test]
     fn token_truncate_caps_each_token() {
         let (p, b) = logps();
-        let (w, s) = correction(IsMode::TokenTruncate).weights(&p, &b);
+        let (w, s) = correction(ImportanceSamplingMode::TokenTruncate).weights(&p, &b);
         close(&w, &[vec![2.0, 0.25, 1.0], vec![1.5, 1.5]]);
         assert_eq!(s.masked_tokens, 0);
         assert!((s.ratio_max - 3.0).abs() < 1e-5 && (s.ratio_min - 0.25).abs() < 1e-5);
@@ -251,7 +261,7 @@ mod tests {
     #[test]
     fn token_mask_drops_both_tails() {
         let (p, b) = logps();
-        let (w, s) = correction(IsMode::TokenMask).weights(&p, &b);
+        let (w, s) = correction(ImportanceSamplingMode::TokenMask).weights(&p, &b);
         // Range [0.5, 2]: 3 and 0.25 leave it.
         close(&w, &[vec![0.0, 0.0, 1.0], vec![1.5, 1.5]]);
         assert_eq!(s.masked_tokens, 2);
@@ -261,7 +271,7 @@ mod tests {
     #[test]
     fn sequence_truncate_uses_the_product_of_token_ratios() {
         let (p, b) = logps();
-        let (w, s) = correction(IsMode::SequenceTruncate).weights(&p, &b);
+        let (w, s) = correction(ImportanceSamplingMode::SequenceTruncate).weights(&p, &b);
         close(&w, &[vec![0.75; 3], vec![2.0; 2]]);
         assert!((s.ratio_mean - (0.75 + 2.25) / 2.0).abs() < 1e-5);
     }
@@ -269,13 +279,13 @@ mod tests {
     #[test]
     fn sequence_mask_drops_whole_sequences_and_honours_a_configured_range() {
         let (p, b) = logps();
-        let (w, s) = correction(IsMode::SequenceMask).weights(&p, &b);
+        let (w, s) = correction(ImportanceSamplingMode::SequenceMask).weights(&p, &b);
         close(&w, &[vec![0.75; 3], vec![0.0; 2]]);
         assert_eq!((s.masked_tokens, s.tokens), (2, 5));
-        let narrow = IsCorrection {
+        let narrow = ImportanceSamplingCorrection {
             mask_low: Some(0.8),
             mask_high: Some(3.0),
-            ..correction(IsMode::SequenceMask)
+            ..correction(ImportanceSamplingMode::SequenceMask)
         };
         let (w, _) = narrow.weights(&p, &b);
         close(&w, &[vec![0.0; 3], vec![2.25; 2]]);
@@ -283,9 +293,9 @@ mod tests {
 
     #[test]
     fn bad_ranges_name_the_key() {
-        let bad = IsCorrection {
+        let bad = ImportanceSamplingCorrection {
             cap: 0.5,
-            ..IsCorrection::default()
+            ..ImportanceSamplingCorrection::default()
         };
         assert!(
             bad.validate()
@@ -293,9 +303,9 @@ mod tests {
                 .to_string()
                 .contains("importance_sampling_cap")
         );
-        let bad = IsCorrection {
+        let bad = ImportanceSamplingCorrection {
             mask_low: Some(1.5),
-            ..IsCorrection::default()
+            ..ImportanceSamplingCorrection::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("mask"));
     }

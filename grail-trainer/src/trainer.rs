@@ -24,7 +24,7 @@ use crate::loss::{
     LossBatch, LossStats, StepNormalizer, fused_autodiff_grpo_loss, fused_grpo_loss,
     naive_grpo_loss,
 };
-use crate::off_policy::IsStats;
+use crate::off_policy::ImportanceSamplingStats;
 use crate::optimizer::FusedAdamW;
 use crate::packing::pack;
 use crate::schedule::learning_rate;
@@ -74,13 +74,13 @@ pub struct StepMetrics {
     pub mixed_version_samples: usize,
     /// Smallest importance ratio π_prox / π_behav (per token or per sequence, as the mode says),
     /// before truncation or masking. `None` when the trainer did not recompute π_prox.
-    pub is_ratio_min: Option<f64>,
-    /// Mean importance ratio (see `is_ratio_min`).
-    pub is_ratio_mean: Option<f64>,
-    /// Largest importance ratio (see `is_ratio_min`).
-    pub is_ratio_max: Option<f64>,
+    pub importance_sampling_ratio_min: Option<f64>,
+    /// Mean importance ratio (see `importance_sampling_ratio_min`).
+    pub importance_sampling_ratio_mean: Option<f64>,
+    /// Largest importance ratio (see `importance_sampling_ratio_min`).
+    pub importance_sampling_ratio_max: Option<f64>,
     /// Fraction of completion tokens the correction masked (weight 0).
-    pub is_masked_fraction: Option<f64>,
+    pub importance_sampling_masked_fraction: Option<f64>,
     /// Mean |log π_prox − log π_behav| per completion token.
     pub behaviour_logp_diff_mean: Option<f64>,
     /// Largest |log π_prox − log π_behav| over completion tokens.
@@ -426,7 +426,7 @@ impl GrpoTrainer {
         let behaviour: Vec<Vec<f32>> = seqs.iter().map(|s| s.behaviour_logps.clone()).collect();
         let (is_weights, is_stats) = match &prox {
             Some(prox) => {
-                let (w, stats) = cfg.is_settings().weights(prox, &behaviour);
+                let (w, stats) = cfg.importance_sampling().weights(prox, &behaviour);
                 (cfg.behaviour_correction().map(|_| w), Some(stats))
             }
             None => (None, None),
@@ -731,7 +731,7 @@ struct Prepared {
     mixed_version_samples: usize,
     /// Behaviour weights per sequence per token (when the correction applies).
     is_weights: Option<Vec<Vec<f32>>>,
-    is_stats: Option<IsStats>,
+    is_stats: Option<ImportanceSamplingStats>,
     zero_std_groups: usize,
     groups: usize,
     filtered: usize,
@@ -774,10 +774,10 @@ impl Prepared {
             staleness_histogram: self.staleness.clone(),
             token_staleness_histogram: self.token_staleness.clone(),
             mixed_version_samples: self.mixed_version_samples,
-            is_ratio_min: self.is_stats.map(|s| s.ratio_min),
-            is_ratio_mean: self.is_stats.map(|s| s.ratio_mean),
-            is_ratio_max: self.is_stats.map(|s| s.ratio_max),
-            is_masked_fraction: self.is_stats.map(|s| s.masked_fraction()),
+            importance_sampling_ratio_min: self.is_stats.map(|s| s.ratio_min),
+            importance_sampling_ratio_mean: self.is_stats.map(|s| s.ratio_mean),
+            importance_sampling_ratio_max: self.is_stats.map(|s| s.ratio_max),
+            importance_sampling_masked_fraction: self.is_stats.map(|s| s.masked_fraction()),
             behaviour_logp_diff_mean: self.is_stats.map(|s| s.logp_diff_mean()),
             behaviour_logp_diff_max: self.is_stats.map(|s| s.logp_diff_max),
             reward_std: self.reward_std,

@@ -10,7 +10,7 @@ use grail_core::types::PoolMessage;
 use grail_core::types::{Group, Sample, WeightPayload};
 use grail_trainer::channel::{ChannelRun, RunEvent};
 use grail_trainer::config::TrainerConfig;
-use grail_trainer::off_policy::IsMode;
+use grail_trainer::off_policy::ImportanceSamplingMode;
 use grail_trainer::trainer::GrpoTrainer;
 
 fn model() -> CausalLm {
@@ -51,7 +51,7 @@ fn config() -> TrainerConfig {
         max_steps: 6,
         lr_scheduler_type: grail_trainer::schedule::LrSchedulerType::Cosine,
         num_iterations: 2,
-        importance_sampling_mode: IsMode::TokenTruncate,
+        importance_sampling_mode: ImportanceSamplingMode::TokenTruncate,
         importance_sampling_cap: 2.0,
         ..TrainerConfig::default()
     }

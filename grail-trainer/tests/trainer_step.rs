@@ -11,7 +11,7 @@ use grail_core::types::{Group, Sample, WeightPayload};
 use grail_trainer::TrainerError;
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::loss::LossType;
-use grail_trainer::off_policy::IsMode;
+use grail_trainer::off_policy::ImportanceSamplingMode;
 use grail_trainer::trainer::GrpoTrainer;
 
 fn tiny_config() -> ModelConfig {
@@ -98,7 +98,7 @@ fn base_config(loss_type: LossType) -> TrainerConfig {
     cfg.max_tokens_per_microbatch = 4096;
     // The synthetic behaviour log-probs are far from the model's: truncate (a sequence mask would
     // zero most sequences and leave little gradient to compare).
-    cfg.importance_sampling_mode = IsMode::TokenTruncate;
+    cfg.importance_sampling_mode = ImportanceSamplingMode::TokenTruncate;
     cfg.importance_sampling_cap = 2.0;
     cfg
 }
@@ -296,7 +296,10 @@ fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_cl
     assert!(e <= 1e-5, "decoupled gradient ≠ 2/3 × plain: rel err {e:e}");
     let mut t = GrpoTrainer::new(model(7), None, decoupled, 1e11).unwrap();
     let m = t.train_step(&data).unwrap().remove(0);
-    assert!((m.is_ratio_mean.unwrap() - 2.0 / 3.0).abs() < 1e-4, "{m:?}");
+    assert!(
+        (m.importance_sampling_ratio_mean.unwrap() - 2.0 / 3.0).abs() < 1e-4,
+        "{m:?}"
+    );
     assert!((m.behaviour_logp_diff_max.unwrap() - 1.5f64.ln()).abs() < 1e-4);
     assert_eq!(m.clip_ratio_region, 0.0);
 
@@ -321,7 +324,7 @@ fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
     use burn::tensor::{Int, TensorData};
     use grail_core::fused::ChunkSizes;
     use grail_trainer::loss::{GrpoLossConfig, LossBatch, StepNormalizer, fused_grpo_loss};
-    use grail_trainer::off_policy::IsCorrection;
+    use grail_trainer::off_policy::ImportanceSamplingCorrection;
     let device = Device::flex();
     let hidden = Tensor::<2>::random(
         [5, 8],
@@ -351,16 +354,32 @@ fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
         .collect();
     let cases = [
         // (mode, expected loss, tokens with zero gradient)
-        (IsMode::TokenTruncate, -(3.25 - 0.5 * 3.0) / 5.0, vec![]),
-        (IsMode::TokenMask, -(1.0 - 0.5 * 3.0) / 5.0, vec![0, 1]),
-        (IsMode::SequenceTruncate, -(2.25 - 0.5 * 4.0) / 5.0, vec![]),
-        (IsMode::SequenceMask, -2.25 / 5.0, vec![3, 4]),
+        (
+            ImportanceSamplingMode::TokenTruncate,
+            -(3.25 - 0.5 * 3.0) / 5.0,
+            vec![],
+        ),
+        (
+            ImportanceSamplingMode::TokenMask,
+            -(1.0 - 0.5 * 3.0) / 5.0,
+            vec![0, 1],
+        ),
+        (
+            ImportanceSamplingMode::SequenceTruncate,
+            -(2.25 - 0.5 * 4.0) / 5.0,
+            vec![],
+        ),
+        (
+            ImportanceSamplingMode::SequenceMask,
+            -2.25 / 5.0,
+            vec![3, 4],
+        ),
     ];
     for (mode, want, zero_rows) in cases {
-        let correction = IsCorrection {
+        let correction = ImportanceSamplingCorrection {
             mode,
             cap: 2.0,
-            ..IsCorrection::default()
+            ..ImportanceSamplingCorrection::default()
         };
         let (weights, _) = correction.weights(&prox, &behav);
         let batch = LossBatch {

@@ -25,7 +25,7 @@ use grail_core::sync::SyncMode;
 use grail_rollout::PromptTruncation;
 use grail_trainer::advantages::ScaleRewards;
 use grail_trainer::loss::{ImportanceSamplingLevel, LossType};
-use grail_trainer::off_policy::IsMode;
+use grail_trainer::off_policy::ImportanceSamplingMode;
 use grail_trainer::schedule::LrSchedulerType;
 use serde::{Deserialize, Serialize};
 
@@ -203,7 +203,7 @@ pub struct GrpoSection {
     /// Correct for the behaviour–trainer policy gap (importance sampling). Default true.
     pub importance_sampling_correction: bool,
     /// token_truncate | token_mask | sequence_truncate | sequence_mask. Default sequence_mask.
-    pub importance_sampling_mode: IsMode,
+    pub importance_sampling_mode: ImportanceSamplingMode,
     /// C: the truncation cap and the default mask range [1/C, C]. Default 3.0.
     pub importance_sampling_cap: f64,
     /// Lower edge of the mask range. Default 1/C.
@@ -326,7 +326,7 @@ impl Default for GrpoSection {
             rollout_workers: 1,
             weight_sync: SyncMode::Delta,
             importance_sampling_correction: true,
-            importance_sampling_mode: IsMode::SequenceMask,
+            importance_sampling_mode: ImportanceSamplingMode::SequenceMask,
             importance_sampling_cap: 3.0,
             importance_sampling_mask_low: None,
             importance_sampling_mask_high: None,

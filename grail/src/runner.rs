@@ -649,7 +649,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 "reward {:.3} acc {} is-masked {}",
                 m.reward_mean,
                 acc.map_or("-".into(), |a| format!("{a:.2}")),
-                m.is_masked_fraction
+                m.importance_sampling_masked_fraction
                     .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f))
             ));
             // A batch of μ iterations reports μ steps; the trainer is at the last of them.

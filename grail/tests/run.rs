@@ -115,10 +115,10 @@ fn a_miniature_run_overlaps_saves_and_accounts_for_every_sample() {
     // The default sequence_mask correction reports its ratios every step.
     for line in &lines {
         for key in [
-            "is_ratio_min",
-            "is_ratio_mean",
-            "is_ratio_max",
-            "is_masked_fraction",
+            "importance_sampling_ratio_min",
+            "importance_sampling_ratio_mean",
+            "importance_sampling_ratio_max",
+            "importance_sampling_masked_fraction",
             "behaviour_logp_diff_mean",
             "behaviour_logp_diff_max",
         ] {
