@@ -339,7 +339,7 @@ fn weight_sync_bench(
         importance_sampling_correction: false,
         ..TrainerConfig::default()
     };
-    let mut trainer = GrpoTrainer::new(policy, None, cfg, 1.0)?;
+    let mut trainer = GrpoTrainer::new(policy, None, cfg)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = config.vocab_size as u32;
     let (mut delta_bytes, mut publish_s, mut apply_s) = (0usize, 0.0, 0.0);
@@ -482,7 +482,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
     let model = CausalLm::init(&config, args.seed, &device.clone().autodiff())
         .with_fused_ops(!t.no_fused_ops);
     let fused_ops = model.uses_fused_ops();
-    let mut trainer = GrpoTrainer::new(model, None, cfg, peak)?;
+    let mut trainer = GrpoTrainer::new(model, None, cfg)?.with_peak_flops(peak);
     trainer.train_step(&groups)?; // warm-up
     let mut secs = 0.0;
     let mut last = None;

@@ -87,7 +87,7 @@ fn trainer(policy: CausalLm) -> GrpoTrainer {
         reward_weights: vec![1.0, 0.5],
         ..TrainerConfig::default()
     };
-    GrpoTrainer::new(policy, None, cfg, 1e11).unwrap()
+    GrpoTrainer::new(policy, None, cfg).unwrap()
 }
 
 /// Every sample is accounted for: generated = sent + failed + unsent; sent = received + left in
@@ -308,7 +308,7 @@ fn behaviour_logprobs_sampled_with_top_p_match_the_trainers_recomputation() {
         ..TrainerConfig::default()
     };
     t_cfg.loss.temperature = 0.7;
-    let mut trainer = GrpoTrainer::new(policy, None, t_cfg, 1e11).unwrap();
+    let mut trainer = GrpoTrainer::new(policy, None, t_cfg).unwrap();
     let batch: Vec<_> = (0..2).map(|_| pool.groups.recv().unwrap()).collect();
     pool.shutdown().unwrap();
     // Same weights (version 0) on both sides: the trainer's full-distribution log-probs equal the
@@ -342,7 +342,7 @@ fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
         reward_weights: vec![1.0, 0.5],
         ..TrainerConfig::default()
     };
-    let mut trainer = GrpoTrainer::new(policy, None, t_cfg, 1e11).unwrap();
+    let mut trainer = GrpoTrainer::new(policy, None, t_cfg).unwrap();
     let mut feedback = feedback(&pool, &trainer);
     let mut metrics = Vec::new();
     let steps = 30;
@@ -533,7 +533,7 @@ fn zero_spread_batches_neither_stall_the_pool_nor_hang_the_run() {
             filter_zero_std_groups: true,
             ..TrainerConfig::default()
         };
-        let mut trainer = GrpoTrainer::new(policy, None, t_cfg, 1e11).unwrap();
+        let mut trainer = GrpoTrainer::new(policy, None, t_cfg).unwrap();
         let run = ChannelRun {
             stall_timeout: Some(std::time::Duration::from_secs(2)),
             ..ChannelRun::new(2, 1, 5)

@@ -76,7 +76,6 @@ impl GrpoTrainer {
         dir: impl AsRef<Path>,
         device: &Device,
         config: Option<TrainerConfig>,
-        peak_flops: f64,
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let state_path = dir.join(STATE_FILE);
@@ -99,7 +98,7 @@ impl GrpoTrainer {
             None
         };
         let config = config.unwrap_or(state.config);
-        let mut trainer = GrpoTrainer::new(model, reference, config, peak_flops)?;
+        let mut trainer = GrpoTrainer::new(model, reference, config)?;
         let optim_path = dir.join(OPTIMIZER_FILE);
         trainer.restore(state.step, state.policy_version, |optim| {
             optim.load(&optim_path).map_err(|e| {

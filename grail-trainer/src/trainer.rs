@@ -112,8 +112,9 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// Counted matmul FLOPs of the step (see [`crate::flops`]).
     pub flops: f64,
-    /// FLOPs / seconds / measured peak.
-    pub mfu: f64,
+    /// FLOPs / seconds / the device's peak, when the trainer was given one
+    /// ([`GrpoTrainer::with_peak_flops`]).
+    pub mfu: Option<f64>,
 }
 
 /// Where a step's wall time went (seconds).
@@ -181,18 +182,16 @@ pub struct GrpoTrainer {
     config: TrainerConfig,
     step: usize,
     version: PolicyVersion,
-    peak_flops: f64,
+    peak_flops: Option<f64>,
 }
 
 impl GrpoTrainer {
     /// A trainer for `model` (whose device must have autodiff enabled). `reference` is required
-    /// when `loss.beta > 0` and ignored (never run) when it is 0. `peak_flops` is the device peak
-    /// MFU is measured against (see [`crate::flops::measure_peak_flops`]).
+    /// when `loss.beta > 0` and ignored (never run) when it is 0.
     pub fn new(
         model: CausalLm,
         reference: Option<CausalLm>,
         config: TrainerConfig,
-        peak_flops: f64,
     ) -> Result<Self> {
         config.validate()?;
         if !model.device().is_autodiff() {
@@ -221,8 +220,15 @@ impl GrpoTrainer {
             config,
             step: 0,
             version: 0,
-            peak_flops,
+            peak_flops: None,
         })
+    }
+
+    /// Reports MFU against `peak` FLOP/s, the device's measured peak (see
+    /// [`crate::flops::measure_peak_flops`]).
+    pub fn with_peak_flops(mut self, peak: f64) -> Self {
+        self.peak_flops = Some(peak);
+        self
     }
 
     /// The current policy.
@@ -793,7 +799,7 @@ impl Prepared {
             times: StepTimes::default(),
             tokens_per_s: real as f64 / seconds,
             flops,
-            mfu: flops / seconds / t.peak_flops,
+            mfu: t.peak_flops.map(|peak| flops / seconds / peak),
         }
     }
 }

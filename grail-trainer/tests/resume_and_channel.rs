@@ -75,18 +75,18 @@ fn weights(t: &GrpoTrainer) -> Vec<(String, Vec<u32>)> {
 #[test]
 fn resume_is_bit_identical() {
     let steps = 3;
-    let mut straight = GrpoTrainer::new(model(), None, config(), 1e11).unwrap();
+    let mut straight = GrpoTrainer::new(model(), None, config()).unwrap();
     for s in 0..steps {
         straight.train_step(&batch(s, 0)).unwrap();
     }
 
-    let mut first = GrpoTrainer::new(model(), None, config(), 1e11).unwrap();
+    let mut first = GrpoTrainer::new(model(), None, config()).unwrap();
     first.train_step(&batch(0, 0)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     first.save_state(&state).unwrap();
     drop(first);
-    let mut resumed = GrpoTrainer::load_state(&state, &Device::flex(), None, 1e11).unwrap();
+    let mut resumed = GrpoTrainer::load_state(&state, &Device::flex(), None).unwrap();
     assert_eq!(resumed.step(), 2);
     assert_eq!(resumed.version(), 2);
     for s in 1..steps {
@@ -104,7 +104,7 @@ fn channel_run_trains_drops_stale_and_publishes() {
     let (feedback_tx, feedback_rx) = flume::unbounded();
     let mut cfg = config();
     cfg.num_iterations = 1;
-    let mut trainer = GrpoTrainer::new(model(), None, cfg, 1e11).unwrap();
+    let mut trainer = GrpoTrainer::new(model(), None, cfg).unwrap();
     let mut feedback = PoolFeedback::new(
         feedback_tx,
         WeightPublisher::new(SyncMode::Full, WireDtype::F32, trainer.model(), 0),
@@ -167,7 +167,7 @@ fn delta_sync_reproduces_the_trainers_bf16_weights_exactly() {
     let mut full = WeightPublisher::new(SyncMode::Full, WireDtype::Bf16, &initial, 0);
     let mut cfg = config();
     cfg.learning_rate = 1e-6; // TRL's default: most bf16 values do not move in a step
-    let mut trainer = GrpoTrainer::new(initial, None, cfg, 1e11).unwrap();
+    let mut trainer = GrpoTrainer::new(initial, None, cfg).unwrap();
     let mut ratios = Vec::new();
     for s in 0..4 {
         trainer.train_step(&batch(s, trainer.version())).unwrap();
@@ -218,7 +218,7 @@ fn delta_sync_reproduces_the_trainers_bf16_weights_exactly() {
 #[test]
 fn a_silent_pool_is_a_stall_error_naming_the_cause() {
     let (group_tx, group_rx) = flume::bounded::<grail_core::types::Group>(4);
-    let mut trainer = GrpoTrainer::new(model(), None, config(), 1e11).unwrap();
+    let mut trainer = GrpoTrainer::new(model(), None, config()).unwrap();
     let run = ChannelRun {
         stall_timeout: Some(std::time::Duration::from_secs(2)),
         ..ChannelRun::new(2, 1, 3)

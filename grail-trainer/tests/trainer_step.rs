@@ -86,7 +86,7 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn grads_with(cfg: TrainerConfig, groups: &[Group]) -> (Vec<f32>, f64) {
-    let trainer = GrpoTrainer::new(model(7), None, cfg, 1e11).unwrap();
+    let trainer = GrpoTrainer::new(model(7), None, cfg).unwrap();
     let (grads, stats) = trainer.gradients(groups).unwrap();
     (flat_grads(trainer.model(), &grads), stats.loss)
 }
@@ -156,7 +156,7 @@ fn a_step_updates_weights_and_the_version() {
     let mut cfg = base_config(LossType::Dapo);
     cfg.learning_rate = 1e-3;
     cfg.num_iterations = 2;
-    let mut trainer = GrpoTrainer::new(model(3), None, cfg, 1e11).unwrap();
+    let mut trainer = GrpoTrainer::new(model(3), None, cfg).unwrap();
     let before = trainer.weight_update();
     let metrics = trainer.train_step(&data).unwrap();
     assert_eq!(metrics.len(), 2);
@@ -183,7 +183,7 @@ fn a_step_updates_weights_and_the_version() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let trainer = GrpoTrainer::new(model(1), None, base_config(LossType::Dapo), 1e11).unwrap();
+    let trainer = GrpoTrainer::new(model(1), None, base_config(LossType::Dapo)).unwrap();
     let msg = |r: Result<(GradientsParams, grail_trainer::loss::LossStats), TrainerError>| match r {
         Ok(_) => panic!("should fail"),
         Err(e) => e.to_string(),
@@ -203,12 +203,12 @@ fn bad_input_is_a_clear_error() {
 
     let mut small = base_config(LossType::Dapo);
     small.max_tokens_per_microbatch = 4;
-    let t = GrpoTrainer::new(model(1), None, small, 1e11).unwrap();
+    let t = GrpoTrainer::new(model(1), None, small).unwrap();
     assert!(msg(t.gradients(&groups(1, 2, 5))).contains("max_tokens_per_microbatch"));
 
     let mut beta = base_config(LossType::Dapo);
     beta.loss.beta = 0.04;
-    let err = GrpoTrainer::new(model(1), None, beta, 1e11)
+    let err = GrpoTrainer::new(model(1), None, beta)
         .err()
         .unwrap()
         .to_string();
@@ -217,7 +217,7 @@ fn bad_input_is_a_clear_error() {
     let mut bad = base_config(LossType::Dapo);
     bad.learning_rate = -1.0;
     assert!(
-        GrpoTrainer::new(model(1), None, bad, 1e11)
+        GrpoTrainer::new(model(1), None, bad)
             .err()
             .unwrap()
             .to_string()
@@ -225,7 +225,7 @@ fn bad_input_is_a_clear_error() {
     );
     let plain = CausalLm::init(&tiny_config(), 1, &Device::flex());
     assert!(
-        GrpoTrainer::new(plain, None, base_config(LossType::Dapo), 1e11)
+        GrpoTrainer::new(plain, None, base_config(LossType::Dapo))
             .err()
             .unwrap()
             .to_string()
@@ -238,7 +238,7 @@ fn sft_steps_lower_the_loss_and_keep_the_policy_version() {
     use grail_trainer::sft::SftExample;
     let mut cfg = base_config(LossType::Dapo);
     cfg.max_tokens_per_microbatch = 40; // several micro-batches
-    let mut trainer = GrpoTrainer::new(model(5), None, cfg, 1e11).unwrap();
+    let mut trainer = GrpoTrainer::new(model(5), None, cfg).unwrap();
     let examples: Vec<SftExample> = (0..6)
         .map(|i| SftExample {
             prompt: vec![1 + i, 2, 3],
@@ -294,7 +294,7 @@ fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_cl
     let scaled: Vec<f32> = plain.iter().map(|g| g * 2.0 / 3.0).collect();
     let e = rel(&weighted, &scaled);
     assert!(e <= 1e-5, "decoupled gradient ≠ 2/3 × plain: rel err {e:e}");
-    let mut t = GrpoTrainer::new(model(7), None, decoupled, 1e11).unwrap();
+    let mut t = GrpoTrainer::new(model(7), None, decoupled).unwrap();
     let m = t.train_step(&data).unwrap().remove(0);
     assert!(
         (m.importance_sampling_ratio_mean.unwrap() - 2.0 / 3.0).abs() < 1e-4,
@@ -307,7 +307,7 @@ fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_cl
     // every token; no separate behaviour weight, and the IS metrics are still reported.
     let mut coupled = base_config(LossType::Dapo);
     coupled.use_decoupled_loss = false;
-    let mut t = GrpoTrainer::new(model(7), None, coupled.clone(), 1e11).unwrap();
+    let mut t = GrpoTrainer::new(model(7), None, coupled.clone()).unwrap();
     let m = t.train_step(&data).unwrap().remove(0);
     assert!((m.clip_ratio_region - 1.0).abs() < 1e-9, "{m:?}");
     assert!(m.clip_ratio_low > 0.0);
@@ -427,7 +427,7 @@ fn a_grpo_step_has_the_same_loss_and_gradients_with_fused_ops_on_and_off() {
     let run = |fused: bool| {
         let policy = model(7).with_fused_ops(fused);
         assert_eq!(policy.uses_fused_ops(), fused);
-        let trainer = GrpoTrainer::new(policy, None, cfg.clone(), 1e11).unwrap();
+        let trainer = GrpoTrainer::new(policy, None, cfg.clone()).unwrap();
         let (grads, stats) = trainer.gradients(&data).unwrap();
         (flat_grads(trainer.model(), &grads), stats.loss)
     };
@@ -447,7 +447,7 @@ fn fused_adamw_matches_burns_adamw() {
     use grail_trainer::optimizer::FusedAdamW;
     let data = groups(2, 4, 9);
     let cfg = base_config(LossType::Dapo);
-    let trainer = GrpoTrainer::new(model(7), None, cfg, 1e11).unwrap();
+    let trainer = GrpoTrainer::new(model(7), None, cfg).unwrap();
     let mut fused_opt = FusedAdamW::new(0.9, 0.95, 1e-8, 0.1).init();
     let mut burn_opt = AdamWConfig::new()
         .with_beta_1(0.9)
@@ -511,7 +511,7 @@ fn a_step_on_the_kernel_device_equals_the_step_on_flex() {
     let g = groups(3, 4, 11);
     let reference = model(7);
     let kernel = reference.clone().fork(&device.autodiff());
-    let on = |m: CausalLm| GrpoTrainer::new(m, None, cfg.clone(), 1e11).unwrap();
+    let on = |m: CausalLm| GrpoTrainer::new(m, None, cfg.clone()).unwrap();
     let (mut r, mut k) = (on(reference), on(kernel));
     let (grads_r, stats_r) = r.gradients(&g).unwrap();
     let (grads_k, stats_k) = k.gradients(&g).unwrap();

@@ -243,7 +243,7 @@ fn new_trainer(
         );
     }
     let reference = (cfg.grpo.beta != 0.0).then(|| policy.valid());
-    Ok(GrpoTrainer::new(policy, reference, tcfg, peak)?)
+    Ok(GrpoTrainer::new(policy, reference, tcfg)?.with_peak_flops(peak))
 }
 
 /// The SFT warm-up on the task's reference completions; returns its wall time. A signal stops
@@ -497,8 +497,9 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     let (mut trainer, state) = match &resume {
         Some(dir) => {
             let state = checkpoint::load_run_state(dir)?;
-            let trainer = GrpoTrainer::load_state(dir, &device, Some(tcfg), peak)
-                .with_context(|| format!("resuming from {}", dir.display()))?;
+            let trainer = GrpoTrainer::load_state(dir, &device, Some(tcfg))
+                .with_context(|| format!("resuming from {}", dir.display()))?
+                .with_peak_flops(peak);
             tracing::info!(
                 checkpoint = %dir.display(),
                 step = trainer.step(),
