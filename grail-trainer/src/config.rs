@@ -42,7 +42,8 @@ pub struct TrainerConfig {
     /// Token budget of one micro-batch.
     pub max_tokens_per_microbatch: usize,
     /// Pack sequences into rows (true) or pad each micro-batch to its longest sequence (false,
-    /// for comparison only).
+    /// for comparison in tests and benchmarks only).
+    #[doc(hidden)]
     pub packing: bool,
     /// Correct for the gap between the rollout's behaviour policy and the trainer's proximal
     /// policy (see [`crate::off_policy`]). Default on.
@@ -62,7 +63,8 @@ pub struct TrainerConfig {
     pub use_decoupled_loss: bool,
     /// Tiles of the fused log-prob op.
     pub logprob_chunks: ChunkSizes,
-    /// Use the unfused log_softmax + gather path (for comparison only).
+    /// Use the unfused log_softmax + gather path (for comparison in tests and benchmarks only).
+    #[doc(hidden)]
     pub naive_logprob: bool,
 }
 

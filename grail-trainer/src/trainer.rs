@@ -330,6 +330,7 @@ impl GrpoTrainer {
 
     /// The accumulated gradients of one pass over `groups` (no optimizer step), with the loss
     /// stats. Exposed so that tests can compare gradients across token budgets and layouts.
+    #[doc(hidden)]
     pub fn gradients(&self, groups: &[Group]) -> Result<(GradientsParams, LossStats)> {
         on_rayon_worker(|| {
             let prepared = self.prepare(groups)?;
