@@ -1,6 +1,7 @@
 //! The README's crate example is `custom_reward` itself, and it trains on a fixture model.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 #[test]
 fn the_readme_shows_the_custom_reward_example_verbatim() {
@@ -17,25 +18,32 @@ fn the_readme_shows_the_custom_reward_example_verbatim() {
     );
 }
 
+/// A fixture model whose vocabulary size passes `fits`.
+fn fixture_with_vocab(fits: impl Fn(u64) -> bool) -> Option<PathBuf> {
+    grail_testkit::model_dirs().into_iter().find(|d| {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        config["vocab_size"].as_u64().is_some_and(&fits)
+    })
+}
+
+/// Runs the example on `model`, writing to `out`.
+fn run_example(model: &Path, out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_custom_reward"))
+        .arg(model)
+        .arg(out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn custom_reward_trains_on_a_fixture_model() {
     // A fixture whose vocabulary holds the example's 300-token BPE.
-    let model = grail_testkit::model_dirs()
-        .into_iter()
-        .find(|d| {
-            let config: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap())
-                    .unwrap();
-            config["vocab_size"].as_u64().unwrap_or(0) >= 300
-        })
+    let model = fixture_with_vocab(|v| v >= 300)
         .expect("a fixture model with a vocabulary of at least 300");
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_custom_reward"))
-        .arg(&model)
-        .arg(out.path())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let run = run_example(&model, out.path());
     assert!(
         run.status.success(),
         "{}",
@@ -55,21 +63,12 @@ fn custom_reward_trains_on_a_fixture_model() {
 #[test]
 fn a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training() {
     // The example's 300-token BPE on a fixture whose vocabulary is smaller, if there is one.
-    let Some(model) = grail_testkit::model_dirs().into_iter().find(|d| {
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
-        config["vocab_size"].as_u64().unwrap_or(u64::MAX) < 300
-    }) else {
+    let Some(model) = fixture_with_vocab(|v| v < 300) else {
         eprintln!("no fixture model with a vocabulary under 300; not run");
         return;
     };
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_custom_reward"))
-        .arg(&model)
-        .arg(out.path())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let run = run_example(&model, out.path());
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("smaller than the tokenizer's"), "{stderr}");
