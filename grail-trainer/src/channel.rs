@@ -155,7 +155,31 @@ fn settle(stats: &mut RunStats, feedback: &mut Option<&mut PoolFeedback>, groups
     }
 }
 
+/// Samples in `groups`.
+fn samples_in(groups: &[Group]) -> usize {
+    groups.iter().map(|g| g.samples.len()).sum()
+}
+
 impl GrpoTrainer {
+    /// No step this time (a second without groups, or a batch that trained nothing): the
+    /// watchdog, then the caller's chance to show progress or stop.
+    fn idle(
+        &self,
+        since: &SinceStep,
+        run: &ChannelRun,
+        on_event: &mut impl FnMut(&GrpoTrainer, RunEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>> {
+        if let Some(reason) = run.stall_timeout.and_then(|t| since.stalled(t, run)) {
+            return Err(TrainerError::Stalled(reason));
+        }
+        Ok(on_event(
+            self,
+            RunEvent::Waiting {
+                since_step: since.waited,
+            },
+        ))
+    }
+
     /// Trains from a channel of groups: each step takes `run.groups_per_step` groups, drops (and
     /// counts) groups whose oldest sample is more than `run.max_staleness` versions behind,
     /// trains, publishes the new weights and reports every settled group through `feedback` (if
@@ -181,21 +205,12 @@ impl GrpoTrainer {
                 let group = match received {
                     Ok(group) => group,
                     Err(flume::RecvTimeoutError::Disconnected) => {
-                        stats.unused_at_close +=
-                            batch.iter().map(|g| g.samples.len()).sum::<usize>();
+                        stats.unused_at_close += samples_in(&batch);
                         return Ok(stats);
                     }
                     Err(flume::RecvTimeoutError::Timeout) => {
-                        if let Some(reason) = run.stall_timeout.and_then(|t| since.stalled(t, run))
-                        {
-                            return Err(TrainerError::Stalled(reason));
-                        }
-                        let event = RunEvent::Waiting {
-                            since_step: since.waited,
-                        };
-                        if on_event(self, event).is_break() {
-                            stats.unused_at_close +=
-                                batch.iter().map(|g| g.samples.len()).sum::<usize>();
+                        if self.idle(&since, run, &mut on_event)?.is_break() {
+                            stats.unused_at_close += samples_in(&batch);
                             return Ok(stats);
                         }
                         continue;
@@ -220,7 +235,7 @@ impl GrpoTrainer {
                 }
                 batch.push(group);
             }
-            let batch_samples: usize = batch.iter().map(|g| g.samples.len()).sum();
+            let batch_samples = samples_in(&batch);
             let metrics = match self.train_step(&batch) {
                 Ok(m) => m,
                 Err(TrainerError::AllFiltered { groups, samples }) => {
@@ -235,13 +250,7 @@ impl GrpoTrainer {
                     }
                     stats.dropped_filtered += samples;
                     settle(&mut stats, &mut feedback, batch.len());
-                    if let Some(reason) = run.stall_timeout.and_then(|t| since.stalled(t, run)) {
-                        return Err(TrainerError::Stalled(reason));
-                    }
-                    let event = RunEvent::Waiting {
-                        since_step: since.waited,
-                    };
-                    if on_event(self, event).is_break() {
+                    if self.idle(&since, run, &mut on_event)?.is_break() {
                         return Ok(stats);
                     }
                     continue;
