@@ -597,6 +597,13 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     let mut last_time = Instant::now();
     let mut next_save = next_save_after(trainer.step(), cfg.save_steps);
     let mut write_error: Option<anyhow::Error> = None;
+    let go_on = || {
+        if stop.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
     let result = trainer.run_from_channel(
         &pool.groups.clone(),
         Some(&mut feedback),
@@ -610,11 +617,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                         since_step.as_secs_f64(),
                         pool.counters().failed_groups.load(Ordering::SeqCst)
                     ));
-                    return if stop.load(Ordering::SeqCst) {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    };
+                    return go_on();
                 }
             };
             let counters = pool.counters();
@@ -679,11 +682,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                     return ControlFlow::Break(());
                 }
             }
-            if stop.load(Ordering::SeqCst) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
+            go_on()
         },
     );
     progress.finish();
