@@ -15,18 +15,19 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" .gpu
 
 echo "== test binaries (--features vulkan)"
-cargo test -p grail-core -p grail-rollout --features grail-core/vulkan,grail-rollout/vulkan \
+cargo test -p grail-kernels -p grail-core -p grail-rollout \
+  --features grail-kernels/vulkan,grail-core/vulkan,grail-rollout/vulkan \
   --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, shutil, sys
-wanted = {"fused_ops", "model_parity", "generation"}
+wanted = {"ops", "fused_model", "model_parity", "generation"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     t = m["target"]
-    name = t["name"] if t["kind"] != ["lib"] else "grail_core_lib"
-    if name in wanted or (name == "grail_core_lib" and t["name"] == "grail_core"):
+    name = t["name"] if t["kind"] != ["lib"] else "grail_kernels_lib"
+    if name in wanted or (name == "grail_kernels_lib" and t["name"] == "grail_kernels"):
         shutil.copy(m["executable"], sys.argv[1] + "/bin/" + name)
         print("  " + name)
 ' "$stage"

@@ -35,11 +35,9 @@ qwen=(--hidden 896 --layers 24 --heads 14 --kv-heads 2 --inter 4864 --vocab 1519
 for what in "${@:-tests}"; do
   case "$what" in
     tests)
-      for t in fused_ops model_parity generation grail_core_lib; do
-        filter=()
-        [ "$t" = grail_core_lib ] && filter=(fused::cube)
+      for t in ops fused_model model_parity generation grail_kernels_lib; do
         echo "== $t on $device"
-        GRAIL_TEST_DEVICE="$device" "$bundle/bin/$t" "${filter[@]}" 2>&1 | tee "$out/test-$t.log"
+        GRAIL_TEST_DEVICE="$device" "$bundle/bin/$t" 2>&1 | tee "$out/test-$t.log"
       done
       ;;
     small)

@@ -533,7 +533,7 @@ fn logprob_bench(
     naive: bool,
 ) -> Result<()> {
     use burn::tensor::Distribution;
-    use grail_core::fused::{
+    use grail_kernels::{
         ChunkSizes, naive_selective_logprobs, selective_logprobs_backward,
         selective_logprobs_forward,
     };

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
-use grail_core::fused::ops;
+use grail_kernels as ops;
 use serde_json::json;
 
 /// Which op to measure.

@@ -101,3 +101,9 @@ impl GrailError {
         }
     }
 }
+
+impl From<grail_kernels::device::DeviceError> for GrailError {
+    fn from(e: grail_kernels::device::DeviceError) -> Self {
+        Self::config("device", e.name, e.reason)
+    }
+}

@@ -11,10 +11,9 @@
 
 pub mod atomic;
 pub mod checkpoint;
-pub mod device;
+pub use grail_kernels::device;
 pub mod env;
 pub mod error;
-pub mod fused;
 pub mod model;
 pub mod sync;
 pub mod tokenizer;

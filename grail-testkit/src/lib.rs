@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use burn::tensor::{Device, Distribution, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 /// A fixture that cannot be read: what and why.
@@ -19,7 +20,7 @@ pub const FIXTURES_ENV: &str = "GRAIL_FIXTURES";
 /// Mesa's lavapipe, `vulkan[:N]`, `cuda[:N]`); unset means `cpu`.
 pub const TEST_DEVICE_ENV: &str = "GRAIL_TEST_DEVICE";
 
-/// The device `$GRAIL_TEST_DEVICE` names (for `grail_core::device::parse_device`) when it is not
+/// The device `$GRAIL_TEST_DEVICE` names (for `grail_kernels::parse_device`) when it is not
 /// the CPU (Flex): the tests of the CubeCL paths run there. Otherwise `None`, after printing that
 /// `test` is not run.
 pub fn kernel_test_device(test: &str) -> Option<String> {
@@ -199,4 +200,49 @@ max_completion_length = 8
 "#,
         output_dir.display()
     )
+}
+
+/// The reference device of the kernel tests: Flex under autodiff.
+pub fn reference_device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// The device the kernels under test run on (`$GRAIL_TEST_DEVICE`, default `cpu`), under
+/// autodiff. Panics naming the variable when the device cannot be brought up.
+pub fn kernel_device() -> Device {
+    let name = std::env::var(TEST_DEVICE_ENV).unwrap_or_else(|_| "cpu".into());
+    grail_kernels::parse_device(&name)
+        .unwrap_or_else(|e| panic!("{TEST_DEVICE_ENV}={name}: {e}"))
+        .autodiff()
+}
+
+/// A copy of a reference tensor on the kernel device, tracked for gradients.
+pub fn on_kernel<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
+    Tensor::from_data(t.to_data(), &kernel_device()).require_grad()
+}
+
+/// A copy on the kernel device without gradient tracking.
+pub fn const_on_kernel<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
+    Tensor::from_data(t.to_data(), &kernel_device())
+}
+
+/// Standard-normal values on the reference device, from `seed`.
+pub fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<D> {
+    let device = reference_device();
+    device.seed(seed);
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device)
+}
+
+/// `‖a − b‖ / ‖b‖` over all elements (the two may live on different devices).
+pub fn rel<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f64 {
+    let a: Vec<f32> = a.into_data().convert::<f32>().try_to_vec().unwrap();
+    let b: Vec<f32> = b.into_data().convert::<f32>().try_to_vec().unwrap();
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
 }

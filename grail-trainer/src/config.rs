@@ -1,6 +1,6 @@
 //! Trainer hyper-parameters, named as TRL's `GRPOConfig` names them where it has them.
 
-use grail_core::fused::ChunkSizes;
+use grail_kernels::ChunkSizes;
 
 use crate::advantages::ScaleRewards;
 use crate::error::{Result, TrainerError};

@@ -43,14 +43,14 @@ pub fn train_flops(config: &ModelConfig, lens: &[usize], completion: &[usize]) -
 /// burn's matmul and, where the backend has it, the fused linear kernel the model trains with
 /// (whichever is faster is the peak: MFU must never exceed 100%).
 pub fn measure_peak_flops(device: &Device, max_n: usize) -> f64 {
-    let kernel = grail_core::fused::ops::supported(device);
+    let kernel = grail_kernels::supported(device);
     let mut best_rate: f64 = 0.0;
     let mut n = 512.min(max_n);
     while n <= max_n {
         let a = Tensor::<2>::random([n, n], Distribution::Uniform(-1.0, 1.0), device);
         let b = Tensor::<2>::random([n, n], Distribution::Uniform(-1.0, 1.0), device);
         let products: [&dyn Fn() -> Tensor<2>; 2] = [&|| a.clone().matmul(b.clone()), &|| {
-            grail_core::fused::ops::linear(a.clone(), b.clone())
+            grail_kernels::linear(a.clone(), b.clone())
         }];
         for product in products.iter().take(if kernel { 2 } else { 1 }) {
             let _ = product().sum().into_scalar::<f32>(); // warm-up

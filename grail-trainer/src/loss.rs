@@ -11,7 +11,7 @@
 
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use grail_core::fused::{ChunkSizes, selective_logprobs_backward, selective_logprobs_forward};
+use grail_kernels::{ChunkSizes, selective_logprobs_backward, selective_logprobs_forward};
 
 use crate::error::{Result, TrainerError};
 
@@ -438,7 +438,7 @@ fn stats(loss: f64, metrics: [f64; 4], entropy_sum: f64, tokens: usize) -> LossS
 /// `hidden` `[tokens, hidden]` holds the final hidden states that predict each completion token
 /// (plain tensors, no autodiff), `weight` the lm_head `[vocab, hidden]`, `targets` the completion
 /// tokens. Returns the stats and `(dL/dhidden, dL/dweight)` for
-/// [`grail_core::fused::gradient_surrogate`].
+/// [`grail_kernels::gradient_surrogate`].
 pub fn fused_grpo_loss(
     cfg: &GrpoLossConfig,
     norm: StepNormalizer,
@@ -507,9 +507,9 @@ pub fn naive_grpo_loss(
 }
 
 /// The fused path on the autodiff graph: log-probs from the differentiable fused op
-/// ([`grail_core::fused::ops::selective_logprobs`], whose backward node recomputes each tile), then
+/// ([`grail_kernels::selective_logprobs`], whose backward node recomputes each tile), then
 /// the loss. `hidden`/`weight` are on the model's autodiff graph; call `backward()` on the loss.
-/// Needs a backend with the fused kernels (`grail_core::fused::ops::supported`).
+/// Needs a backend with the fused kernels (`grail_kernels::supported`).
 pub fn fused_autodiff_grpo_loss(
     cfg: &GrpoLossConfig,
     norm: StepNormalizer,
@@ -521,14 +521,8 @@ pub fn fused_autodiff_grpo_loss(
 ) -> Result<(LossStats, Tensor<1>)> {
     let n = hidden.dims()[0];
     validate_batch(cfg, batch, n, &targets)?;
-    let (logp, entropy) = grail_core::fused::ops::selective_logprobs(
-        hidden,
-        weight,
-        targets,
-        cfg.temperature,
-        chunks,
-        true,
-    );
+    let (logp, entropy) =
+        grail_kernels::selective_logprobs(hidden, weight, targets, cfg.temperature, chunks, true);
     let entropy_sum = total(entropy).into_scalar::<f64>();
     grpo_loss_on_logp(cfg, norm, batch, logp, entropy_sum)
 }

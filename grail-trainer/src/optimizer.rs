@@ -2,7 +2,7 @@
 //!
 //! burn's `AdamW` is a dozen element-wise tensor ops per parameter (each a pass over memory and an
 //! allocation); on the CPU that was 14% of a trainer step. [`FusedAdamW`] does the same arithmetic,
-//! in the same order, in one pass (`grail_core::fused::cpu::adamw`), and falls back to burn's
+//! in the same order, in one pass (`grail_kernels::cpu::adamw`), and falls back to burn's
 //! `AdamW` on backends without the kernel. Its state is burn's `AdamWState`, so saved optimizer
 //! state loads either way.
 
@@ -10,8 +10,8 @@ use burn::optim::{
     AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, ModuleOptimizer, Optimizer,
 };
 use burn::tensor::{Device, Tensor};
-use grail_core::fused::cpu::AdamWStep;
-use grail_core::fused::ops::{adamw, supported, supported_dtype};
+use grail_kernels::AdamWStep;
+use grail_kernels::{adamw, supported, supported_dtype};
 
 /// AdamW with a fused CPU kernel (and burn's implementation elsewhere).
 #[derive(Clone)]

@@ -6,10 +6,8 @@ use std::time::Instant;
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Tensor, TensorData};
-use grail_core::fused::{
-    gradient_surrogate, selective_logprobs_backward, selective_logprobs_forward,
-};
 use grail_core::model::CausalLm;
+use grail_kernels::{gradient_surrogate, selective_logprobs_backward, selective_logprobs_forward};
 
 use crate::error::{Result, TrainerError};
 use crate::trainer::{GrpoTrainer, Sequence};

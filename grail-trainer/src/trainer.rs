@@ -11,10 +11,10 @@ use std::time::Instant;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
 use grail_core::model::{CausalLm, Layout};
 use grail_core::sync::{WireDtype, named_tensors};
 use grail_core::types::{Group, PolicyVersion, WeightPayload, WeightUpdate};
+use grail_kernels::{gradient_surrogate, selective_logprobs_forward};
 
 use crate::advantages::compute_advantages;
 use crate::config::TrainerConfig;
@@ -823,7 +823,7 @@ pub fn clip_global_norm(model: &CausalLm, grads: &mut GradientsParams, max_norm:
     impl ModuleVisitor for SumSquares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                self.total += grail_core::fused::ops::sum_squares(g);
+                self.total += grail_kernels::sum_squares(g);
             }
         }
     }
@@ -834,7 +834,7 @@ pub fn clip_global_norm(model: &CausalLm, grads: &mut GradientsParams, max_norm:
     impl ModuleVisitor for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
-                let g = grail_core::fused::ops::scale(g, self.factor as f32);
+                let g = grail_kernels::scale(g, self.factor as f32);
                 self.grads.register(param.id, g);
             }
         }

@@ -3,7 +3,7 @@
 //! chunk sizes (including ones that divide neither the token nor the vocabulary count).
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use grail_core::fused::ChunkSizes;
+use grail_kernels::ChunkSizes;
 use grail_testkit::{FixtureTensor, fixtures_root, read_tensors};
 use grail_trainer::loss::{
     GrpoLossConfig, ImportanceSamplingLevel, LossBatch, LossType, StepNormalizer,

@@ -322,7 +322,7 @@ fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_cl
 #[test]
 fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
     use burn::tensor::{Int, TensorData};
-    use grail_core::fused::ChunkSizes;
+    use grail_kernels::ChunkSizes;
     use grail_trainer::loss::{GrpoLossConfig, LossBatch, StepNormalizer, fused_grpo_loss};
     use grail_trainer::off_policy::ImportanceSamplingCorrection;
     let device = Device::flex();

@@ -9,7 +9,6 @@ use burn::tensor::ops::AttentionModuleOptions;
 use super::cache::KvCache;
 use super::layers::{Linear, Rope};
 use super::layout::Segment;
-use crate::fused::ops as fused_ops;
 
 /// How attention groups the tokens of a call.
 pub(crate) enum AttentionMode<'a> {
@@ -96,7 +95,7 @@ impl Attention {
                 segments,
                 caches: Some(caches),
             } if fused => {
-                return if fused_ops::host_kernels(&x.device()) {
+                return if grail_kernels::host_kernels(&x.device()) {
                     self.forward_cached_host(x, cos, sin, segments, caches, layer)
                 } else {
                     self.forward_cached_device(x, cos, sin, segments, caches, layer)
@@ -111,7 +110,8 @@ impl Attention {
             let cos2 = cos.clone().reshape([tokens, d]);
             let sin2 = sin.clone().reshape([tokens, d]);
             let rotate = |t: Tensor<3>, heads: usize| {
-                let t = fused_ops::rope(t.reshape([tokens, heads, d]), cos2.clone(), sin2.clone());
+                let t =
+                    grail_kernels::rope(t.reshape([tokens, heads, d]), cos2.clone(), sin2.clone());
                 t.reshape([rows, cols, heads, d]).swap_dims(1, 2)
             };
             (
@@ -221,14 +221,15 @@ impl Attention {
             queries.push((at, seg.len));
         }
         let keys: Vec<(&[f32], &[f32])> = caches.iter().map(|c| c.host_kv(layer)).collect();
-        let dims = crate::fused::cpu::AttentionDims {
+        let dims = grail_kernels::attention::AttentionDims {
             tokens,
             heads: self.num_heads,
             kv_heads: self.num_kv_heads,
             head_dim: d,
         };
         let scale = 1.0 / (d as f32).sqrt();
-        let out = crate::fused::cpu::cached_attention(&q, dims, &queries, &keys, scale);
+        let out =
+            grail_kernels::attention::cached_attention_on_host(&q, dims, &queries, &keys, scale);
         let out = Tensor::<3>::from_data(
             burn::tensor::TensorData::new(out, [rows, cols, self.num_heads * d]),
             &device,
@@ -258,7 +259,7 @@ impl Attention {
             let new = |t: &Tensor<3>| t.clone().narrow(0, at, seg.len);
             let (ks, vs) = cache.append_device(layer, new(&k), new(&v));
             let k_len = ks.dims()[0];
-            spans.push(fused_ops::CachedSpan {
+            spans.push(grail_kernels::CachedSpan {
                 q_start: at,
                 q_len: seg.len,
                 k_start,
@@ -270,7 +271,7 @@ impl Attention {
         }
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let (keys, values) = (Tensor::cat(keys, 0), Tensor::cat(values, 0));
-        let out = fused_ops::cached_attention(q, keys, values, &spans, scale);
+        let out = grail_kernels::cached_attention(q, keys, values, &spans, scale);
         let out = out.reshape([rows, cols, self.num_heads * self.head_dim]);
         self.o_proj.forward_with(out, true)
     }
@@ -291,12 +292,12 @@ impl Attention {
             proj.forward_with(x.clone(), true)
                 .reshape([tokens, heads, d])
         };
-        let q = fused_ops::rope(
+        let q = grail_kernels::rope(
             project(&self.q_proj, self.num_heads),
             cos.clone(),
             sin.clone(),
         );
-        let k = fused_ops::rope(project(&self.k_proj, self.num_kv_heads), cos, sin);
+        let k = grail_kernels::rope(project(&self.k_proj, self.num_kv_heads), cos, sin);
         (q, k, project(&self.v_proj, self.num_kv_heads))
     }
 
@@ -316,7 +317,7 @@ impl Attention {
             .map(|s| (s.row * cols + s.start, s.len))
             .collect();
         let scale = 1.0 / (d as f32).sqrt();
-        let out = fused_ops::varlen_attention(q, k, v, &ranges, scale);
+        let out = grail_kernels::varlen_attention(q, k, v, &ranges, scale);
         self.o_proj
             .forward_with(out.reshape([rows, cols, self.num_heads * d]), true)
     }

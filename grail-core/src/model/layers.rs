@@ -55,7 +55,7 @@ impl Linear {
 
 /// `x · weightᵀ + bias` over the last dimension, with `weight` `[out, in]`; `fused` multiplies
 /// by the weight in place with one kernel whose weight gradient comes out contiguous (see
-/// [`crate::fused::ops::linear`]).
+/// [`grail_kernels::linear`]).
 pub fn project_with<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,
@@ -68,7 +68,7 @@ pub fn project_with<const D: usize>(
     let out_features = weight.dims()[0];
     let x = x.reshape([rows, in_features]);
     let y = if fused {
-        crate::fused::ops::linear(x, weight)
+        grail_kernels::linear(x, weight)
     } else {
         x.matmul(weight.transpose())
     };
@@ -104,7 +104,7 @@ impl RmsNorm {
     }
 
     /// Normalises the last dimension; `fused` runs one kernel (forward and backward) instead of
-    /// the tensor math (see [`crate::fused::ops`]).
+    /// the tensor math (see [`grail_kernels`]).
     pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
         if !fused {
             return self.forward(x);
@@ -112,8 +112,7 @@ impl RmsNorm {
         let dims = x.dims();
         let c = dims[D - 1];
         let n = x.shape().num_elements() / c.max(1);
-        crate::fused::ops::rms_norm(x.reshape([n, c]), self.weight.val(), self.eps as f32)
-            .reshape(dims)
+        grail_kernels::rms_norm(x.reshape([n, c]), self.weight.val(), self.eps as f32).reshape(dims)
     }
 
     /// Normalises the last dimension (unfused tensor math).
@@ -182,7 +181,7 @@ impl Mlp {
             let dims = gate.dims();
             let i = dims[D - 1];
             let n = gate.shape().num_elements() / i.max(1);
-            crate::fused::ops::swiglu(gate.reshape([n, i]), up.reshape([n, i])).reshape(dims)
+            grail_kernels::swiglu(gate.reshape([n, i]), up.reshape([n, i])).reshape(dims)
         } else {
             silu(gate) * up
         };

@@ -309,8 +309,8 @@ impl CausalLm {
     pub fn uses_fused_ops(&self) -> bool {
         let weight = self.model.embed_tokens.weight.val();
         self.fused_ops
-            && crate::fused::ops::supported(&weight.device())
-            && crate::fused::ops::supported_dtype(weight.dtype())
+            && grail_kernels::supported(&weight.device())
+            && grail_kernels::supported_dtype(weight.dtype())
     }
 
     /// The shared body of every forward: embed, decoder layers, final norm.
@@ -385,12 +385,12 @@ impl CausalLm {
             TensorData::new(tokens[prompt.len()..].to_vec(), [completion.len()]),
             &device,
         );
-        let logp = crate::fused::selective_logprobs_forward(
+        let logp = grail_kernels::selective_logprobs_forward(
             &hidden,
             &model.lm_head_weight(),
             &targets,
             temperature,
-            crate::fused::ChunkSizes::default(),
+            grail_kernels::ChunkSizes::default(),
             false,
         )
         .logp;

@@ -2,7 +2,7 @@
 //! gradients, for chunk sizes that do and do not divide the token and vocabulary counts.
 
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use grail_core::fused::{
+use grail_kernels::{
     ChunkSizes, gradient_surrogate, naive_selective_logprobs, selective_logprobs_backward,
     selective_logprobs_forward,
 };

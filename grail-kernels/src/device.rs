@@ -3,7 +3,26 @@
 
 use burn::tensor::Device;
 
-use crate::error::{GrailError, Result};
+/// A device name that cannot be used: the name and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("device = {name:?}: {reason}")]
+pub struct DeviceError {
+    /// The name as given.
+    pub name: String,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
+impl DeviceError {
+    fn new(name: &str, reason: impl Into<String>) -> Self {
+        Self {
+            name: name.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, DeviceError>;
 
 /// Parses a device name: `"cpu"` (the Flex backend), and with the matching cargo features
 /// `"vulkan"`/`"vulkan:N"` (N-th discrete GPU), `"vulkan:cpu"` (Mesa's lavapipe CPU driver) or
@@ -17,9 +36,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
     let (kind, index) = match name.split_once(':') {
         Some((k, i)) => {
-            let idx = i.parse::<usize>().map_err(|_| {
-                GrailError::config("device", name, "the index after ':' must be a number")
-            })?;
+            let idx = i
+                .parse::<usize>()
+                .map_err(|_| DeviceError::new(name, "the index after ':' must be a number"))?;
             (k, idx)
         }
         None => (name, 0),
@@ -34,16 +53,14 @@ pub fn parse_device(name: &str) -> Result<Device> {
         #[allow(unreachable_patterns)]
         "vulkan" | "cuda" => {
             let _ = index;
-            Err(GrailError::config(
-                "device",
+            Err(DeviceError::new(
                 name,
                 format!(
                     "grail was built without the `{kind}` feature (rebuild with --features {kind})"
                 ),
             ))
         }
-        _ => Err(GrailError::config(
-            "device",
+        _ => Err(DeviceError::new(
             name,
             "unknown device (expected \"cpu\", \"vulkan[:N]\" or \"cuda[:N]\")",
         )),
@@ -74,8 +91,7 @@ fn vulkan_device(name: &str, kind: burn::tensor::DeviceKind) -> Result<Device> {
             ready.push(name.to_string());
             Ok(Device::vulkan(kind))
         }
-        Err(e) => Err(GrailError::config(
-            "device",
+        Err(e) => Err(DeviceError::new(
             name,
             format!("no usable Vulkan adapter: {e}"),
         )),

@@ -18,7 +18,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::device::{Device, WgpuDeviceKind};
 use cubecl::prelude::*;
 
-use super::cube::{empty_like, f32_contiguous};
+use crate::cube_launch::{empty_like, f32_contiguous};
 
 type B = CubeBackend;
 
@@ -108,7 +108,7 @@ fn gemm_for(device: &Device) -> Gemm {
 
 /// `op(a) · op(b)`, contiguous f32 `[m, n]`: `a` is `[m, k]` (stored `[k, m]` if `a_t`), `b` is
 /// `[k, n]` (stored `[n, k]` if `b_t`). Both must be 2-D.
-pub(super) fn product(a: CubeTensor, a_t: bool, b: CubeTensor, b_t: bool) -> CubeTensor {
+pub(crate) fn product(a: CubeTensor, a_t: bool, b: CubeTensor, b_t: bool) -> CubeTensor {
     let (a_rows, a_cols) = (a.shape()[0], a.shape()[1]);
     let (b_rows, b_cols) = (b.shape()[0], b.shape()[1]);
     let (m, k) = if a_t {
@@ -170,7 +170,7 @@ mod tests {
     //! The GEMM kernel against a host product, in every layout, on sizes that are not multiples
     //! of the tile (CI runs this on lavapipe).
     use super::*;
-    use crate::fused::cube::tests::{read, upload};
+    use crate::cube_launch::tests::{read, upload};
 
     fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)

@@ -49,13 +49,13 @@ pub struct SelectiveLogProbs {
 fn kernel_applies(hidden: &Tensor<2>, weight: &Tensor<2>) -> bool {
     let device = hidden.device();
     !device.is_autodiff()
-        && super::ops::supported(&device)
-        && super::ops::supported_dtype(hidden.dtype())
-        && super::ops::supported_dtype(weight.dtype())
+        && crate::supported(&device)
+        && crate::supported_dtype(hidden.dtype())
+        && crate::supported_dtype(weight.dtype())
 }
 
 /// The ranges `0..step`, `step..2·step`, … covering `0..total` (the last one shorter).
-pub(super) fn ranges(total: usize, step: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+pub(crate) fn ranges(total: usize, step: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let step = step.max(1);
     (0..total)
         .step_by(step)
@@ -86,7 +86,7 @@ pub fn selective_logprobs_forward(
     assert_eq!(h, wh, "hidden width {h} != weight width {wh}");
     assert_eq!(targets.dims()[0], n, "targets length != tokens");
     if kernel_applies(hidden, weight) {
-        let (logp, lse, entropy) = super::ops::logprob_forward(
+        let (logp, lse, entropy) = super::logprob_forward(
             hidden,
             weight,
             targets,
@@ -159,7 +159,7 @@ pub fn selective_logprobs_backward(
     chunks: ChunkSizes,
 ) -> (Tensor<2>, Tensor<2>) {
     if kernel_applies(hidden, weight) {
-        return super::ops::logprob_backward(
+        return super::logprob_backward(
             hidden,
             weight,
             targets,

@@ -4,62 +4,19 @@
 //!
 //! The references always run on Flex. The fused ops run on the device `GRAIL_TEST_DEVICE` names
 //! (default `cpu`): with `--features vulkan`, `GRAIL_TEST_DEVICE=vulkan:cpu` runs the CubeCL
-//! kernels on Mesa's lavapipe (CI does), `vulkan` on a GPU. The op tests (`op_*`) and the fused
-//! model test move there; the fused-on/off model test stays on Flex unless the device is a real
-//! GPU: its unfused path needs burn's matmul and `sum()`, whose shared-memory shaders crash
-//! lavapipe's compiler. For the same reason the fused products run on grail's own GEMM kernel on
-//! CPU adapters, and on the kernel device the tests seed backward with the upstream gradient
-//! itself, `(y · g).backward()`, which burn starts from ones, instead of reducing with `.sum()`.
+//! kernels on Mesa's lavapipe (CI does), `vulkan` on a GPU. burn's matmul and `sum()` use
+//! shared-memory shaders that crash lavapipe's compiler, so the fused products run on grail's own
+//! GEMM kernel on CPU adapters, and on the kernel device the tests seed backward with the upstream
+//! gradient itself, `(y · g).backward()`, which burn starts from ones, instead of reducing with
+//! `.sum()`.
 
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
-use grail_core::fused::ops::{rms_norm, rope, supported, swiglu, varlen_attention};
-use grail_testkit::kernel_test_device;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use grail_kernels::{rms_norm, rope, supported, swiglu, varlen_attention};
+use grail_testkit::{
+    const_on_kernel, kernel_device, on_kernel, random, reference_device as device, rel,
+};
 
-/// The reference device: Flex under autodiff.
-fn device() -> Device {
-    Device::flex().autodiff()
-}
-
-/// The device the fused ops under test run on (autodiff).
-fn kernel_device() -> Device {
-    let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    grail_core::device::parse_device(&name)
-        .unwrap_or_else(|e| panic!("GRAIL_TEST_DEVICE={name}: {e}"))
-        .autodiff()
-}
-
-/// A copy of a reference tensor on the kernel device, tracked for gradients.
-fn on_kernel<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
-    Tensor::from_data(t.to_data(), &kernel_device()).require_grad()
-}
-
-/// A copy on the kernel device without gradient tracking.
-fn const_on_kernel<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
-    Tensor::from_data(t.to_data(), &kernel_device())
-}
-
-fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<D> {
-    let device = device();
-    device.seed(seed);
-    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device)
-}
-
-/// `‖a − b‖ / ‖b‖` over all elements (the two may live on different devices).
-fn rel<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f64 {
-    let a: Vec<f32> = a.into_data().convert::<f32>().try_to_vec().unwrap();
-    let b: Vec<f32> = b.into_data().convert::<f32>().try_to_vec().unwrap();
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| ((x - y) as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
-/// Unfused reference: per segment, softmax(q kᵀ · scale + causal mask) v, GQA by repetition.
 fn reference_attention(
     q: Tensor<3>,
     k: Tensor<3>,
@@ -126,7 +83,7 @@ fn op_varlen_attention_equals_the_reference_in_values_and_gradients() {
 
 #[test]
 fn op_cached_attention_equals_attention_over_the_whole_sequence() {
-    use grail_core::fused::ops::{CachedSpan, cached_attention};
+    use grail_kernels::{CachedSpan, cached_attention};
     let (heads, kv, d) = (4, 2, 6);
     // A prefill of 5 on an empty cache, decode steps on caches of 40 and 70, 2 new tokens on a
     // cache of 3; one padding row between the first two, one at the end.
@@ -258,7 +215,7 @@ fn op_rope_equals_rotate_half() {
 #[test]
 fn op_selective_logprobs_equal_log_softmax_gather() {
     use burn::tensor::activation::log_softmax;
-    use grail_core::fused::{ChunkSizes, ops::selective_logprobs};
+    use grail_kernels::{ChunkSizes, selective_logprobs};
     // A vocabulary of 1,203: three of the Cube row kernel's vocabulary blocks, the last partial.
     let (n, h, v) = (45, 12, 1203);
     let temperature = 0.7;
@@ -302,7 +259,7 @@ fn op_selective_logprobs_equal_log_softmax_gather() {
 
 #[test]
 fn op_adamw_equals_the_formula() {
-    use grail_core::fused::{cpu::AdamWStep, ops::adamw};
+    use grail_kernels::{AdamWStep, adamw};
     let shape = [33, 17];
     let (p, g, m) = (random(shape, 22), random(shape, 23), random(shape, 24));
     let v = random(shape, 25).abs();
@@ -328,7 +285,7 @@ fn op_adamw_equals_the_formula() {
 
 #[test]
 fn op_linear_equals_matmul_by_the_transposed_weight() {
-    use grail_core::fused::ops::linear;
+    use grail_kernels::linear;
     let x = random([37, 19], 15).require_grad();
     let w = random([23, 19], 16).require_grad();
     let g = random([37, 23], 17);
@@ -344,7 +301,7 @@ fn op_linear_equals_matmul_by_the_transposed_weight() {
 
 #[test]
 fn op_sum_squares_and_scale_match_tensor_math() {
-    use grail_core::fused::ops::{scale, sum_squares};
+    use grail_kernels::{scale, sum_squares};
     let x = random([300, 70], 18).without_autodiff();
     let want = x.clone().square().sum().into_scalar::<f64>();
     let xk = const_on_kernel(&x).without_autodiff();
@@ -361,206 +318,12 @@ fn fused_ops_run_without_autodiff_too() {
     assert!(y.iter().all(|&v| (v - 1.0).abs() < 1e-6));
 }
 
-#[test]
-fn the_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
-    model_fused_on_off(&device());
-}
-
-/// The model-level check on the kernel device, only where that is a real GPU
-/// (`GRAIL_TEST_DEVICE=vulkan[:N]` or `cuda[:N]`): it runs burn's matmul, which lavapipe cannot.
-#[test]
-fn gpu_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
-    let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_default();
-    if name.is_empty() || name == "cpu" || name == "vulkan:cpu" {
-        eprintln!("gpu_model: needs GRAIL_TEST_DEVICE naming a real GPU; not run");
-        return;
-    }
-    model_fused_on_off(&kernel_device());
-}
-
-fn model_fused_on_off(device: &Device) {
-    use burn::tensor::Int;
-    use grail_core::model::{CausalLm, Layout, ModelConfig};
-    // GQA 2, odd lengths, two packed rows with a padding tail.
-    let config = ModelConfig::qwen2(97, 48, 80, 2, 4, 2, 256, false);
-    let fused = CausalLm::init(&config, 3, device);
-    let plain = fused.clone().with_fused_ops(false);
-    assert!(fused.uses_fused_ops() && !plain.uses_fused_ops());
-    let lens = vec![vec![1, 37, 70], vec![65, 11]];
-    let cols = 110;
-    let ids: Vec<i64> = (0..2 * cols).map(|i| (i * 7 % 97) as i64).collect();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, cols]), device);
-    let layout = Layout::Packed { rows: lens };
-    let w = Tensor::<3>::from_data(random([2, cols, 97], 14).to_data(), device);
-    let out_f = fused.forward(ids.clone(), &layout).unwrap();
-    let out_p = plain.forward(ids, &layout).unwrap();
-    // Padding positions differ by design (zeros vs attention over padding): compare the first
-    // 76 columns, real tokens in both rows.
-    let e = rel(
-        out_f.clone().narrow(1, 0, 76),
-        out_p.clone().narrow(1, 0, 76),
-    );
-    assert!(e <= 1e-5, "logits rel err {e:e}");
-    let gf = (out_f.narrow(1, 0, 76) * w.clone().narrow(1, 0, 76))
-        .sum()
-        .backward();
-    let gp = (out_p.narrow(1, 0, 76) * w.narrow(1, 0, 76))
-        .sum()
-        .backward();
-    let weights = |m: &CausalLm| {
-        let l = &m.model.layers[1];
-        vec![
-            l.self_attn.q_proj.weight.val(),
-            l.self_attn.k_proj.weight.val(),
-            l.mlp.gate_proj.weight.val(),
-        ]
-    };
-    for (a, b) in weights(&fused).into_iter().zip(weights(&plain)) {
-        let e = rel(a.grad(&gf).unwrap(), b.grad(&gp).unwrap());
-        assert!(e <= 1e-5, "gradient rel err {e:e}");
-    }
-    let norm_f = fused.model.layers[0]
-        .input_layernorm
-        .weight
-        .val()
-        .grad(&gf)
-        .unwrap();
-    let norm_p = plain.model.layers[0]
-        .input_layernorm
-        .weight
-        .val()
-        .grad(&gp)
-        .unwrap();
-    assert!(rel(norm_f, norm_p) <= 1e-5);
-}
-
-/// The whole fused model on the kernel device equals the same model on Flex, in logits and
-/// gradients: every fused op in its place (packed varlen attention, RoPE, RMSNorm, SwiGLU, the
-/// linear layers), chained, through autodiff. Runs wherever `GRAIL_TEST_DEVICE` names a CubeCL
-/// device, lavapipe included (CI): the model's fused path needs no burn matmul or reduction.
-#[test]
-fn the_fused_model_on_the_kernel_device_equals_the_model_on_flex() {
-    use burn::module::Module;
-    use burn::tensor::Int;
-    use grail_core::model::{CausalLm, Layout, ModelConfig};
-    if kernel_test_device("kernel model").is_none() {
-        return;
-    }
-    // GQA 2, odd lengths, two packed rows with a padding tail, an untied lm_head.
-    let config = ModelConfig::qwen2(97, 48, 80, 2, 4, 2, 256, false);
-    let reference = CausalLm::init(&config, 3, &device());
-    let kernel = reference.clone().fork(&kernel_device());
-    assert!(kernel.uses_fused_ops());
-    let lens = vec![vec![1, 37, 70], vec![65, 11]];
-    let cols = 110;
-    let ids: Vec<i64> = (0..2 * cols).map(|i| (i * 7 % 97) as i64).collect();
-    let ids = |d: &Device| Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [2, cols]), d);
-    let layout = Layout::Packed { rows: lens };
-    let w = random([2, cols, 97], 14);
-    let out_r = reference.forward(ids(&device()), &layout).unwrap();
-    let out_k = kernel.forward(ids(&kernel_device()), &layout).unwrap();
-    let e = rel(out_k.clone(), out_r.clone());
-    assert!(e <= 1e-5, "logits rel err {e:e}");
-    let gk = (out_k * const_on_kernel(&w)).backward();
-    let gr = (out_r * w).sum().backward();
-    let grads = |m: &CausalLm, g: &burn::tensor::Gradients| {
-        let l = &m.model.layers[1];
-        let matrix = |w: Tensor<2>| w.grad(g).unwrap();
-        let vector = |w: Tensor<1>| w.grad(g).unwrap().unsqueeze::<2>();
-        vec![
-            matrix(l.self_attn.q_proj.weight.val()),
-            matrix(l.self_attn.k_proj.weight.val()),
-            matrix(l.self_attn.o_proj.weight.val()),
-            matrix(l.mlp.gate_proj.weight.val()),
-            matrix(l.mlp.down_proj.weight.val()),
-            matrix(m.lm_head.as_ref().unwrap().weight.val()),
-            vector(l.post_attention_layernorm.weight.val()),
-            vector(m.model.norm.weight.val()),
-        ]
-    };
-    for (i, (a, b)) in grads(&kernel, &gk)
-        .into_iter()
-        .zip(grads(&reference, &gr))
-        .enumerate()
-    {
-        let e = rel(a, b);
-        assert!(e <= 1e-5, "gradient {i} rel err {e:e}");
-    }
-}
-
-#[test]
-fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
-    use grail_core::model::{CausalLm, KvCache, ModelConfig};
-    let config = ModelConfig::qwen2(61, 32, 48, 2, 4, 2, 256, true);
-    let fused = CausalLm::init(&config, 5, &Device::flex());
-    let plain = fused.clone().with_fused_ops(false);
-    let run = |m: &CausalLm| {
-        let mut caches = vec![KvCache::new(2), KvCache::new(2), KvCache::new(2)];
-        let mut out = Vec::new();
-        // Prefill prompts of 1, 70 (two query tiles) and 5 tokens, then mixed decode steps.
-        let prompts: Vec<Vec<u32>> = vec![
-            vec![3],
-            (0..70).map(|i| i % 61).collect(),
-            vec![9, 8, 7, 6, 5],
-        ];
-        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        out.push(m.forward_cached(&refs, &mut caches).unwrap());
-        for step in 0..3u32 {
-            let next = [[step + 1], [step + 20], [step + 40]];
-            let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
-            out.push(m.forward_cached(&refs, &mut caches).unwrap());
-        }
-        out
-    };
-    for (a, b) in run(&fused).into_iter().zip(run(&plain)) {
-        let e = rel(a, b);
-        assert!(e <= 1e-5, "cached logits rel err {e:e}");
-    }
-}
-
-/// Generation on the kernel device (fused path, device KV caches, one cached-attention kernel
-/// per layer) gives the logits of generation on Flex (host caches): a prefill of mixed lengths,
-/// then decode steps. Runs wherever `GRAIL_TEST_DEVICE` names a CubeCL device, lavapipe included.
-#[test]
-fn cached_generation_on_the_kernel_device_equals_flex() {
-    use burn::module::Module;
-    use grail_core::model::{CausalLm, KvCache, ModelConfig};
-    if kernel_test_device("kernel generation").is_none() {
-        return;
-    }
-    let config = ModelConfig::qwen2(61, 32, 48, 2, 4, 2, 256, true);
-    let reference = CausalLm::init(&config, 5, &Device::flex());
-    let kernel = reference
-        .clone()
-        .to_device(&kernel_device().without_autodiff());
-    let run = |m: &CausalLm| {
-        let mut caches = vec![KvCache::new(2), KvCache::new(2), KvCache::new(2)];
-        let prompts: Vec<Vec<u32>> = vec![
-            vec![3],
-            (0..70).map(|i| i % 61).collect(),
-            vec![9, 8, 7, 6, 5],
-        ];
-        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let mut out = vec![m.forward_cached(&refs, &mut caches).unwrap()];
-        for step in 0..3u32 {
-            let next = [[step + 1], [step + 20], [step + 40]];
-            let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
-            out.push(m.forward_cached(&refs, &mut caches).unwrap());
-        }
-        out
-    };
-    for (step, (a, b)) in run(&kernel).into_iter().zip(run(&reference)).enumerate() {
-        let e = rel(a, b);
-        assert!(e <= 1e-5, "step {step}: cached logits rel err {e:e}");
-    }
-}
-
 /// A Vulkan adapter that does not exist is a configuration error naming the device, not a panic
 /// inside the first tensor operation.
 #[cfg(feature = "vulkan")]
 #[test]
 fn a_missing_vulkan_adapter_is_a_clear_error() {
-    let err = grail_core::device::parse_device("vulkan:99")
+    let err = grail_kernels::parse_device("vulkan:99")
         .expect_err("no machine has 100 discrete GPUs")
         .to_string();
     assert!(err.contains("device") && err.contains("vulkan:99"), "{err}");

@@ -1,0 +1,204 @@
+//! The model with fused ops equals the model without them, in logits and gradients; the whole
+//! fused model on the kernel device (`GRAIL_TEST_DEVICE`, see grail-kernels' `tests/ops.rs`)
+//! equals it on Flex; cached generation too. The fused-on/off model test stays on Flex unless the
+//! device is a real GPU: its unfused path needs burn's matmul and `sum()`, whose shared-memory
+//! shaders crash lavapipe's compiler.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use grail_testkit::{
+    const_on_kernel, kernel_device, kernel_test_device, random, reference_device as device, rel,
+};
+
+#[test]
+fn the_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
+    model_fused_on_off(&device());
+}
+
+/// The model-level check on the kernel device, only where that is a real GPU
+/// (`GRAIL_TEST_DEVICE=vulkan[:N]` or `cuda[:N]`): it runs burn's matmul, which lavapipe cannot.
+#[test]
+fn gpu_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
+    let name = std::env::var("GRAIL_TEST_DEVICE").unwrap_or_default();
+    if name.is_empty() || name == "cpu" || name == "vulkan:cpu" {
+        eprintln!("gpu_model: needs GRAIL_TEST_DEVICE naming a real GPU; not run");
+        return;
+    }
+    model_fused_on_off(&kernel_device());
+}
+
+fn model_fused_on_off(device: &Device) {
+    use burn::tensor::Int;
+    use grail_core::model::{CausalLm, Layout, ModelConfig};
+    // GQA 2, odd lengths, two packed rows with a padding tail.
+    let config = ModelConfig::qwen2(97, 48, 80, 2, 4, 2, 256, false);
+    let fused = CausalLm::init(&config, 3, device);
+    let plain = fused.clone().with_fused_ops(false);
+    assert!(fused.uses_fused_ops() && !plain.uses_fused_ops());
+    let lens = vec![vec![1, 37, 70], vec![65, 11]];
+    let cols = 110;
+    let ids: Vec<i64> = (0..2 * cols).map(|i| (i * 7 % 97) as i64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, cols]), device);
+    let layout = Layout::Packed { rows: lens };
+    let w = Tensor::<3>::from_data(random([2, cols, 97], 14).to_data(), device);
+    let out_f = fused.forward(ids.clone(), &layout).unwrap();
+    let out_p = plain.forward(ids, &layout).unwrap();
+    // Padding positions differ by design (zeros vs attention over padding): compare the first
+    // 76 columns, real tokens in both rows.
+    let e = rel(
+        out_f.clone().narrow(1, 0, 76),
+        out_p.clone().narrow(1, 0, 76),
+    );
+    assert!(e <= 1e-5, "logits rel err {e:e}");
+    let gf = (out_f.narrow(1, 0, 76) * w.clone().narrow(1, 0, 76))
+        .sum()
+        .backward();
+    let gp = (out_p.narrow(1, 0, 76) * w.narrow(1, 0, 76))
+        .sum()
+        .backward();
+    let weights = |m: &CausalLm| {
+        let l = &m.model.layers[1];
+        vec![
+            l.self_attn.q_proj.weight.val(),
+            l.self_attn.k_proj.weight.val(),
+            l.mlp.gate_proj.weight.val(),
+        ]
+    };
+    for (a, b) in weights(&fused).into_iter().zip(weights(&plain)) {
+        let e = rel(a.grad(&gf).unwrap(), b.grad(&gp).unwrap());
+        assert!(e <= 1e-5, "gradient rel err {e:e}");
+    }
+    let norm_f = fused.model.layers[0]
+        .input_layernorm
+        .weight
+        .val()
+        .grad(&gf)
+        .unwrap();
+    let norm_p = plain.model.layers[0]
+        .input_layernorm
+        .weight
+        .val()
+        .grad(&gp)
+        .unwrap();
+    assert!(rel(norm_f, norm_p) <= 1e-5);
+}
+
+/// The whole fused model on the kernel device equals the same model on Flex, in logits and
+/// gradients: every fused op in its place (packed varlen attention, RoPE, RMSNorm, SwiGLU, the
+/// linear layers), chained, through autodiff. Runs wherever `GRAIL_TEST_DEVICE` names a CubeCL
+/// device, lavapipe included (CI): the model's fused path needs no burn matmul or reduction.
+#[test]
+fn the_fused_model_on_the_kernel_device_equals_the_model_on_flex() {
+    use burn::module::Module;
+    use burn::tensor::Int;
+    use grail_core::model::{CausalLm, Layout, ModelConfig};
+    if kernel_test_device("kernel model").is_none() {
+        return;
+    }
+    // GQA 2, odd lengths, two packed rows with a padding tail, an untied lm_head.
+    let config = ModelConfig::qwen2(97, 48, 80, 2, 4, 2, 256, false);
+    let reference = CausalLm::init(&config, 3, &device());
+    let kernel = reference.clone().fork(&kernel_device());
+    assert!(kernel.uses_fused_ops());
+    let lens = vec![vec![1, 37, 70], vec![65, 11]];
+    let cols = 110;
+    let ids: Vec<i64> = (0..2 * cols).map(|i| (i * 7 % 97) as i64).collect();
+    let ids = |d: &Device| Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [2, cols]), d);
+    let layout = Layout::Packed { rows: lens };
+    let w = random([2, cols, 97], 14);
+    let out_r = reference.forward(ids(&device()), &layout).unwrap();
+    let out_k = kernel.forward(ids(&kernel_device()), &layout).unwrap();
+    let e = rel(out_k.clone(), out_r.clone());
+    assert!(e <= 1e-5, "logits rel err {e:e}");
+    let gk = (out_k * const_on_kernel(&w)).backward();
+    let gr = (out_r * w).sum().backward();
+    let grads = |m: &CausalLm, g: &burn::tensor::Gradients| {
+        let l = &m.model.layers[1];
+        let matrix = |w: Tensor<2>| w.grad(g).unwrap();
+        let vector = |w: Tensor<1>| w.grad(g).unwrap().unsqueeze::<2>();
+        vec![
+            matrix(l.self_attn.q_proj.weight.val()),
+            matrix(l.self_attn.k_proj.weight.val()),
+            matrix(l.self_attn.o_proj.weight.val()),
+            matrix(l.mlp.gate_proj.weight.val()),
+            matrix(l.mlp.down_proj.weight.val()),
+            matrix(m.lm_head.as_ref().unwrap().weight.val()),
+            vector(l.post_attention_layernorm.weight.val()),
+            vector(m.model.norm.weight.val()),
+        ]
+    };
+    for (i, (a, b)) in grads(&kernel, &gk)
+        .into_iter()
+        .zip(grads(&reference, &gr))
+        .enumerate()
+    {
+        let e = rel(a, b);
+        assert!(e <= 1e-5, "gradient {i} rel err {e:e}");
+    }
+}
+
+#[test]
+fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
+    use grail_core::model::{CausalLm, KvCache, ModelConfig};
+    let config = ModelConfig::qwen2(61, 32, 48, 2, 4, 2, 256, true);
+    let fused = CausalLm::init(&config, 5, &Device::flex());
+    let plain = fused.clone().with_fused_ops(false);
+    let run = |m: &CausalLm| {
+        let mut caches = vec![KvCache::new(2), KvCache::new(2), KvCache::new(2)];
+        let mut out = Vec::new();
+        // Prefill prompts of 1, 70 (two query tiles) and 5 tokens, then mixed decode steps.
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![3],
+            (0..70).map(|i| i % 61).collect(),
+            vec![9, 8, 7, 6, 5],
+        ];
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        out.push(m.forward_cached(&refs, &mut caches).unwrap());
+        for step in 0..3u32 {
+            let next = [[step + 1], [step + 20], [step + 40]];
+            let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
+            out.push(m.forward_cached(&refs, &mut caches).unwrap());
+        }
+        out
+    };
+    for (a, b) in run(&fused).into_iter().zip(run(&plain)) {
+        let e = rel(a, b);
+        assert!(e <= 1e-5, "cached logits rel err {e:e}");
+    }
+}
+
+/// Generation on the kernel device (fused path, device KV caches, one cached-attention kernel
+/// per layer) gives the logits of generation on Flex (host caches): a prefill of mixed lengths,
+/// then decode steps. Runs wherever `GRAIL_TEST_DEVICE` names a CubeCL device, lavapipe included.
+#[test]
+fn cached_generation_on_the_kernel_device_equals_flex() {
+    use burn::module::Module;
+    use grail_core::model::{CausalLm, KvCache, ModelConfig};
+    if kernel_test_device("kernel generation").is_none() {
+        return;
+    }
+    let config = ModelConfig::qwen2(61, 32, 48, 2, 4, 2, 256, true);
+    let reference = CausalLm::init(&config, 5, &Device::flex());
+    let kernel = reference
+        .clone()
+        .to_device(&kernel_device().without_autodiff());
+    let run = |m: &CausalLm| {
+        let mut caches = vec![KvCache::new(2), KvCache::new(2), KvCache::new(2)];
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![3],
+            (0..70).map(|i| i % 61).collect(),
+            vec![9, 8, 7, 6, 5],
+        ];
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let mut out = vec![m.forward_cached(&refs, &mut caches).unwrap()];
+        for step in 0..3u32 {
+            let next = [[step + 1], [step + 20], [step + 40]];
+            let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
+            out.push(m.forward_cached(&refs, &mut caches).unwrap());
+        }
+        out
+    };
+    for (step, (a, b)) in run(&kernel).into_iter().zip(run(&reference)).enumerate() {
+        let e = rel(a, b);
+        assert!(e <= 1e-5, "step {step}: cached logits rel err {e:e}");
+    }
+}

@@ -1,0 +1,382 @@
+//! Attention on the CubeCL backends: one GPU thread per query row × head for the forward and `dq`,
+//! per key row × kv head for `dk`/`dv`, loops over the row in registers. No shared memory on
+//! purpose: as CubeCL's SPIR-V declares it, it crashes lavapipe's compiler, and these kernels are
+//! checked in CI on lavapipe. Same math as the CPU kernels, f32 throughout.
+
+// Kernel code indexes buffers explicitly: iterators do not exist inside `#[cube]` functions.
+#![allow(clippy::needless_range_loop)]
+
+use burn::backend::TensorMetadata;
+use burn_cubecl::CubeBackend;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+use super::{AttentionOps, CachedSpan};
+use crate::cube_launch::{arg, dims3, empty_like, f32_contiguous, grid, u32_arg, u32_buffer};
+
+/// Attention forward, one thread per (query token, head): an online softmax over the keys
+/// `key_start[t]..key_end[t]` of `k`/`v` (their own token axis: the packed row itself for varlen
+/// attention, the gathered KV caches for generation); saves the log-sum-exp. Tokens with an
+/// empty range get zeros.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_kernel(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_start: &[u32],
+    key_end: &[u32],
+    out: &mut [f32],
+    lse: &mut [f32],
+    heads: u32,
+    kv_heads: u32,
+    scale: f32,
+    #[comptime] head_dim: usize,
+) {
+    let row = ABSOLUTE_POS;
+    if row >= lse.len() {
+        terminate!();
+    }
+    let heads = heads as usize;
+    let kv_heads = kv_heads as usize;
+    let t = row / heads;
+    let h = row % heads;
+    let kvh = h / (heads / kv_heads);
+    let q_base = row * head_dim;
+    let start = key_start[t] as usize;
+    let end = key_end[t] as usize;
+
+    let mut acc = Array::new(head_dim);
+    for dd in 0..head_dim {
+        acc[dd] = f32::new(0.0);
+    }
+    let mut m = f32::new(-1.0e30);
+    let mut l = f32::new(0.0);
+    for j in start..end {
+        let k_base = (j * kv_heads + kvh) * head_dim;
+        let mut dot = f32::new(0.0);
+        for dd in 0..head_dim {
+            dot += q[q_base + dd] * k[k_base + dd];
+        }
+        let s = dot * scale;
+        if s > m {
+            let correction = (m - s).exp();
+            l *= correction;
+            for dd in 0..head_dim {
+                acc[dd] *= correction;
+            }
+            m = s;
+        }
+        let p = (s - m).exp();
+        l += p;
+        for dd in 0..head_dim {
+            acc[dd] += p * v[k_base + dd];
+        }
+    }
+    if l > f32::new(0.0) {
+        let inv = f32::new(1.0) / l;
+        for dd in 0..head_dim {
+            out[q_base + dd] = acc[dd] * inv;
+        }
+        lse[row] = m + l.ln();
+    } else {
+        for dd in 0..head_dim {
+            out[q_base + dd] = f32::new(0.0);
+        }
+        lse[row] = f32::new(0.0);
+    }
+}
+
+/// `D = Σ dout · out` per (token, head) row: the softmax-backward correction term.
+#[cube(launch)]
+fn attention_delta_kernel(
+    out: &[f32],
+    dout: &[f32],
+    delta: &mut [f32],
+    #[comptime] head_dim: usize,
+) {
+    let row = ABSOLUTE_POS;
+    if row >= delta.len() {
+        terminate!();
+    }
+    let mut acc = f32::new(0.0);
+    for dd in 0..head_dim {
+        acc += out[row * head_dim + dd] * dout[row * head_dim + dd];
+    }
+    delta[row] = acc;
+}
+
+/// `dq`, one thread per (query token, head), recomputing each probability from the saved LSE.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn attention_dq_kernel(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    delta: &[f32],
+    seg_start: &[u32],
+    dq: &mut [f32],
+    heads: u32,
+    kv_heads: u32,
+    scale: f32,
+    #[comptime] head_dim: usize,
+) {
+    let row = ABSOLUTE_POS;
+    if row >= lse.len() {
+        terminate!();
+    }
+    let heads = heads as usize;
+    let kv_heads = kv_heads as usize;
+    let t = row / heads;
+    let h = row % heads;
+    let kvh = h / (heads / kv_heads);
+    let base = row * head_dim;
+    let start = seg_start[t] as usize;
+    let l = lse[row];
+    let d_i = delta[row];
+
+    let mut acc = Array::new(head_dim);
+    for dd in 0..head_dim {
+        acc[dd] = f32::new(0.0);
+    }
+    for j in start..t + 1 {
+        let k_base = (j * kv_heads + kvh) * head_dim;
+        let mut s = f32::new(0.0);
+        let mut dp = f32::new(0.0);
+        for dd in 0..head_dim {
+            s += q[base + dd] * k[k_base + dd];
+            dp += dout[base + dd] * v[k_base + dd];
+        }
+        let p = (s * scale - l).exp();
+        let ds = p * (dp - d_i) * scale;
+        for dd in 0..head_dim {
+            acc[dd] += ds * k[k_base + dd];
+        }
+    }
+    for dd in 0..head_dim {
+        dq[base + dd] = acc[dd];
+    }
+}
+
+/// `dk`, `dv`, one thread per (key token, kv head): the queries `j..end` of the key's segment,
+/// over every query head that shares this kv head.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn attention_dkdv_kernel(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    delta: &[f32],
+    seg_end: &[u32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    heads: u32,
+    kv_heads: u32,
+    scale: f32,
+    #[comptime] head_dim: usize,
+) {
+    let row = ABSOLUTE_POS;
+    if row * head_dim >= dk.len() {
+        terminate!();
+    }
+    let heads = heads as usize;
+    let kv_heads = kv_heads as usize;
+    let group = heads / kv_heads;
+    let j = row / kv_heads;
+    let kvh = row % kv_heads;
+    let k_base = row * head_dim;
+    let end = seg_end[j] as usize;
+
+    let mut acc_k = Array::new(head_dim);
+    let mut acc_v = Array::new(head_dim);
+    for dd in 0..head_dim {
+        acc_k[dd] = f32::new(0.0);
+        acc_v[dd] = f32::new(0.0);
+    }
+    for g in 0..group {
+        let h = kvh * group + g;
+        for i in j..end {
+            let q_row = i * heads + h;
+            let q_base = q_row * head_dim;
+            let mut s = f32::new(0.0);
+            let mut dp = f32::new(0.0);
+            for dd in 0..head_dim {
+                s += q[q_base + dd] * k[k_base + dd];
+                dp += dout[q_base + dd] * v[k_base + dd];
+            }
+            let p = (s * scale - lse[q_row]).exp();
+            let ds = p * (dp - delta[q_row]) * scale;
+            for dd in 0..head_dim {
+                acc_v[dd] += p * dout[q_base + dd];
+                acc_k[dd] += ds * q[q_base + dd];
+            }
+        }
+    }
+    for dd in 0..head_dim {
+        dk[k_base + dd] = acc_k[dd];
+        dv[k_base + dd] = acc_v[dd];
+    }
+}
+
+/// Per token: the first key of its segment (`t + 1` outside every segment, an empty range) and
+/// the end of its segment (`t`, empty, outside).
+fn segment_bounds(tokens: usize, segments: &[(usize, usize)]) -> (Vec<u32>, Vec<u32>) {
+    let mut start: Vec<u32> = (0..tokens).map(|t| t as u32 + 1).collect();
+    let mut end: Vec<u32> = (0..tokens).map(|t| t as u32).collect();
+    for &(s, len) in segments {
+        for t in s..(s + len).min(tokens) {
+            start[t] = s as u32;
+            end[t] = (s + len) as u32;
+        }
+    }
+    (start, end)
+}
+
+/// [`attention_forward_kernel`] over every row of `q` `[T, H, d]`: each query row attends the key
+/// range its [`CachedSpan`] gives (none: zeros). Returns the output and the log-sum-exp `[T, H]`.
+fn ranged_attention(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    spans: &[CachedSpan],
+    scale: f32,
+) -> (CubeTensor, CubeTensor) {
+    let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
+    let [tokens, heads, d] = dims3(&q);
+    let kv_heads = k.shape()[1];
+    let out = empty_like(&q, [tokens, heads, d]);
+    let lse = empty_like(&q, [tokens, heads]);
+    let (start, end) = CachedSpan::key_ranges(spans, tokens);
+    let (start, end) = (u32_buffer(&q, &start), u32_buffer(&q, &end));
+    let (count, dim) = grid(&q, tokens * heads);
+    attention_forward_kernel::launch(
+        &q.client,
+        count,
+        dim,
+        arg(&q),
+        arg(&k),
+        arg(&v),
+        u32_arg(&start),
+        u32_arg(&end),
+        arg(&out),
+        arg(&lse),
+        heads as u32,
+        kv_heads as u32,
+        scale,
+        d,
+    );
+    (out, lse)
+}
+
+impl AttentionOps for CubeBackend {
+    fn fused_attention_forward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> (CubeTensor, CubeTensor) {
+        // A segment is a sequence with an empty cache: its keys are its own tokens, so token t of
+        // a segment starting at s sees keys s..=t.
+        let spans: Vec<CachedSpan> = segments
+            .iter()
+            .map(|&(start, len)| CachedSpan {
+                q_start: start,
+                q_len: len,
+                k_start: start,
+                k_len: len,
+            })
+            .collect();
+        ranged_attention(q, k, v, &spans, scale)
+    }
+
+    fn fused_cached_attention(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        spans: Vec<CachedSpan>,
+        scale: f32,
+    ) -> CubeTensor {
+        ranged_attention(q, k, v, &spans, scale).0
+    }
+
+    fn fused_attention_backward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        out: CubeTensor,
+        lse: CubeTensor,
+        dout: CubeTensor,
+        segments: Vec<(usize, usize)>,
+        scale: f32,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
+        let (out, lse, dout) = (
+            f32_contiguous(out),
+            f32_contiguous(lse),
+            f32_contiguous(dout),
+        );
+        let [tokens, heads, d] = dims3(&q);
+        let kv_heads = k.shape()[1];
+        let (start, end) = segment_bounds(tokens, &segments);
+        let (start, end) = (u32_buffer(&q, &start), u32_buffer(&q, &end));
+
+        let delta = empty_like(&q, [tokens, heads]);
+        let (count, dim) = grid(&q, tokens * heads);
+        attention_delta_kernel::launch(
+            &q.client,
+            count.clone(),
+            dim,
+            arg(&out),
+            arg(&dout),
+            arg(&delta),
+            d,
+        );
+
+        let dq = empty_like(&q, [tokens, heads, d]);
+        attention_dq_kernel::launch(
+            &q.client,
+            count,
+            dim,
+            arg(&q),
+            arg(&k),
+            arg(&v),
+            arg(&dout),
+            arg(&lse),
+            arg(&delta),
+            u32_arg(&start),
+            arg(&dq),
+            heads as u32,
+            kv_heads as u32,
+            scale,
+            d,
+        );
+
+        let dk = empty_like(&q, [tokens, kv_heads, d]);
+        let dv = empty_like(&q, [tokens, kv_heads, d]);
+        let (count, dim) = grid(&q, tokens * kv_heads);
+        attention_dkdv_kernel::launch(
+            &q.client,
+            count,
+            dim,
+            arg(&q),
+            arg(&k),
+            arg(&v),
+            arg(&dout),
+            arg(&lse),
+            arg(&delta),
+            u32_arg(&end),
+            arg(&dk),
+            arg(&dv),
+            heads as u32,
+            kv_heads as u32,
+            scale,
+            d,
+        );
+        (dq, dk, dv)
+    }
+}

@@ -1,0 +1,91 @@
+//! A linear layer without bias, `x · Wᵀ` with `W` `[out, in]` in Hugging Face layout, whose
+//! weight gradient comes out contiguous in the weight's own layout.
+
+use burn::backend::AutodiffBackend;
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::Tensor;
+
+use crate::autodiff::give;
+
+mod cpu;
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+mod cube;
+
+/// The linear product and its backward; `fused_linear` is differentiable.
+#[backend_extension(Flex, Cube: cfg(any(feature = "vulkan", feature = "cuda")), Autodiff)]
+pub trait LinearOps: Backend {
+    /// `x [N, in] · Wᵀ` for `W` `[out, in]`; its weight gradient comes out contiguous.
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::fused_linear_forward(x, w)
+    }
+    /// Kernel: the product.
+    fn fused_linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Kernel: `(dx, dW)`.
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: LinearOps> Backward<B, 2> for LinearBackward {
+    type State = [FloatTensor<B>; 2];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let [x, w] = ops.state;
+        let (dx, dw) = B::fused_linear_backward(x, w, dy);
+        give!(B, grads, ops.parents, [dx, dw]);
+    }
+}
+
+impl<B: LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C> {
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
+        match LinearBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::fused_linear_forward(xp.clone(), wp.clone());
+                prep.finish([xp, wp], y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_linear_forward(xp, wp)),
+        }
+    }
+
+    fn fused_linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_linear_forward(
+            x.into_primitive(),
+            w.into_primitive(),
+        ))
+    }
+
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw) =
+            B::fused_linear_backward(x.into_primitive(), w.into_primitive(), dy.into_primitive());
+        (Self::from_inner(dx), Self::from_inner(dw))
+    }
+}
+
+/// `x [N, in] · Wᵀ` for a weight `W` `[out, in]` in Hugging Face layout.
+pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as LinearOps>::fused_linear(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
