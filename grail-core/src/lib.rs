@@ -18,6 +18,5 @@ pub mod fused;
 pub mod model;
 pub mod sync;
 pub mod tokenizer;
-pub mod types;
 
 pub use error::{GrailError, Result};

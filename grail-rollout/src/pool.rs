@@ -22,8 +22,8 @@ use std::time::Duration;
 use grail_core::GrailError;
 use grail_core::env::{Completion, Environment, Prompt};
 use grail_core::model::CausalLm;
-use grail_core::sync::{WeightState, WireDtype};
-use grail_core::types::{Group, PolicyVersion, PoolMessage, Sample};
+use grail_core::sync::WeightState;
+use grail_protocol::{Group, PolicyVersion, PoolMessage, Sample, WireDtype};
 use rayon::prelude::*;
 
 use crate::generate::{

@@ -5,9 +5,8 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::sync::{PoolFeedback, SyncMode, WeightPublisher, WeightState, WireDtype};
-use grail_core::types::PoolMessage;
-use grail_core::types::{Group, Sample, WeightPayload};
+use grail_core::sync::{PoolFeedback, WeightPublisher, WeightState};
+use grail_protocol::{Group, PoolMessage, Sample, SyncMode, WeightPayload, WireDtype};
 use grail_trainer::channel::{ChannelRun, RunEvent};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::off_policy::ImportanceSamplingMode;
@@ -217,7 +216,7 @@ fn delta_sync_reproduces_the_trainers_bf16_weights_exactly() {
 
 #[test]
 fn a_silent_pool_is_a_stall_error_naming_the_cause() {
-    let (group_tx, group_rx) = flume::bounded::<grail_core::types::Group>(4);
+    let (group_tx, group_rx) = flume::bounded::<grail_protocol::Group>(4);
     let mut trainer = GrpoTrainer::new(model(), None, config()).unwrap();
     let run = ChannelRun {
         stall_timeout: Some(std::time::Duration::from_secs(2)),
@@ -240,7 +239,7 @@ fn a_silent_pool_is_a_stall_error_naming_the_cause() {
     );
     assert!(waits >= 1, "the caller saw no waiting event");
     // A caller may also stop while waiting (Ctrl-C): the run returns at once, without error.
-    let (_tx, rx) = flume::bounded::<grail_core::types::Group>(4);
+    let (_tx, rx) = flume::bounded::<grail_protocol::Group>(4);
     let stats = trainer
         .run_from_channel(&rx, None, &run, |_, _| std::ops::ControlFlow::Break(()))
         .unwrap();

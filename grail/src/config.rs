@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use grail_core::env::{ArithmeticConfig, CountdownConfig};
-use grail_core::sync::SyncMode;
+use grail_protocol::SyncMode;
 use grail_rollout::PromptTruncation;
 use grail_trainer::advantages::ScaleRewards;
 use grail_trainer::loss::{ImportanceSamplingLevel, LossType};

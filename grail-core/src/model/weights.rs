@@ -78,17 +78,17 @@ impl WeightSource for RandomInit {
     }
 }
 
-/// Builds a model from the tensors of a [`WeightUpdate`](crate::types::WeightUpdate) (how rollout
+/// Builds a model from the tensors of a [`WeightUpdate`](grail_protocol::WeightUpdate) (how rollout
 /// workers pick up new weights). Missing, extra or mis-shaped tensors are errors.
 pub struct NamedTensorSource<'a> {
-    tensors: std::collections::HashMap<&'a str, &'a crate::types::NamedTensor>,
+    tensors: std::collections::HashMap<&'a str, &'a grail_protocol::NamedTensor>,
     taken: usize,
     device: Device,
 }
 
 impl<'a> NamedTensorSource<'a> {
     /// A source over `tensors`, creating parameters on `device`.
-    pub fn new(tensors: &'a [crate::types::NamedTensor], device: &Device) -> Self {
+    pub fn new(tensors: &'a [grail_protocol::NamedTensor], device: &Device) -> Self {
         Self {
             tensors: tensors.iter().map(|t| (t.name.as_str(), t)).collect(),
             taken: 0,
