@@ -325,8 +325,9 @@ fn weight_sync_bench(
     steps: usize,
     lr: f64,
 ) -> Result<()> {
-    use grail_core::sync::{WeightPublisher, WeightState};
     use grail_protocol::{Group, Sample, SyncMode, WireDtype};
+    use grail_rollout::WeightState;
+    use grail_trainer::WeightPublisher;
     use grail_trainer::config::TrainerConfig;
     use grail_trainer::trainer::GrpoTrainer;
     let config = m.model_config()?;

@@ -16,7 +16,6 @@ pub mod env;
 pub mod error;
 pub mod fused;
 pub mod model;
-pub mod sync;
 pub mod tokenizer;
 
 pub use error::{GrailError, Result};

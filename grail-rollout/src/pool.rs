@@ -22,7 +22,6 @@ use std::time::Duration;
 use grail_core::GrailError;
 use grail_core::env::{Completion, Environment, Prompt};
 use grail_core::model::CausalLm;
-use grail_core::sync::WeightState;
 use grail_protocol::{Group, PolicyVersion, PoolMessage, Sample, WireDtype};
 use rayon::prelude::*;
 
@@ -30,6 +29,7 @@ use crate::generate::{
     FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate_in_flight,
 };
 use crate::prompt_limits::{PromptLimits, PromptTruncation};
+use crate::weight_state::WeightState;
 
 /// Pool settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,7 +133,7 @@ pub struct RolloutPool {
     /// Scored groups, in the order they finish.
     pub groups: flume::Receiver<Group>,
     /// Where the trainer sends new weights and its consumption count
-    /// (see [`grail_core::sync::PoolFeedback`]).
+    /// (the trainer's `grail_trainer::feedback::PoolFeedback`).
     pub feedback: flume::Sender<PoolMessage>,
     shutdown: Arc<AtomicBool>,
     counters: Arc<PoolCounters>,

@@ -12,8 +12,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
-use grail_core::model::{CausalLm, Layout};
-use grail_core::sync::named_tensors;
+use grail_core::model::{CausalLm, Layout, named_tensors};
 use grail_protocol::{Group, PolicyVersion, WeightPayload, WeightUpdate, WireDtype};
 
 use crate::advantages::compute_advantages;

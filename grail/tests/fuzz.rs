@@ -13,9 +13,10 @@ use grail::GrpoConfig;
 use grail_core::checkpoint::{Checkpoint, StorageDtype, save_model};
 use grail_core::env::{Dataset, Split};
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::sync::{WeightPublisher, WeightState};
 use grail_core::tokenizer::{ChatMessage, Tokenizer, render_chat_template};
 use grail_protocol::{SyncMode, WeightPayload, WeightUpdate, WireDtype};
+use grail_rollout::WeightState;
+use grail_trainer::WeightPublisher;
 
 const CASES: usize = 10_000;
 
