@@ -29,6 +29,7 @@ pub mod progress;
 pub mod runner;
 pub mod signals;
 pub mod task;
+pub mod tasks;
 
 pub use config::GrpoConfig;
 pub use runner::{Grpo, RunSummary, evaluate, report, run};

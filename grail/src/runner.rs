@@ -12,8 +12,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::device::parse_device;
-use grail_core::env::tasks::{arithmetic_task, countdown_task};
-use grail_core::env::{Arithmetic, Completion, Countdown, Dataset, Environment, Prompt, Split};
+use grail_core::env::{Completion, Environment, Prompt, Split};
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_core::tokenizer::Tokenizer;
 use grail_protocol::WireDtype;
@@ -33,6 +32,7 @@ use crate::config::{EnvSection, GrpoConfig};
 use crate::output::{self, MetricsLog};
 use crate::progress::Progress;
 use crate::task::Task;
+use crate::tasks::{Arithmetic, Countdown, arithmetic_task, countdown_task, open_jsonl};
 
 /// The dtype weights travel to the rollout workers in.
 const WIRE: WireDtype = WireDtype::Bf16;
@@ -122,7 +122,7 @@ fn make_env(cfg: &GrpoConfig, split: Split, tok: Arc<Tokenizer>) -> Result<Arc<d
     Ok(match &cfg.env {
         EnvSection::Countdown(c) => Arc::new(Countdown::new(c.clone(), cfg.seed, split, tok)?),
         EnvSection::Arithmetic(a) => Arc::new(Arithmetic::new(a.clone(), cfg.seed, split, tok)?),
-        EnvSection::Jsonl { path } => Arc::new(Dataset::open_jsonl(path, split, tok)?),
+        EnvSection::Jsonl { path } => Arc::new(open_jsonl(path, split, tok)?),
     })
 }
 

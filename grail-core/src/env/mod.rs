@@ -91,8 +91,8 @@ pub trait Environment: Send + Sync {
     }
 }
 
-pub mod expr;
-pub mod extract;
-pub mod tasks;
+mod dataset;
+mod split;
 
-pub use tasks::{Arithmetic, ArithmeticConfig, Countdown, CountdownConfig, Dataset, Row, Split};
+pub use dataset::{Dataset, Row};
+pub use split::Split;
