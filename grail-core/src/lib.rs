@@ -12,7 +12,6 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod device;
-pub mod env;
 pub mod error;
 pub mod fused;
 pub mod model;

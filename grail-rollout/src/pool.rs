@@ -20,11 +20,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use grail_core::GrailError;
-use grail_core::env::{Completion, Environment, Prompt};
 use grail_core::model::CausalLm;
 use grail_protocol::{Group, PolicyVersion, PoolMessage, Sample, WireDtype};
 use rayon::prelude::*;
 
+use crate::environment::{Completion, Environment, Prompt};
 use crate::generate::{
     FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate_in_flight,
 };

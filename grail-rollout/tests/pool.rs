@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 
 use burn::module::Module;
 use burn::tensor::Device;
-use grail_core::env::{Completion, Environment, Prompt, Reward};
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_protocol::{PoolMessage, SyncMode, WireDtype};
 use grail_rollout::generate::GenerationConfig;
+use grail_rollout::{Completion, Environment, Prompt, Reward};
 use grail_rollout::{PoolConfig, PoolReport, RolloutPool, spawn_pool};
 use grail_trainer::channel::{ChannelRun, RunEvent, RunStats};
 use grail_trainer::config::TrainerConfig;

@@ -41,8 +41,8 @@ pub mod prelude {
     pub use crate::config::{EnvSection, GrpoConfig, ResumeFrom};
     pub use crate::runner::{Grpo, RunSummary, report};
     pub use crate::task::Task;
-    pub use grail_core::env::{Completion, Environment, Prompt, Reward, Split};
     pub use grail_core::tokenizer::Tokenizer;
+    pub use grail_rollout::{Completion, Environment, Prompt, Reward, Split};
 }
 
 /// Logging to stderr (`RUST_LOG` filters; default `info`).

@@ -12,10 +12,10 @@ use burn::tensor::Device;
 use grail::GrpoConfig;
 use grail::tasks::open_jsonl;
 use grail_core::checkpoint::{Checkpoint, StorageDtype, save_model};
-use grail_core::env::Split;
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_core::tokenizer::{ChatMessage, Tokenizer, render_chat_template};
 use grail_protocol::{SyncMode, WeightPayload, WeightUpdate, WireDtype};
+use grail_rollout::Split;
 use grail_rollout::WeightState;
 use grail_trainer::WeightPublisher;
 

@@ -10,8 +10,8 @@ use grail::tasks::extract::{
 use grail::tasks::{
     ArithmeticConfig, Countdown, CountdownConfig, arithmetic_task, countdown_task, open_jsonl,
 };
-use grail_core::env::{Completion, Environment, Split};
 use grail_core::tokenizer::Tokenizer;
+use grail_rollout::{Completion, Environment, Split};
 
 fn tokenizer() -> Arc<Tokenizer> {
     let texts = [

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use grail_core::env::{Environment, Prompt, Reward, Split};
 use grail_core::error::{GrailError, Result};
 use grail_core::tokenizer::Tokenizer;
+use grail_rollout::{Environment, Prompt, Reward, Split};
 use rand::RngExt;
 use serde_json::json;
 

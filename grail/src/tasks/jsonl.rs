@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use grail_core::env::{Dataset, Row, Split};
 use grail_core::error::{GrailError, Result};
 use grail_core::tokenizer::Tokenizer;
+use grail_rollout::{Dataset, Row, Split};
 
 use super::answer_rewards;
 use super::extract::extract_answer;

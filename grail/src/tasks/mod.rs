@@ -4,9 +4,9 @@
 //! lines, e.g. GSM8K) with the same extractors.
 //!
 //! Every environment has a train and a held-out split that never share an instance
-//! ([`Split::contains`](grail_core::env::Split::contains)).
+//! ([`Split::contains`](grail_rollout::Split::contains)).
 
-use grail_core::env::{Completion, Prompt, Reward};
+use grail_rollout::{Completion, Prompt, Reward};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::split::EVAL_BUCKETS;
-use super::{Environment, Prompt, Reward, Split};
-use crate::error::{GrailError, Result};
-use crate::tokenizer::Tokenizer;
+use grail_core::error::{GrailError, Result};
+use grail_core::tokenizer::Tokenizer;
+
+use crate::environment::{Environment, Prompt, Reward};
+use crate::split::{EVAL_BUCKETS, Split};
 
 /// One example of a [`Dataset`]: the prompt text, the reference answer its rewards judge
 /// against, and the completion the SFT warm-up teaches (if any).
