@@ -325,8 +325,9 @@ fn weight_sync_bench(
     steps: usize,
     lr: f64,
 ) -> Result<()> {
-    use grail_core::sync::{SyncMode, WeightPublisher, WeightState, WireDtype};
-    use grail_core::types::{Group, Sample};
+    use grail_protocol::{Group, Sample, SyncMode, WireDtype};
+    use grail_rollout::WeightState;
+    use grail_trainer::WeightPublisher;
     use grail_trainer::config::TrainerConfig;
     use grail_trainer::trainer::GrpoTrainer;
     let config = m.model_config()?;
@@ -430,7 +431,7 @@ fn peak_rss_bytes() -> u64 {
 }
 
 fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Result<()> {
-    use grail_core::types::{Group, Sample};
+    use grail_protocol::{Group, Sample};
     use grail_trainer::config::TrainerConfig;
     use grail_trainer::flops::measure_peak_flops;
     use grail_trainer::loss::LossType;

@@ -78,6 +78,9 @@ pub enum GrailError {
     /// Bad arguments to a model call (ids out of range, inconsistent layout).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A weight update that cannot be applied (corrupt, or out of order).
+    #[error(transparent)]
+    Protocol(#[from] grail_protocol::ProtocolError),
 }
 
 /// Result alias for grail-core.

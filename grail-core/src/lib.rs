@@ -11,12 +11,10 @@
 
 pub mod atomic;
 pub mod checkpoint;
-pub use grail_kernels::device;
-pub mod env;
 pub mod error;
 pub mod model;
-pub mod sync;
 pub mod tokenizer;
-pub mod types;
 
 pub use error::{GrailError, Result};
+/// Device selection lives with the kernels that run on it.
+pub use grail_kernels::device;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use grail_core::GrailError;
 use grail_core::model::{CausalLm, KvCache};
-use grail_core::types::PolicyVersion;
+use grail_protocol::PolicyVersion;
 use rand::rngs::StdRng;
 
 use crate::sampling::{SamplingConfig, sample_rng, sample_token};

@@ -1,12 +1,23 @@
-//! grail-rollout: turns prompts into scored groups for the trainer: seeded sampling with raw
-//! behaviour log-probs ([`sampling`]), continuous-batching generation over per-sequence KV caches
-//! ([`generate`]), prompt length limits ([`prompt_limits`]) and the worker pool ([`pool`]).
+//! grail-rollout: turns prompts into scored groups for the trainer. Prompts and rewards come from
+//! an [`Environment`] ([`environment`]; rows of prompt and answer: [`dataset`]; train / held-out:
+//! [`split`]); seeded sampling with raw behaviour log-probs ([`sampling`]), continuous-batching
+//! generation over per-sequence KV caches ([`generate`]), prompt length limits
+//! ([`prompt_limits`]), the worker pool ([`pool`]) and each worker's copy of the weights
+//! ([`weight_state`]) turn them into groups.
 #![warn(missing_docs)]
 
+pub mod dataset;
+pub mod environment;
 pub mod generate;
 pub mod pool;
 pub mod prompt_limits;
 pub mod sampling;
+pub mod split;
+pub mod weight_state;
 
+pub use dataset::{Dataset, Row};
+pub use environment::{Completion, Environment, Prompt, Reward, RewardFn};
 pub use pool::{PoolConfig, PoolReport, RolloutPool, spawn_pool};
 pub use prompt_limits::{PromptLimits, PromptTruncation};
+pub use split::Split;
+pub use weight_state::WeightState;

@@ -20,16 +20,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use grail_core::GrailError;
-use grail_core::env::{Completion, Environment, Prompt};
 use grail_core::model::CausalLm;
-use grail_core::sync::{WeightState, WireDtype};
-use grail_core::types::{Group, PolicyVersion, PoolMessage, Sample};
+use grail_protocol::{Group, PolicyVersion, PoolMessage, Sample, WireDtype};
 use rayon::prelude::*;
 
+use crate::environment::{Completion, Environment, Prompt};
 use crate::generate::{
     FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate_in_flight,
 };
 use crate::prompt_limits::{PromptLimits, PromptTruncation};
+use crate::weight_state::WeightState;
 
 /// Pool settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,7 +133,7 @@ pub struct RolloutPool {
     /// Scored groups, in the order they finish.
     pub groups: flume::Receiver<Group>,
     /// Where the trainer sends new weights and its consumption count
-    /// (see [`grail_core::sync::PoolFeedback`]).
+    /// (the trainer's `grail_trainer::feedback::PoolFeedback`).
     pub feedback: flume::Sender<PoolMessage>,
     shutdown: Arc<AtomicBool>,
     counters: Arc<PoolCounters>,

@@ -2,8 +2,9 @@
 //! run's `max_prompt_length` or, with its completion budget, for the model's context.
 
 use grail_core::GrailError;
-use grail_core::env::Prompt;
 use serde::{Deserialize, Serialize};
+
+use crate::environment::Prompt;
 
 /// What to do with a prompt longer than `max_prompt_length`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,15 +6,15 @@ use std::sync::atomic::Ordering;
 
 use burn::module::Module;
 use burn::tensor::Device;
-use grail_core::env::{Completion, Environment, Prompt, Reward};
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::sync::{PoolFeedback, SyncMode, WeightPublisher, WireDtype};
-use grail_core::types::PoolMessage;
+use grail_protocol::{PoolMessage, SyncMode, WireDtype};
 use grail_rollout::generate::GenerationConfig;
+use grail_rollout::{Completion, Environment, Prompt, Reward};
 use grail_rollout::{PoolConfig, PoolReport, RolloutPool, spawn_pool};
 use grail_trainer::channel::{ChannelRun, RunEvent, RunStats};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::trainer::GrpoTrainer;
+use grail_trainer::{PoolFeedback, WeightPublisher};
 
 /// Prompts `[i % 50, 1, 2]`; reward: share of completion tokens equal to 7. Prompts with id
 /// divisible by `panic_every` make the second reward panic.

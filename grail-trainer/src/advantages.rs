@@ -6,7 +6,7 @@
 //! `1e-4` added, as in TRL. Groups whose rewards are all equal carry no signal; they can be
 //! filtered out (and are counted).
 
-use grail_core::types::Group;
+use grail_protocol::Group;
 
 use crate::error::{Result, TrainerError};
 

@@ -12,10 +12,10 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use grail_core::sync::PoolFeedback;
-use grail_core::types::Group;
+use grail_protocol::Group;
 
 use crate::error::{Result, TrainerError};
+use crate::feedback::PoolFeedback;
 use crate::trainer::{GrpoTrainer, StepMetrics};
 
 /// How to train from a channel.

@@ -15,8 +15,8 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use grail_core::checkpoint::{StorageDtype, load_model, save_model};
-use grail_core::types::PolicyVersion;
 use grail_core::{GrailError, atomic};
+use grail_protocol::PolicyVersion;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainerConfig;

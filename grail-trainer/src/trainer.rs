@@ -11,10 +11,9 @@ use std::time::Instant;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use grail_core::model::{CausalLm, Layout};
-use grail_core::sync::{WireDtype, named_tensors};
-use grail_core::types::{Group, PolicyVersion, WeightPayload, WeightUpdate};
+use grail_core::model::{CausalLm, Layout, named_tensors};
 use grail_kernels::{gradient_surrogate, selective_logprobs_forward};
+use grail_protocol::{Group, PolicyVersion, WeightPayload, WeightUpdate, WireDtype};
 
 use crate::advantages::compute_advantages;
 use crate::config::TrainerConfig;
@@ -451,7 +450,7 @@ impl GrpoTrainer {
             }
             _ => None,
         };
-        let all: Vec<&grail_core::types::Sample> = groups.iter().flat_map(|g| &g.samples).collect();
+        let all: Vec<&grail_protocol::Sample> = groups.iter().flat_map(|g| &g.samples).collect();
         let reward_means = (0..cfg.reward_weights.len())
             .map(|k| all.iter().map(|s| s.rewards[k] as f64).sum::<f64>() / all.len().max(1) as f64)
             .collect();

@@ -7,7 +7,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::types::{Group, Sample, WeightPayload};
+use grail_protocol::{Group, Sample, WeightPayload};
 use grail_trainer::TrainerError;
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::loss::LossType;

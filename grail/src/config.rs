@@ -20,14 +20,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use grail_core::env::{ArithmeticConfig, CountdownConfig};
-use grail_core::sync::SyncMode;
+use grail_protocol::SyncMode;
 use grail_rollout::PromptTruncation;
 use grail_trainer::advantages::ScaleRewards;
 use grail_trainer::loss::{ImportanceSamplingLevel, LossType};
 use grail_trainer::off_policy::ImportanceSamplingMode;
 use grail_trainer::schedule::LrSchedulerType;
 use serde::{Deserialize, Serialize};
+
+use crate::tasks::{ArithmeticConfig, CountdownConfig};
 
 /// The whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,6 +29,7 @@ pub mod progress;
 pub mod runner;
 pub mod signals;
 pub mod task;
+pub mod tasks;
 
 pub use config::GrpoConfig;
 pub use runner::{Grpo, RunSummary, evaluate, report, run};
@@ -40,8 +41,8 @@ pub mod prelude {
     pub use crate::config::{EnvSection, GrpoConfig, ResumeFrom};
     pub use crate::runner::{Grpo, RunSummary, report};
     pub use crate::task::Task;
-    pub use grail_core::env::{Completion, Environment, Prompt, Reward, Split};
     pub use grail_core::tokenizer::Tokenizer;
+    pub use grail_rollout::{Completion, Environment, Prompt, Reward, Split};
 }
 
 /// Logging to stderr (`RUST_LOG` filters; default `info`).

@@ -12,20 +12,18 @@ use burn::module::Module;
 use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::device::parse_device;
-use grail_core::env::tasks::{arithmetic_task, countdown_task};
-use grail_core::env::{Arithmetic, Completion, Countdown, Dataset, Environment, Prompt, Split};
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::sync::{PoolFeedback, WeightPublisher, WireDtype};
 use grail_core::tokenizer::Tokenizer;
+use grail_protocol::WireDtype;
 use grail_rollout::generate::{FinishReason, GenerationConfig, GenerationRequest, generate};
 use grail_rollout::sampling::SamplingConfig;
-use grail_rollout::{PoolConfig, PromptLimits, spawn_pool};
-use grail_trainer::TrainerError;
+use grail_rollout::{Completion, Environment, PoolConfig, Prompt, PromptLimits, Split, spawn_pool};
 use grail_trainer::channel::{ChannelRun, RunEvent, RunStats};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::flops::measure_peak_flops;
 use grail_trainer::sft::SftExample;
 use grail_trainer::trainer::GrpoTrainer;
+use grail_trainer::{PoolFeedback, TrainerError, WeightPublisher};
 use serde_json::json;
 
 use crate::checkpoint::{self, Accounting, RunState};
@@ -33,6 +31,7 @@ use crate::config::{EnvSection, GrpoConfig};
 use crate::output::{self, MetricsLog};
 use crate::progress::Progress;
 use crate::task::Task;
+use crate::tasks::{Arithmetic, Countdown, arithmetic_task, countdown_task, open_jsonl};
 
 /// The dtype weights travel to the rollout workers in.
 const WIRE: WireDtype = WireDtype::Bf16;
@@ -122,7 +121,7 @@ fn make_env(cfg: &GrpoConfig, split: Split, tok: Arc<Tokenizer>) -> Result<Arc<d
     Ok(match &cfg.env {
         EnvSection::Countdown(c) => Arc::new(Countdown::new(c.clone(), cfg.seed, split, tok)?),
         EnvSection::Arithmetic(a) => Arc::new(Arithmetic::new(a.clone(), cfg.seed, split, tok)?),
-        EnvSection::Jsonl { path } => Arc::new(Dataset::open_jsonl(path, split, tok)?),
+        EnvSection::Jsonl { path } => Arc::new(open_jsonl(path, split, tok)?),
     })
 }
 

@@ -13,8 +13,8 @@
 
 use std::sync::Arc;
 
-use grail_core::env::{Completion, Dataset, Environment, Prompt, Reward, Row, Split};
 use grail_core::tokenizer::Tokenizer;
+use grail_rollout::{Completion, Dataset, Environment, Prompt, Reward, Row, Split};
 
 /// Rows of (prompt, answer) and the rewards that judge completions of them. The run tokenizes
 /// the prompts with its tokenizer and splits the rows into train and held-out by a hash of the

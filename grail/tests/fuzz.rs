@@ -10,12 +10,14 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use grail::GrpoConfig;
+use grail::tasks::open_jsonl;
 use grail_core::checkpoint::{Checkpoint, StorageDtype, save_model};
-use grail_core::env::{Dataset, Split};
 use grail_core::model::{CausalLm, ModelConfig};
-use grail_core::sync::{SyncMode, WeightPublisher, WeightState, WireDtype};
 use grail_core::tokenizer::{ChatMessage, Tokenizer, render_chat_template};
-use grail_core::types::{WeightPayload, WeightUpdate};
+use grail_protocol::{SyncMode, WeightPayload, WeightUpdate, WireDtype};
+use grail_rollout::Split;
+use grail_rollout::WeightState;
+use grail_trainer::WeightPublisher;
 
 const CASES: usize = 10_000;
 
@@ -262,7 +264,7 @@ fn jsonl_rows() {
     let tokenizer = Arc::new(trained_tokenizer());
     fuzz("jsonl", &seed, usize::MAX, |b| {
         std::fs::write(&path, b).unwrap();
-        Dataset::open_jsonl(&path, Split::Train, tokenizer.clone()).is_ok()
+        open_jsonl(&path, Split::Train, tokenizer.clone()).is_ok()
     });
 }
 

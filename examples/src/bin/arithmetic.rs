@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use grail::config::{EnvSection, GrpoConfig, ResumeFrom};
+use grail::tasks::ArithmeticConfig;
 use grail::{Grpo, report};
-use grail_core::env::ArithmeticConfig;
 
 #[derive(Parser, Debug)]
 #[command(about = "GRPO on arithmetic word problems with a tiny model trained from scratch")]

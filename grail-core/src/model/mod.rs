@@ -19,7 +19,7 @@ pub use config::{ModelConfig, ModelFamily};
 pub use generate::{argmax_rows, greedy};
 pub use layers::{Embedding, Linear, Mlp, RmsNorm, Rope};
 pub use layout::{Layout, Segment};
-pub use weights::{NamedTensorSource, RandomInit, WeightSource, stable_id};
+pub use weights::{NamedTensorSource, RandomInit, WeightSource, named_tensors, stable_id};
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};

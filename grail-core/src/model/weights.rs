@@ -1,12 +1,15 @@
-//! Where a model's tensors come from when it is built: a checkpoint or a seeded random init.
+//! Where a model's tensors come from when it is built (a checkpoint, a seeded random init, the
+//! tensors of a weight update), and the model's tensors as a weight update carries them.
 
 use burn::module::{Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
+use grail_protocol::{NamedTensor, WireDtype};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::Result;
+use crate::model::CausalLm;
 
 /// A provider of named tensors for [`CausalLm::build`](super::CausalLm::build).
 pub trait WeightSource {
@@ -78,17 +81,17 @@ impl WeightSource for RandomInit {
     }
 }
 
-/// Builds a model from the tensors of a [`WeightUpdate`](crate::types::WeightUpdate) (how rollout
+/// Builds a model from the tensors of a [`WeightUpdate`](grail_protocol::WeightUpdate) (how rollout
 /// workers pick up new weights). Missing, extra or mis-shaped tensors are errors.
 pub struct NamedTensorSource<'a> {
-    tensors: std::collections::HashMap<&'a str, &'a crate::types::NamedTensor>,
+    tensors: std::collections::HashMap<&'a str, &'a NamedTensor>,
     taken: usize,
     device: Device,
 }
 
 impl<'a> NamedTensorSource<'a> {
     /// A source over `tensors`, creating parameters on `device`.
-    pub fn new(tensors: &'a [crate::types::NamedTensor], device: &Device) -> Self {
+    pub fn new(tensors: &'a [NamedTensor], device: &Device) -> Self {
         Self {
             tensors: tensors.iter().map(|t| (t.name.as_str(), t)).collect(),
             taken: 0,
@@ -136,4 +139,26 @@ impl WeightSource for NamedTensorSource<'_> {
             )],
         })
     }
+}
+
+/// A model's tensors in HF naming, sorted by name, rounded to `wire` (f32: exact).
+pub fn named_tensors(model: &CausalLm, wire: WireDtype) -> Vec<NamedTensor> {
+    let mut out = Vec::new();
+    model.for_each_tensor(|name, data| {
+        let shape = data.shape().to_vec();
+        let values = data
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 weights")
+            .into_iter()
+            .map(|v| wire.round(v))
+            .collect();
+        out.push(NamedTensor {
+            name,
+            shape,
+            values,
+        });
+    });
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }

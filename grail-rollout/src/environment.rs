@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use grail_core::Result;
 
 /// A prompt with what its rewards need to judge a completion.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,9 +90,3 @@ pub trait Environment: Send + Sync {
         None
     }
 }
-
-pub mod expr;
-pub mod extract;
-pub mod tasks;
-
-pub use tasks::{Arithmetic, ArithmeticConfig, Countdown, CountdownConfig, Dataset, Row, Split};

@@ -3,15 +3,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use grail_core::env::expr::evaluate;
-use grail_core::env::extract::{
+use grail::tasks::expr::evaluate;
+use grail::tasks::extract::{
     answers_match, extract_answer, extract_boxed_answer, extract_hash_answer,
 };
-use grail_core::env::tasks::{arithmetic_task, countdown_task};
-use grail_core::env::{
-    ArithmeticConfig, Completion, Countdown, CountdownConfig, Dataset, Environment, Split,
+use grail::tasks::{
+    ArithmeticConfig, Countdown, CountdownConfig, arithmetic_task, countdown_task, open_jsonl,
 };
 use grail_core::tokenizer::Tokenizer;
+use grail_rollout::{Completion, Environment, Split};
 
 fn tokenizer() -> Arc<Tokenizer> {
     let texts = [
@@ -134,8 +134,8 @@ fn jsonl_dataset_reads_rows_and_names_bad_lines() {
         .map(|i| serde_json::json!({"prompt": format!("What is {i} plus 1?"), "answer": format!("#### {}", i + 1)}).to_string())
         .collect();
     std::fs::write(&path, rows.join("\n")).unwrap();
-    let train = Dataset::open_jsonl(&path, Split::Train, tokenizer()).unwrap();
-    let eval = Dataset::open_jsonl(&path, Split::Eval, tokenizer()).unwrap();
+    let train = open_jsonl(&path, Split::Train, tokenizer()).unwrap();
+    let eval = open_jsonl(&path, Split::Eval, tokenizer()).unwrap();
     assert_eq!(train.len() + eval.len(), 50);
     let p = train.prompt(0).unwrap().unwrap();
     let good = Completion {
@@ -154,7 +154,7 @@ fn jsonl_dataset_reads_rows_and_names_bad_lines() {
         "{\"prompt\": \"x\", \"answer\": \"1\"}\n{\"prompt\": 3}\n",
     )
     .unwrap();
-    let msg = Dataset::open_jsonl(&path, Split::Train, tokenizer())
+    let msg = open_jsonl(&path, Split::Train, tokenizer())
         .err()
         .unwrap()
         .to_string();
@@ -178,8 +178,8 @@ fn jsonl_reads_a_byte_order_mark_and_gsm8k_rows() {
         })
         .collect();
     std::fs::write(&path, format!("\u{feff}{}\n", rows.join("\n"))).unwrap();
-    let train = Dataset::open_jsonl(&path, Split::Train, tokenizer()).unwrap();
-    let eval = Dataset::open_jsonl(&path, Split::Eval, tokenizer()).unwrap();
+    let train = open_jsonl(&path, Split::Train, tokenizer()).unwrap();
+    let eval = open_jsonl(&path, Split::Eval, tokenizer()).unwrap();
     assert_eq!(
         train.len() + eval.len(),
         40,
@@ -210,7 +210,7 @@ fn a_prompt_the_tokenizer_cannot_encode_is_an_error_not_the_end_of_the_data() {
         .map(|i| serde_json::json!({"prompt": format!("What {i}"), "answer": "1"}).to_string())
         .collect();
     std::fs::write(&path, rows.join("\n")).unwrap();
-    let train = Dataset::open_jsonl(&path, Split::Train, tok).unwrap();
+    let train = open_jsonl(&path, Split::Train, tok).unwrap();
     let err = train
         .prompt(0)
         .expect_err("an unknown word cannot be encoded");
