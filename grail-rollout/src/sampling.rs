@@ -3,8 +3,8 @@
 //!
 //! Every sampled token carries its **behaviour log-prob**: `log softmax(logits / T)[token]` over the
 //! full vocabulary, never renormalised after top-k/top-p/min-p truncation. That is the quantity the
-//! trainer recomputes (`grail_kernels::selective_logprobs`), so the two agree up to float error, and importance
-//! ratios between them measure policy change rather than the sampler's truncation. The same holds
+//! trainer recomputes (`grail_kernels::selective_logprobs`), so the two agree up to float error,
+//! and importance ratios between them measure policy change rather than the sampler's truncation. The same holds
 //! for the repetition penalty: it changes what is drawn, not the recorded log-prob. (A renormalised
 //! log-prob would put every ratio of a truncated distribution above 1 by construction; see
 //! `grail_trainer::off_policy`.)
