@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use grail_core::GrailError;
+use crate::error::RolloutError;
 use grail_core::model::{CausalLm, KvCache};
 use grail_protocol::PolicyVersion;
 use rand::rngs::StdRng;
@@ -130,7 +130,7 @@ pub fn generate(
     cfg: &GenerationConfig,
     requests: impl IntoIterator<Item = GenerationRequest>,
     on_done: impl FnMut(Generated),
-) -> Result<GenerationStats, GrailError> {
+) -> Result<GenerationStats, RolloutError> {
     generate_with_decoder(model, cfg, None, requests, on_done)
 }
 
@@ -144,7 +144,7 @@ pub fn generate_with_decoder(
     decode: Option<Decoder<'_>>,
     requests: impl IntoIterator<Item = GenerationRequest>,
     on_done: impl FnMut(Generated),
-) -> Result<GenerationStats, GrailError> {
+) -> Result<GenerationStats, RolloutError> {
     let mut policy = Policy {
         model: model.clone(),
         version: 0,
@@ -161,11 +161,11 @@ pub fn generate_in_flight(
     cfg: &GenerationConfig,
     decode: Option<Decoder<'_>>,
     requests: impl IntoIterator<Item = GenerationRequest>,
-    mut refresh: impl FnMut(&mut Policy) -> Result<bool, GrailError>,
+    mut refresh: impl FnMut(&mut Policy) -> Result<bool, RolloutError>,
     mut on_done: impl FnMut(Generated),
-) -> Result<GenerationStats, GrailError> {
+) -> Result<GenerationStats, RolloutError> {
     if !cfg.stop_strings.is_empty() && decode.is_none() {
-        return Err(GrailError::config(
+        return Err(RolloutError::config(
             "stop_strings",
             format!("{:?}", cfg.stop_strings),
             "stop strings need a decoder (generate_with_decoder)",
@@ -182,9 +182,9 @@ pub fn generate_in_flight(
     };
     cfg.sampling
         .validate()
-        .map_err(|m| GrailError::config("sampling", &m, "invalid sampling parameter"))?;
+        .map_err(|m| RolloutError::config("sampling", m, "invalid sampling parameter"))?;
     if cfg.max_batch == 0 || cfg.max_completion_length == 0 {
-        return Err(GrailError::config(
+        return Err(RolloutError::config(
             "max_batch / max_completion_length",
             format!("{} / {}", cfg.max_batch, cfg.max_completion_length),
             "must be positive",
@@ -201,10 +201,7 @@ pub fn generate_in_flight(
                 break;
             };
             if request.prompt.is_empty() {
-                return Err(GrailError::Input(format!(
-                    "prompt {} is empty",
-                    request.prompt_id
-                )));
+                return Err(RolloutError::prompt(request.prompt_id, "empty"));
             }
             stats.prefill_tokens += request.prompt.len();
             *slot = Some(Active {

@@ -8,6 +8,7 @@
 
 pub mod dataset;
 pub mod environment;
+pub mod error;
 pub mod generate;
 pub mod pool;
 pub mod prompt_limits;
@@ -17,6 +18,7 @@ pub mod weight_state;
 
 pub use dataset::{Dataset, Row};
 pub use environment::{Completion, Environment, Prompt, Reward, RewardFn};
+pub use error::RolloutError;
 pub use pool::{PoolConfig, PoolReport, RolloutPool, spawn_pool};
 pub use prompt_limits::{PromptLimits, PromptTruncation};
 pub use split::Split;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use grail_core::GrailError;
+use crate::error::RolloutError;
 use grail_core::model::CausalLm;
 use grail_protocol::{Group, PolicyVersion, PoolMessage, Sample, WireDtype};
 use rayon::prelude::*;
@@ -137,7 +137,7 @@ pub struct RolloutPool {
     pub feedback: flume::Sender<PoolMessage>,
     shutdown: Arc<AtomicBool>,
     counters: Arc<PoolCounters>,
-    workers: Vec<JoinHandle<Result<(), GrailError>>>,
+    workers: Vec<JoinHandle<Result<(), RolloutError>>>,
     forwarder: Option<JoinHandle<()>>,
 }
 
@@ -149,7 +149,7 @@ impl RolloutPool {
 
     /// Stops the pool: workers finish (or count) their current batch and exit. Returns the
     /// accounting, or the first worker error.
-    pub fn shutdown(mut self) -> Result<PoolReport, GrailError> {
+    pub fn shutdown(mut self) -> Result<PoolReport, RolloutError> {
         self.shutdown.store(true, Ordering::SeqCst);
         let mut first_error = None;
         for w in self.workers.drain(..) {
@@ -159,8 +159,7 @@ impl RolloutPool {
                     first_error.get_or_insert(e);
                 }
                 Err(_) => {
-                    first_error
-                        .get_or_insert(GrailError::Input("a rollout worker panicked".into()));
+                    first_error.get_or_insert(RolloutError::WorkerPanicked);
                 }
             }
         }
@@ -188,13 +187,13 @@ pub fn spawn_pool(
     model: &CausalLm,
     env: Arc<dyn Environment>,
     cfg: PoolConfig,
-) -> Result<RolloutPool, GrailError> {
+) -> Result<RolloutPool, RolloutError> {
     if cfg.workers == 0
         || cfg.num_generations == 0
         || cfg.prompts_per_batch == 0
         || cfg.channel_capacity == 0
     {
-        return Err(GrailError::config(
+        return Err(RolloutError::config(
             "rollout",
             format!("{cfg:?}"),
             "rollout_workers, num_generations, prompts_per_batch and channel capacity must be positive",
@@ -203,7 +202,7 @@ pub fn spawn_pool(
     cfg.generation
         .sampling
         .validate()
-        .map_err(|m| GrailError::config("sampling", &m, "invalid sampling parameter"))?;
+        .map_err(|m| RolloutError::config("sampling", m, "invalid sampling parameter"))?;
     let (group_tx, group_rx) = flume::bounded(cfg.channel_capacity);
     let (feedback_tx, feedback_rx) = flume::unbounded::<PoolMessage>();
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -223,7 +222,7 @@ pub fn spawn_pool(
                 }
             }
         })
-        .map_err(|e| GrailError::io("<thread>", e))?;
+        .map_err(RolloutError::Spawn)?;
     let initial = WeightState::new(model, cfg.start_version, cfg.weight_wire);
     let start_model = initial.build_model(&model.config, &model.device())?;
     let mut workers = Vec::with_capacity(cfg.workers);
@@ -250,7 +249,7 @@ pub fn spawn_pool(
         let handle = std::thread::Builder::new()
             .name(format!("grail-rollout-{w}"))
             .spawn(move || worker.run())
-            .map_err(|e| GrailError::io("<thread>", e))?;
+            .map_err(RolloutError::Spawn)?;
         workers.push(handle);
     }
     Ok(RolloutPool {
@@ -275,7 +274,7 @@ struct WorkerWeights {
 impl WorkerWeights {
     /// Applies every message sent since the last call, in order, and rebuilds the model once.
     /// Returns whether the weights changed.
-    fn refresh(&mut self) -> Result<bool, GrailError> {
+    fn refresh(&mut self) -> Result<bool, RolloutError> {
         let mut changed = false;
         for message in self.updates.try_iter() {
             match message.as_ref() {
@@ -317,7 +316,7 @@ struct WorkerContext {
 impl Worker {
     /// Generates until shutdown or the end of the prompts. An error stops the whole pool (so the
     /// trainer's channel closes and the run ends with it) and comes back from `shutdown`.
-    fn run(mut self) -> Result<(), GrailError> {
+    fn run(mut self) -> Result<(), RolloutError> {
         let result = self.work();
         if result.is_err() {
             self.ctx.shutdown.store(true, Ordering::SeqCst);
@@ -325,7 +324,7 @@ impl Worker {
         result
     }
 
-    fn work(&mut self) -> Result<(), GrailError> {
+    fn work(&mut self) -> Result<(), RolloutError> {
         while !self.ctx.shutdown.load(Ordering::SeqCst) {
             self.weights.refresh()?;
             if self.too_far_ahead() {
@@ -357,7 +356,7 @@ impl Worker {
 
 impl WorkerContext {
     /// The next batch of prompts, within the limits (fewer when the environment runs out).
-    fn take_prompts(&self, model: &CausalLm) -> Result<Vec<Prompt>, GrailError> {
+    fn take_prompts(&self, model: &CausalLm) -> Result<Vec<Prompt>, RolloutError> {
         let limits = PromptLimits {
             max_prompt_length: self.cfg.max_prompt_length,
             truncation: self.cfg.prompt_truncation,
@@ -371,9 +370,10 @@ impl WorkerContext {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
-                    return Err(GrailError::Input(format!(
-                        "the environment failed on prompt {index}: {e}"
-                    )));
+                    return Err(RolloutError::prompt(
+                        index,
+                        format!("the environment failed: {e}"),
+                    ));
                 }
             };
             let (prompt, truncated) = limits.apply(prompt)?;
@@ -400,7 +400,7 @@ impl WorkerContext {
         &self,
         weights: &mut WorkerWeights,
         prompts: &[Prompt],
-    ) -> Result<(), GrailError> {
+    ) -> Result<(), RolloutError> {
         let g = self.cfg.num_generations;
         let by_id: HashMap<u64, &Prompt> = prompts.iter().map(|p| (p.id, p)).collect();
         let requests = prompts.iter().flat_map(|p| {
@@ -451,7 +451,7 @@ impl WorkerContext {
     }
 
     /// Runs the rewards on rayon and sends the group; a failing reward fails (and counts) the group.
-    fn score_and_send(&self, prompt: &Prompt, done: Vec<Generated>) -> Result<(), GrailError> {
+    fn score_and_send(&self, prompt: &Prompt, done: Vec<Generated>) -> Result<(), RolloutError> {
         let n = done.len();
         let rewards = self.env.rewards();
         let scored: Vec<Result<Vec<f32>, String>> = done

@@ -1,7 +1,7 @@
 //! Prompt length limits: what the pool (and evaluation) do with a prompt that is too long for the
 //! run's `max_prompt_length` or, with its completion budget, for the model's context.
 
-use grail_core::GrailError;
+use crate::error::RolloutError;
 use serde::{Deserialize, Serialize};
 
 use crate::environment::Prompt;
@@ -34,7 +34,7 @@ pub struct PromptLimits {
 impl PromptLimits {
     /// `prompt` within the limits (truncated from the left when that is the rule), and whether
     /// it was truncated; an error naming the prompt when it cannot fit.
-    pub fn apply(&self, mut prompt: Prompt) -> Result<(Prompt, bool), GrailError> {
+    pub fn apply(&self, mut prompt: Prompt) -> Result<(Prompt, bool), RolloutError> {
         let len = prompt.ids.len();
         let mut truncated = false;
         if let Some(max) = self.max_prompt_length
@@ -46,25 +46,29 @@ impl PromptLimits {
                     truncated = true;
                 }
                 PromptTruncation::Error => {
-                    return Err(GrailError::Input(format!(
-                        "prompt {}: {len} tokens, more than max_prompt_length = {max} \
-                         (prompt_truncation = \"error\")",
-                        prompt.id
-                    )));
+                    return Err(RolloutError::prompt(
+                        prompt.id,
+                        format!(
+                            "{len} tokens, more than max_prompt_length = {max} \
+                             (prompt_truncation = \"error\")"
+                        ),
+                    ));
                 }
             }
         }
         let need = prompt.ids.len() + self.max_completion_length;
         if need > self.max_positions {
-            return Err(GrailError::Input(format!(
-                "prompt {}: {} prompt tokens + max_completion_length {} = {need} positions, more \
-                 than the model's max_position_embeddings {}: lower max_prompt_length or \
-                 max_completion_length",
+            return Err(RolloutError::prompt(
                 prompt.id,
-                prompt.ids.len(),
-                self.max_completion_length,
-                self.max_positions
-            )));
+                format!(
+                    "{} prompt tokens + max_completion_length {} = {need} positions, more than \
+                     the model's max_position_embeddings {}: lower max_prompt_length or \
+                     max_completion_length",
+                    prompt.ids.len(),
+                    self.max_completion_length,
+                    self.max_positions
+                ),
+            ));
         }
         Ok((prompt, truncated))
     }
