@@ -11,7 +11,7 @@ use std::time::Instant;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use grail_core::fused::{gradient_surrogate, selective_logprobs_forward};
+use grail_core::fused::selective_logprobs_forward;
 use grail_core::model::{CausalLm, Layout};
 use grail_core::sync::{WireDtype, named_tensors};
 use grail_core::types::{Group, PolicyVersion, WeightPayload, WeightUpdate};
@@ -20,10 +20,7 @@ use crate::advantages::compute_advantages;
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainerError};
 use crate::flops::train_flops;
-use crate::loss::{
-    LossBatch, LossStats, StepNormalizer, fused_autodiff_grpo_loss, fused_grpo_loss,
-    naive_grpo_loss,
-};
+use crate::loss::{LogProbPath, LossBatch, LossStats, StepNormalizer, grpo_loss};
 use crate::off_policy::ImportanceSamplingStats;
 use crate::optimizer::FusedAdamW;
 use crate::packing::pack;
@@ -642,8 +639,15 @@ impl GrpoTrainer {
             s
         };
         // The differentiable fused log-prob op where the model runs its fused kernels; elsewhere
-        // (other backends, or fused ops switched off) the portable surrogate path.
-        let fused_autodiff = model.uses_fused_ops();
+        // (other backends, or fused ops switched off) the portable fused path; the unfused
+        // reference only when asked for.
+        let path = if cfg.naive_logprob {
+            LogProbPath::Reference
+        } else if model.uses_fused_ops() {
+            LogProbPath::FusedAutodiff(cfg.logprob_chunks)
+        } else {
+            LogProbPath::Fused(cfg.logprob_chunks)
+        };
         let mut accum = GradientsAccumulator::<CausalLm>::new();
         let mut stats = LossStats::default();
         let mut allocated = 0;
@@ -671,48 +675,18 @@ impl GrpoTrainer {
             let hidden = Self::prediction_hidden(model, &mb)?;
             let weight = model.lm_head_weight();
             times.forward_s += lap();
-            let (s, grads) = if cfg.naive_logprob {
-                let (s, loss) = naive_grpo_loss(
-                    &cfg.loss,
-                    p.norm,
-                    &batch,
-                    hidden,
-                    weight,
-                    mb.targets.clone(),
-                )?;
-                times.loss_s += lap();
-                (s, loss.backward())
-            } else if fused_autodiff {
-                // The fused log-prob op is a node on the model's graph: one backward.
-                let (s, loss) = fused_autodiff_grpo_loss(
-                    &cfg.loss,
-                    p.norm,
-                    &batch,
-                    hidden,
-                    weight,
-                    mb.targets.clone(),
-                    cfg.logprob_chunks,
-                )?;
-                times.loss_s += lap();
-                (s, loss.backward())
-            } else {
-                // Backends without the fused kernels: chunked tensor ops on plain tensors, the
-                // gradients handed to the graph through a surrogate.
-                let h = hidden.clone().without_autodiff();
-                let w = weight.clone().without_autodiff();
-                let targets = mb.targets.clone().without_autodiff();
-                let (s, gh, gw) = fused_grpo_loss(
-                    &cfg.loss,
-                    p.norm,
-                    &batch,
-                    &h,
-                    &w,
-                    &targets,
-                    cfg.logprob_chunks,
-                )?;
-                times.loss_s += lap();
-                (s, gradient_surrogate(hidden, weight, gh, gw).backward())
-            };
+            let loss = grpo_loss(
+                path,
+                &cfg.loss,
+                p.norm,
+                &batch,
+                hidden,
+                weight,
+                mb.targets.clone(),
+            )?;
+            times.loss_s += lap();
+            let grads = loss.objective.backward();
+            let s = loss.stats;
             stats.add(&s);
             accum.accumulate(model, GradientsParams::from_grads(grads, model));
             times.backward_s += lap();

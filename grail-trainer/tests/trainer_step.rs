@@ -323,7 +323,7 @@ fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_cl
 fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
     use burn::tensor::{Int, TensorData};
     use grail_core::fused::ChunkSizes;
-    use grail_trainer::loss::{GrpoLossConfig, LossBatch, StepNormalizer, fused_grpo_loss};
+    use grail_trainer::loss::{GrpoLossConfig, LogProbPath, LossBatch, StepNormalizer, grpo_loss};
     use grail_trainer::off_policy::ImportanceSamplingCorrection;
     let device = Device::flex();
     let hidden = Tensor::<2>::random(
@@ -395,21 +395,23 @@ fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
             sequences: 2,
             tokens: 5,
         };
-        let (stats, gh, _) = fused_grpo_loss(
+        let h = hidden.clone().autodiff().require_grad();
+        let loss = grpo_loss(
+            LogProbPath::Fused(ChunkSizes::default()),
             &GrpoLossConfig::default(),
             norm,
             &batch,
-            &hidden,
-            &weight,
-            &targets,
-            ChunkSizes::default(),
+            h.clone(),
+            weight.clone().autodiff().require_grad(),
+            targets.clone().autodiff(),
         )
         .unwrap();
         assert!(
-            (stats.loss - want).abs() < 1e-5,
+            (loss.stats.loss - want).abs() < 1e-5,
             "{mode:?}: loss {} want {want}",
-            stats.loss
+            loss.stats.loss
         );
+        let gh = h.grad(&loss.objective.backward()).unwrap();
         let gh: Vec<f32> = gh.into_data().try_to_vec::<f32>().unwrap();
         for row in 0..5 {
             let norm: f32 = gh[row * 8..(row + 1) * 8].iter().map(|g| g.abs()).sum();
