@@ -489,7 +489,11 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
     let mut last = None;
     let mut times = [0.0f64; 5];
     for _ in 0..t.steps.max(1) {
-        let m = trainer.train_step(&groups)?.pop().expect("one step");
+        let m = trainer
+            .train_step(&groups)?
+            .into_metrics()
+            .pop()
+            .expect("one step");
         secs += m.seconds;
         let s = &m.times;
         for (acc, v) in times.iter_mut().zip([

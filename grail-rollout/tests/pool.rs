@@ -313,7 +313,7 @@ fn behaviour_logprobs_sampled_with_top_p_match_the_trainers_recomputation() {
     pool.shutdown().unwrap();
     // Same weights (version 0) on both sides: the trainer's full-distribution log-probs equal the
     // recorded ones, so the default sequence_mask correction keeps everything at ratio ≈ 1.
-    let m = trainer.train_step(&batch).unwrap().remove(0);
+    let m = trainer.train_step(&batch).unwrap().into_metrics().remove(0);
     let diff = m.behaviour_logp_diff_max.unwrap();
     assert!(diff <= 1e-4, "max |log π_prox − log π_behav| = {diff:e}");
     assert_eq!(m.importance_sampling_masked_fraction, Some(0.0));
@@ -377,7 +377,7 @@ fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
     // How many completions spanned versions depends on timing here (the deterministic check is
     // `an_in_flight_update_splits_a_completion_between_versions`).
     let mixed: usize = metrics.iter().map(|m| m.mixed_version_samples).sum();
-    let mean = |ms: &[grail_trainer::trainer::StepMetrics]| {
+    let mean = |ms: &[grail_trainer::StepMetrics]| {
         ms.iter().map(|m| m.reward_means[0]).sum::<f64>() / ms.len() as f64
     };
     let (first, last) = (mean(&metrics[..5]), mean(&metrics[steps - 5..]));

@@ -16,7 +16,9 @@ use grail_protocol::Group;
 
 use crate::error::{Result, TrainerError};
 use crate::feedback::PoolFeedback;
-use crate::trainer::{GrpoTrainer, StepMetrics};
+use crate::metrics::StepMetrics;
+use crate::step::StepOutcome;
+use crate::trainer::GrpoTrainer;
 
 /// How to train from a channel.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,9 +238,9 @@ impl GrpoTrainer {
                 batch.push(group);
             }
             let batch_samples = samples_in(&batch);
-            let metrics = match self.train_step(&batch) {
-                Ok(m) => m,
-                Err(TrainerError::AllFiltered { groups, samples }) => {
+            let metrics = match self.train_step(&batch)? {
+                StepOutcome::Trained(metrics) => metrics,
+                StepOutcome::NothingToTrain { groups, samples } => {
                     since.filtered_batches += 1;
                     // Logged at 1, 2, 4, 8, … in a row: news without a flood.
                     if since.filtered_batches.is_power_of_two() {
@@ -255,7 +257,6 @@ impl GrpoTrainer {
                     }
                     continue;
                 }
-                Err(e) => return Err(e),
             };
             let filtered: usize = metrics.first().map_or(0, |m| m.dropped_zero_std_samples);
             stats.dropped_filtered += filtered;

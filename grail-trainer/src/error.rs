@@ -16,16 +16,6 @@ pub enum TrainerError {
     /// Input data the trainer cannot use (empty group, NaN reward, mismatched shapes, ...).
     #[error("invalid input: {0}")]
     Input(String),
-    /// Every group of a batch had zero reward spread and was filtered out (nothing to train on).
-    #[error(
-        "every group was filtered out ({groups} groups, {samples} samples with zero reward spread)"
-    )]
-    AllFiltered {
-        /// Groups filtered.
-        groups: usize,
-        /// Samples in them.
-        samples: usize,
-    },
     /// The run made no progress for longer than its `stall_timeout`; the message says what was
     /// seen meanwhile (nothing arriving, zero-spread batches, stale groups).
     #[error("the run stalled: {0}")]

@@ -9,8 +9,9 @@ use burn::tensor::{Tensor, TensorData};
 use grail_core::model::CausalLm;
 use grail_kernels::{gradient_surrogate, selective_logprobs_backward, selective_logprobs_forward};
 
+use crate::batch::{Batch, Sequence};
 use crate::error::{Result, TrainerError};
-use crate::trainer::{GrpoTrainer, Sequence};
+use crate::trainer::GrpoTrainer;
 
 /// One supervised example: prompt tokens and the completion to learn.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,38 +44,24 @@ impl GrpoTrainer {
         if examples.is_empty() {
             return Err(TrainerError::Input("no SFT examples".into()));
         }
-        let vocab = self.model().vocab_size();
-        let seqs: Vec<Sequence> = examples
+        let model = self.model();
+        let vocab = model.vocab_size();
+        let sequences = examples
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                if e.prompt.is_empty() || e.completion.is_empty() {
-                    return Err(TrainerError::Input(format!(
-                        "SFT example {i} has an empty prompt or completion"
-                    )));
-                }
-                let tokens: Vec<u32> = e.prompt.iter().chain(&e.completion).copied().collect();
-                if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(TrainerError::Input(format!(
-                        "SFT example {i}: token {bad} outside the vocabulary ({vocab})"
-                    )));
-                }
-                Ok(Sequence {
-                    tokens,
-                    prompt_len: e.prompt.len(),
-                    advantage: 0.0,
-                    behaviour_logps: Vec::new(),
+                Sequence::new(&e.prompt, &e.completion, vocab, || {
+                    format!("SFT example {i}")
                 })
             })
             .collect::<Result<_>>()?;
-        let total: usize = seqs.iter().map(Sequence::completion_len).sum();
+        let batch = Batch::new(sequences, self.config())?;
+        let total = batch.completion_tokens();
         let chunks = self.config().logprob_chunks;
         let mut accum = GradientsAccumulator::<CausalLm>::new();
         let mut nll = 0.0f64;
-        for members in self.micro_batches(&seqs)? {
-            let mb = self.assemble(&seqs, &members);
-            let model = self.model();
-            let hidden = Self::prediction_hidden(model, &mb)?;
+        for mb in batch.assemble(&model.device()) {
+            let hidden = mb.prediction_hidden(model)?;
             let weight = model.lm_head_weight();
             let (h, w) = (
                 hidden.clone().without_autodiff(),
@@ -93,7 +80,7 @@ impl GrpoTrainer {
             let grads = gradient_surrogate(hidden, weight, gh, gw).backward();
             accum.accumulate(model, GradientsParams::from_grads(grads, model));
         }
-        let grad_norm = self.apply_step(lr, accum.grads());
+        let grad_norm = self.update(lr, accum.grads());
         Ok(SftMetrics {
             loss: nll / total as f64,
             grad_norm,

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainerError};
+use crate::learner::Learner;
 use crate::trainer::GrpoTrainer;
 
 /// The scalar part of the train state.
@@ -98,16 +99,7 @@ impl GrpoTrainer {
             None
         };
         let config = config.unwrap_or(state.config);
-        let mut trainer = GrpoTrainer::new(model, reference, config)?;
-        let optim_path = dir.join(OPTIMIZER_FILE);
-        trainer.restore(state.step, state.policy_version, |optim| {
-            optim.load(&optim_path).map_err(|e| {
-                TrainerError::Input(format!(
-                    "{}: cannot load optimizer state: {e:?}",
-                    optim_path.display()
-                ))
-            })
-        })?;
-        Ok(trainer)
+        let learner = Learner::new(model, &config)?.load_optimizer(&dir.join(OPTIMIZER_FILE))?;
+        GrpoTrainer::from_learner(learner, reference, config, state.step, state.policy_version)
     }
 }

@@ -1,13 +1,14 @@
-//! Every case of `grpo/cases.json` (Liger-Kernel 0.8.5 / TRL, float64) through the fused chunked
-//! path: loss, grad_hidden, grad_weight, clip_ratio and kl within 1e-4 relative error, at several
-//! chunk sizes (including ones that divide neither the token nor the vocabulary count).
+//! Every case of `grpo/cases.json` (Liger-Kernel 0.8.5 / TRL, float64) through every log-prob path
+//! of `grpo_loss`: loss, grad_hidden, grad_weight, clip_ratio and kl within 1e-4 relative error,
+//! the fused paths at several chunk sizes (including ones that divide neither the token nor the
+//! vocabulary count).
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use grail_kernels::ChunkSizes;
 use grail_testkit::{FixtureTensor, fixtures_root, read_tensors};
 use grail_trainer::loss::{
-    GrpoLossConfig, ImportanceSamplingLevel, LossBatch, LossType, StepNormalizer,
-    fused_autodiff_grpo_loss, fused_grpo_loss,
+    GrpoLossConfig, ImportanceSamplingLevel, LogProbPath, LossBatch, LossType, StepNormalizer,
+    grpo_loss,
 };
 use serde_json::Value;
 use std::collections::HashMap;
@@ -59,23 +60,26 @@ fn f32s(t: &FixtureTensor) -> Vec<f32> {
 }
 
 #[test]
-fn every_liger_case_matches_through_the_fused_path() {
+fn every_liger_case_matches_through_every_log_prob_path() {
     let root = fixtures_root().join("grpo");
     let cases: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("cases.json")).unwrap()).unwrap();
     let inputs: HashMap<String, FixtureTensor> =
         read_tensors(&root.join("inputs.safetensors")).unwrap();
-    let (b, t, h, v) = {
+    let (b, t, h_dim, v) = {
         let s = &cases["shapes"];
         let g = |k: &str| s[k].as_u64().unwrap() as usize;
         (g("batch"), g("seq"), g("hidden"), g("vocab"))
     };
     let device = Device::flex();
     let hidden = Tensor::<2>::from_data(
-        TensorData::new(f32s(&inputs["hidden"]), [b * t, h]),
+        TensorData::new(f32s(&inputs["hidden"]), [b * t, h_dim]),
         &device,
     );
-    let weight = Tensor::<2>::from_data(TensorData::new(f32s(&inputs["weight"]), [v, h]), &device);
+    let weight = Tensor::<2>::from_data(
+        TensorData::new(f32s(&inputs["weight"]), [v, h_dim]),
+        &device,
+    );
     let ids: Vec<i64> = inputs["selected_token_ids"]
         .values
         .iter()
@@ -124,7 +128,7 @@ fn every_liger_case_matches_through_the_fused_path() {
                 .unwrap_or(false)
                 .then(|| pick("is_ratio")),
         };
-        for chunks in [
+        let chunk_sizes = [
             ChunkSizes {
                 tokens: 7,
                 vocab: 13,
@@ -134,18 +138,26 @@ fn every_liger_case_matches_through_the_fused_path() {
                 vocab: 97,
             },
             ChunkSizes::default(),
-        ] {
-            let what = format!("{name} {chunks:?}");
-            let (stats, gh, gw) = fused_grpo_loss(
+        ];
+        let paths = chunk_sizes
+            .into_iter()
+            .flat_map(|c| [LogProbPath::Fused(c), LogProbPath::FusedAutodiff(c)])
+            .chain([LogProbPath::Reference]);
+        for path in paths {
+            let what = format!("{name} {path:?}");
+            let h = hidden_real.clone().autodiff().require_grad();
+            let w = weight.clone().autodiff().require_grad();
+            let loss = grpo_loss(
+                path,
                 &cfg,
                 norm,
                 &batch,
-                &hidden_real,
-                &weight,
-                &targets_real,
-                chunks,
+                h.clone(),
+                w.clone(),
+                targets_real.clone().autodiff(),
             )
             .unwrap();
+            let stats = loss.stats;
             let e = rel(&[stats.loss as f32], &expected["loss"].values);
             assert!(
                 e <= TOL,
@@ -153,11 +165,12 @@ fn every_liger_case_matches_through_the_fused_path() {
                 stats.loss,
                 expected["loss"].values
             );
+            let grads = loss.objective.backward();
             // Scatter the real-token gradient rows back to the [B·T, H] layout of the reference.
-            let gh_full = Tensor::<2>::zeros([b * t, h], &device).select_assign(
+            let gh_full = Tensor::<2>::zeros([b * t, h_dim], &device).select_assign(
                 0,
                 idx.clone(),
-                gh,
+                h.grad(&grads).unwrap(),
                 burn::tensor::IndexingUpdateOp::Add,
             );
             let e = rel(
@@ -166,7 +179,11 @@ fn every_liger_case_matches_through_the_fused_path() {
             );
             assert!(e <= TOL, "{what}: grad_hidden rel {e:e}");
             let e = rel(
-                &gw.into_data().try_to_vec::<f32>().unwrap(),
+                &w.grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
                 &expected["grad_weight"].values,
             );
             assert!(e <= TOL, "{what}: grad_weight rel {e:e}");
@@ -181,44 +198,6 @@ fn every_liger_case_matches_through_the_fused_path() {
                 let e = rel(&[stats.kl() as f32], &kl.values);
                 assert!(e <= TOL, "{what}: kl {} vs {:?}", stats.kl(), kl.values);
             }
-
-            // The same loss through the differentiable fused op (a backward node on the graph).
-            let h_ad = hidden_real.clone().autodiff().require_grad();
-            let w_ad = weight.clone().autodiff().require_grad();
-            let (stats, loss) = fused_autodiff_grpo_loss(
-                &cfg,
-                norm,
-                &batch,
-                h_ad.clone(),
-                w_ad.clone(),
-                targets_real.clone().autodiff(),
-                chunks,
-            )
-            .unwrap();
-            let e = rel(&[stats.loss as f32], &expected["loss"].values);
-            assert!(e <= TOL, "{what} (autodiff op): loss rel {e:e}");
-            let grads = loss.backward();
-            let gh_full = Tensor::<2>::zeros([b * t, h], &device).select_assign(
-                0,
-                idx.clone(),
-                h_ad.grad(&grads).unwrap(),
-                burn::tensor::IndexingUpdateOp::Add,
-            );
-            let e = rel(
-                &gh_full.into_data().try_to_vec::<f32>().unwrap(),
-                &expected["grad_hidden"].values,
-            );
-            assert!(e <= TOL, "{what} (autodiff op): grad_hidden rel {e:e}");
-            let e = rel(
-                &w_ad
-                    .grad(&grads)
-                    .unwrap()
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .unwrap(),
-                &expected["grad_weight"].values,
-            );
-            assert!(e <= TOL, "{what} (autodiff op): grad_weight rel {e:e}");
         }
     }
 }

@@ -8,11 +8,11 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_protocol::{Group, Sample, WeightPayload};
-use grail_trainer::TrainerError;
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::loss::LossType;
 use grail_trainer::off_policy::ImportanceSamplingMode;
 use grail_trainer::trainer::GrpoTrainer;
+use grail_trainer::{StepGradients, StepOutcome, TrainerError};
 
 fn tiny_config() -> ModelConfig {
     ModelConfig::qwen2(64, 32, 64, 2, 4, 2, 128, true)
@@ -87,8 +87,8 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 
 fn grads_with(cfg: TrainerConfig, groups: &[Group]) -> (Vec<f32>, f64) {
     let trainer = GrpoTrainer::new(model(7), None, cfg).unwrap();
-    let (grads, stats) = trainer.gradients(groups).unwrap();
-    (flat_grads(trainer.model(), &grads), stats.loss)
+    let pass = trainer.gradients(groups).unwrap();
+    (flat_grads(trainer.model(), &pass.grads), pass.stats.loss)
 }
 
 fn base_config(loss_type: LossType) -> TrainerConfig {
@@ -158,7 +158,7 @@ fn a_step_updates_weights_and_the_version() {
     cfg.num_iterations = 2;
     let mut trainer = GrpoTrainer::new(model(3), None, cfg).unwrap();
     let before = trainer.weight_update();
-    let metrics = trainer.train_step(&data).unwrap();
+    let metrics = trainer.train_step(&data).unwrap().into_metrics();
     assert_eq!(metrics.len(), 2);
     assert_eq!(trainer.version(), 2);
     assert!(
@@ -182,9 +182,40 @@ fn a_step_updates_weights_and_the_version() {
 }
 
 #[test]
+fn a_batch_with_nothing_to_train_is_an_outcome_not_an_error() {
+    let mut data = groups(2, 3, 6);
+    for s in data.iter_mut().flat_map(|g| &mut g.samples) {
+        s.rewards[0] = 0.5;
+    }
+    let mut cfg = base_config(LossType::Dapo);
+    cfg.filter_zero_std_groups = true;
+    let mut trainer = GrpoTrainer::new(model(3), None, cfg).unwrap();
+    let before = trainer.weight_update();
+    let outcome = trainer.train_step(&data).unwrap();
+    assert_eq!(
+        outcome,
+        StepOutcome::NothingToTrain {
+            groups: 2,
+            samples: 6
+        }
+    );
+    assert!(outcome.metrics().is_empty());
+    assert_eq!((trainer.step(), trainer.version()), (0, 0));
+    assert_eq!(trainer.weight_update(), before);
+    // A spread in one group: that group trains and the other is counted as dropped.
+    data[1].samples[0].rewards[0] = 1.0;
+    let m = trainer.train_step(&data).unwrap().into_metrics().remove(0);
+    assert_eq!(
+        (m.dropped_zero_std_groups, m.dropped_zero_std_samples),
+        (1, 3)
+    );
+    assert_eq!((m.sequences, trainer.version()), (3, 1));
+}
+
+#[test]
 fn bad_input_is_a_clear_error() {
     let trainer = GrpoTrainer::new(model(1), None, base_config(LossType::Dapo)).unwrap();
-    let msg = |r: Result<(GradientsParams, grail_trainer::loss::LossStats), TrainerError>| match r {
+    let msg = |r: Result<StepGradients, TrainerError>| match r {
         Ok(_) => panic!("should fail"),
         Err(e) => e.to_string(),
     };
@@ -295,7 +326,7 @@ fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_cl
     let e = rel(&weighted, &scaled);
     assert!(e <= 1e-5, "decoupled gradient ≠ 2/3 × plain: rel err {e:e}");
     let mut t = GrpoTrainer::new(model(7), None, decoupled).unwrap();
-    let m = t.train_step(&data).unwrap().remove(0);
+    let m = t.train_step(&data).unwrap().into_metrics().remove(0);
     assert!(
         (m.importance_sampling_ratio_mean.unwrap() - 2.0 / 3.0).abs() < 1e-4,
         "{m:?}"
@@ -308,7 +339,7 @@ fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_cl
     let mut coupled = base_config(LossType::Dapo);
     coupled.use_decoupled_loss = false;
     let mut t = GrpoTrainer::new(model(7), None, coupled.clone()).unwrap();
-    let m = t.train_step(&data).unwrap().remove(0);
+    let m = t.train_step(&data).unwrap().into_metrics().remove(0);
     assert!((m.clip_ratio_region - 1.0).abs() < 1e-9, "{m:?}");
     assert!(m.clip_ratio_low > 0.0);
     // Tokens with a negative advantage are clipped (no gradient); positive ones keep 2/3 × A.
@@ -323,7 +354,7 @@ fn the_decoupled_objective_weights_by_the_behaviour_ratio_and_the_coupled_one_cl
 fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
     use burn::tensor::{Int, TensorData};
     use grail_kernels::ChunkSizes;
-    use grail_trainer::loss::{GrpoLossConfig, LossBatch, StepNormalizer, fused_grpo_loss};
+    use grail_trainer::loss::{GrpoLossConfig, LogProbPath, LossBatch, StepNormalizer, grpo_loss};
     use grail_trainer::off_policy::ImportanceSamplingCorrection;
     let device = Device::flex();
     let hidden = Tensor::<2>::random(
@@ -395,21 +426,23 @@ fn each_is_mode_scales_the_loss_by_its_hand_computed_weights() {
             sequences: 2,
             tokens: 5,
         };
-        let (stats, gh, _) = fused_grpo_loss(
+        let h = hidden.clone().autodiff().require_grad();
+        let loss = grpo_loss(
+            LogProbPath::Fused(ChunkSizes::default()),
             &GrpoLossConfig::default(),
             norm,
             &batch,
-            &hidden,
-            &weight,
-            &targets,
-            ChunkSizes::default(),
+            h.clone(),
+            weight.clone().autodiff().require_grad(),
+            targets.clone().autodiff(),
         )
         .unwrap();
         assert!(
-            (stats.loss - want).abs() < 1e-5,
+            (loss.stats.loss - want).abs() < 1e-5,
             "{mode:?}: loss {} want {want}",
-            stats.loss
+            loss.stats.loss
         );
+        let gh = h.grad(&loss.objective.backward()).unwrap();
         let gh: Vec<f32> = gh.into_data().try_to_vec::<f32>().unwrap();
         for row in 0..5 {
             let norm: f32 = gh[row * 8..(row + 1) * 8].iter().map(|g| g.abs()).sum();
@@ -428,8 +461,8 @@ fn a_grpo_step_has_the_same_loss_and_gradients_with_fused_ops_on_and_off() {
         let policy = model(7).with_fused_ops(fused);
         assert_eq!(policy.uses_fused_ops(), fused);
         let trainer = GrpoTrainer::new(policy, None, cfg.clone()).unwrap();
-        let (grads, stats) = trainer.gradients(&data).unwrap();
-        (flat_grads(trainer.model(), &grads), stats.loss)
+        let pass = trainer.gradients(&data).unwrap();
+        (flat_grads(trainer.model(), &pass.grads), pass.stats.loss)
     };
     let (on, loss_on) = run(true);
     let (off, loss_off) = run(false);
@@ -457,10 +490,10 @@ fn fused_adamw_matches_burns_adamw() {
         .init();
     let (mut a, mut b) = (trainer.model().clone(), trainer.model().clone());
     for step in 0..3 {
-        let (grads, _) = trainer.gradients(&data).unwrap();
+        let grads = trainer.gradients(&data).unwrap().grads;
         let flat = flat_grads(trainer.model(), &grads);
         assert!(flat.iter().any(|g| *g != 0.0));
-        let (ga, _) = trainer.gradients(&data).unwrap();
+        let ga = trainer.gradients(&data).unwrap().grads;
         a = fused_opt.step(1e-2, a, ga);
         b = burn_opt.step(1e-2, b, grads);
         let (pa, pb) = (params(&a), params(&b));
@@ -513,14 +546,14 @@ fn a_step_on_the_kernel_device_equals_the_step_on_flex() {
     let kernel = reference.clone().fork(&device.autodiff());
     let on = |m: CausalLm| GrpoTrainer::new(m, None, cfg.clone()).unwrap();
     let (mut r, mut k) = (on(reference), on(kernel));
-    let (grads_r, stats_r) = r.gradients(&g).unwrap();
-    let (grads_k, stats_k) = k.gradients(&g).unwrap();
+    let (pass_r, pass_k) = (r.gradients(&g).unwrap(), k.gradients(&g).unwrap());
     let e = rel(
-        &flat_grads(k.model(), &grads_k),
-        &flat_grads(r.model(), &grads_r),
+        &flat_grads(k.model(), &pass_k.grads),
+        &flat_grads(r.model(), &pass_r.grads),
     );
     assert!(e <= 1e-5, "gradient rel err {e:e}");
-    assert!((stats_k.loss - stats_r.loss).abs() <= 1e-5 * (1.0 + stats_r.loss.abs()));
+    let (loss_k, loss_r) = (pass_k.stats.loss, pass_r.stats.loss);
+    assert!((loss_k - loss_r).abs() <= 1e-5 * (1.0 + loss_r.abs()));
     r.train_step(&g).unwrap();
     k.train_step(&g).unwrap();
     let weights = |t: &GrpoTrainer| match t.weight_update().payload {
