@@ -21,25 +21,33 @@
 //! ```
 #![warn(missing_docs)]
 
+mod async_grpo;
 pub mod checkpoint;
 pub mod config;
+pub mod evaluate;
 pub mod output;
 pub mod plot;
 pub mod progress;
 pub mod runner;
+pub mod setup;
 pub mod signals;
+pub mod summary;
 pub mod task;
 pub mod tasks;
+mod warm_up;
 
 pub use config::GrpoConfig;
-pub use runner::{Grpo, RunSummary, evaluate, report, run};
+pub use evaluate::evaluate;
+pub use runner::{Grpo, run};
 pub use signals::stop_on_signals;
+pub use summary::{RunSummary, report};
 pub use task::Task;
 
 /// What a run needs, in one import.
 pub mod prelude {
     pub use crate::config::{EnvSection, GrpoConfig, ResumeFrom};
-    pub use crate::runner::{Grpo, RunSummary, report};
+    pub use crate::runner::Grpo;
+    pub use crate::summary::{RunSummary, report};
     pub use crate::task::Task;
     pub use grail_core::tokenizer::Tokenizer;
     pub use grail_rollout::{Completion, Environment, Prompt, Reward, Split};

@@ -1,0 +1,343 @@
+//! The asynchronous GRPO phase of a run: the rollout pool generates while the trainer trains,
+//! and they meet only through channels. Each step is logged (metrics line, curve, progress) and
+//! checkpointed every `save_steps`; at the end the pool is shut down and every sample accounted
+//! for.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use burn::module::Module;
+use grail_core::tokenizer::Tokenizer;
+use grail_protocol::WireDtype;
+use grail_rollout::generate::GenerationConfig;
+use grail_rollout::pool::PoolCounters;
+use grail_rollout::{Environment, PoolConfig, PromptLimits, spawn_pool};
+use grail_trainer::{
+    ChannelRun, GrpoTrainer, PoolFeedback, RunEvent, RunStats, StepMetrics, TrainerError,
+    WeightPublisher,
+};
+use serde_json::json;
+
+use crate::checkpoint::{self, Accounting, RunState};
+use crate::config::GrpoConfig;
+use crate::evaluate::HeldOut;
+use crate::output::MetricsLog;
+use crate::progress::Progress;
+
+/// The dtype weights travel to the rollout workers in.
+const WIRE: WireDtype = WireDtype::Bf16;
+
+/// Reward (per step) and held-out accuracy (where measured) for the plot.
+pub(crate) type Curve = Vec<(usize, f64, Option<f64>)>;
+
+/// What the phase needs from the run.
+pub(crate) struct Phase<'a> {
+    pub cfg: &'a GrpoConfig,
+    pub train_env: &'a Arc<dyn Environment>,
+    pub tokenizer: &'a Tokenizer,
+    pub generation: &'a GenerationConfig,
+    pub limits: &'a PromptLimits,
+    pub held_out: &'a HeldOut<'a>,
+    /// Where this process starts (a fresh run's state after the warm-up, or a checkpoint's).
+    pub state: &'a RunState,
+    pub resumed: bool,
+    pub stop: &'a AtomicBool,
+}
+
+/// What the phase leaves behind.
+pub(crate) struct PhaseEnd {
+    /// The run's state after the phase.
+    pub state: RunState,
+    pub curve: Curve,
+    pub metrics: PathBuf,
+}
+
+/// Trains `trainer` from a rollout pool until `max_steps`, a stop request or an error.
+pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd> {
+    let (cfg, g) = (phase.cfg, &phase.cfg.grpo);
+    let start = Instant::now();
+    let (metrics_log, kept) =
+        MetricsLog::open(&cfg.output_dir, phase.resumed.then_some(phase.state.step))?;
+    let curve = kept
+        .iter()
+        .map(|l| {
+            (
+                l["step"].as_u64().unwrap_or(0) as usize,
+                l["reward_mean"].as_f64().unwrap_or(0.0),
+                l["eval_accuracy"].as_f64(),
+            )
+        })
+        .collect();
+    let pool = spawn_pool(
+        &trainer.model().valid(),
+        phase.train_env.clone(),
+        PoolConfig {
+            workers: g.rollout_workers,
+            num_generations: g.num_generations,
+            prompts_per_batch: g.prompts_per_step.div_ceil(g.rollout_workers),
+            generation: GenerationConfig {
+                max_batch: g.num_generations * g.prompts_per_step,
+                ..phase.generation.clone()
+            },
+            channel_capacity: g.prompts_per_step * 2,
+            max_ahead: g.max_ahead,
+            groups_per_step: g.prompts_per_step,
+            start_version: trainer.version(),
+            first_prompt: phase.state.prompt_cursor,
+            weight_wire: WIRE,
+            in_flight_weight_updates: g.in_flight_weight_updates,
+            max_prompt_length: phase.limits.max_prompt_length,
+            prompt_truncation: phase.limits.truncation,
+        },
+    )?;
+    let mut feedback = PoolFeedback::new(
+        pool.feedback.clone(),
+        WeightPublisher::new(g.weight_sync, WIRE, trainer.model(), trainer.version()),
+    );
+    let channel_run = ChannelRun {
+        groups_per_step: g.prompts_per_step,
+        max_staleness: g.max_staleness,
+        max_steps: g.max_steps.saturating_sub(trainer.step()),
+        stall_timeout: (g.stall_timeout > 0).then(|| Duration::from_secs(g.stall_timeout)),
+    };
+    let mut log = StepLog::new(
+        phase,
+        pool.counters(),
+        metrics_log,
+        curve,
+        trainer.step(),
+        start,
+    );
+    let go_on = || {
+        if phase.stop.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let result = trainer.run_from_channel(
+        &pool.groups.clone(),
+        Some(&mut feedback),
+        &channel_run,
+        |t, event| match event {
+            RunEvent::Waiting { since_step } => {
+                log.waiting(since_step);
+                go_on()
+            }
+            RunEvent::Step { metrics, stats } => match log.step(t, metrics, stats) {
+                Ok(()) => go_on(),
+                Err(e) => {
+                    log.error = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        },
+    );
+    let StepLog {
+        metrics_log,
+        curve,
+        overlapped,
+        error,
+        progress,
+        ..
+    } = log;
+    progress.finish();
+    let groups = pool.groups.clone();
+    let failed_groups = pool.counters().failed_groups.load(Ordering::SeqCst);
+    let report = pool.shutdown();
+    let run = match result {
+        Ok(run) => run,
+        Err(e @ TrainerError::Stalled(_)) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "GRPO stopped at step {} ({failed_groups} groups failed in the reward functions)",
+                trainer.step()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let report = report?;
+    if let Some(e) = error {
+        return Err(e);
+    }
+    let segment = Accounting {
+        generated: report.generated,
+        sent: report.sent,
+        failed: report.failed,
+        unsent_at_shutdown: report.unsent_at_shutdown,
+        received: run.received,
+        trained: run.trained,
+        dropped_stale: run.dropped_stale,
+        dropped_filtered: run.dropped_filtered,
+        unused_at_close: run.unused_at_close,
+        left_in_channel: groups.drain().map(|g| g.samples.len()).sum(),
+    };
+    let state = phase.state;
+    Ok(PhaseEnd {
+        state: RunState {
+            step: trainer.step(),
+            prompt_cursor: state.prompt_cursor + (run.groups_settled + report.failed_groups) as u64,
+            grpo_seconds: state.grpo_seconds + start.elapsed().as_secs_f64(),
+            overlapped_steps: state.overlapped_steps + overlapped,
+            accounting: state.accounting.plus(&segment),
+            ..state.clone()
+        },
+        curve,
+        metrics: metrics_log.path().to_path_buf(),
+    })
+}
+
+/// The bookkeeping of each step: the metrics line, the curve, progress, and the checkpoints due.
+struct StepLog<'a> {
+    phase: &'a Phase<'a>,
+    counters: &'a PoolCounters,
+    metrics_log: MetricsLog,
+    curve: Curve,
+    progress: Progress,
+    start: Instant,
+    /// Steps during which the pool generated.
+    overlapped: usize,
+    last_generated: usize,
+    last_tokens: usize,
+    last_time: Instant,
+    next_save: usize,
+    /// A metrics line or checkpoint that could not be written: it stops the run.
+    error: Option<anyhow::Error>,
+}
+
+impl<'a> StepLog<'a> {
+    fn new(
+        phase: &'a Phase<'a>,
+        counters: &'a PoolCounters,
+        metrics_log: MetricsLog,
+        curve: Curve,
+        step: usize,
+        start: Instant,
+    ) -> Self {
+        let progress = Progress::new(phase.cfg.grpo.max_steps as u64, "grpo");
+        progress.set_position(step as u64);
+        Self {
+            phase,
+            counters,
+            metrics_log,
+            curve,
+            progress,
+            start,
+            overlapped: 0,
+            last_generated: counters.generated.load(Ordering::SeqCst),
+            last_tokens: counters.tokens.load(Ordering::SeqCst),
+            last_time: Instant::now(),
+            next_save: next_save_after(step, phase.cfg.save_steps),
+            error: None,
+        }
+    }
+
+    fn waiting(&self, since_step: Duration) {
+        self.progress.update(format!(
+            "waiting for rollouts ({:.0} s since the last step; {} groups failed)",
+            since_step.as_secs_f64(),
+            self.counters.failed_groups.load(Ordering::SeqCst)
+        ));
+    }
+
+    fn step(&mut self, t: &GrpoTrainer, m: &StepMetrics, stats: &RunStats) -> Result<()> {
+        let (cfg, counters) = (self.phase.cfg, self.counters);
+        let generated = counters.generated.load(Ordering::SeqCst);
+        let during = generated - self.last_generated;
+        self.last_generated = generated;
+        if during > 0 {
+            self.overlapped += 1;
+        }
+        let tokens = counters.tokens.load(Ordering::SeqCst);
+        let rollout_tokens_per_s =
+            (tokens - self.last_tokens) as f64 / self.last_time.elapsed().as_secs_f64().max(1e-9);
+        self.last_tokens = tokens;
+        self.last_time = Instant::now();
+        let acc = (cfg.eval.every > 0 && m.step.is_multiple_of(cfg.eval.every))
+            .then(|| {
+                self.phase
+                    .held_out
+                    .accuracy(t.model(), self.phase.limits)
+                    .ok()
+            })
+            .flatten();
+        let mut line = serde_json::to_value(m).expect("metrics serialise");
+        for (reward, v) in self.phase.train_env.rewards().iter().zip(&m.reward_means) {
+            line[format!("reward/{}", reward.name)] = json!(v);
+        }
+        line["eval_accuracy"] = json!(acc);
+        line["pool_generated_during_step"] = json!(during);
+        line["rollout_tokens_per_s"] = json!(rollout_tokens_per_s);
+        line["pool_failed"] = json!(counters.failed.load(Ordering::SeqCst));
+        line["elapsed_s"] = json!(self.grpo_seconds());
+        self.metrics_log.append(&line)?;
+        self.curve.push((m.step, m.reward_mean, acc));
+        self.progress.step(format!(
+            "reward {:.3} acc {} is-masked {}",
+            m.reward_mean,
+            acc.map_or("-".into(), |a| format!("{a:.2}")),
+            m.importance_sampling_masked_fraction
+                .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f))
+        ));
+        // A batch of μ iterations reports μ steps; the trainer is at the last of them.
+        if m.step == t.step() && t.step() >= self.next_save {
+            self.next_save = next_save_after(t.step(), cfg.save_steps);
+            self.checkpoint(t, stats)?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint of what is settled so far (samples in flight are left out: a resumed pool
+    /// regenerates their prompts).
+    fn checkpoint(&self, t: &GrpoTrainer, stats: &RunStats) -> Result<()> {
+        let state = self.phase.state;
+        let failed_groups = self.counters.failed_groups.load(Ordering::SeqCst);
+        let failed_samples = self.counters.failed.load(Ordering::SeqCst);
+        let snapshot = RunState {
+            step: t.step(),
+            prompt_cursor: state.prompt_cursor + (stats.groups_settled + failed_groups) as u64,
+            grpo_seconds: self.grpo_seconds(),
+            overlapped_steps: state.overlapped_steps + self.overlapped,
+            accounting: state.accounting.plus(&settled(stats, failed_samples)),
+            ..state.clone()
+        };
+        let cfg = self.phase.cfg;
+        checkpoint::save(
+            &cfg.output_dir,
+            t,
+            self.phase.tokenizer,
+            &snapshot,
+            cfg.save_total_limit,
+        )?;
+        Ok(())
+    }
+
+    /// GRPO wall time over every attempt of the run, this one up to now included.
+    fn grpo_seconds(&self) -> f64 {
+        self.phase.state.grpo_seconds + self.start.elapsed().as_secs_f64()
+    }
+}
+
+/// The first step after `step` at which a checkpoint is due (never, for `save_steps` 0).
+fn next_save_after(step: usize, save_steps: usize) -> usize {
+    step.checked_div(save_steps)
+        .map_or(usize::MAX, |done| (done + 1) * save_steps)
+}
+
+/// The accounting of what a run settled so far (its in-flight samples left out).
+fn settled(stats: &RunStats, failed_samples: usize) -> Accounting {
+    let received = stats.trained + stats.dropped_stale + stats.dropped_filtered;
+    Accounting {
+        generated: received + failed_samples,
+        sent: received,
+        failed: failed_samples,
+        received,
+        trained: stats.trained,
+        dropped_stale: stats.dropped_stale,
+        dropped_filtered: stats.dropped_filtered,
+        ..Accounting::default()
+    }
+}
