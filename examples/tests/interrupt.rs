@@ -100,8 +100,10 @@ fn repeated_sigkill_and_resume_finishes_with_every_step_once() {
     let dir = tempfile::tempdir().unwrap();
     let config = job(dir.path());
     let out = dir.path().join("out");
-    // Seeded kill times (a small LCG), between 0.3 s and 3.3 s into each attempt; at least five
-    // kills, three of them during GRPO (the others may land in start-up or the SFT warm-up).
+    // Seeded kill moments (a small LCG). Every other attempt is killed 0.3–1.8 s after its start
+    // (start-up, the SFT warm-up or early GRPO), the others 0–0.8 s after a new GRPO step shows
+    // up in the metrics: kills land in GRPO however slow the machine is. At least five kills,
+    // three of them during GRPO.
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let (mut kills, mut kills_in_grpo) = (0, 0);
     let mut attempts = 0;
@@ -113,11 +115,26 @@ fn repeated_sigkill_and_resume_finishes_with_every_step_once() {
         } else {
             &["--overwrite-output-dir"]
         };
+        let steps_at_start = metric_steps(&out).len();
         let mut child = start(&config, extra);
         rng = rng
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        let after = Duration::from_millis(300 + (rng >> 33) % 3000);
+        let jitter = (rng >> 33) % 800;
+        let after_a_step = attempts % 2 == 0 || (kills >= 2 && kills_in_grpo < 3);
+        if after_a_step {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while metric_steps(&out).len() <= steps_at_start && child.try_wait().unwrap().is_none()
+            {
+                assert!(Instant::now() < deadline, "no new GRPO step within 120 s");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let after = Duration::from_millis(if after_a_step {
+            jitter
+        } else {
+            300 + 2 * jitter
+        });
         let started = Instant::now();
         while started.elapsed() < after {
             if child.try_wait().unwrap().is_some() {
@@ -138,8 +155,13 @@ fn repeated_sigkill_and_resume_finishes_with_every_step_once() {
         if steps > 0 && steps >= steps_before {
             kills_in_grpo += 1;
         }
+        let when = if after_a_step {
+            "after a new step"
+        } else {
+            "after start"
+        };
         eprintln!(
-            "kill {kills} after {after:?} ({}): {steps} steps in metrics.jsonl",
+            "kill {kills} {after:?} {when} ({}): {steps} steps in metrics.jsonl",
             extra[0]
         );
     }
