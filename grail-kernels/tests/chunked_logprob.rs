@@ -6,18 +6,7 @@ use grail_kernels::{
     ChunkSizes, gradient_surrogate, naive_selective_logprobs, selective_logprobs_backward,
     selective_logprobs_forward,
 };
-
-fn rel_err(a: &Tensor<2>, b: &Tensor<2>) -> f64 {
-    let a = a.to_data().try_to_vec::<f32>().unwrap();
-    let b = b.to_data().try_to_vec::<f32>().unwrap();
-    let num: f64 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| ((x - y) as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
+use grail_testkit::rel;
 
 fn inputs(
     n: usize,
@@ -99,14 +88,11 @@ fn fused_matches_naive_values_entropy_and_gradients() {
             let out =
                 selective_logprobs_forward(&hidden, &weight, &targets, temperature, chunks, true);
             let what = format!("n={n} v={v} T={temperature} {chunks:?} kernel={kernel}");
-            let e = rel_err(
-                &out.logp.clone().reshape([1, n]),
-                &naive.clone().reshape([1, n]),
-            );
+            let e = rel(out.logp.clone(), naive.clone());
             assert!(e < 1e-5, "{what}: logp rel err {e:e}");
-            let e = rel_err(
-                &out.entropy.clone().unwrap().reshape([1, n]),
-                &naive_entropy.clone().reshape([1, n]),
+            let e = rel(
+                out.entropy.clone().unwrap(),
+                naive_entropy.clone().reshape([n]),
             );
             assert!(e < 1e-5, "{what}: entropy rel err {e:e}");
             let (gh, gw) = selective_logprobs_backward(
@@ -118,9 +104,9 @@ fn fused_matches_naive_values_entropy_and_gradients() {
                 temperature,
                 chunks,
             );
-            let e = rel_err(&gh, &naive_gh);
+            let e = rel(gh.clone(), naive_gh.clone());
             assert!(e < 1e-5, "{what}: grad hidden rel err {e:e}");
-            let e = rel_err(&gw, &naive_gw);
+            let e = rel(gw.clone(), naive_gw.clone());
             assert!(e < 1e-5, "{what}: grad weight rel err {e:e}");
         }
     }
@@ -155,6 +141,6 @@ fn surrogate_delivers_the_fused_gradients_through_autodiff() {
         1.0,
     );
     let grads2 = (naive * g.autodiff()).sum().backward();
-    assert!(rel_err(&a.grad(&grads).unwrap(), &a2.grad(&grads2).unwrap()) < 1e-5);
-    assert!(rel_err(&w_ad.grad(&grads).unwrap(), &w2.grad(&grads2).unwrap()) < 1e-5);
+    assert!(rel(a.grad(&grads).unwrap(), a2.grad(&grads2).unwrap()) < 1e-5);
+    assert!(rel(w_ad.grad(&grads).unwrap(), w2.grad(&grads2).unwrap()) < 1e-5);
 }

@@ -1,8 +1,8 @@
 //! AdamW as one fused pass per parameter where the backend has the kernel.
 //!
 //! burn's `AdamW` is a dozen element-wise tensor ops per parameter (each a pass over memory and an
-//! allocation); on the CPU that was 14% of a trainer step. [`FusedAdamW`] does the same arithmetic,
-//! in the same order, in one pass (`grail_kernels::cpu::adamw`), and falls back to burn's
+//! allocation). [`FusedAdamW`] does the same arithmetic, in the same order, in one pass
+//! (`grail_kernels::adamw`), and falls back to burn's
 //! `AdamW` on backends without the kernel. Its state is burn's `AdamWState`, so saved optimizer
 //! state loads either way.
 

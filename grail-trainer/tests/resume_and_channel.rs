@@ -1,4 +1,6 @@
-//! Resume is bit-identical; the channel runner trains, drops stale groups and publishes weights.
+//! Resume is bit-identical; the channel runner trains, drops stale groups and publishes weights;
+//! published weights reach a worker's `WeightState` exactly (sparse bf16 deltas and full updates),
+//! and a worker that missed an update refuses the next delta.
 
 use std::sync::Arc;
 
@@ -6,6 +8,7 @@ use burn::tensor::Device;
 use grail_core::checkpoint::load_model;
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_protocol::{Group, PoolMessage, Sample, SyncMode, WeightPayload, WireDtype};
+use grail_rollout::WeightState;
 use grail_trainer::channel::{ChannelRun, RunEvent};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::off_policy::ImportanceSamplingMode;
@@ -187,4 +190,61 @@ fn a_silent_pool_is_a_stall_error_naming_the_cause() {
         .run_from_channel(&rx, None, &run, |_, _| std::ops::ControlFlow::Break(()))
         .unwrap();
     assert_eq!(stats.received, 0);
+}
+
+#[test]
+fn delta_sync_reproduces_the_trainers_bf16_weights_exactly() {
+    let initial = model();
+    let mut delta_state = WeightState::new(&initial, 0, WireDtype::Bf16);
+    let mut full_state = WeightState::new(&initial, 0, WireDtype::Bf16);
+    let mut delta = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, &initial, 0);
+    let mut full = WeightPublisher::new(SyncMode::Full, WireDtype::Bf16, &initial, 0);
+    let mut cfg = config();
+    cfg.learning_rate = 1e-6; // TRL's default: most bf16 values do not move in a step
+    let mut trainer = GrpoTrainer::new(initial, None, cfg).unwrap();
+    let mut ratios = Vec::new();
+    for s in 0..4 {
+        trainer.train_step(&batch(s, trainer.version())).unwrap();
+        let d = delta.publish(trainer.version(), trainer.model());
+        let f = full.publish(trainer.version(), trainer.model());
+        ratios.push(d.payload.wire_bytes() as f64 / delta.full_bytes() as f64);
+        delta_state.apply(&d).unwrap();
+        full_state.apply(&f).unwrap();
+        assert_eq!(
+            delta_state.tensors(),
+            full_state.tensors(),
+            "step {s}: delta and full disagree"
+        );
+    }
+    // Exactly the trainer's weights rounded to bf16.
+    let WeightPayload::Full(exact) = trainer.weight_update().payload else {
+        panic!()
+    };
+    let mut exact = exact.as_ref().clone();
+    exact.sort_by(|a, b| a.name.cmp(&b.name));
+    for (mine, theirs) in delta_state.tensors().iter().zip(&exact) {
+        assert_eq!(mine.name, theirs.name);
+        assert!(
+            mine.values
+                .iter()
+                .zip(&theirs.values)
+                .all(|(a, b)| *a == half::bf16::from_f32(*b).to_f32())
+        );
+    }
+    assert!(
+        ratios.iter().all(|&r| r < 0.5),
+        "delta bytes / full bytes: {ratios:?}"
+    );
+    // A worker that missed an update refuses the next delta instead of drifting.
+    trainer.train_step(&batch(9, trainer.version())).unwrap();
+    let _skipped = delta.publish(trainer.version(), trainer.model());
+    trainer.train_step(&batch(10, trainer.version())).unwrap();
+    let next = delta.publish(trainer.version(), trainer.model());
+    assert!(
+        delta_state
+            .apply(&next)
+            .unwrap_err()
+            .to_string()
+            .contains("in order")
+    );
 }

@@ -5,7 +5,7 @@ use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::OptimOps;
+use super::{AdamWStep, OptimOps};
 use crate::flex_io::{flex, host};
 
 /// `Σ x²` in f64 (the global gradient norm's building block), one parallel pass.
@@ -22,23 +22,6 @@ pub fn scale(x: &[f32], factor: f32) -> Vec<f32> {
         .zip(x.par_chunks(16_384))
         .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o = x * factor));
     out
-}
-
-/// AdamW hyper-parameters of one update (`time` counts updates, starting at 1).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWStep {
-    /// Learning rate.
-    pub lr: f32,
-    /// First-moment decay.
-    pub beta1: f32,
-    /// Second-moment decay.
-    pub beta2: f32,
-    /// Added to the root of the second moment.
-    pub epsilon: f32,
-    /// Decoupled weight decay.
-    pub weight_decay: f32,
-    /// Update count including this one (bias correction).
-    pub time: i32,
 }
 
 /// One AdamW update in a single pass over `(param, grad, m, v)`; returns the new `(param, m, v)`.
@@ -88,21 +71,8 @@ impl OptimOps for Flex {
         grad: FlexTensor,
         m: FlexTensor,
         v: FlexTensor,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        epsilon: f32,
-        weight_decay: f32,
-        time: i32,
+        step: AdamWStep,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let step = AdamWStep {
-            lr,
-            beta1,
-            beta2,
-            epsilon,
-            weight_decay,
-            time,
-        };
         let (p, m, v) = adamw(&host(&param), &host(&grad), &host(&m), &host(&v), step);
         let shape = param.shape();
         (

@@ -10,7 +10,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::OptimOps;
+use super::{AdamWStep, OptimOps};
 use crate::cube_launch::{arg, empty_like, f32_contiguous, grid};
 
 type B = CubeBackend;
@@ -101,12 +101,7 @@ impl OptimOps for CubeBackend {
         grad: CubeTensor,
         m: CubeTensor,
         v: CubeTensor,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        epsilon: f32,
-        weight_decay: f32,
-        time: i32,
+        step: AdamWStep,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
         let (param, grad, m, v) = (
             f32_contiguous(param),

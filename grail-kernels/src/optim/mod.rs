@@ -15,7 +15,22 @@ mod cpu;
 #[cfg(any(feature = "vulkan", feature = "cuda"))]
 mod cube;
 
-pub use cpu::AdamWStep;
+/// AdamW hyper-parameters of one update (`time` counts updates, starting at 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Added to the root of the second moment.
+    pub epsilon: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// Update count including this one (bias correction).
+    pub time: i32,
+}
 
 /// Optimizer kernels (no autodiff).
 #[backend_extension(Flex, Cube: cfg(any(feature = "vulkan", feature = "cuda")), Autodiff)]
@@ -25,18 +40,12 @@ pub trait OptimOps: Backend {
     /// Kernel: `x · factor`.
     fn fused_scale(x: FloatTensor<Self>, factor: f32) -> FloatTensor<Self>;
     /// Kernel: one AdamW update of a parameter of any shape: `(param, m, v)` after the step.
-    #[allow(clippy::too_many_arguments)]
     fn fused_adamw(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         m: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        epsilon: f32,
-        weight_decay: f32,
-        time: i32,
+        step: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -54,24 +63,14 @@ impl<B: OptimOps, C: CheckpointStrategy> OptimOps for Autodiff<B, C> {
         grad: FloatTensor<Self>,
         m: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        epsilon: f32,
-        weight_decay: f32,
-        time: i32,
+        step: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (p, m, v) = B::fused_adamw(
             param.into_primitive(),
             grad.into_primitive(),
             m.into_primitive(),
             v.into_primitive(),
-            lr,
-            beta1,
-            beta2,
-            epsilon,
-            weight_decay,
-            time,
+            step,
         );
         (
             Self::from_inner(p),
@@ -94,12 +93,7 @@ pub fn adamw<const D: usize>(
         grad.into_dispatch(),
         m.into_dispatch(),
         v.into_dispatch(),
-        step.lr,
-        step.beta1,
-        step.beta2,
-        step.epsilon,
-        step.weight_decay,
-        step.time,
+        step,
     );
     (
         Tensor::from_dispatch(p),
