@@ -58,7 +58,7 @@ impl KvCache {
 
     /// Appends new keys/values of `layer` and returns the full keys/values to attend to.
     /// The length advances once the last layer has been appended.
-    pub(crate) fn append(
+    pub(crate) fn append_tensors(
         &mut self,
         layer: usize,
         k: Tensor<4>,

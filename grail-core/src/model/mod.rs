@@ -9,6 +9,7 @@ mod attention;
 mod cache;
 mod config;
 mod generate;
+mod kernels;
 mod layers;
 mod layout;
 mod weights;
@@ -17,6 +18,7 @@ pub use attention::Attention;
 pub use cache::KvCache;
 pub use config::{ModelConfig, ModelFamily};
 pub use generate::{argmax_rows, greedy};
+pub use kernels::Kernels;
 pub use layers::{Embedding, Linear, Mlp, RmsNorm, Rope};
 pub use layout::{Layout, Segment};
 pub use weights::{NamedTensorSource, RandomInit, WeightSource, named_tensors, stable_id};
@@ -48,12 +50,18 @@ impl DecoderLayer {
         sin: &Tensor<4>,
         mode: AttentionMode<'_>,
         layer: usize,
-        fused: bool,
     ) -> Tensor<3> {
-        let normed = self.input_layernorm.forward_with(x.clone(), fused);
-        let h = x + self.self_attn.forward(normed, cos, sin, mode, layer, fused);
-        let normed = self.post_attention_layernorm.forward_with(h.clone(), fused);
-        h + self.mlp.forward_with(normed, fused)
+        let normed = self.input_layernorm.forward(x.clone());
+        let h = x + self.self_attn.forward(normed, cos, sin, mode, layer);
+        let normed = self.post_attention_layernorm.forward(h.clone());
+        h + self.mlp.forward(normed)
+    }
+
+    fn set_kernels(&mut self, kernels: Kernels) {
+        self.input_layernorm.kernels = kernels;
+        self.self_attn.set_kernels(kernels);
+        self.post_attention_layernorm.kernels = kernels;
+        self.mlp.set_kernels(kernels);
     }
 }
 
@@ -78,10 +86,10 @@ pub struct CausalLm {
     /// The configuration the model was built from.
     #[module(skip)]
     pub config: ModelConfig,
-    /// Use the fused kernels (RMSNorm, SwiGLU, RoPE, varlen attention) where the backend has them
-    /// and the weights are f32; on by default. Off: plain tensor math everywhere.
+    /// The kernels every layer was given by [`CausalLm::with_fused_ops`]; the logits projection
+    /// (tied to the embeddings or not) uses them too.
     #[module(skip)]
-    pub fused_ops: bool,
+    kernels: Kernels,
 }
 
 impl CausalLm {
@@ -102,6 +110,7 @@ impl CausalLm {
                 } else {
                     None
                 },
+                kernels: Kernels::Fused,
             })
         };
         let mut layers_lin = Vec::with_capacity(c.num_hidden_layers);
@@ -116,11 +125,13 @@ impl CausalLm {
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
+                    kernels: Kernels::Fused,
                 },
                 Mlp {
                     gate_proj: linear(format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false)?,
                     up_proj: linear(format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
                     down_proj: linear(format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
+                    kernels: Kernels::Fused,
                 },
             ));
         }
@@ -133,6 +144,7 @@ impl CausalLm {
             Ok(RmsNorm {
                 weight: source.param(&name, [h])?,
                 eps: c.rms_norm_eps,
+                kernels: Kernels::Fused,
             })
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -159,7 +171,7 @@ impl CausalLm {
             },
             lm_head,
             config: config.clone(),
-            fused_ops: true,
+            kernels: Kernels::Fused,
         })
     }
 
@@ -298,19 +310,26 @@ impl CausalLm {
         Ok(self.logits(hidden))
     }
 
-    /// Turns the fused kernels on or off (see [`CausalLm::fused_ops`]).
+    /// Turns the fused kernels (linear, RMSNorm, SwiGLU, RoPE, varlen and cached attention) on
+    /// or off in every layer; on by default. They run where the backend has them and the weights
+    /// are f32; off, plain tensor math runs everywhere.
     pub fn with_fused_ops(mut self, on: bool) -> Self {
-        self.fused_ops = on;
+        let kernels = Kernels::fused_if(on);
+        self.kernels = kernels;
+        for layer in &mut self.model.layers {
+            layer.set_kernels(kernels);
+        }
+        self.model.norm.kernels = kernels;
+        if let Some(head) = &mut self.lm_head {
+            head.kernels = kernels;
+        }
         self
     }
 
     /// Whether this forward will run the fused kernels: asked for, and the backend and dtype
     /// have them.
     pub fn uses_fused_ops(&self) -> bool {
-        let weight = self.model.embed_tokens.weight.val();
-        self.fused_ops
-            && grail_kernels::supported(&weight.device())
-            && grail_kernels::supported_dtype(weight.dtype())
+        self.kernels.fuse(&self.model.embed_tokens.weight.val())
     }
 
     /// The shared body of every forward: embed, decoder layers, final norm.
@@ -325,7 +344,6 @@ impl CausalLm {
         let device = self.device();
         let rope = Rope::new(self.config.head_dim, self.config.rope_theta);
         let (cos, sin) = rope.tables(positions, rows, &device);
-        let fused = self.uses_fused_ops();
         let mut x = self.model.embed_tokens.forward(ids);
         for (l, layer) in self.model.layers.iter().enumerate() {
             let mode = match segments {
@@ -335,9 +353,9 @@ impl CausalLm {
                     caches: caches.as_deref_mut(),
                 },
             };
-            x = layer.forward(x, &cos, &sin, mode, l, fused);
+            x = layer.forward(x, &cos, &sin, mode, l);
         }
-        self.model.norm.forward_with(x, fused)
+        self.model.norm.forward(x)
     }
 
     /// The lm_head weight `[vocab, hidden]` (the embedding matrix when tied); the fused log-prob
@@ -352,7 +370,7 @@ impl CausalLm {
     /// Logits `[..., vocab]` from final hidden states `[..., hidden]` (through the fused linear
     /// kernel when the model runs fused ops, as every other projection does).
     pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
-        layers::project_with(hidden, self.lm_head_weight(), None, self.uses_fused_ops())
+        layers::project(hidden, self.lm_head_weight(), None, self.kernels)
     }
 
     /// The log-prob of each completion token given the prompt and the tokens before it:
