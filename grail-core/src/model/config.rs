@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
+use super::TensorId;
 use crate::error::{GrailError, Result};
 
 /// The model families grail runs. Both are pre-norm decoder-only transformers with RMSNorm,
@@ -325,16 +326,10 @@ impl ModelConfig {
 
     /// Number of parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let bias_qkv = if self.qkv_bias { q + 2 * kv } else { 0 };
-        let bias_o = if self.o_bias { h } else { 0 };
-        let attn = h * q + 2 * h * kv + q * h + bias_qkv + bias_o;
-        let mlp = 3 * h * i;
-        let layer = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers * layer + h + head
+        TensorId::all(self)
+            .into_iter()
+            .map(|id| id.shape(self).iter().product::<usize>())
+            .sum()
     }
 
     /// The `config.json` to write next to saved weights: the source config with every field grail
