@@ -8,6 +8,7 @@
 mod attention;
 mod cache;
 mod config;
+mod config_builder;
 mod generate;
 mod kernels;
 mod layers;
@@ -18,6 +19,7 @@ mod weights;
 pub use attention::Attention;
 pub use cache::KvCache;
 pub use config::{ModelConfig, ModelFamily};
+pub use config_builder::ModelConfigBuilder;
 pub use generate::{argmax_rows, greedy};
 pub use kernels::Kernels;
 pub use layers::{Embedding, Linear, Mlp, RmsNorm, Rope};

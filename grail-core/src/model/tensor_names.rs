@@ -209,7 +209,17 @@ mod tests {
 
     #[test]
     fn names_shapes_and_presence_follow_the_config() {
-        let config = ModelConfig::qwen2(10, 8, 12, 2, 2, 1, 32, true);
+        let config = ModelConfig::builder()
+            .vocab_size(10)
+            .hidden_size(8)
+            .intermediate_size(12)
+            .num_hidden_layers(2)
+            .num_attention_heads(2)
+            .num_key_value_heads(1)
+            .max_position_embeddings(32)
+            .tie_word_embeddings(true)
+            .build()
+            .unwrap();
         let all = TensorId::all(&config);
         // Per layer: 7 weights, q/k/v biases, 2 norms; then the final norm and the embeddings.
         assert_eq!(all.len(), 2 * (7 + 3 + 2) + 2);
