@@ -106,7 +106,17 @@ pub(crate) fn sync(device: &Device) {
 
 /// The ~5M-parameter Qwen2 shape used across grail's CPU benchmarks.
 fn bench_config() -> ModelConfig {
-    ModelConfig::qwen2(8192, 256, 704, 4, 4, 2, 2048, true)
+    ModelConfig::builder()
+        .vocab_size(8192)
+        .hidden_size(256)
+        .intermediate_size(704)
+        .num_hidden_layers(4)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .max_position_embeddings(2048)
+        .tie_word_embeddings(true)
+        .build()
+        .expect("a consistent bench config")
 }
 
 /// The median wall time of `f` over `reps` runs after a warm-up, each run waiting for `device` to
@@ -241,16 +251,15 @@ impl ModelArgs {
     fn model_config(&self) -> Result<ModelConfig> {
         Ok(match &self.config {
             Some(path) => ModelConfig::from_file(path)?,
-            None => ModelConfig::qwen2(
-                self.vocab,
-                self.hidden,
-                self.inter,
-                self.layers,
-                self.heads,
-                self.kv_heads,
-                32768,
-                false,
-            ),
+            None => ModelConfig::builder()
+                .vocab_size(self.vocab)
+                .hidden_size(self.hidden)
+                .intermediate_size(self.inter)
+                .num_hidden_layers(self.layers)
+                .num_attention_heads(self.heads)
+                .num_key_value_heads(self.kv_heads)
+                .max_position_embeddings(32768)
+                .build()?,
         })
     }
 }

@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::atomic;
 use crate::error::{GrailError, Result};
-use crate::model::{CausalLm, ModelConfig, WeightSource};
+use crate::model::{CausalLm, ModelConfig, TensorId, WeightSource};
 
 /// File name of an unsharded checkpoint.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -247,7 +247,9 @@ struct CheckpointSource<'a> {
 }
 
 impl WeightSource for CheckpointSource<'_> {
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    fn take(&mut self, id: TensorId, shape: &[usize]) -> Result<Vec<f32>> {
+        let name = id.name();
+        let name = name.as_str();
         let ck = self.checkpoint;
         let entry = ck
             .tensors

@@ -324,7 +324,16 @@ fn saved_files_get_the_mode_the_umask_gives() {
     use std::os::unix::fs::PermissionsExt;
     let out = tempfile::tempdir().unwrap();
     let model = CausalLm::init(
-        &ModelConfig::qwen2(16, 8, 16, 1, 2, 1, 32, false),
+        &ModelConfig::builder()
+            .vocab_size(16)
+            .hidden_size(8)
+            .intermediate_size(16)
+            .num_hidden_layers(1)
+            .num_attention_heads(2)
+            .num_key_value_heads(1)
+            .max_position_embeddings(32)
+            .build()
+            .unwrap(),
         1,
         &Device::flex(),
     );

@@ -5,9 +5,39 @@
 //! shaders crash lavapipe's compiler.
 
 use burn::tensor::{Device, Tensor, TensorData};
+use grail_core::model::ModelConfig;
 use grail_testkit::{
     const_on_kernel, kernel_device, kernel_test_device, random, reference_device as device, rel,
 };
+
+/// GQA 2, an untied lm_head, a vocabulary of 97.
+fn untied_config() -> ModelConfig {
+    ModelConfig::builder()
+        .vocab_size(97)
+        .hidden_size(48)
+        .intermediate_size(80)
+        .num_hidden_layers(2)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .max_position_embeddings(256)
+        .build()
+        .unwrap()
+}
+
+/// GQA 2, tied embeddings, a vocabulary of 61.
+fn tied_config() -> ModelConfig {
+    ModelConfig::builder()
+        .vocab_size(61)
+        .hidden_size(32)
+        .intermediate_size(48)
+        .num_hidden_layers(2)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .max_position_embeddings(256)
+        .tie_word_embeddings(true)
+        .build()
+        .unwrap()
+}
 
 #[test]
 fn the_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
@@ -28,9 +58,9 @@ fn gpu_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
 
 fn model_fused_on_off(device: &Device) {
     use burn::tensor::Int;
-    use grail_core::model::{CausalLm, Layout, ModelConfig};
+    use grail_core::model::{CausalLm, Layout};
     // GQA 2, odd lengths, two packed rows with a padding tail.
-    let config = ModelConfig::qwen2(97, 48, 80, 2, 4, 2, 256, false);
+    let config = untied_config();
     let fused = CausalLm::init(&config, 3, device);
     let plain = fused.clone().with_fused_ops(false);
     assert!(fused.uses_fused_ops() && !plain.uses_fused_ops());
@@ -90,12 +120,12 @@ fn model_fused_on_off(device: &Device) {
 fn the_fused_model_on_the_kernel_device_equals_the_model_on_flex() {
     use burn::module::Module;
     use burn::tensor::Int;
-    use grail_core::model::{CausalLm, Layout, ModelConfig};
+    use grail_core::model::{CausalLm, Layout};
     if kernel_test_device("kernel model").is_none() {
         return;
     }
     // GQA 2, odd lengths, two packed rows with a padding tail, an untied lm_head.
-    let config = ModelConfig::qwen2(97, 48, 80, 2, 4, 2, 256, false);
+    let config = untied_config();
     let reference = CausalLm::init(&config, 3, &device());
     let kernel = reference.clone().fork(&kernel_device());
     assert!(kernel.uses_fused_ops());
@@ -138,8 +168,8 @@ fn the_fused_model_on_the_kernel_device_equals_the_model_on_flex() {
 
 #[test]
 fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
-    use grail_core::model::{CausalLm, KvCache, ModelConfig};
-    let config = ModelConfig::qwen2(61, 32, 48, 2, 4, 2, 256, true);
+    use grail_core::model::{CausalLm, KvCache};
+    let config = tied_config();
     let fused = CausalLm::init(&config, 5, &Device::flex());
     let plain = fused.clone().with_fused_ops(false);
     let run = |m: &CausalLm| {
@@ -172,11 +202,11 @@ fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
 #[test]
 fn cached_generation_on_the_kernel_device_equals_flex() {
     use burn::module::Module;
-    use grail_core::model::{CausalLm, KvCache, ModelConfig};
+    use grail_core::model::{CausalLm, KvCache};
     if kernel_test_device("kernel generation").is_none() {
         return;
     }
-    let config = ModelConfig::qwen2(61, 32, 48, 2, 4, 2, 256, true);
+    let config = tied_config();
     let reference = CausalLm::init(&config, 5, &Device::flex());
     let kernel = reference
         .clone()

@@ -9,7 +9,8 @@
 //!
 //! - [`attention`]: causal attention over packed (varlen) sequences, and attention of new tokens
 //!   to KV caches for generation;
-//! - [`linear`], [`rms_norm`], [`swiglu`], [`rope`]: the rest of a decoder layer;
+//! - [`linear`](mod@linear), [`rms_norm`](mod@rms_norm), [`swiglu`](mod@swiglu),
+//!   [`rope`](mod@rope): the rest of a decoder layer;
 //! - [`logprob`]: per-token log-probs of selected tokens straight from final hidden states and
 //!   the lm_head weight, in tiles, so that the `[tokens × vocab]` logits never exist;
 //! - [`optim`]: AdamW in one pass, and the sums of squares and scaling of gradient clipping.

@@ -308,7 +308,17 @@ fn truncated_sampling_never_leaves_its_set() {
 #[test]
 fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
     let device = Device::flex();
-    let config = ModelConfig::qwen2(64, 32, 64, 2, 4, 2, 64, true);
+    let config = ModelConfig::builder()
+        .vocab_size(64)
+        .hidden_size(32)
+        .intermediate_size(64)
+        .num_hidden_layers(2)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .max_position_embeddings(64)
+        .tie_word_embeddings(true)
+        .build()
+        .unwrap();
     let old = CausalLm::init(&config, 1, &device);
     let new = CausalLm::init(&config, 2, &device);
     let cfg = GenerationConfig {

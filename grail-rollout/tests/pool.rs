@@ -61,7 +61,17 @@ impl Environment for Sevens {
 }
 
 fn config() -> ModelConfig {
-    ModelConfig::qwen2(64, 32, 64, 2, 4, 2, 64, true)
+    ModelConfig::builder()
+        .vocab_size(64)
+        .hidden_size(32)
+        .intermediate_size(64)
+        .num_hidden_layers(2)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .max_position_embeddings(64)
+        .tie_word_embeddings(true)
+        .build()
+        .unwrap()
 }
 
 fn pool_config(workers: usize) -> PoolConfig {

@@ -17,7 +17,16 @@ use grail_trainer::{PoolFeedback, WeightPublisher};
 
 fn model() -> CausalLm {
     CausalLm::init(
-        &ModelConfig::qwen2(48, 32, 64, 2, 4, 2, 64, false),
+        &ModelConfig::builder()
+            .vocab_size(48)
+            .hidden_size(32)
+            .intermediate_size(64)
+            .num_hidden_layers(2)
+            .num_attention_heads(4)
+            .num_key_value_heads(2)
+            .max_position_embeddings(64)
+            .build()
+            .unwrap(),
         11,
         &Device::flex().autodiff(),
     )

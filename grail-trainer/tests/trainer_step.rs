@@ -15,7 +15,17 @@ use grail_trainer::trainer::GrpoTrainer;
 use grail_trainer::{StepGradients, StepOutcome, TrainerError};
 
 fn tiny_config() -> ModelConfig {
-    ModelConfig::qwen2(64, 32, 64, 2, 4, 2, 128, true)
+    ModelConfig::builder()
+        .vocab_size(64)
+        .hidden_size(32)
+        .intermediate_size(64)
+        .num_hidden_layers(2)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .max_position_embeddings(128)
+        .tie_word_embeddings(true)
+        .build()
+        .unwrap()
 }
 
 fn model(seed: u64) -> CausalLm {

@@ -129,17 +129,17 @@ pub(crate) fn new_trainer(
         Some(path) => load_model(path, &ad)?,
         None => {
             let m = &cfg.model;
-            let mut mc = ModelConfig::qwen2(
-                tokenizer.vocab_size(),
-                m.hidden_size,
-                m.intermediate_size,
-                m.num_hidden_layers,
-                m.num_attention_heads,
-                m.num_key_value_heads,
-                512,
-                true,
-            );
-            mc.eos_token_ids = tokenizer.eos_token_ids.clone();
+            let mc = ModelConfig::builder()
+                .vocab_size(tokenizer.vocab_size())
+                .hidden_size(m.hidden_size)
+                .intermediate_size(m.intermediate_size)
+                .num_hidden_layers(m.num_hidden_layers)
+                .num_attention_heads(m.num_attention_heads)
+                .num_key_value_heads(m.num_key_value_heads)
+                .max_position_embeddings(512)
+                .tie_word_embeddings(true)
+                .eos_token_ids(tokenizer.eos_token_ids.clone())
+                .build()?;
             CausalLm::init(&mc, cfg.seed, &ad)
         }
     };

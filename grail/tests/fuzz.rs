@@ -139,7 +139,16 @@ fn fuzz(name: &str, seed: &[u8], window: usize, mut parse: impl FnMut(&[u8]) -> 
 
 fn tiny_model() -> CausalLm {
     CausalLm::init(
-        &ModelConfig::qwen2(16, 8, 16, 1, 2, 1, 32, false),
+        &ModelConfig::builder()
+            .vocab_size(16)
+            .hidden_size(8)
+            .intermediate_size(16)
+            .num_hidden_layers(1)
+            .num_attention_heads(2)
+            .num_key_value_heads(1)
+            .max_position_embeddings(32)
+            .build()
+            .unwrap(),
         1,
         &Device::flex(),
     )

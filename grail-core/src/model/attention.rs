@@ -7,6 +7,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::cache::KvCache;
+use super::kernels::Kernels;
 use super::layers::{Linear, Rope};
 use super::layout::Segment;
 
@@ -49,16 +50,12 @@ pub struct Attention {
     pub num_kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// The fused RoPE and attention kernels or the tensor math.
+    #[module(skip)]
+    pub kernels: Kernels,
 }
 
 impl Attention {
-    /// Splits `[rows, cols, heads × head_dim]` into `[rows, heads, cols, head_dim]`.
-    fn heads(&self, x: Tensor<3>, heads: usize) -> Tensor<4> {
-        let [rows, cols, _] = x.dims();
-        x.reshape([rows, cols, heads, self.head_dim])
-            .swap_dims(1, 2)
-    }
-
     /// Repeats each kv head for the query heads that share it: `[r, kv, n, d] → [r, heads, n, d]`.
     fn expand_kv(&self, x: Tensor<4>) -> Tensor<4> {
         let group = self.num_heads / self.num_kv_heads;
@@ -71,9 +68,28 @@ impl Attention {
             .reshape([r, kv * group, n, d])
     }
 
+    /// Whether this layer runs the fused kernels.
+    fn fused(&self) -> bool {
+        self.kernels.fuse(&self.q_proj.weight.val())
+    }
+
+    /// Sets the implementation of every op of the attention.
+    pub(crate) fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+        for proj in [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+        ] {
+            proj.kernels = kernels;
+        }
+    }
+
     /// Attention for `x` `[rows, cols, hidden]` with RoPE tables `cos`/`sin` `[rows, 1, cols, d]`.
-    /// `fused`: RoPE as one kernel, and packed rows without caches through the varlen attention
-    /// kernel (no per-segment loop, no GQA copies, no transposes).
+    /// With the fused kernels, packed rows go through the varlen attention kernel (no per-segment
+    /// loop, no GQA copies, no transposes) and cached generation through the cached-attention
+    /// kernels; padded batches, and everything on the reference path, through burn's attention.
     pub(crate) fn forward(
         &self,
         x: Tensor<3>,
@@ -81,20 +97,19 @@ impl Attention {
         sin: &Tensor<4>,
         mode: AttentionMode<'_>,
         layer: usize,
-        fused: bool,
     ) -> Tensor<3> {
         let [rows, cols, _] = x.dims();
         let mode = match mode {
             AttentionMode::Segments {
                 segments,
                 caches: None,
-            } if fused => return self.forward_varlen(x, cos, sin, segments),
+            } if self.fused() => return self.forward_varlen(x, cos, sin, segments),
             // Host memory (Flex): the cache grows in place and the kernel reads it there; a GPU
             // backend keeps its caches on the device.
             AttentionMode::Segments {
                 segments,
                 caches: Some(caches),
-            } if fused => {
+            } if self.fused() => {
                 return if grail_kernels::host_kernels(&x.device()) {
                     self.forward_cached_host(x, cos, sin, segments, caches, layer)
                 } else {
@@ -103,36 +118,7 @@ impl Attention {
             }
             mode => mode,
         };
-        let (q, k) = if fused {
-            // Token-major [rows·cols, heads, d] is the projections' own layout.
-            let tokens = rows * cols;
-            let d = self.head_dim;
-            let cos2 = cos.clone().reshape([tokens, d]);
-            let sin2 = sin.clone().reshape([tokens, d]);
-            let rotate = |t: Tensor<3>, heads: usize| {
-                let t =
-                    grail_kernels::rope(t.reshape([tokens, heads, d]), cos2.clone(), sin2.clone());
-                t.reshape([rows, cols, heads, d]).swap_dims(1, 2)
-            };
-            (
-                rotate(self.q_proj.forward_with(x.clone(), true), self.num_heads),
-                rotate(self.k_proj.forward_with(x.clone(), true), self.num_kv_heads),
-            )
-        } else {
-            (
-                Rope::apply(
-                    self.heads(self.q_proj.forward(x.clone()), self.num_heads),
-                    cos,
-                    sin,
-                ),
-                Rope::apply(
-                    self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads),
-                    cos,
-                    sin,
-                ),
-            )
-        };
-        let v = self.heads(self.v_proj.forward_with(x, fused), self.num_kv_heads);
+        let (q, k, v) = self.qkv_heads(x, cos, sin);
 
         let out = match mode {
             AttentionMode::Padded => {
@@ -154,7 +140,7 @@ impl Attention {
                     };
                     let (qs, mut ks, mut vs) = (range(&q), range(&k), range(&v));
                     if let Some(caches) = caches.as_deref_mut() {
-                        (ks, vs) = caches[i].append(layer, ks, vs);
+                        (ks, vs) = caches[i].append_tensors(layer, ks, vs);
                     }
                     // Bottom-right aligned causal mask: new token j sees the cache and tokens ≤ j.
                     let o = attention(
@@ -187,7 +173,38 @@ impl Attention {
         let out = out
             .swap_dims(1, 2)
             .reshape([rows, cols, self.num_heads * self.head_dim]);
-        self.o_proj.forward_with(out, fused)
+        self.o_proj.forward(out)
+    }
+
+    /// `q` `[rows, heads, cols, d]`, `k`/`v` `[rows, kv_heads, cols, d]` of `x`
+    /// `[rows, cols, hidden]`, RoPE applied to q and k.
+    fn qkv_heads(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [rows, cols, _] = x.dims();
+        let d = self.head_dim;
+        if self.fused() {
+            // The RoPE kernel works token-major, the projections' own layout.
+            let heads = |t: Tensor<3>| {
+                let [_, heads, _] = t.dims();
+                t.reshape([rows, cols, heads, d]).swap_dims(1, 2)
+            };
+            let (q, k, v) = self.rotated_qkv(x, cos, sin);
+            return (heads(q), heads(k), heads(v));
+        }
+        let heads = |proj: &Linear, heads: usize| {
+            proj.forward(x.clone())
+                .reshape([rows, cols, heads, d])
+                .swap_dims(1, 2)
+        };
+        (
+            Rope::apply(heads(&self.q_proj, self.num_heads), cos, sin),
+            Rope::apply(heads(&self.k_proj, self.num_kv_heads), cos, sin),
+            heads(&self.v_proj, self.num_kv_heads),
+        )
     }
 
     /// Generation through the fused kernels: the new tokens' keys/values join each sequence's host
@@ -234,7 +251,7 @@ impl Attention {
             burn::tensor::TensorData::new(out, [rows, cols, self.num_heads * d]),
             &device,
         );
-        self.o_proj.forward_with(out, true)
+        self.o_proj.forward(out)
     }
 
     /// Generation through the fused kernels on a device backend: the new tokens' keys/values join
@@ -273,7 +290,7 @@ impl Attention {
         let (keys, values) = (Tensor::cat(keys, 0), Tensor::cat(values, 0));
         let out = grail_kernels::cached_attention(q, keys, values, &spans, scale);
         let out = out.reshape([rows, cols, self.num_heads * self.head_dim]);
-        self.o_proj.forward_with(out, true)
+        self.o_proj.forward(out)
     }
 
     /// Token-major `q` `[tokens, heads, d]`, `k`/`v` `[tokens, kv_heads, d]` of `x`
@@ -288,10 +305,8 @@ impl Attention {
         let (tokens, d) = (rows * cols, self.head_dim);
         let cos = cos.clone().reshape([tokens, d]);
         let sin = sin.clone().reshape([tokens, d]);
-        let project = |proj: &Linear, heads: usize| {
-            proj.forward_with(x.clone(), true)
-                .reshape([tokens, heads, d])
-        };
+        let project =
+            |proj: &Linear, heads: usize| proj.forward(x.clone()).reshape([tokens, heads, d]);
         let q = grail_kernels::rope(
             project(&self.q_proj, self.num_heads),
             cos.clone(),
@@ -319,6 +334,6 @@ impl Attention {
         let scale = 1.0 / (d as f32).sqrt();
         let out = grail_kernels::varlen_attention(q, k, v, &ranges, scale);
         self.o_proj
-            .forward_with(out.reshape([rows, cols, self.num_heads * d]), true)
+            .forward(out.reshape([rows, cols, self.num_heads * d]))
     }
 }

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
+use super::TensorId;
+use super::config_builder::ModelConfigBuilder;
 use crate::error::{GrailError, Result};
 
 /// The model families grail runs. Both are pre-norm decoder-only transformers with RMSNorm,
@@ -37,7 +39,7 @@ impl ModelFamily {
 /// Everything the model needs to know about its shape, as Hugging Face names it.
 ///
 /// Built from `config.json` with [`ModelConfig::from_hf_json`] (which rejects what grail does not
-/// implement, naming the field) or by hand with [`ModelConfig::qwen2`] for models trained from
+/// implement, naming the field) or by hand with [`ModelConfig::builder`] for models trained from
 /// scratch. [`ModelConfig::to_hf_json`] writes it back, keeping the keys we do not interpret.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -79,13 +81,6 @@ pub struct ModelConfig {
 
 fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
-}
-
-fn req_usize(obj: &Map<String, Value>, key: &str) -> Result<usize> {
-    match get(obj, key) {
-        None => Err(GrailError::config(key, "<missing>", "required field")),
-        Some(v) => parse_usize(key, v),
-    }
 }
 
 fn opt_usize(obj: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
@@ -214,37 +209,6 @@ impl ModelConfig {
             ));
         }
 
-        let hidden_size = req_usize(obj, "hidden_size")?;
-        let num_attention_heads = req_usize(obj, "num_attention_heads")?;
-        let num_key_value_heads =
-            opt_usize(obj, "num_key_value_heads")?.unwrap_or(num_attention_heads);
-        if num_attention_heads % num_key_value_heads != 0 {
-            return Err(GrailError::config(
-                "num_key_value_heads",
-                num_key_value_heads,
-                format!("must divide num_attention_heads ({num_attention_heads})"),
-            ));
-        }
-        let head_dim = match opt_usize(obj, "head_dim")? {
-            Some(d) => d,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
-                return Err(GrailError::config(
-                    "hidden_size",
-                    hidden_size,
-                    format!(
-                        "not divisible by num_attention_heads ({num_attention_heads}) and no head_dim given"
-                    ),
-                ));
-            }
-        };
-        if head_dim % 2 != 0 {
-            return Err(GrailError::config(
-                "head_dim",
-                head_dim,
-                "RoPE needs an even head_dim",
-            ));
-        }
         let rope_theta = match rope_params {
             Some(params) => opt_f64(params, "rope_theta").map_err(|_| {
                 GrailError::config(
@@ -255,67 +219,32 @@ impl ModelConfig {
             })?,
             None => None,
         };
-        let rope_theta = match rope_theta {
-            Some(t) => t,
-            None => opt_f64(obj, "rope_theta")?.unwrap_or(10_000.0),
-        };
-        let attention_bias = opt_bool(obj, "attention_bias")?.unwrap_or(false);
-        let (qkv_bias, o_bias) = match family {
-            ModelFamily::Qwen2 => (true, false),
-            ModelFamily::Llama => (attention_bias, attention_bias),
-        };
-        Ok(Self {
+        let defaults = ModelConfigBuilder::default();
+        let mut config = ModelConfigBuilder {
             family,
-            hidden_size,
-            intermediate_size: req_usize(obj, "intermediate_size")?,
-            num_hidden_layers: req_usize(obj, "num_hidden_layers")?,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            rms_norm_eps: opt_f64(obj, "rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta,
-            vocab_size: req_usize(obj, "vocab_size")?,
-            max_position_embeddings: opt_usize(obj, "max_position_embeddings")?.unwrap_or(4096),
-            tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?.unwrap_or(false),
-            qkv_bias,
-            o_bias,
+            vocab_size: opt_usize(obj, "vocab_size")?,
+            hidden_size: opt_usize(obj, "hidden_size")?,
+            intermediate_size: opt_usize(obj, "intermediate_size")?,
+            num_hidden_layers: opt_usize(obj, "num_hidden_layers")?,
+            num_attention_heads: opt_usize(obj, "num_attention_heads")?,
+            num_key_value_heads: opt_usize(obj, "num_key_value_heads")?,
+            head_dim: opt_usize(obj, "head_dim")?,
+            rms_norm_eps: opt_f64(obj, "rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps),
+            rope_theta: match rope_theta {
+                Some(t) => t,
+                None => opt_f64(obj, "rope_theta")?.unwrap_or(defaults.rope_theta),
+            },
+            max_position_embeddings: opt_usize(obj, "max_position_embeddings")?
+                .unwrap_or(defaults.max_position_embeddings),
+            tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?
+                .unwrap_or(defaults.tie_word_embeddings),
+            attention_bias: opt_bool(obj, "attention_bias")?.unwrap_or(defaults.attention_bias),
             bos_token_id: token_ids(obj, "bos_token_id")?.first().copied(),
             eos_token_ids: token_ids(obj, "eos_token_id")?,
-            source: value,
-        })
-    }
-
-    /// A Qwen2 configuration for a model built from scratch (no `config.json` behind it).
-    #[allow(clippy::too_many_arguments)]
-    pub fn qwen2(
-        vocab_size: usize,
-        hidden_size: usize,
-        intermediate_size: usize,
-        num_hidden_layers: usize,
-        num_attention_heads: usize,
-        num_key_value_heads: usize,
-        max_position_embeddings: usize,
-        tie_word_embeddings: bool,
-    ) -> Self {
-        Self {
-            family: ModelFamily::Qwen2,
-            hidden_size,
-            intermediate_size,
-            num_hidden_layers,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim: hidden_size / num_attention_heads,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10_000.0,
-            vocab_size,
-            max_position_embeddings,
-            tie_word_embeddings,
-            qkv_bias: true,
-            o_bias: false,
-            bos_token_id: None,
-            eos_token_ids: Vec::new(),
-            source: Value::Object(Map::new()),
         }
+        .build()?;
+        config.source = value;
+        Ok(config)
     }
 
     /// Number of query heads that share one key/value head.
@@ -325,16 +254,10 @@ impl ModelConfig {
 
     /// Number of parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let bias_qkv = if self.qkv_bias { q + 2 * kv } else { 0 };
-        let bias_o = if self.o_bias { h } else { 0 };
-        let attn = h * q + 2 * h * kv + q * h + bias_qkv + bias_o;
-        let mlp = 3 * h * i;
-        let layer = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers * layer + h + head
+        TensorId::all(self)
+            .into_iter()
+            .map(|id| id.shape(self).iter().product::<usize>())
+            .sum()
     }
 
     /// The `config.json` to write next to saved weights: the source config with every field grail

@@ -5,6 +5,8 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
+use super::kernels::Kernels;
+
 /// A dense layer `y = x · Wᵀ + b` with `W` stored as Hugging Face stores it: `[out, in]`.
 ///
 /// # Shapes
@@ -15,6 +17,9 @@ pub struct Linear {
     pub weight: Param<Tensor<2>>,
     /// `[out_features]`, if the layer has a bias.
     pub bias: Option<Param<Tensor<1>>>,
+    /// The fused linear kernel or `matmul`.
+    #[module(skip)]
+    pub kernels: Kernels,
 }
 
 impl Linear {
@@ -34,40 +39,36 @@ impl Linear {
         Self {
             weight: Param::from_tensor(weight),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([out_features], device))),
+            kernels: Kernels::default(),
         }
     }
 
     /// Applies the layer to the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.forward_with(x, false)
-    }
-
-    /// Applies the layer; `fused` uses the fused linear kernel (see `project_with`).
-    pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
-        project_with(
+        project(
             x,
             self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-            fused,
+            self.bias.as_ref().map(Param::val),
+            self.kernels,
         )
     }
 }
 
-/// `x · weightᵀ + bias` over the last dimension, with `weight` `[out, in]`; `fused` multiplies
-/// by the weight in place with one kernel whose weight gradient comes out contiguous (see
+/// `x · weightᵀ + bias` over the last dimension, with `weight` `[out, in]`. The fused kernel
+/// multiplies by the weight in place and its weight gradient comes out contiguous (see
 /// [`grail_kernels::linear`]).
-pub fn project_with<const D: usize>(
+pub(crate) fn project<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
-    fused: bool,
+    kernels: Kernels,
 ) -> Tensor<D> {
     let dims = x.dims();
     let in_features = dims[D - 1];
     let rows = x.shape().num_elements() / in_features;
     let out_features = weight.dims()[0];
     let x = x.reshape([rows, in_features]);
-    let y = if fused {
+    let y = if kernels.fuse(&weight) {
         grail_kernels::linear(x, weight)
     } else {
         x.matmul(weight.transpose())
@@ -92,6 +93,9 @@ pub struct RmsNorm {
     pub weight: Param<Tensor<1>>,
     /// Added to the mean square before the square root.
     pub eps: f64,
+    /// One fused kernel (forward and backward) or the tensor math.
+    #[module(skip)]
+    pub kernels: Kernels,
 }
 
 impl RmsNorm {
@@ -100,27 +104,24 @@ impl RmsNorm {
         Self {
             weight: Param::from_tensor(Tensor::ones([hidden], device)),
             eps,
+            kernels: Kernels::default(),
         }
     }
 
-    /// Normalises the last dimension; `fused` runs one kernel (forward and backward) instead of
-    /// the tensor math (see [`grail_kernels`]).
-    pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
-        if !fused {
-            return self.forward(x);
-        }
-        let dims = x.dims();
-        let c = dims[D - 1];
-        let n = x.shape().num_elements() / c.max(1);
-        grail_kernels::rms_norm(x.reshape([n, c]), self.weight.val(), self.eps as f32).reshape(dims)
-    }
-
-    /// Normalises the last dimension (unfused tensor math).
+    /// Normalises the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let weight = self.weight.val();
+        if self.kernels.fuse(&weight) {
+            let dims = x.dims();
+            let c = dims[D - 1];
+            let n = x.shape().num_elements() / c.max(1);
+            return grail_kernels::rms_norm(x.reshape([n, c]), weight, self.eps as f32)
+                .reshape(dims);
+        }
         let inv_rms = (x.clone().square().mean_dim(D - 1) + self.eps)
             .sqrt()
             .recip();
-        x * inv_rms * self.weight.val().unsqueeze()
+        x * inv_rms * weight.unsqueeze()
     }
 }
 
@@ -164,28 +165,37 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// intermediate → hidden.
     pub down_proj: Linear,
+    /// `silu(gate) · up` as one kernel that keeps only its two inputs for backward, or the
+    /// tensor math.
+    #[module(skip)]
+    pub kernels: Kernels,
 }
 
 impl Mlp {
-    /// Applies the MLP to `[..., hidden]` (unfused tensor math).
+    /// Applies the MLP to `[..., hidden]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.forward_with(x, false)
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        self.down_proj.forward(self.swiglu(gate, up))
     }
 
-    /// Applies the MLP; `fused` computes `silu(gate) · up` as one kernel that keeps only its two
-    /// inputs for backward.
-    pub fn forward_with<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
-        let gate = self.gate_proj.forward_with(x.clone(), fused);
-        let up = self.up_proj.forward_with(x, fused);
-        let hidden = if fused {
-            let dims = gate.dims();
-            let i = dims[D - 1];
-            let n = gate.shape().num_elements() / i.max(1);
-            grail_kernels::swiglu(gate.reshape([n, i]), up.reshape([n, i])).reshape(dims)
-        } else {
-            silu(gate) * up
-        };
-        self.down_proj.forward_with(hidden, fused)
+    /// `silu(gate) ⊙ up`.
+    fn swiglu<const D: usize>(&self, gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+        if !self.kernels.fuse(&self.gate_proj.weight.val()) {
+            return silu(gate) * up;
+        }
+        let dims = gate.dims();
+        let i = dims[D - 1];
+        let n = gate.shape().num_elements() / i.max(1);
+        grail_kernels::swiglu(gate.reshape([n, i]), up.reshape([n, i])).reshape(dims)
+    }
+
+    /// Sets the implementation of every op of the MLP.
+    pub(crate) fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+        for proj in [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj] {
+            proj.kernels = kernels;
+        }
     }
 }
 

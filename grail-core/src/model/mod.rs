@@ -1,24 +1,30 @@
 //! The decoder-only transformer of the Qwen2 and Llama families.
 //!
-//! Struct and field names follow the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`),
-//! so loading and saving are a readable mapping (see [`CausalLm::build`] and
-//! [`CausalLm::for_each_tensor`]). `forward` reads top to bottom like the math:
+//! Struct and field names follow the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`);
+//! the names and shapes themselves are one table, [`TensorId`], that loading
+//! ([`CausalLm::build`]) and saving ([`CausalLm::for_each_tensor`]) both read. `forward` reads top to bottom like the math:
 //! embed → (norm → attention → residual → norm → MLP → residual) × L → norm → lm_head.
 
 mod attention;
 mod cache;
 mod config;
+mod config_builder;
 mod generate;
+mod kernels;
 mod layers;
 mod layout;
+mod tensor_names;
 mod weights;
 
 pub use attention::Attention;
 pub use cache::KvCache;
 pub use config::{ModelConfig, ModelFamily};
+pub use config_builder::ModelConfigBuilder;
 pub use generate::{argmax_rows, greedy};
+pub use kernels::Kernels;
 pub use layers::{Embedding, Linear, Mlp, RmsNorm, Rope};
 pub use layout::{Layout, Segment};
+pub use tensor_names::{LayerTensor, Projection, TensorId, TensorRole};
 pub use weights::{NamedTensorSource, RandomInit, WeightSource, named_tensors, stable_id};
 
 use burn::module::Module;
@@ -26,6 +32,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{GrailError, Result};
 use attention::AttentionMode;
+use weights::Taken;
 
 /// One pre-norm decoder block.
 #[derive(Module, Debug)]
@@ -48,12 +55,31 @@ impl DecoderLayer {
         sin: &Tensor<4>,
         mode: AttentionMode<'_>,
         layer: usize,
-        fused: bool,
     ) -> Tensor<3> {
-        let normed = self.input_layernorm.forward_with(x.clone(), fused);
-        let h = x + self.self_attn.forward(normed, cos, sin, mode, layer, fused);
-        let normed = self.post_attention_layernorm.forward_with(h.clone(), fused);
-        h + self.mlp.forward_with(normed, fused)
+        let normed = self.input_layernorm.forward(x.clone());
+        let h = x + self.self_attn.forward(normed, cos, sin, mode, layer);
+        let normed = self.post_attention_layernorm.forward(h.clone());
+        h + self.mlp.forward(normed)
+    }
+
+    /// The linear projection `p` of this layer.
+    fn projection(&self, p: Projection) -> &Linear {
+        match p {
+            Projection::Q => &self.self_attn.q_proj,
+            Projection::K => &self.self_attn.k_proj,
+            Projection::V => &self.self_attn.v_proj,
+            Projection::O => &self.self_attn.o_proj,
+            Projection::Gate => &self.mlp.gate_proj,
+            Projection::Up => &self.mlp.up_proj,
+            Projection::Down => &self.mlp.down_proj,
+        }
+    }
+
+    fn set_kernels(&mut self, kernels: Kernels) {
+        self.input_layernorm.kernels = kernels;
+        self.self_attn.set_kernels(kernels);
+        self.post_attention_layernorm.kernels = kernels;
+        self.mlp.set_kernels(kernels);
     }
 }
 
@@ -78,10 +104,10 @@ pub struct CausalLm {
     /// The configuration the model was built from.
     #[module(skip)]
     pub config: ModelConfig,
-    /// Use the fused kernels (RMSNorm, SwiGLU, RoPE, varlen attention) where the backend has them
-    /// and the weights are f32; on by default. Off: plain tensor math everywhere.
+    /// The kernels every layer was given by [`CausalLm::with_fused_ops`]; the logits projection
+    /// (tied to the embeddings or not) uses them too.
     #[module(skip)]
-    pub fused_ops: bool,
+    kernels: Kernels,
 }
 
 impl CausalLm {
@@ -89,77 +115,59 @@ impl CausalLm {
     /// (a checkpoint, or [`RandomInit`] for a model trained from scratch).
     pub fn build(config: &ModelConfig, source: &mut impl WeightSource) -> Result<Self> {
         let c = config;
-        let (h, q, kv) = (
-            c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
-        let mut linear = |name: String, i: usize, o: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear {
-                weight: source.param(&format!("{name}.weight"), [o, i])?,
-                bias: if bias {
-                    Some(source.param(&format!("{name}.bias"), [o])?)
-                } else {
-                    None
-                },
-            })
+        let mut taken = Taken::all(c, source)?;
+        let t = &mut taken;
+        let linear = |t: &mut Taken, l: usize, p: Projection| Linear {
+            weight: t.matrix(TensorId::Layer(l, LayerTensor::Weight(p))),
+            bias: t.optional_vector(TensorId::Layer(l, LayerTensor::Bias(p))),
+            kernels: Kernels::Fused,
         };
-        let mut layers_lin = Vec::with_capacity(c.num_hidden_layers);
+        let norm = |t: &mut Taken, id: TensorId| RmsNorm {
+            weight: t.vector(id),
+            eps: c.rms_norm_eps,
+            kernels: Kernels::Fused,
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            layers_lin.push((
-                Attention {
-                    q_proj: linear(format!("{p}.self_attn.q_proj"), h, q, c.qkv_bias)?,
-                    k_proj: linear(format!("{p}.self_attn.k_proj"), h, kv, c.qkv_bias)?,
-                    v_proj: linear(format!("{p}.self_attn.v_proj"), h, kv, c.qkv_bias)?,
-                    o_proj: linear(format!("{p}.self_attn.o_proj"), q, h, c.o_bias)?,
+            layers.push(DecoderLayer {
+                input_layernorm: norm(t, TensorId::Layer(l, LayerTensor::InputLayernorm)),
+                self_attn: Attention {
+                    q_proj: linear(t, l, Projection::Q),
+                    k_proj: linear(t, l, Projection::K),
+                    v_proj: linear(t, l, Projection::V),
+                    o_proj: linear(t, l, Projection::O),
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
+                    kernels: Kernels::Fused,
                 },
-                Mlp {
-                    gate_proj: linear(format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false)?,
-                    up_proj: linear(format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
-                    down_proj: linear(format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
+                post_attention_layernorm: norm(
+                    t,
+                    TensorId::Layer(l, LayerTensor::PostAttentionLayernorm),
+                ),
+                mlp: Mlp {
+                    gate_proj: linear(t, l, Projection::Gate),
+                    up_proj: linear(t, l, Projection::Up),
+                    down_proj: linear(t, l, Projection::Down),
+                    kernels: Kernels::Fused,
                 },
-            ));
-        }
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(linear("lm_head".into(), h, c.vocab_size, false)?)
-        };
-        let mut norm = |name: String| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: source.param(&name, [h])?,
-                eps: c.rms_norm_eps,
-            })
-        };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for (l, (self_attn, mlp)) in layers_lin.into_iter().enumerate() {
-            layers.push(DecoderLayer {
-                input_layernorm: norm(format!("model.layers.{l}.input_layernorm.weight"))?,
-                self_attn,
-                post_attention_layernorm: norm(format!(
-                    "model.layers.{l}.post_attention_layernorm.weight"
-                ))?,
-                mlp,
             });
         }
-        let final_norm = norm("model.norm.weight".into())?;
-        let embed_tokens = Embedding {
-            weight: source.param("model.embed_tokens.weight", [c.vocab_size, h])?,
-        };
-        source.finish()?;
         Ok(Self {
             model: DecoderModel {
-                embed_tokens,
+                embed_tokens: Embedding {
+                    weight: t.matrix(TensorId::EmbedTokens),
+                },
                 layers,
-                norm: final_norm,
+                norm: norm(t, TensorId::Norm),
             },
-            lm_head,
+            lm_head: t.optional_matrix(TensorId::LmHead).map(|weight| Linear {
+                weight,
+                bias: None,
+                kernels: Kernels::Fused,
+            }),
             config: config.clone(),
-            fused_ops: true,
+            kernels: Kernels::Fused,
         })
     }
 
@@ -169,48 +177,39 @@ impl CausalLm {
             .expect("random initialisation provides every tensor")
     }
 
-    /// Calls `f(name, data)` for every tensor in Hugging Face naming and layout (tied
-    /// embeddings appear once, as `model.embed_tokens.weight`).
+    /// Calls `f(name, data)` for every tensor in Hugging Face naming and layout, in
+    /// [`TensorId::all`] order (tied embeddings appear once, as `model.embed_tokens.weight`).
     pub fn for_each_tensor(&self, mut f: impl FnMut(String, TensorData)) {
-        let mut lin = |name: String, l: &Linear| {
-            f(format!("{name}.weight"), l.weight.val().into_data());
-            if let Some(b) = &l.bias {
-                f(format!("{name}.bias"), b.val().into_data());
+        for id in TensorId::all(&self.config) {
+            f(id.name(), self.tensor_data(id));
+        }
+    }
+
+    /// The values of tensor `id`, which the table lists for this model's config.
+    fn tensor_data(&self, id: TensorId) -> TensorData {
+        let missing = || panic!("{id:?} is not a tensor of this model");
+        match id {
+            TensorId::EmbedTokens => self.model.embed_tokens.weight.val().into_data(),
+            TensorId::Norm => self.model.norm.weight.val().into_data(),
+            TensorId::LmHead => match &self.lm_head {
+                Some(head) => head.weight.val().into_data(),
+                None => missing(),
+            },
+            TensorId::Layer(l, tensor) => {
+                let layer = &self.model.layers[l];
+                match tensor {
+                    LayerTensor::InputLayernorm => layer.input_layernorm.weight.val().into_data(),
+                    LayerTensor::PostAttentionLayernorm => {
+                        layer.post_attention_layernorm.weight.val().into_data()
+                    }
+                    LayerTensor::Weight(p) => layer.projection(p).weight.val().into_data(),
+                    LayerTensor::Bias(p) => match &layer.projection(p).bias {
+                        Some(bias) => bias.val().into_data(),
+                        None => missing(),
+                    },
+                }
             }
-        };
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &layer.self_attn;
-            lin(format!("{p}.self_attn.q_proj"), &a.q_proj);
-            lin(format!("{p}.self_attn.k_proj"), &a.k_proj);
-            lin(format!("{p}.self_attn.v_proj"), &a.v_proj);
-            lin(format!("{p}.self_attn.o_proj"), &a.o_proj);
-            lin(format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
-            lin(format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
-            lin(format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
         }
-        if let Some(head) = &self.lm_head {
-            lin("lm_head".into(), head);
-        }
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            f(
-                format!("{p}.input_layernorm.weight"),
-                layer.input_layernorm.weight.val().into_data(),
-            );
-            f(
-                format!("{p}.post_attention_layernorm.weight"),
-                layer.post_attention_layernorm.weight.val().into_data(),
-            );
-        }
-        f(
-            "model.norm.weight".into(),
-            self.model.norm.weight.val().into_data(),
-        );
-        f(
-            "model.embed_tokens.weight".into(),
-            self.model.embed_tokens.weight.val().into_data(),
-        );
     }
 
     /// The device the weights live on.
@@ -298,19 +297,26 @@ impl CausalLm {
         Ok(self.logits(hidden))
     }
 
-    /// Turns the fused kernels on or off (see [`CausalLm::fused_ops`]).
+    /// Turns the fused kernels (linear, RMSNorm, SwiGLU, RoPE, varlen and cached attention) on
+    /// or off in every layer; on by default. They run where the backend has them and the weights
+    /// are f32; off, plain tensor math runs everywhere.
     pub fn with_fused_ops(mut self, on: bool) -> Self {
-        self.fused_ops = on;
+        let kernels = Kernels::fused_if(on);
+        self.kernels = kernels;
+        for layer in &mut self.model.layers {
+            layer.set_kernels(kernels);
+        }
+        self.model.norm.kernels = kernels;
+        if let Some(head) = &mut self.lm_head {
+            head.kernels = kernels;
+        }
         self
     }
 
     /// Whether this forward will run the fused kernels: asked for, and the backend and dtype
     /// have them.
     pub fn uses_fused_ops(&self) -> bool {
-        let weight = self.model.embed_tokens.weight.val();
-        self.fused_ops
-            && grail_kernels::supported(&weight.device())
-            && grail_kernels::supported_dtype(weight.dtype())
+        self.kernels.fuse(&self.model.embed_tokens.weight.val())
     }
 
     /// The shared body of every forward: embed, decoder layers, final norm.
@@ -325,7 +331,6 @@ impl CausalLm {
         let device = self.device();
         let rope = Rope::new(self.config.head_dim, self.config.rope_theta);
         let (cos, sin) = rope.tables(positions, rows, &device);
-        let fused = self.uses_fused_ops();
         let mut x = self.model.embed_tokens.forward(ids);
         for (l, layer) in self.model.layers.iter().enumerate() {
             let mode = match segments {
@@ -335,9 +340,9 @@ impl CausalLm {
                     caches: caches.as_deref_mut(),
                 },
             };
-            x = layer.forward(x, &cos, &sin, mode, l, fused);
+            x = layer.forward(x, &cos, &sin, mode, l);
         }
-        self.model.norm.forward_with(x, fused)
+        self.model.norm.forward(x)
     }
 
     /// The lm_head weight `[vocab, hidden]` (the embedding matrix when tied); the fused log-prob
@@ -352,7 +357,7 @@ impl CausalLm {
     /// Logits `[..., vocab]` from final hidden states `[..., hidden]` (through the fused linear
     /// kernel when the model runs fused ops, as every other projection does).
     pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
-        layers::project_with(hidden, self.lm_head_weight(), None, self.uses_fused_ops())
+        layers::project(hidden, self.lm_head_weight(), None, self.kernels)
     }
 
     /// The log-prob of each completion token given the prompt and the tokens before it:

@@ -1,6 +1,8 @@
 //! Where a model's tensors come from when it is built (a checkpoint, a seeded random init, the
 //! tensors of a weight update), and the model's tensors as a weight update carries them.
 
+use std::collections::HashMap;
+
 use burn::module::{Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 use grail_protocol::{NamedTensor, WireDtype};
@@ -8,13 +10,15 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
+use super::tensor_names::{TensorId, TensorRole};
 use crate::error::Result;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, ModelConfig};
 
-/// A provider of named tensors for [`CausalLm::build`](super::CausalLm::build).
+/// A provider of the model's tensors for [`CausalLm::build`](super::CausalLm::build), asked for
+/// each by its [`TensorId`] (whose [`name`](TensorId::name) is the Hugging Face one).
 pub trait WeightSource {
-    /// The f32 values of tensor `name`, which must have shape `shape`.
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// The f32 values of tensor `id`, which must have shape `shape`.
+    fn take(&mut self, id: TensorId, shape: &[usize]) -> Result<Vec<f32>>;
 
     /// The device the parameters are created on.
     fn device(&self) -> Device;
@@ -24,17 +28,67 @@ pub trait WeightSource {
         Ok(())
     }
 
-    /// Tensor `name` as a trainable parameter.
-    fn param<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<D>>>
+    /// Tensor `id` as a trainable parameter.
+    fn param<const D: usize>(&mut self, id: TensorId, shape: [usize; D]) -> Result<Param<Tensor<D>>>
     where
         Self: Sized,
     {
-        let values = self.take(name, &shape)?;
+        let values = self.take(id, &shape)?;
         let tensor = Tensor::from_data(TensorData::new(values, shape), &self.device());
         let mut param = Param::from_tensor(tensor);
         // Ids derived from the name, so a reloaded model matches its saved optimizer state.
-        param.id = ParamId::from(stable_id(name));
+        param.id = ParamId::from(stable_id(&id.name()));
         Ok(param)
+    }
+}
+
+/// Every tensor of a model, taken from a source in [`TensorId::all`] order and waiting for
+/// [`CausalLm::build`] to place it in its layer.
+pub(crate) struct Taken {
+    vectors: HashMap<TensorId, Param<Tensor<1>>>,
+    matrices: HashMap<TensorId, Param<Tensor<2>>>,
+}
+
+impl Taken {
+    /// Takes every tensor of a model of `config` from `source`, then lets the source report
+    /// tensors nobody asked for.
+    pub(crate) fn all(config: &ModelConfig, source: &mut impl WeightSource) -> Result<Self> {
+        let (mut vectors, mut matrices) = (HashMap::new(), HashMap::new());
+        for id in TensorId::all(config) {
+            match id.shape(config)[..] {
+                [n] => {
+                    vectors.insert(id, source.param(id, [n])?);
+                }
+                [rows, cols] => {
+                    matrices.insert(id, source.param(id, [rows, cols])?);
+                }
+                ref other => unreachable!("{id:?} has shape {other:?}"),
+            }
+        }
+        source.finish()?;
+        Ok(Self { vectors, matrices })
+    }
+
+    /// Vector `id`, which the table lists for this config.
+    pub(crate) fn vector(&mut self, id: TensorId) -> Param<Tensor<1>> {
+        self.optional_vector(id)
+            .unwrap_or_else(|| panic!("{id:?} is not a vector of this model"))
+    }
+
+    /// Vector `id`, if the model has it (a bias the family may lack).
+    pub(crate) fn optional_vector(&mut self, id: TensorId) -> Option<Param<Tensor<1>>> {
+        self.vectors.remove(&id)
+    }
+
+    /// Matrix `id`, which the table lists for this config.
+    pub(crate) fn matrix(&mut self, id: TensorId) -> Param<Tensor<2>> {
+        self.optional_matrix(id)
+            .unwrap_or_else(|| panic!("{id:?} is not a matrix of this model"))
+    }
+
+    /// Matrix `id`, if the model has it (an lm_head not tied to the embeddings).
+    pub(crate) fn optional_matrix(&mut self, id: TensorId) -> Option<Param<Tensor<2>>> {
+        self.matrices.remove(&id)
     }
 }
 
@@ -65,14 +119,12 @@ impl RandomInit {
 }
 
 impl WeightSource for RandomInit {
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    fn take(&mut self, id: TensorId, shape: &[usize]) -> Result<Vec<f32>> {
         let n = shape.iter().product();
-        Ok(if name.ends_with("norm.weight") {
-            vec![1.0; n]
-        } else if name.ends_with(".bias") {
-            vec![0.0; n]
-        } else {
-            (0..n).map(|_| self.normal.sample(&mut self.rng)).collect()
+        Ok(match id.role() {
+            TensorRole::NormGain => vec![1.0; n],
+            TensorRole::Bias => vec![0.0; n],
+            TensorRole::Weight => (0..n).map(|_| self.normal.sample(&mut self.rng)).collect(),
         })
     }
 
@@ -101,20 +153,21 @@ impl<'a> NamedTensorSource<'a> {
 }
 
 impl WeightSource for NamedTensorSource<'_> {
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    fn take(&mut self, id: TensorId, shape: &[usize]) -> Result<Vec<f32>> {
+        let name = id.name();
         let path = std::path::PathBuf::from("<weight update>");
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| crate::GrailError::MissingTensor {
-                path: path.clone(),
-                name: name.to_string(),
-                expected: shape.to_vec(),
-            })?;
+        let t =
+            self.tensors
+                .get(name.as_str())
+                .ok_or_else(|| crate::GrailError::MissingTensor {
+                    path: path.clone(),
+                    name: name.clone(),
+                    expected: shape.to_vec(),
+                })?;
         if t.shape != shape {
             return Err(crate::GrailError::ShapeMismatch {
                 path,
-                name: name.to_string(),
+                name,
                 expected: shape.to_vec(),
                 found: t.shape.clone(),
             });

@@ -1,7 +1,8 @@
 //! Selective log-probs `log softmax(hidden · weightᵀ / T)[targets]` as a fused, differentiable op:
 //! the `[tokens × vocab]` logits never exist, forward or backward; each tile is rebuilt from the
-//! saved per-token log-sum-exp. [`chunked`] has the same computation on plain tensors (for
-//! callers that apply their own gradient) and the unfused reference.
+//! saved per-token log-sum-exp. [`selective_logprobs_forward`] and
+//! [`selective_logprobs_backward`] have the same computation on plain tensors (for callers that
+//! apply their own gradient), [`naive_selective_logprobs`] the unfused reference.
 
 use burn::backend::AutodiffBackend;
 use burn::backend::autodiff::Autodiff;
@@ -54,7 +55,7 @@ pub trait LogprobOps: Backend {
     }
     /// Kernel: selective log-probs of `targets` under `softmax(hidden · weightᵀ · inv_t)` in
     /// `[tile_tokens × tile_vocab]` tiles: `(logp, lse, entropy)`, each `[tokens]` (entropy zeros
-    /// unless asked for). Not differentiable: see [`chunked`].
+    /// unless asked for). Not differentiable: see [`selective_logprobs_forward`].
     #[allow(clippy::too_many_arguments)]
     fn fused_logprob_forward(
         hidden: FloatTensor<Self>,
@@ -233,7 +234,7 @@ pub(crate) fn logprob_backward(
 
 /// Differentiable selective log-probs `log softmax(hidden · weightᵀ / temperature)[targets]` and
 /// (when asked, without gradient) the entropies, `[tokens]` each, through the fused kernels: the
-/// `[tokens × vocab]` logits never exist, forward or backward. Needs [`supported`].
+/// `[tokens × vocab]` logits never exist, forward or backward. Needs [`supported`](crate::supported).
 pub fn selective_logprobs(
     hidden: Tensor<2>,
     weight: Tensor<2>,
