@@ -10,7 +10,7 @@
 //! hidden_size = 128
 //!
 //! [env]
-//! kind = "countdown"             # countdown | arithmetic | jsonl
+//! kind = "countdown"             # countdown | arithmetic | gsm8k | jsonl
 //! numbers = 3
 //!
 //! [grpo]                         # TRL GRPOConfig names
@@ -28,7 +28,7 @@ use grail_trainer::off_policy::ImportanceSamplingMode;
 use grail_trainer::schedule::LrSchedulerType;
 use serde::{Deserialize, Serialize};
 
-use crate::tasks::{ArithmeticConfig, CountdownConfig};
+use crate::tasks::{ArithmeticConfig, CountdownConfig, Gsm8kConfig};
 
 /// The whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +106,11 @@ pub enum EnvSection {
     Countdown(CountdownConfig),
     /// Arithmetic word problems: `digits` (default 2).
     Arithmetic(ArithmeticConfig),
+    /// GSM8K in the model's chat template (needs a pretrained model's tokenizer): `train`
+    /// (default "../shared/data/gsm8k/train.jsonl"), `test` (the held-out problems, default
+    /// "../shared/data/gsm8k/test.jsonl"), `system_prompt` (default none), `instruction`
+    /// (appended to each question; default asks for the final answer after "####").
+    Gsm8k(Gsm8kConfig),
     /// A JSONL dataset of `{"prompt", "answer"}` lines at `path`.
     Jsonl {
         /// The dataset file.
@@ -390,6 +395,13 @@ impl GrpoConfig {
         match &self.env {
             EnvSection::Jsonl { path } if !path.is_file() => {
                 bail!("config key `env.path` = {}: no such file", path.display());
+            }
+            EnvSection::Gsm8k(g) => {
+                for (key, path) in [("env.train", &g.train), ("env.test", &g.test)] {
+                    if !path.is_file() {
+                        bail!("config key `{key}` = {}: no such file", path.display());
+                    }
+                }
             }
             EnvSection::Countdown(c) => c.validate()?,
             EnvSection::Arithmetic(a) if !(1..=6).contains(&a.digits) => {

@@ -14,7 +14,7 @@ use grail_trainer::{GrpoTrainer, TrainerConfig};
 
 use crate::config::{EnvSection, GrpoConfig};
 use crate::task::Task;
-use crate::tasks::{Arithmetic, Countdown, arithmetic_task, countdown_task, open_jsonl};
+use crate::tasks::{Arithmetic, Countdown, Gsm8k, arithmetic_task, countdown_task, open_jsonl};
 
 /// End-of-sequence marker of trained tokenizers.
 pub const EOS: &str = "<|endoftext|>";
@@ -52,7 +52,7 @@ pub(crate) fn environments(
 }
 
 /// Texts a BPE for this task is trained on.
-fn tokenizer_corpus(cfg: &GrpoConfig) -> Vec<String> {
+fn tokenizer_corpus(cfg: &GrpoConfig) -> Result<Vec<String>> {
     let mut out = Vec::new();
     match &cfg.env {
         EnvSection::Countdown(c) => {
@@ -72,14 +72,21 @@ fn tokenizer_corpus(cfg: &GrpoConfig) -> Vec<String> {
                 out.extend(text.lines().map(str::to_string));
             }
         }
+        // Its prompts are the chat template of a pretrained model, which brings its tokenizer.
+        EnvSection::Gsm8k(_) => bail!(
+            "`[env] kind = \"gsm8k\"` asks its questions in a pretrained model's chat template: \
+             set `model.path` to a Hugging Face model directory with its tokenizer.json (or \
+             `tokenizer.path`) rather than training a tokenizer from scratch"
+        ),
     }
-    out
+    Ok(out)
 }
 
 fn make_env(cfg: &GrpoConfig, split: Split, tok: Arc<Tokenizer>) -> Result<Arc<dyn Environment>> {
     Ok(match &cfg.env {
         EnvSection::Countdown(c) => Arc::new(Countdown::new(c.clone(), cfg.seed, split, tok)?),
         EnvSection::Arithmetic(a) => Arc::new(Arithmetic::new(a.clone(), cfg.seed, split, tok)?),
+        EnvSection::Gsm8k(g) => Arc::new(Gsm8k::open(g, cfg.seed, split, tok)?),
         EnvSection::Jsonl { path } => Arc::new(open_jsonl(path, split, tok)?),
     })
 }
@@ -101,7 +108,7 @@ pub(crate) fn new_tokenizer(cfg: &GrpoConfig, source: &Source) -> Result<Tokeniz
         (None, None) => {}
     }
     let corpus: Vec<String> = match source {
-        Source::Config => tokenizer_corpus(cfg),
+        Source::Config => tokenizer_corpus(cfg)?,
         Source::Task(task) => task.texts().collect(),
         Source::Environments { .. } => bail!(
             "a model built from scratch with environments of your own needs a tokenizer: pass \

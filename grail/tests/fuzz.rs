@@ -1,6 +1,7 @@
 //! Every parser grail exposes to files it did not write, fed 10,000 seeded mutations of a valid
 //! input each: safetensors (header and data), the sharded index, config.json, tokenizer.json, the
-//! chat template, the run's TOML, JSONL rows and the weight-delta codec. Each input must come back
+//! chat template, the run's TOML, JSONL rows (GSM8K's layout included, with the answer
+//! extractors on every mutated text) and the weight-delta codec. Each input must come back
 //! as a value or an error, never a panic. A failure prints the seed and writes the input to
 //! `target/fuzz-failures/` so it can be replayed.
 
@@ -10,7 +11,8 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use grail::GrpoConfig;
-use grail::tasks::open_jsonl;
+use grail::tasks::extract::{extract_final_number, parse_number};
+use grail::tasks::{open_jsonl, read_gsm8k};
 use grail_core::checkpoint::{Checkpoint, StorageDtype, save_model};
 use grail_core::model::{CausalLm, ModelConfig};
 use grail_core::tokenizer::{ChatMessage, Tokenizer, render_chat_template};
@@ -274,6 +276,33 @@ fn jsonl_rows() {
     fuzz("jsonl", &seed, usize::MAX, |b| {
         std::fs::write(&path, b).unwrap();
         open_jsonl(&path, Split::Train, tokenizer.clone()).is_ok()
+    });
+}
+
+#[test]
+fn gsm8k_rows_and_answer_extraction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gsm8k.jsonl");
+    let answers = [
+        "48/2 = <<48/2=24>>24 clips\n#### 1,224",
+        "A loss of -$5, so \\boxed{\\$-5.50}\n#### -5",
+        "3 - 1,000.5 = -997.5\n#### 72",
+    ];
+    let seed: Vec<String> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            serde_json::json!({"question": format!("Q{i}: 1,200 apples?"), "answer": a}).to_string()
+        })
+        .collect();
+    let seed = seed.join("\n").into_bytes();
+    fuzz("gsm8k", &seed, usize::MAX, |b| {
+        // Whatever the text, an extracted final number is a number.
+        if let Some(n) = extract_final_number(&String::from_utf8_lossy(b)) {
+            assert!(parse_number(&n).is_some(), "{n:?}");
+        }
+        std::fs::write(&path, b).unwrap();
+        read_gsm8k(&path).is_ok()
     });
 }
 

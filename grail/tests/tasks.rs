@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use grail::tasks::expr::evaluate;
 use grail::tasks::extract::{
-    answers_match, extract_answer, extract_boxed_answer, extract_hash_answer,
+    answers_match, extract_answer, extract_boxed_answer, extract_final_number, extract_hash_answer,
+    extract_marked_number, numbers, parse_number,
 };
 use grail::tasks::{
     ArithmeticConfig, Countdown, CountdownConfig, arithmetic_task, countdown_task, open_jsonl,
@@ -124,6 +125,65 @@ fn answers_are_extracted_in_both_styles() {
     assert!(answers_match("46", "46.0") && !answers_match("45", "46"));
     let (q, a) = arithmetic_task(&ArithmeticConfig { digits: 3 }, 1, Split::Train, 4);
     assert!(q.starts_with("What is ") && a.abs() < 1_000_000);
+}
+
+#[test]
+fn final_numbers_are_extracted_from_tricky_text() {
+    let fin = |t: &str| extract_final_number(t);
+    let some = |n: &str| Some(n.to_string());
+    // Thousands separators, currency, decimals, negatives.
+    assert_eq!(fin("She saves 1,200 dollars."), some("1200"));
+    assert_eq!(fin("In all: 3,000,000 grains"), some("3000000"));
+    assert_eq!(fin("It costs $72.50 now"), some("72.50"));
+    assert_eq!(
+        fin("The total is $72."),
+        some("72"),
+        "a sentence's full stop"
+    );
+    assert_eq!(fin("It drops to -4.5 degrees"), some("-4.5"));
+    assert_eq!(fin("a loss of -$15"), some("-15"));
+    assert_eq!(fin("16-3-4=9"), some("9"));
+    assert_eq!(
+        numbers("16-3 = (-2)"),
+        ["16", "3", "-2"],
+        "subtraction is no sign"
+    );
+    assert_eq!(
+        numbers("1,2,3 and 1234,567 and 12,3456"),
+        ["1", "2", "3", "1234", "567", "12", "3456"]
+    );
+    assert_eq!(
+        numbers("Janet’s ½ dozen — 5€ × 3 ≈ 15"),
+        ["5", "3", "15"],
+        "non-ASCII text around numbers"
+    );
+    // `\boxed{}` beats `####`, which beats the last number.
+    assert_eq!(fin(r"#### 3 and then \boxed{4}, 5"), some("4"));
+    assert_eq!(fin(r"so \boxed{\$1,200} in all"), some("1200"));
+    assert_eq!(fin(r"\boxed{72 \text{ dollars}}"), some("72"));
+    assert_eq!(fin("#### 18\nThen 20 more would be 38."), some("18"));
+    assert_eq!(fin("#### $1,234.\n"), some("1234"));
+    assert_eq!(fin("#### -5"), some("-5"));
+    assert_eq!(
+        fin("We get 7. ####"),
+        some("7"),
+        "an empty `####` falls back"
+    );
+    assert_eq!(fin("#### about 7"), some("7"), "so does a word after it");
+    assert_eq!(extract_marked_number("The answer is 72"), None);
+    assert_eq!(extract_marked_number(r"\boxed{x} #### 9"), some("9"));
+    // No number at all.
+    assert_eq!(fin("I do not know."), None);
+    assert_eq!(fin(r"\boxed{} ####"), None);
+    assert_eq!(fin(""), None);
+    // Numeric comparison.
+    for same in ["72", "72.0", "$72", "72.00", "\\$72", " 72. ", "0072"] {
+        assert!(answers_match(same, "72"), "{same:?}");
+    }
+    assert!(answers_match("1200", "1,200") && answers_match("-3", "-3.0"));
+    assert!(!answers_match("71", "72") && !answers_match("-72", "72"));
+    assert_eq!(parse_number("seventy-two"), None);
+    assert_eq!(parse_number("inf"), None);
 }
 
 #[test]

@@ -1,10 +1,11 @@
-//! Built-in environments, procedurally generated from a seed with exact verifiers:
-//! **countdown** (reach a target with the given numbers and `+ − × ÷`), **arithmetic** (multi-digit
-//! word problems answered GSM8K-style, `#### n`), and a **JSONL dataset** (`{"prompt", "answer"}`
-//! lines, e.g. GSM8K) with the same extractors.
+//! Built-in environments: **countdown** (reach a target with the given numbers and `+ − × ÷`)
+//! and **arithmetic** (multi-digit word problems answered GSM8K-style, `#### n`), procedurally
+//! generated from a seed with exact verifiers; **GSM8K** (grade-school math word problems in the
+//! model's chat template, train and test files); and a **JSONL dataset** (`{"prompt", "answer"}`
+//! lines) with the same extractors.
 //!
-//! Every environment has a train and a held-out split that never share an instance
-//! ([`Split::contains`](grail_rollout::Split::contains)).
+//! Every environment has a train and a held-out split that never share an instance: by a hash
+//! of the instance ([`Split::contains`](grail_rollout::Split::contains)), or, for GSM8K, by file.
 
 use grail_rollout::{Completion, Prompt, Reward};
 use rand::SeedableRng;
@@ -14,10 +15,12 @@ mod arithmetic;
 mod countdown;
 pub mod expr;
 pub mod extract;
+mod gsm8k;
 mod jsonl;
 
 pub use arithmetic::{Arithmetic, ArithmeticConfig, arithmetic_task};
 pub use countdown::{Countdown, CountdownConfig, CountdownTask, countdown_task};
+pub use gsm8k::{Gsm8k, Gsm8kConfig, Gsm8kProblem, gsm8k_rewards, read_gsm8k};
 pub use jsonl::open_jsonl;
 
 use extract::{answers_match, extract_answer};
