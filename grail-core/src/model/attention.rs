@@ -1,5 +1,5 @@
-//! Grouped-query self-attention with rotate-half RoPE, over padded batches, packed rows and
-//! KV-cached continuations.
+//! Grouped-query self-attention with rotate-half RoPE (and Qwen3's per-head q/k norms), over
+//! padded batches, packed rows and KV-cached continuations.
 
 use burn::module::Module;
 use burn::tensor::Tensor;
@@ -8,8 +8,9 @@ use burn::tensor::ops::AttentionModuleOptions;
 
 use super::cache::KvCache;
 use super::kernels::Kernels;
-use super::layers::{Linear, Rope};
+use super::layers::{Linear, RmsNorm};
 use super::layout::Segment;
+use super::rope::Rope;
 
 /// How attention groups the tokens of a call.
 pub(crate) enum AttentionMode<'a> {
@@ -44,6 +45,10 @@ pub struct Attention {
     pub v_proj: Linear,
     /// heads × head_dim → hidden.
     pub o_proj: Linear,
+    /// Qwen3's RMSNorm over each query head (`[head_dim]` gain), before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    /// Qwen3's RMSNorm over each key head (`[head_dim]` gain), before RoPE.
+    pub k_norm: Option<RmsNorm>,
     /// Number of query heads.
     pub num_heads: usize,
     /// Number of key/value heads.
@@ -83,6 +88,17 @@ impl Attention {
             &mut self.o_proj,
         ] {
             proj.kernels = kernels;
+        }
+        for norm in [&mut self.q_norm, &mut self.k_norm].into_iter().flatten() {
+            norm.kernels = kernels;
+        }
+    }
+
+    /// Applies `norm` (Qwen3's per-head q or k norm) over the last dimension, a head's channels.
+    fn head_norm<const D: usize>(norm: &Option<RmsNorm>, x: Tensor<D>) -> Tensor<D> {
+        match norm {
+            Some(norm) => norm.forward(x),
+            None => x,
         }
     }
 
@@ -195,15 +211,18 @@ impl Attention {
             let (q, k, v) = self.rotated_qkv(x, cos, sin);
             return (heads(q), heads(k), heads(v));
         }
-        let heads = |proj: &Linear, heads: usize| {
-            proj.forward(x.clone())
-                .reshape([rows, cols, heads, d])
-                .swap_dims(1, 2)
+        let heads = |proj: &Linear, heads: usize, norm: &Option<RmsNorm>| {
+            let t = proj.forward(x.clone()).reshape([rows, cols, heads, d]);
+            Self::head_norm(norm, t).swap_dims(1, 2)
         };
         (
-            Rope::apply(heads(&self.q_proj, self.num_heads), cos, sin),
-            Rope::apply(heads(&self.k_proj, self.num_kv_heads), cos, sin),
-            heads(&self.v_proj, self.num_kv_heads),
+            Rope::apply(heads(&self.q_proj, self.num_heads, &self.q_norm), cos, sin),
+            Rope::apply(
+                heads(&self.k_proj, self.num_kv_heads, &self.k_norm),
+                cos,
+                sin,
+            ),
+            heads(&self.v_proj, self.num_kv_heads, &None),
         )
     }
 
@@ -294,7 +313,8 @@ impl Attention {
     }
 
     /// Token-major `q` `[tokens, heads, d]`, `k`/`v` `[tokens, kv_heads, d]` of `x`
-    /// `[rows, cols, hidden]` through the fused linear and RoPE kernels (RoPE on q and k).
+    /// `[rows, cols, hidden]` through the fused linear, RMSNorm (Qwen3's q/k norms) and RoPE
+    /// kernels (RoPE on q and k).
     fn rotated_qkv(
         &self,
         x: Tensor<3>,
@@ -305,15 +325,20 @@ impl Attention {
         let (tokens, d) = (rows * cols, self.head_dim);
         let cos = cos.clone().reshape([tokens, d]);
         let sin = sin.clone().reshape([tokens, d]);
-        let project =
-            |proj: &Linear, heads: usize| proj.forward(x.clone()).reshape([tokens, heads, d]);
+        let project = |proj: &Linear, heads: usize, norm: &Option<RmsNorm>| {
+            Self::head_norm(norm, proj.forward(x.clone()).reshape([tokens, heads, d]))
+        };
         let q = grail_kernels::rope(
-            project(&self.q_proj, self.num_heads),
+            project(&self.q_proj, self.num_heads, &self.q_norm),
             cos.clone(),
             sin.clone(),
         );
-        let k = grail_kernels::rope(project(&self.k_proj, self.num_kv_heads), cos, sin);
-        (q, k, project(&self.v_proj, self.num_kv_heads))
+        let k = grail_kernels::rope(
+            project(&self.k_proj, self.num_kv_heads, &self.k_norm),
+            cos,
+            sin,
+        );
+        (q, k, project(&self.v_proj, self.num_kv_heads, &None))
     }
 
     /// Packed rows through the fused kernels: RoPE, then causal attention per segment in one call.

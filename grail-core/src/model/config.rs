@@ -6,23 +6,32 @@ use serde_json::{Map, Value, json};
 
 use super::TensorId;
 use super::config_builder::ModelConfigBuilder;
+use super::rope::RopeScaling;
 use crate::error::{GrailError, Result};
 
-/// The model families grail runs. Both are pre-norm decoder-only transformers with RMSNorm,
-/// rotate-half RoPE, grouped-query attention and a SwiGLU MLP; they differ in their biases.
+/// The model families grail runs. All are pre-norm decoder-only transformers with RMSNorm,
+/// rotate-half RoPE, grouped-query attention and a SwiGLU MLP; they differ in their attention
+/// biases and in Qwen3's per-head norms on queries and keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFamily {
     /// `Qwen2ForCausalLM`: q/k/v projections always carry a bias, o_proj never does.
     Qwen2,
+    /// `Qwen3ForCausalLM`: an RMSNorm over each head of q and of k (`q_norm`, `k_norm`) before
+    /// RoPE; `attention_bias` puts a bias on q/k/v/o together.
+    Qwen3,
     /// `LlamaForCausalLM`: `attention_bias` puts a bias on q/k/v/o together.
     Llama,
 }
 
 impl ModelFamily {
+    /// Every family, in the order errors list them.
+    pub const ALL: [ModelFamily; 3] = [ModelFamily::Qwen2, ModelFamily::Qwen3, ModelFamily::Llama];
+
     /// The `model_type` string of `config.json`.
     pub fn model_type(self) -> &'static str {
         match self {
             ModelFamily::Qwen2 => "qwen2",
+            ModelFamily::Qwen3 => "qwen3",
             ModelFamily::Llama => "llama",
         }
     }
@@ -31,8 +40,14 @@ impl ModelFamily {
     pub fn architecture(self) -> &'static str {
         match self {
             ModelFamily::Qwen2 => "Qwen2ForCausalLM",
+            ModelFamily::Qwen3 => "Qwen3ForCausalLM",
             ModelFamily::Llama => "LlamaForCausalLM",
         }
+    }
+
+    /// Whether each query and key head is RMS-normalised before RoPE (Qwen3).
+    pub fn qk_norm(self) -> bool {
+        self == ModelFamily::Qwen3
     }
 }
 
@@ -43,7 +58,7 @@ impl ModelFamily {
 /// scratch. [`ModelConfig::to_hf_json`] writes it back, keeping the keys we do not interpret.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// Qwen2 or Llama.
+    /// Qwen2, Qwen3 or Llama.
     pub family: ModelFamily,
     /// Width of the residual stream.
     pub hidden_size: usize,
@@ -61,6 +76,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// RoPE base frequency.
     pub rope_theta: f64,
+    /// RoPE frequency scaling (`rope_parameters.rope_type`).
+    pub rope_scaling: RopeScaling,
     /// Vocabulary size (rows of the embedding and of the lm_head).
     pub vocab_size: usize,
     /// Longest sequence the model is configured for (size of the RoPE table).
@@ -136,23 +153,23 @@ impl ModelConfig {
     }
 
     /// Validates a parsed `config.json`. Anything grail does not implement (another
-    /// `model_type`, RoPE scaling, a sliding window, another activation, an MLP bias) is an error
-    /// that names the field and its value.
+    /// `model_type` or `rope_type`, a sliding window, another activation, an MLP bias) is an
+    /// error that names the field and its value.
     pub fn from_hf_json(value: Value) -> Result<Self> {
         let obj = value
             .as_object()
             .ok_or_else(|| GrailError::config("<root>", &value, "config.json must be an object"))?;
-        let family = match get(obj, "model_type").and_then(Value::as_str) {
-            Some("qwen2") => ModelFamily::Qwen2,
-            Some("llama") => ModelFamily::Llama,
-            _ => {
-                let v = get(obj, "model_type").cloned().unwrap_or(Value::Null);
-                return Err(GrailError::config(
-                    "model_type",
-                    v,
-                    "unsupported model type (grail supports \"qwen2\" and \"llama\")",
-                ));
-            }
+        let model_type = get(obj, "model_type").and_then(Value::as_str);
+        let Some(family) = ModelFamily::ALL
+            .into_iter()
+            .find(|f| Some(f.model_type()) == model_type)
+        else {
+            let v = get(obj, "model_type").cloned().unwrap_or(Value::Null);
+            return Err(GrailError::config(
+                "model_type",
+                v,
+                "unsupported model type (grail supports \"qwen2\", \"qwen3\" and \"llama\")",
+            ));
         };
         let act = get(obj, "hidden_act")
             .and_then(Value::as_str)
@@ -164,27 +181,7 @@ impl ModelConfig {
                 "unsupported activation (only \"silu\", the SwiGLU MLP)",
             ));
         }
-        if let Some(scaling) = get(obj, "rope_scaling") {
-            let kind = scaling.get("rope_type").or_else(|| scaling.get("type"));
-            if kind.and_then(Value::as_str) != Some("default") {
-                return Err(GrailError::config(
-                    "rope_scaling",
-                    scaling,
-                    "RoPE scaling is not supported",
-                ));
-            }
-        }
-        let rope_params = get(obj, "rope_parameters").and_then(Value::as_object);
-        if let Some(params) = rope_params
-            && let Some(kind) = get(params, "rope_type")
-            && kind.as_str() != Some("default")
-        {
-            return Err(GrailError::config(
-                "rope_parameters.rope_type",
-                kind,
-                "RoPE scaling is not supported (only \"default\")",
-            ));
-        }
+        let (rope_theta, rope_scaling) = rope(obj)?;
         if opt_bool(obj, "use_sliding_window")? == Some(true) {
             return Err(GrailError::config(
                 "use_sliding_window",
@@ -209,16 +206,6 @@ impl ModelConfig {
             ));
         }
 
-        let rope_theta = match rope_params {
-            Some(params) => opt_f64(params, "rope_theta").map_err(|_| {
-                GrailError::config(
-                    "rope_parameters.rope_theta",
-                    params.get("rope_theta").unwrap_or(&Value::Null),
-                    "must be a positive number",
-                )
-            })?,
-            None => None,
-        };
         let defaults = ModelConfigBuilder::default();
         let mut config = ModelConfigBuilder {
             family,
@@ -230,10 +217,8 @@ impl ModelConfig {
             num_key_value_heads: opt_usize(obj, "num_key_value_heads")?,
             head_dim: opt_usize(obj, "head_dim")?,
             rms_norm_eps: opt_f64(obj, "rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps),
-            rope_theta: match rope_theta {
-                Some(t) => t,
-                None => opt_f64(obj, "rope_theta")?.unwrap_or(defaults.rope_theta),
-            },
+            rope_theta: rope_theta.unwrap_or(defaults.rope_theta),
+            rope_scaling,
             max_position_embeddings: opt_usize(obj, "max_position_embeddings")?
                 .unwrap_or(defaults.max_position_embeddings),
             tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?
@@ -284,17 +269,10 @@ impl ModelConfig {
         );
         set("tie_word_embeddings", json!(self.tie_word_embeddings));
         set("dtype", json!(dtype));
-        if self.family == ModelFamily::Llama {
+        if self.family != ModelFamily::Qwen2 {
             set("attention_bias", json!(self.qkv_bias));
         }
-        if obj.contains_key("rope_parameters") {
-            obj.insert(
-                "rope_parameters".into(),
-                json!({"rope_type": "default", "rope_theta": self.rope_theta}),
-            );
-        } else {
-            obj.insert("rope_theta".into(), json!(self.rope_theta));
-        }
+        self.write_rope(&mut obj);
         obj.insert("bos_token_id".into(), json!(self.bos_token_id));
         let eos = match self.eos_token_ids.as_slice() {
             [] => Value::Null,
@@ -304,4 +282,150 @@ impl ModelConfig {
         obj.insert("eos_token_id".into(), eos);
         Value::Object(obj)
     }
+
+    /// Writes `rope_theta` and the scaling back in the source's style: transformers 5's
+    /// `rope_parameters` object (its other keys kept), else the older top-level `rope_theta` and
+    /// `rope_scaling`.
+    fn write_rope(&self, obj: &mut Map<String, Value>) {
+        let mut params = Map::new();
+        params.insert("rope_type".into(), json!(self.rope_scaling.rope_type()));
+        if let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } = self.rope_scaling
+        {
+            params.insert("factor".into(), json!(factor));
+            params.insert("low_freq_factor".into(), json!(low_freq_factor));
+            params.insert("high_freq_factor".into(), json!(high_freq_factor));
+            params.insert(
+                "original_max_position_embeddings".into(),
+                json!(original_max_position_embeddings),
+            );
+        }
+        if let Some(Value::Object(source)) = obj.get_mut("rope_parameters") {
+            source.retain(|k, _| !SCALING_KEYS.contains(&k.as_str()));
+            source.extend(params);
+            source.insert("rope_theta".into(), json!(self.rope_theta));
+            if obj.contains_key("rope_theta") {
+                obj.insert("rope_theta".into(), json!(self.rope_theta));
+            }
+            return;
+        }
+        obj.insert("rope_theta".into(), json!(self.rope_theta));
+        if self.rope_scaling != RopeScaling::None {
+            obj.insert("rope_scaling".into(), Value::Object(params));
+        } else if obj.contains_key("rope_scaling") {
+            obj.insert("rope_scaling".into(), Value::Null);
+        }
+    }
+}
+
+/// The keys of a RoPE parameters object that [`RopeScaling`] interprets.
+const SCALING_KEYS: [&str; 6] = [
+    "rope_type",
+    "type",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+];
+
+/// `rope_theta` and the scaling, from transformers 5's `rope_parameters` object or from the
+/// older top-level `rope_theta` with a `rope_scaling` object (as Llama 3.x checkpoints on the
+/// Hub still ship). A `rope_type` other than "default" and "llama3" is an error naming it.
+/// Both objects present must agree.
+fn rope(obj: &Map<String, Value>) -> Result<(Option<f64>, RopeScaling)> {
+    let mut found: Option<(&str, (Option<f64>, RopeScaling))> = None;
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(params) = get(obj, key) else {
+            continue;
+        };
+        let parsed = rope_object(obj, key, params)?;
+        match &found {
+            Some((first, earlier)) if earlier.1 != parsed.1 => {
+                return Err(GrailError::config(
+                    key,
+                    params,
+                    format!("disagrees with `{first}`"),
+                ));
+            }
+            Some(_) => {}
+            None => found = Some((key, parsed)),
+        }
+    }
+    match found {
+        Some((_, parsed)) => Ok(parsed),
+        None => Ok((opt_f64(obj, "rope_theta")?, RopeScaling::None)),
+    }
+}
+
+/// One RoPE parameters object, `obj[key]`.
+fn rope_object(
+    obj: &Map<String, Value>,
+    key: &str,
+    params: &Value,
+) -> Result<(Option<f64>, RopeScaling)> {
+    let Some(params) = params.as_object() else {
+        return Err(GrailError::config(key, params, "must be an object"));
+    };
+    // Error messages name the nested key, e.g. `rope_parameters.factor`.
+    let nested = |e: GrailError, field: &str| match e {
+        GrailError::Config { value, reason, .. } => GrailError::Config {
+            field: format!("{key}.{field}"),
+            value,
+            reason,
+        },
+        other => other,
+    };
+    let theta = match opt_f64(params, "rope_theta").map_err(|e| nested(e, "rope_theta"))? {
+        Some(t) => Some(t),
+        None => opt_f64(obj, "rope_theta")?,
+    };
+    if let Some(p) = get(params, "partial_rotary_factor").or(get(obj, "partial_rotary_factor"))
+        && p.as_f64() != Some(1.0)
+    {
+        return Err(GrailError::config(
+            "partial_rotary_factor",
+            p,
+            "partial rotary embeddings are not supported",
+        ));
+    }
+    let kind = get(params, "rope_type").or_else(|| get(params, "type"));
+    let scaling = match kind.and_then(Value::as_str) {
+        None | Some("default") => RopeScaling::None,
+        Some("llama3") => {
+            let number = |field: &str| {
+                opt_f64(params, field)
+                    .and_then(|v| {
+                        v.ok_or_else(|| {
+                            GrailError::config(field, "<missing>", "required by llama3")
+                        })
+                    })
+                    .map_err(|e| nested(e, field))
+            };
+            let original = "original_max_position_embeddings";
+            RopeScaling::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_max_position_embeddings: opt_usize(params, original)
+                    .and_then(|v| {
+                        v.ok_or_else(|| {
+                            GrailError::config(original, "<missing>", "required by llama3")
+                        })
+                    })
+                    .map_err(|e| nested(e, original))?,
+            }
+        }
+        Some(_) => {
+            return Err(GrailError::config(
+                &format!("{key}.rope_type"),
+                kind.expect("matched a string"),
+                "unsupported RoPE scaling (grail supports \"default\" and \"llama3\")",
+            ));
+        }
+    };
+    Ok((theta, scaling))
 }

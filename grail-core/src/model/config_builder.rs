@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{ModelConfig, ModelFamily};
+use super::{ModelConfig, ModelFamily, RopeScaling};
 use crate::error::{GrailError, Result};
 
 /// Builds a [`ModelConfig`] field by field, with the names `config.json` uses:
@@ -36,6 +36,7 @@ pub struct ModelConfigBuilder {
     pub(super) head_dim: Option<usize>,
     pub(super) rms_norm_eps: f64,
     pub(super) rope_theta: f64,
+    pub(super) rope_scaling: RopeScaling,
     pub(super) max_position_embeddings: usize,
     pub(super) tie_word_embeddings: bool,
     pub(super) attention_bias: bool,
@@ -56,6 +57,7 @@ impl Default for ModelConfigBuilder {
             head_dim: None,
             rms_norm_eps: 1e-6,
             rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
             max_position_embeddings: 4096,
             tie_word_embeddings: false,
             attention_bias: false,
@@ -74,7 +76,8 @@ impl ModelConfig {
 }
 
 impl ModelConfigBuilder {
-    /// The model family (default Qwen2), which decides the attention biases.
+    /// The model family (default Qwen2), which decides the attention biases and Qwen3's q/k
+    /// norms.
     pub fn family(mut self, family: ModelFamily) -> Self {
         self.family = family;
         self
@@ -134,6 +137,12 @@ impl ModelConfigBuilder {
         self
     }
 
+    /// RoPE frequency scaling. Default none.
+    pub fn rope_scaling(mut self, scaling: RopeScaling) -> Self {
+        self.rope_scaling = scaling;
+        self
+    }
+
     /// Longest sequence the model is configured for. Default 4096.
     pub fn max_position_embeddings(mut self, n: usize) -> Self {
         self.max_position_embeddings = n;
@@ -146,8 +155,8 @@ impl ModelConfigBuilder {
         self
     }
 
-    /// Llama's `attention_bias`: a bias on q/k/v/o together. Default false; Qwen2 ignores it
-    /// (q/k/v always carry a bias there, o_proj never does).
+    /// Llama's and Qwen3's `attention_bias`: a bias on q/k/v/o together. Default false; Qwen2
+    /// ignores it (q/k/v always carry a bias there, o_proj never does).
     pub fn attention_bias(mut self, bias: bool) -> Self {
         self.attention_bias = bias;
         self
@@ -205,9 +214,30 @@ impl ModelConfigBuilder {
                 "RoPE needs an even head_dim",
             ));
         }
+        if let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } = self.rope_scaling
+        {
+            positive_number("rope_parameters.factor", factor)?;
+            positive_number("rope_parameters.low_freq_factor", low_freq_factor)?;
+            positive(
+                "rope_parameters.original_max_position_embeddings",
+                original_max_position_embeddings,
+            )?;
+            if !(high_freq_factor > low_freq_factor && high_freq_factor.is_finite()) {
+                return Err(GrailError::config(
+                    "rope_parameters.high_freq_factor",
+                    high_freq_factor,
+                    format!("must be above low_freq_factor ({low_freq_factor})"),
+                ));
+            }
+        }
         let (qkv_bias, o_bias) = match self.family {
             ModelFamily::Qwen2 => (true, false),
-            ModelFamily::Llama => (self.attention_bias, self.attention_bias),
+            ModelFamily::Qwen3 | ModelFamily::Llama => (self.attention_bias, self.attention_bias),
         };
         Ok(ModelConfig {
             family: self.family,
@@ -219,6 +249,7 @@ impl ModelConfigBuilder {
             head_dim,
             rms_norm_eps: positive_number("rms_norm_eps", self.rms_norm_eps)?,
             rope_theta: positive_number("rope_theta", self.rope_theta)?,
+            rope_scaling: self.rope_scaling,
             vocab_size: size("vocab_size", self.vocab_size)?,
             max_position_embeddings: positive(
                 "max_position_embeddings",

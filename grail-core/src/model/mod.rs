@@ -1,4 +1,4 @@
-//! The decoder-only transformer of the Qwen2 and Llama families.
+//! The decoder-only transformer of the Qwen2, Qwen3 and Llama families.
 //!
 //! Struct and field names follow the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`);
 //! the names and shapes themselves are one table, [`TensorId`], that loading
@@ -13,6 +13,7 @@ mod generate;
 mod kernels;
 mod layers;
 mod layout;
+mod rope;
 mod tensor_names;
 mod weights;
 
@@ -22,8 +23,9 @@ pub use config::{ModelConfig, ModelFamily};
 pub use config_builder::ModelConfigBuilder;
 pub use generate::{argmax_rows, greedy};
 pub use kernels::Kernels;
-pub use layers::{Embedding, Linear, Mlp, RmsNorm, Rope};
+pub use layers::{Embedding, Linear, Mlp, RmsNorm};
 pub use layout::{Layout, Segment};
+pub use rope::{Rope, RopeScaling};
 pub use tensor_names::{LayerTensor, Projection, TensorId, TensorRole};
 pub use weights::{NamedTensorSource, RandomInit, WeightSource, named_tensors, stable_id};
 
@@ -122,10 +124,15 @@ impl CausalLm {
             bias: t.optional_vector(TensorId::Layer(l, LayerTensor::Bias(p))),
             kernels: Kernels::Fused,
         };
-        let norm = |t: &mut Taken, id: TensorId| RmsNorm {
-            weight: t.vector(id),
-            eps: c.rms_norm_eps,
-            kernels: Kernels::Fused,
+        let optional_norm = |t: &mut Taken, id: TensorId| {
+            t.optional_vector(id).map(|weight| RmsNorm {
+                weight,
+                eps: c.rms_norm_eps,
+                kernels: Kernels::Fused,
+            })
+        };
+        let norm = |t: &mut Taken, id: TensorId| {
+            optional_norm(t, id).unwrap_or_else(|| panic!("{id:?} is not a norm of this model"))
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -136,6 +143,8 @@ impl CausalLm {
                     k_proj: linear(t, l, Projection::K),
                     v_proj: linear(t, l, Projection::V),
                     o_proj: linear(t, l, Projection::O),
+                    q_norm: optional_norm(t, TensorId::Layer(l, LayerTensor::QNorm)),
+                    k_norm: optional_norm(t, TensorId::Layer(l, LayerTensor::KNorm)),
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
@@ -201,6 +210,18 @@ impl CausalLm {
                     LayerTensor::InputLayernorm => layer.input_layernorm.weight.val().into_data(),
                     LayerTensor::PostAttentionLayernorm => {
                         layer.post_attention_layernorm.weight.val().into_data()
+                    }
+                    LayerTensor::QNorm | LayerTensor::KNorm => {
+                        let attn = &layer.self_attn;
+                        let norm = if tensor == LayerTensor::QNorm {
+                            &attn.q_norm
+                        } else {
+                            &attn.k_norm
+                        };
+                        match norm {
+                            Some(norm) => norm.weight.val().into_data(),
+                            None => missing(),
+                        }
                     }
                     LayerTensor::Weight(p) => layer.projection(p).weight.val().into_data(),
                     LayerTensor::Bias(p) => match &layer.projection(p).bias {
@@ -329,7 +350,8 @@ impl CausalLm {
         mut caches: Option<&mut [KvCache]>,
     ) -> Tensor<3> {
         let device = self.device();
-        let rope = Rope::new(self.config.head_dim, self.config.rope_theta);
+        let c = &self.config;
+        let rope = Rope::new(c.head_dim, c.rope_theta, c.rope_scaling);
         let (cos, sin) = rope.tables(positions, rows, &device);
         let mut x = self.model.embed_tokens.forward(ids);
         for (l, layer) in self.model.layers.iter().enumerate() {

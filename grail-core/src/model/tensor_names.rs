@@ -26,6 +26,10 @@ pub enum LayerTensor {
     InputLayernorm,
     /// `post_attention_layernorm.weight`, `[hidden]`.
     PostAttentionLayernorm,
+    /// `self_attn.q_norm.weight`, `[head_dim]` (Qwen3): one gain for every query head.
+    QNorm,
+    /// `self_attn.k_norm.weight`, `[head_dim]` (Qwen3): one gain for every key head.
+    KNorm,
     /// A projection's weight, `[out, in]`.
     Weight(Projection),
     /// A projection's bias, `[out]`, where the family has one.
@@ -120,6 +124,8 @@ impl TensorId {
             [
                 TensorId::Layer(l, LayerTensor::InputLayernorm),
                 TensorId::Layer(l, LayerTensor::PostAttentionLayernorm),
+                TensorId::Layer(l, LayerTensor::QNorm),
+                TensorId::Layer(l, LayerTensor::KNorm),
             ]
         });
         projections
@@ -141,6 +147,8 @@ impl TensorId {
                 LayerTensor::PostAttentionLayernorm => {
                     format!("model.layers.{l}.post_attention_layernorm.weight")
                 }
+                LayerTensor::QNorm => format!("model.layers.{l}.self_attn.q_norm.weight"),
+                LayerTensor::KNorm => format!("model.layers.{l}.self_attn.k_norm.weight"),
                 LayerTensor::Weight(p) => format!("model.layers.{l}.{}.weight", p.path()),
                 LayerTensor::Bias(p) => format!("model.layers.{l}.{}.bias", p.path()),
             },
@@ -155,16 +163,19 @@ impl TensorId {
             TensorId::Norm
             | TensorId::Layer(_, LayerTensor::InputLayernorm)
             | TensorId::Layer(_, LayerTensor::PostAttentionLayernorm) => vec![h],
+            TensorId::Layer(_, LayerTensor::QNorm | LayerTensor::KNorm) => vec![config.head_dim],
             TensorId::Layer(_, LayerTensor::Weight(p)) => p.shape(config).to_vec(),
             TensorId::Layer(_, LayerTensor::Bias(p)) => vec![p.shape(config)[0]],
         }
     }
 
-    /// Whether a model of `config` has this tensor (biases by family, the lm_head when untied).
+    /// Whether a model of `config` has this tensor (biases and q/k norms by family, the lm_head
+    /// when untied).
     pub fn present(self, config: &ModelConfig) -> bool {
         match self {
             TensorId::LmHead => !config.tie_word_embeddings,
             TensorId::Layer(_, LayerTensor::Bias(p)) => p.has_bias(config),
+            TensorId::Layer(_, LayerTensor::QNorm | LayerTensor::KNorm) => config.family.qk_norm(),
             TensorId::EmbedTokens
             | TensorId::Norm
             | TensorId::Layer(
@@ -186,7 +197,10 @@ impl TensorId {
             TensorId::Norm
             | TensorId::Layer(
                 _,
-                LayerTensor::InputLayernorm | LayerTensor::PostAttentionLayernorm,
+                LayerTensor::InputLayernorm
+                | LayerTensor::PostAttentionLayernorm
+                | LayerTensor::QNorm
+                | LayerTensor::KNorm,
             ) => TensorRole::NormGain,
         }
     }
@@ -232,5 +246,34 @@ mod tests {
         assert_eq!(down.shape(&config), vec![8, 12]);
         // Per layer 512: q 64+8, k 32+4, v 32+4, o 64, MLP 3·96, norms 16; then 8 + 80.
         assert_eq!(config.num_parameters(), 2 * 512 + 8 + 80);
+    }
+
+    #[test]
+    fn qwen3_has_per_head_q_and_k_norms_and_no_biases() {
+        let config = ModelConfig::builder()
+            .family(crate::model::ModelFamily::Qwen3)
+            .vocab_size(10)
+            .hidden_size(8)
+            .intermediate_size(12)
+            .num_hidden_layers(1)
+            .num_attention_heads(2)
+            .num_key_value_heads(1)
+            .head_dim(6)
+            .build()
+            .unwrap();
+        let all = TensorId::all(&config);
+        // 7 weights, 2 layer norms, q/k norms; the final norm, the embeddings, the lm_head.
+        assert_eq!(all.len(), 7 + 2 + 2 + 3);
+        let q_norm = TensorId::Layer(0, LayerTensor::QNorm);
+        assert!(all.contains(&q_norm));
+        assert_eq!(q_norm.name(), "model.layers.0.self_attn.q_norm.weight");
+        assert_eq!(q_norm.shape(&config), vec![6]);
+        assert_eq!(q_norm.role(), TensorRole::NormGain);
+        let q = TensorId::Layer(0, LayerTensor::Weight(Projection::Q));
+        assert_eq!(
+            q.shape(&config),
+            vec![12, 8],
+            "head_dim, not hidden / heads"
+        );
     }
 }

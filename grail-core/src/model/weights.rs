@@ -69,13 +69,7 @@ impl Taken {
         Ok(Self { vectors, matrices })
     }
 
-    /// Vector `id`, which the table lists for this config.
-    pub(crate) fn vector(&mut self, id: TensorId) -> Param<Tensor<1>> {
-        self.optional_vector(id)
-            .unwrap_or_else(|| panic!("{id:?} is not a vector of this model"))
-    }
-
-    /// Vector `id`, if the model has it (a bias the family may lack).
+    /// Vector `id`, if the model has it (a bias or q/k norm the family may lack).
     pub(crate) fn optional_vector(&mut self, id: TensorId) -> Option<Param<Tensor<1>>> {
         self.vectors.remove(&id)
     }
