@@ -425,6 +425,9 @@ struct TrainerStepArgs {
     /// does (off by default here: the PyTorch reference step has no such forward).
     #[arg(long)]
     is_correction: bool,
+    /// Recompute the decoder layers in the backward instead of keeping their activations.
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), 0 where unknown.
@@ -486,6 +489,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
         naive_logprob: t.naive_logprob,
         // Off by default as in the PyTorch reference step (no extra proximal forward).
         importance_sampling_correction: t.is_correction,
+        gradient_checkpointing: t.gradient_checkpointing,
         ..TrainerConfig::default()
     };
     cfg.loss.loss_type = LossType::Dapo;
@@ -529,6 +533,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             "flops_per_step": m.flops, "peak_flops": peak, "mfu": m.flops / s_per_step / peak,
             "packing_efficiency": m.packing_efficiency, "peak_rss_bytes": peak_rss_bytes(),
             "steps": t.steps, "is_correction": t.is_correction,
+            "gradient_checkpointing": t.gradient_checkpointing,
             "ms_per_step": {
                 "prepare": times[0] * 1e3, "forward": times[1] * 1e3, "loss": times[2] * 1e3,
                 "backward": times[3] * 1e3, "optimizer": times[4] * 1e3,

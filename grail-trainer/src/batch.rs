@@ -6,7 +6,7 @@
 //! positions whose hidden states predict the completion tokens.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use grail_core::model::{CausalLm, Layout};
+use grail_core::model::{CausalLm, LayerInputs, Layout};
 
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainerError};
@@ -201,12 +201,26 @@ impl MicroBatch {
     /// `model`'s final hidden states `[completion tokens, hidden]` that predict each completion
     /// token.
     pub(crate) fn prediction_hidden(&self, model: &CausalLm) -> Result<Tensor<2>> {
-        let device = model.device();
-        let ids = on_device(&self.ids, &device);
-        let hidden = model.forward_hidden(ids, &self.layout)?;
+        let ids = on_device(&self.ids, &model.device());
+        Ok(self.predicting(model.forward_hidden(ids, &self.layout)?))
+    }
+
+    /// [`prediction_hidden`](Self::prediction_hidden) with gradient checkpointing: also what the
+    /// backward needs to recompute the decoder layers ([`LayerInputs::backward`]).
+    pub(crate) fn prediction_hidden_checkpointed(
+        &self,
+        model: &CausalLm,
+    ) -> Result<(Tensor<2>, LayerInputs)> {
+        let ids = on_device(&self.ids, &model.device());
+        let (hidden, kept) = model.forward_hidden_checkpointed(ids, &self.layout)?;
+        Ok((self.predicting(hidden), kept))
+    }
+
+    /// The rows of `hidden` `[rows, cols, hidden]` that predict a completion token.
+    fn predicting(&self, hidden: Tensor<3>) -> Tensor<2> {
         let [rows, cols, h] = hidden.dims();
-        let rows_idx = on_device(&self.prediction_rows, &device);
-        Ok(hidden.reshape([rows * cols, h]).select(0, rows_idx))
+        let rows_idx = on_device(&self.prediction_rows, &hidden.device());
+        hidden.reshape([rows * cols, h]).select(0, rows_idx)
     }
 
     /// The completion tokens on `device`.

@@ -61,6 +61,11 @@ pub struct TrainerConfig {
     /// truncated or masked by the correction above. Off: the clipped ratio is π_θ / π_behav
     /// (classic PPO against the sampler) and there is no separate behaviour weight.
     pub use_decoupled_loss: bool,
+    /// Gradient (activation) checkpointing: keep only each decoder layer's input in the forward
+    /// and recompute the layers one at a time in the backward (TRL's and transformers' name).
+    /// Less memory for one more forward of the layers; the same gradients. Default off.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Tiles of the fused log-prob op.
     pub logprob_chunks: ChunkSizes,
     /// Use the unfused log_softmax + gather path (for comparison in tests and benchmarks only).
@@ -93,6 +98,7 @@ impl Default for TrainerConfig {
             importance_sampling_mask_low: None,
             importance_sampling_mask_high: None,
             use_decoupled_loss: true,
+            gradient_checkpointing: false,
             logprob_chunks: ChunkSizes::default(),
             naive_logprob: false,
         }

@@ -150,7 +150,12 @@ impl GrpoTrainer {
             allocated_tokens += mb.allocated;
             let batch = p.loss_batch(&mb);
             lap();
-            let hidden = mb.prediction_hidden(model)?;
+            let (hidden, kept) = if cfg.gradient_checkpointing {
+                let (hidden, kept) = mb.prediction_hidden_checkpointed(model)?;
+                (hidden, Some(kept))
+            } else {
+                (mb.prediction_hidden(model)?, None)
+            };
             let weight = model.lm_head_weight();
             times.forward_s += lap();
             let loss = grpo_loss(
@@ -165,7 +170,12 @@ impl GrpoTrainer {
             times.loss_s += lap();
             let grads = loss.objective.backward();
             stats.add(&loss.stats);
-            accum.accumulate(model, GradientsParams::from_grads(grads, model));
+            let grads = match kept {
+                // Recomputes the decoder layers one at a time (gradient checkpointing).
+                Some(kept) => kept.backward(model, grads),
+                None => GradientsParams::from_grads(grads, model),
+            };
+            accum.accumulate(model, grads);
             times.backward_s += lap();
         }
         let grads = accum.grads();

@@ -485,6 +485,55 @@ fn a_grpo_step_has_the_same_loss_and_gradients_with_fused_ops_on_and_off() {
 }
 
 #[test]
+fn gradient_checkpointing_gives_the_same_loss_and_gradients() {
+    // Tied embeddings (their gradient comes from the lm_head and the embedding lookup, in two
+    // backward passes here), an untied Qwen3 with its q/k norms; fused and plain ops; packed
+    // rows in several micro-batches, and padded rows.
+    let qwen3 = ModelConfig::builder()
+        .family(grail_core::model::ModelFamily::Qwen3)
+        .vocab_size(64)
+        .hidden_size(32)
+        .intermediate_size(64)
+        .num_hidden_layers(3)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .head_dim(12)
+        .max_position_embeddings(128)
+        .build()
+        .unwrap();
+    let data = groups(3, 4, 5);
+    for (name, config) in [("tied qwen2", tiny_config()), ("untied qwen3", qwen3)] {
+        for fused in [true, false] {
+            for (budget, packing) in [(4096, true), (24, true), (4096, false)] {
+                let case = format!("{name}, fused {fused}, budget {budget}, packing {packing}");
+                let run = |checkpointing: bool| {
+                    let policy = CausalLm::init(&config, 7, &Device::flex().autodiff())
+                        .with_fused_ops(fused);
+                    let mut cfg = base_config(LossType::Dapo);
+                    cfg.max_tokens_per_microbatch = budget;
+                    cfg.packing = packing;
+                    cfg.gradient_checkpointing = checkpointing;
+                    let trainer = GrpoTrainer::new(policy, None, cfg).unwrap();
+                    let pass = trainer.gradients(&data).unwrap();
+                    let grads = flat_grads(trainer.model(), &pass.grads);
+                    (grads, pass.stats.loss, pass.micro_batches)
+                };
+                let (plain, loss, micro_batches) = run(false);
+                let (checkpointed, loss_ckpt, _) = run(true);
+                assert!(
+                    budget > 1000 || micro_batches > 1,
+                    "{case}: one micro-batch"
+                );
+                assert!(plain.iter().any(|g| *g != 0.0), "{case}: no gradient");
+                assert_eq!(loss, loss_ckpt, "{case}: loss");
+                let e = rel(&checkpointed, &plain);
+                assert!(e <= 1e-6, "{case}: gradient rel err {e:e}");
+            }
+        }
+    }
+}
+
+#[test]
 fn fused_adamw_matches_burns_adamw() {
     use burn::optim::AdamWConfig;
     use grail_trainer::optimizer::FusedAdamW;

@@ -185,6 +185,9 @@ pub struct GrpoSection {
     pub filter_zero_std_groups: bool,
     /// Token budget of one micro-batch. Default 4096.
     pub max_tokens_per_microbatch: usize,
+    /// Keep only each decoder layer's input in the trainer's forward and recompute the layers
+    /// in the backward: less memory for one more forward. Default false.
+    pub gradient_checkpointing: bool,
     /// Samples more than this many versions old (by their oldest token) are dropped and counted.
     /// Default 2.
     pub max_staleness: u64,
@@ -337,6 +340,7 @@ impl Default for GrpoSection {
             importance_sampling_mask_low: None,
             importance_sampling_mask_high: None,
             use_decoupled_loss: true,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -513,6 +517,7 @@ impl GrpoConfig {
             importance_sampling_mask_low: g.importance_sampling_mask_low,
             importance_sampling_mask_high: g.importance_sampling_mask_high,
             use_decoupled_loss: g.use_decoupled_loss,
+            gradient_checkpointing: g.gradient_checkpointing,
             ..Default::default()
         };
         t.reward_weights = vec![1.0];

@@ -87,6 +87,21 @@ impl Layout {
         pos
     }
 
+    /// What a forward over a `[rows, cols]` grid needs, checked: each slot's position and, for
+    /// packed rows, the segments attention runs over (a padded batch is one causal attention).
+    pub(crate) fn plan(
+        &self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(Vec<usize>, Option<Vec<Segment>>)> {
+        self.validate(rows, cols)?;
+        let segments = match self {
+            Layout::Padded { .. } => None,
+            Layout::Packed { .. } => Some(self.segments()),
+        };
+        Ok((self.positions(rows, cols), segments))
+    }
+
     /// Every sequence of the layout as a segment (in row order).
     pub fn segments(&self) -> Vec<Segment> {
         match self {

@@ -7,6 +7,7 @@
 
 mod attention;
 mod cache;
+mod checkpointing;
 mod config;
 mod config_builder;
 mod generate;
@@ -19,6 +20,7 @@ mod weights;
 
 pub use attention::Attention;
 pub use cache::KvCache;
+pub use checkpointing::LayerInputs;
 pub use config::{ModelConfig, ModelFamily};
 pub use config_builder::ModelConfigBuilder;
 pub use generate::{argmax_rows, greedy};
@@ -247,12 +249,7 @@ impl CausalLm {
     /// `layout` says. Ids must be below `vocab_size`.
     pub fn forward_hidden(&self, ids: Tensor<2, Int>, layout: &Layout) -> Result<Tensor<3>> {
         let [rows, cols] = ids.dims();
-        layout.validate(rows, cols)?;
-        let positions = layout.positions(rows, cols);
-        let segments = match layout {
-            Layout::Padded { .. } => None,
-            Layout::Packed { .. } => Some(layout.segments()),
-        };
+        let (positions, segments) = layout.plan(rows, cols)?;
         Ok(self.run(ids, &positions, rows, segments.as_deref(), None))
     }
 
@@ -349,10 +346,7 @@ impl CausalLm {
         segments: Option<&[Segment]>,
         mut caches: Option<&mut [KvCache]>,
     ) -> Tensor<3> {
-        let device = self.device();
-        let c = &self.config;
-        let rope = Rope::new(c.head_dim, c.rope_theta, c.rope_scaling);
-        let (cos, sin) = rope.tables(positions, rows, &device);
+        let (cos, sin) = self.rope_tables(positions, rows);
         let mut x = self.model.embed_tokens.forward(ids);
         for (l, layer) in self.model.layers.iter().enumerate() {
             let mode = match segments {
@@ -365,6 +359,13 @@ impl CausalLm {
             x = layer.forward(x, &cos, &sin, mode, l);
         }
         self.model.norm.forward(x)
+    }
+
+    /// RoPE `(cos, sin)` tables `[rows, 1, cols, head_dim]` for `positions`, on the model's
+    /// device.
+    fn rope_tables(&self, positions: &[usize], rows: usize) -> (Tensor<4>, Tensor<4>) {
+        let c = &self.config;
+        Rope::new(c.head_dim, c.rope_theta, c.rope_scaling).tables(positions, rows, &self.device())
     }
 
     /// The lm_head weight `[vocab, hidden]` (the embedding matrix when tied); the fused log-prob
