@@ -117,6 +117,14 @@ impl OptimOps for CubeBackend {
             empty_like(&param, shape),
         );
         let (count, dim) = grid(&param, n);
+        let AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            epsilon,
+            weight_decay,
+            time,
+        } = step;
         adamw_kernel::launch(
             &param.client,
             count,
