@@ -242,6 +242,7 @@ fn unsupported_configs_name_the_field_and_value() {
         ),
         ("hidden_size", serde_json::json!(-1), "-1"),
         ("mlp_bias", serde_json::json!(true), "true"),
+        ("partial_rotary_factor", serde_json::json!(0.5), "0.5"),
     ];
     for (field, value, shown) in cases {
         let mut cfg = base.clone();
@@ -267,6 +268,11 @@ fn unsupported_configs_name_the_field_and_value() {
             ["rope_parameters.high_freq_factor", "low_freq_factor"],
         ),
         (serde_json::json!(5), ["rope_parameters", "object"]),
+        (
+            serde_json::json!({"rope_type": "default", "rope_theta": 1e4,
+                "partial_rotary_factor": 0.25}),
+            ["rope_parameters.partial_rotary_factor", "0.25"],
+        ),
     ];
     for (params, words) in rope_cases {
         let mut cfg = base.clone();

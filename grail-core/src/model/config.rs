@@ -337,6 +337,7 @@ const SCALING_KEYS: [&str; 6] = [
 /// Hub still ship). A `rope_type` other than "default" and "llama3" is an error naming it.
 /// Both objects present must agree.
 fn rope(obj: &Map<String, Value>) -> Result<(Option<f64>, RopeScaling)> {
+    full_rotary(obj, "partial_rotary_factor")?;
     let mut found: Option<(&str, (Option<f64>, RopeScaling))> = None;
     for key in ["rope_parameters", "rope_scaling"] {
         let Some(params) = get(obj, key) else {
@@ -358,6 +359,19 @@ fn rope(obj: &Map<String, Value>) -> Result<(Option<f64>, RopeScaling)> {
     match found {
         Some((_, parsed)) => Ok(parsed),
         None => Ok((opt_f64(obj, "rope_theta")?, RopeScaling::None)),
+    }
+}
+
+/// RoPE over every channel of a head: a `partial_rotary_factor` in `obj` other than 1 is an
+/// error naming `field`.
+fn full_rotary(obj: &Map<String, Value>, field: &str) -> Result<()> {
+    match get(obj, "partial_rotary_factor") {
+        Some(p) if p.as_f64() != Some(1.0) => Err(GrailError::config(
+            field,
+            p,
+            "partial rotary embeddings are not supported",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -383,19 +397,11 @@ fn rope_object(
         Some(t) => Some(t),
         None => opt_f64(obj, "rope_theta")?,
     };
-    if let Some(p) = get(params, "partial_rotary_factor").or(get(obj, "partial_rotary_factor"))
-        && p.as_f64() != Some(1.0)
-    {
-        return Err(GrailError::config(
-            "partial_rotary_factor",
-            p,
-            "partial rotary embeddings are not supported",
-        ));
-    }
+    full_rotary(params, &format!("{key}.partial_rotary_factor"))?;
     let kind = get(params, "rope_type").or_else(|| get(params, "type"));
-    let scaling = match kind.and_then(Value::as_str) {
-        None | Some("default") => RopeScaling::None,
-        Some("llama3") => {
+    let scaling = match kind.map(Value::as_str) {
+        None | Some(Some("default")) => RopeScaling::None,
+        Some(Some("llama3")) => {
             let number = |field: &str| {
                 opt_f64(params, field)
                     .and_then(|v| {
@@ -422,7 +428,7 @@ fn rope_object(
         Some(_) => {
             return Err(GrailError::config(
                 &format!("{key}.rope_type"),
-                kind.expect("matched a string"),
+                kind.expect("matched a value"),
                 "unsupported RoPE scaling (grail supports \"default\" and \"llama3\")",
             ));
         }
