@@ -1,7 +1,6 @@
 //! The RL job: tokenizer → model → SFT warm-up → baseline eval → async GRPO (pool + trainer over
 //! channels) → final checkpoint → final eval → plot, summary. [`Grpo`] puts a run together; the
-//! phases live in their own modules ([`crate::setup`], [`crate::warm_up`], [`crate::async_grpo`],
-//! [`crate::evaluate`]).
+//! phases live in their own modules (`setup`, `warm_up`, `async_grpo`, `evaluate`).
 
 use std::path::PathBuf;
 use std::sync::Arc;

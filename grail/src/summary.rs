@@ -29,7 +29,7 @@ pub struct RunSummary {
     pub plot: Option<PathBuf>,
     /// Steps during which the pool generated samples while the trainer trained (overlap).
     pub overlapped_steps: usize,
-    /// Pool and trainer sample accounting ([`Accounting`] with `identity_holds`), over every
+    /// Pool and trainer sample accounting ([`Accounting`](crate::checkpoint::Accounting) with `identity_holds`), over every
     /// attempt of a resumed run.
     pub accounting: serde_json::Value,
 }
