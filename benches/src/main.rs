@@ -52,17 +52,9 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
     },
-    /// Weight-sync payload size and apply time after real AdamW steps (delta vs full, bf16).
-    WeightSync {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Optimizer steps to publish.
-        #[arg(long, default_value_t = 4)]
-        steps: usize,
-        /// Learning rate of those steps.
-        #[arg(long, default_value_t = 1e-6)]
-        lr: f64,
-    },
+    /// Weight-sync delta size, encode/apply/hash time after real AdamW steps (bf16 deltas; one
+    /// line per compression, zstd and lz4, over the same steps).
+    WeightSync(WeightSyncArgs),
     /// Selective log-probs forward + backward: fused chunked op vs naive log_softmax + gather.
     Logprob {
         /// Tokens.
@@ -327,33 +319,51 @@ fn rollout_bench(
     Ok(())
 }
 
-fn weight_sync_bench(
-    args: &Args,
-    device: &Device,
-    m: &ModelArgs,
-    steps: usize,
-    lr: f64,
-) -> Result<()> {
-    use grail_protocol::{Group, Sample, SyncMode, WireDtype};
-    use grail_rollout::WeightState;
-    use grail_trainer::WeightPublisher;
+fn weight_sync_bench(args: &Args, device: &Device, w: &WeightSyncArgs) -> Result<()> {
+    use grail_core::model::named_tensors;
+    use grail_protocol::{Compression, Group, Sample, WireDtype, delta, weights_hash};
     use grail_trainer::config::TrainerConfig;
     use grail_trainer::trainer::GrpoTrainer;
-    let config = m.model_config()?;
-    let policy = CausalLm::init(&config, args.seed, &device.clone().autodiff());
-    let mut delta = WeightPublisher::new(SyncMode::Delta, WireDtype::Bf16, &policy, 0);
-    let mut state = WeightState::new(&policy, 0, WireDtype::Bf16);
+    let wire = WireDtype::Bf16;
+    let autodiff = device.clone().autodiff();
+    let policy = match &w.model_dir {
+        Some(dir) => grail_core::checkpoint::load_model(dir, &autodiff)?,
+        None => CausalLm::init(&w.model.model_config()?, args.seed, &autodiff),
+    };
+    let config = policy.config.clone();
     let cfg = TrainerConfig {
-        learning_rate: lr,
+        learning_rate: w.lr,
         // Random behaviour log-probs: a mask would zero the update this bench measures.
         importance_sampling_correction: false,
         ..TrainerConfig::default()
     };
+    let mut last = named_tensors(&policy, wire);
+    /// One compression's totals, and the receiver's weights it keeps up to date.
+    struct Stream {
+        compression: Compression,
+        held: Vec<grail_protocol::NamedTensor>,
+        bytes: usize,
+        encode_s: f64,
+        apply_s: f64,
+        hash_s: f64,
+    }
+    let mut streams: Vec<Stream> = [Compression::Zstd, Compression::Lz4]
+        .into_iter()
+        .map(|compression| Stream {
+            compression,
+            held: last.clone(),
+            bytes: 0,
+            encode_s: 0.0,
+            apply_s: 0.0,
+            hash_s: 0.0,
+        })
+        .collect();
     let mut trainer = GrpoTrainer::new(policy, None, cfg)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = config.vocab_size as u32;
-    let (mut delta_bytes, mut publish_s, mut apply_s) = (0usize, 0.0, 0.0);
-    for _ in 0..steps.max(1) {
+    let mut read_s = 0.0;
+    let steps = w.steps.max(1);
+    for _ in 0..steps {
         let samples = (0..8)
             .map(|_| {
                 Sample::new(
@@ -371,25 +381,61 @@ fn weight_sync_bench(
             samples,
         }])?;
         let t = Instant::now();
-        let update = delta.publish(trainer.version(), trainer.model());
-        publish_s += t.elapsed().as_secs_f64();
-        delta_bytes += update.payload.wire_bytes();
-        let t = Instant::now();
-        state.apply(&update)?;
-        apply_s += t.elapsed().as_secs_f64();
+        let now = named_tensors(trainer.model(), wire);
+        read_s += t.elapsed().as_secs_f64();
+        let expected = weights_hash(&now, wire);
+        for s in &mut streams {
+            let t = Instant::now();
+            let bytes = delta::encode_with(&last, &now, wire, s.compression);
+            s.encode_s += t.elapsed().as_secs_f64();
+            s.bytes += bytes.len();
+            let t = Instant::now();
+            delta::apply(&mut s.held, wire, &bytes)?;
+            s.apply_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let hash = weights_hash(&s.held, wire);
+            s.hash_s += t.elapsed().as_secs_f64();
+            anyhow::ensure!(
+                hash == expected,
+                "the applied delta differs from the trainer's weights"
+            );
+        }
+        last = now;
     }
-    let n = steps.max(1) as f64;
-    let full = delta.full_bytes();
-    println!(
-        "{}",
-        json!({
-            "bench": "weight-sync", "device": args.device, "params": config.num_parameters(), "lr": lr,
-            "steps": steps, "wire": "bf16", "full_bytes": full, "delta_bytes_mean": delta_bytes as f64 / n,
-            "delta_over_full": delta_bytes as f64 / n / full as f64,
-            "publish_s_mean": publish_s / n, "apply_s_mean": apply_s / n,
-        })
-    );
+    let n = steps as f64;
+    let full = last.iter().map(|t| t.values.len()).sum::<usize>() * wire.value_bytes();
+    for s in &streams {
+        println!(
+            "{}",
+            json!({
+                "bench": "weight-sync", "device": args.device, "params": config.num_parameters(),
+                "weights": if w.model_dir.is_some() { "checkpoint" } else { "random" }, "lr": w.lr,
+                "steps": steps, "wire": "bf16", "compression": s.compression, "full_bytes": full,
+                "delta_bytes_mean": s.bytes as f64 / n, "delta_over_full": s.bytes as f64 / n / full as f64,
+                "read_s_mean": read_s / n, "encode_s_mean": s.encode_s / n,
+                "apply_s_mean": s.apply_s / n, "hash_s_mean": s.hash_s / n,
+                "peak_rss_bytes": peak_rss_bytes(),
+            })
+        );
+    }
     Ok(())
+}
+
+/// Flags of the weight-sync bench.
+#[derive(clap::Args, Debug)]
+struct WeightSyncArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A Hugging Face checkpoint to start from (real weights) instead of a seeded random init
+    /// of the shape flags.
+    #[arg(long = "model")]
+    model_dir: Option<std::path::PathBuf>,
+    /// Optimizer steps to publish.
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Learning rate of those steps.
+    #[arg(long, default_value_t = 1e-6)]
+    lr: f64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -602,9 +648,7 @@ fn main() -> Result<()> {
             prompt_len,
             new_tokens,
         } => rollout_bench(&args, &device, model, *batch, *prompt_len, *new_tokens),
-        Bench::WeightSync { model, steps, lr } => {
-            weight_sync_bench(&args, &device, model, *steps, *lr)
-        }
+        Bench::WeightSync(w) => weight_sync_bench(&args, &device, w),
         Bench::Logprob {
             tokens,
             hidden,

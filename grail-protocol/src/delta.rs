@@ -1,71 +1,136 @@
-//! The sparse-delta codec of weight updates.
+//! The sparse-delta codec of weight updates (PULSE's encoding).
 //!
-//! A delta holds the indices and new values of the elements whose value at the *wire dtype*
-//! changed since the previous update, lz4-compressed. At bf16 most elements do not change in a
-//! small optimizer step, so deltas are a fraction of the full size.
+//! A delta holds, per tensor, the positions whose value at the *wire dtype* changed since the
+//! previous update and their **new** values: applying it overwrites, so it is bit-exact and safe
+//! to replay. At bf16 most elements do not change in a small optimizer step, so deltas are a
+//! fraction of the full size.
 //!
-//! Layout before compression, per tensor in order: a `u8` kind; sparse (0): a `u32` count, the
-//! gaps between changed indices (`u32` each) and their new values at the wire dtype; dense (1,
-//! when most elements changed and indices would cost more): every value. lz4 prepends the
-//! uncompressed size.
+//! Layout: a `u8` [`Compression`] tag, the `u32` size of the raw bytes, then the compressed raw
+//! bytes. Raw, per tensor in order: a `u8` kind; sparse (0): a `u32` count, a `u8` index width
+//! (1, 2 or 4 bytes: the narrowest that holds every gap), the gaps between sorted changed
+//! indices (the first from 0) at that width, then the new values at the wire dtype; dense (1,
+//! when most elements changed and indices would cost more): every value. Values are stored in
+//! byte planes (every value's low byte, then every next byte), which compress better.
 
 use crate::error::ProtocolError;
 use crate::weights::{NamedTensor, WireDtype};
 
-fn push_value(raw: &mut Vec<u8>, v: f32, wire: WireDtype) {
-    match wire {
-        WireDtype::F32 => raw.extend(v.to_le_bytes()),
-        WireDtype::Bf16 => raw.extend(half::bf16::from_f32(v).to_le_bytes()),
+/// How a delta's raw bytes are compressed (the first byte of every delta says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// lz4 (the `lz4_flex` crate): the fastest to encode and decode.
+    Lz4,
+    /// zstd level 1: smaller deltas at a similar speed; the default.
+    #[default]
+    Zstd,
+}
+
+impl Compression {
+    fn tag(self) -> u8 {
+        match self {
+            Compression::Lz4 => 1,
+            Compression::Zstd => 2,
+        }
     }
 }
 
-/// The delta from `old` to `new`: the same tensors in the same order, rounded to `wire`.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Appends `values` at the wire dtype in byte planes: every value's first byte, then every
+/// second byte, and so on. The planes that hold sign and exponent repeat a few byte values, which
+/// the compressor sees as runs; interleaved, it would not.
+fn push_planes(raw: &mut Vec<u8>, values: impl Iterator<Item = f32> + Clone, wire: WireDtype) {
+    for plane in 0..wire.value_bytes() {
+        raw.extend(values.clone().map(|v| match wire {
+            WireDtype::F32 => v.to_le_bytes()[plane],
+            WireDtype::Bf16 => half::bf16::from_f32(v).to_le_bytes()[plane],
+        }));
+    }
+}
+
+/// The narrowest width in bytes (1, 2 or 4) that holds every gap.
+fn index_width(largest_gap: usize) -> u8 {
+    match largest_gap {
+        0..=0xff => 1,
+        0x100..=0xffff => 2,
+        _ => 4,
+    }
+}
+
+/// The delta from `old` to `new` (the same tensors in the same order, rounded to `wire`),
+/// compressed with zstd.
 pub fn encode(old: &[NamedTensor], new: &[NamedTensor], wire: WireDtype) -> Vec<u8> {
+    encode_with(old, new, wire, Compression::default())
+}
+
+/// [`encode`] with a chosen compression.
+pub fn encode_with(
+    old: &[NamedTensor],
+    new: &[NamedTensor],
+    wire: WireDtype,
+    compression: Compression,
+) -> Vec<u8> {
     let mut raw = Vec::new();
     for (o, n) in old.iter().zip(new) {
         debug_assert_eq!(o.name, n.name);
         let changed: Vec<usize> = (0..n.values.len())
             .filter(|&i| o.values[i].to_bits() != n.values[i].to_bits())
             .collect();
-        let sparse_bytes = changed.len() * (4 + wire.value_bytes());
+        let mut prev = 0usize;
+        let gaps: Vec<usize> = changed
+            .iter()
+            .map(|&i| {
+                let gap = i - prev;
+                prev = i;
+                gap
+            })
+            .collect();
+        let width = index_width(gaps.iter().copied().max().unwrap_or(0));
+        let sparse_bytes = changed.len() * (width as usize + wire.value_bytes());
         if sparse_bytes >= n.values.len() * wire.value_bytes() {
             raw.push(1);
-            for &v in &n.values {
-                push_value(&mut raw, v, wire);
-            }
+            push_planes(&mut raw, n.values.iter().copied(), wire);
             continue;
         }
         raw.push(0);
         raw.extend((changed.len() as u32).to_le_bytes());
-        let mut prev = 0usize;
-        for &i in &changed {
-            raw.extend(((i - prev) as u32).to_le_bytes());
-            prev = i;
+        raw.push(width);
+        for gap in gaps {
+            raw.extend(&(gap as u32).to_le_bytes()[..width as usize]);
         }
-        for &i in &changed {
-            push_value(&mut raw, n.values[i], wire);
-        }
+        push_planes(&mut raw, changed.iter().map(|&i| n.values[i]), wire);
     }
-    lz4_flex::compress_prepend_size(&raw)
+    let body = match compression {
+        Compression::Lz4 => lz4_flex::compress(&raw),
+        // Compressing a buffer in memory fails only when zstd cannot allocate.
+        Compression::Zstd => zstd::bulk::compress(&raw, ZSTD_LEVEL)
+            .unwrap_or_else(|e| panic!("zstd could not compress {} bytes: {e}", raw.len())),
+    };
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(compression.tag());
+    out.extend((raw.len() as u32).to_le_bytes());
+    out.extend(body);
+    out
 }
 
 /// Applies the delta `bytes` to `tensors` (the ones it was encoded against, at `wire`). The
 /// whole delta is decoded and checked before any value changes, so on an error `tensors` are
-/// unchanged; a size prefix larger than a full update of these tensors is refused before it
-/// allocates.
+/// unchanged; a size larger than a full update of these tensors is refused before it allocates.
 pub fn apply(
     tensors: &mut [NamedTensor],
     wire: WireDtype,
     bytes: &[u8],
 ) -> Result<(), ProtocolError> {
     let bad = |what: &str| ProtocolError::CorruptDelta(what.to_string());
-    // The largest honest delta: every tensor dense. A bigger size prefix is corruption, and
-    // must not become an allocation.
+    // The largest honest delta: every tensor dense. A bigger size is corruption, and must not
+    // become an allocation.
     let most: usize = tensors
         .iter()
-        .map(|t| 5 + t.values.len() * (4 + wire.value_bytes()))
+        .map(|t| 6 + t.values.len() * (4 + wire.value_bytes()))
         .sum();
-    let claimed = bytes
+    let (&tag, rest) = bytes.split_first().ok_or_else(|| bad("empty"))?;
+    let claimed = rest
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or_else(|| bad("truncated"))?;
@@ -74,16 +139,31 @@ pub fn apply(
             "claims {claimed} bytes, more than the {most} a full update of these tensors takes"
         )));
     }
-    let raw = lz4_flex::decompress_size_prepended(bytes).map_err(|e| bad(&e.to_string()))?;
+    let body = &rest[4..];
+    let raw = match tag {
+        1 => lz4_flex::decompress(body, claimed).map_err(|e| bad(&e.to_string()))?,
+        2 => zstd::bulk::decompress(body, claimed).map_err(|e| bad(&e.to_string()))?,
+        t => return Err(bad(&format!("unknown compression tag {t}"))),
+    };
+    if raw.len() != claimed {
+        return Err(bad(&format!(
+            "{} bytes decompressed where {claimed} were announced",
+            raw.len()
+        )));
+    }
     let mut at = 0usize;
     let mut read = |n: usize| -> Result<&[u8], ProtocolError> {
         let s = raw.get(at..at + n).ok_or_else(|| bad("truncated"))?;
         at += n;
         Ok(s)
     };
-    let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let decode = |b: &[u8]| match wire {
-        WireDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    let uint_at = |b: &[u8]| {
+        b.iter()
+            .rev()
+            .fold(0usize, |acc, &x| (acc << 8) | x as usize)
+    };
+    let decode = |b: [u8; 4]| match wire {
+        WireDtype::F32 => f32::from_le_bytes(b),
         WireDtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
     };
     // Decode and check everything first, so a corrupt delta leaves the weights untouched.
@@ -93,17 +173,26 @@ pub fn apply(
         let idx: Vec<usize> = match read(1)?[0] {
             1 => (0..len).collect(),
             0 => {
-                let count = u32_at(read(4)?) as usize;
+                let count = uint_at(read(4)?);
                 if count > len {
                     return Err(bad(&format!(
                         "{count} changes for the {len} values of `{}`",
                         t.name
                     )));
                 }
+                let width = read(1)?[0] as usize;
+                if ![1, 2, 4].contains(&width) {
+                    return Err(bad(&format!("index width {width} for `{}`", t.name)));
+                }
                 let mut idx = Vec::with_capacity(count);
                 let mut prev = 0usize;
-                for _ in 0..count {
-                    prev += u32_at(read(4)?) as usize;
+                for k in 0..count {
+                    let gap = uint_at(read(width)?);
+                    // Indices are strictly increasing: only the first may repeat position 0.
+                    if k > 0 && gap == 0 {
+                        return Err(bad(&format!("repeated index {prev} in `{}`", t.name)));
+                    }
+                    prev += gap;
                     if prev >= len {
                         return Err(bad(&format!("index {prev} outside `{}`", t.name)));
                     }
@@ -113,10 +202,18 @@ pub fn apply(
             }
             k => return Err(bad(&format!("unknown tensor kind {k}"))),
         };
-        let mut values = Vec::with_capacity(idx.len());
-        for i in idx {
-            values.push((i, decode(read(wire.value_bytes())?)));
-        }
+        let planes = read(idx.len() * wire.value_bytes())?;
+        let values = idx
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let mut b = [0u8; 4];
+                for (plane, byte) in b.iter_mut().take(wire.value_bytes()).enumerate() {
+                    *byte = planes[plane * idx.len() + k];
+                }
+                (i, decode(b))
+            })
+            .collect();
         changes.push(values);
     }
     if at != raw.len() {

@@ -25,7 +25,8 @@ pub mod group;
 pub mod message;
 pub mod weights;
 
+pub use delta::Compression;
 pub use error::ProtocolError;
 pub use group::{Group, PolicyVersion, Sample};
 pub use message::PoolMessage;
-pub use weights::{NamedTensor, SyncMode, WeightPayload, WeightUpdate, WireDtype};
+pub use weights::{NamedTensor, SyncMode, WeightPayload, WeightUpdate, WireDtype, weights_hash};

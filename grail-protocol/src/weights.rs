@@ -50,6 +50,32 @@ impl WireDtype {
     }
 }
 
+/// The xxh3-128 hash of `tensors` (sorted by name) at the wire dtype: names, shapes and value
+/// bits. Two holders of the same weights at the same version get the same hash, so a receiver
+/// checks what it reconstructed against the publisher's.
+pub fn weights_hash(tensors: &[NamedTensor], wire: WireDtype) -> u128 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut bytes = Vec::new();
+    for t in tensors {
+        hasher.update(&(t.name.len() as u64).to_le_bytes());
+        hasher.update(t.name.as_bytes());
+        hasher.update(&(t.shape.len() as u64).to_le_bytes());
+        for &d in &t.shape {
+            hasher.update(&(d as u64).to_le_bytes());
+        }
+        bytes.clear();
+        bytes.reserve(t.values.len() * wire.value_bytes());
+        for &v in &t.values {
+            match wire {
+                WireDtype::F32 => bytes.extend(v.to_le_bytes()),
+                WireDtype::Bf16 => bytes.extend(half::bf16::from_f32(v).to_le_bytes()),
+            }
+        }
+        hasher.update(&bytes);
+    }
+    hasher.digest128()
+}
+
 /// Full tensors or sparse deltas (`weight_sync = full | delta`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -65,7 +91,7 @@ pub enum SyncMode {
 pub enum WeightPayload {
     /// Every tensor (values already rounded to the wire dtype).
     Full(Arc<Vec<NamedTensor>>),
-    /// lz4-compressed changed elements since the previous version (see [`delta`]).
+    /// Compressed changed elements since the previous version (see [`delta`]).
     Delta {
         /// The version this delta applies to (the previously published one).
         base: PolicyVersion,

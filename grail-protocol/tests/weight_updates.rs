@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use grail_protocol::{
-    NamedTensor, ProtocolError, SyncMode, WeightPayload, WeightUpdate, WireDtype, delta,
+    Compression, NamedTensor, ProtocolError, SyncMode, WeightPayload, WeightUpdate, WireDtype,
+    delta, weights_hash,
 };
 
 /// Two tensors with values spread over several binades, rounded to `wire`.
@@ -121,12 +122,25 @@ fn a_corrupt_delta_is_refused_and_changes_nothing() {
     let good = delta::encode(&old, &new, wire);
     let huge_claim = {
         let mut b = good.clone();
-        b[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        b[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
         b
     };
     let other_layout = delta::encode(&old[..1], &new[..1], wire);
+    let unknown_compression = {
+        let mut b = good.clone();
+        b[0] = 9;
+        b
+    };
+    let short_claim = {
+        let mut b = good.clone();
+        let n = u32::from_le_bytes([b[1], b[2], b[3], b[4]]);
+        b[1..5].copy_from_slice(&(n - 1).to_le_bytes());
+        b
+    };
     for (what, bytes) in [
         ("empty", Vec::new()),
+        ("unknown compression", unknown_compression),
+        ("size shorter than the content", short_claim),
         ("truncated", good[..good.len() / 2].to_vec()),
         ("huge size prefix", huge_claim),
         ("another tensor layout", other_layout),
@@ -142,4 +156,95 @@ fn a_corrupt_delta_is_refused_and_changes_nothing() {
     let mut held = old.clone();
     delta::apply(&mut held, wire, &good).unwrap();
     assert_eq!(held, new);
+}
+
+/// One tensor of `len` zeros, at bf16.
+fn zeros(len: usize) -> Vec<NamedTensor> {
+    vec![NamedTensor {
+        name: "w".into(),
+        shape: vec![len],
+        values: vec![0.0; len],
+    }]
+}
+
+#[test]
+fn both_compressions_and_every_index_width_round_trip_and_replay_safely() {
+    let wire = WireDtype::Bf16;
+    let len = 300_000;
+    let old = zeros(len);
+    // Gaps that need 1, 2 and 4 bytes: every 3rd of the first 900, then every 1,000th, then
+    // one change 200,000 further on.
+    let changed: Vec<usize> = (0..900)
+        .step_by(3)
+        .chain((1_000..90_000).step_by(1_000))
+        .chain([290_000])
+        .collect();
+    for (gaps_up_to, n) in [(255, 300), (65_535, 389), (usize::MAX, 390)] {
+        let mut new = old.clone();
+        for &i in &changed[..n] {
+            new[0].values[i] = wire.round(i as f32 * 0.5 + 1.0);
+        }
+        for compression in [Compression::Lz4, Compression::Zstd] {
+            let bytes = delta::encode_with(&old, &new, wire, compression);
+            let mut held = old.clone();
+            delta::apply(&mut held, wire, &bytes).unwrap();
+            assert_eq!(held, new, "{compression:?}, gaps up to {gaps_up_to}");
+            // Overwrites, not increments: applying the same delta again changes nothing.
+            delta::apply(&mut held, wire, &bytes).unwrap();
+            assert_eq!(held, new, "{compression:?} replayed");
+            // Narrow indices: far below 4 bytes of index + 2 of value per change.
+            assert!(
+                bytes.len() < n * 6,
+                "{compression:?}: {} bytes",
+                bytes.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_delta_with_a_repeated_index_is_refused() {
+    let wire = WireDtype::Bf16;
+    let old = zeros(64);
+    let mut new = old.clone();
+    new[0].values[10] = 1.0;
+    new[0].values[11] = 2.0;
+    // Hand-made raw bytes: sparse, 2 changes, width 1, gaps 10 and 0 (index 10 twice), the
+    // values 1.0 and 2.0 in bf16 byte planes (low bytes 0x80 0x00, high bytes 0x3f 0x40).
+    let raw = [0u8, 2, 0, 0, 0, 1, 10, 0, 0x80, 0, 0x3f, 0x40];
+    let mut bytes = vec![1u8];
+    bytes.extend((raw.len() as u32).to_le_bytes());
+    bytes.extend(lz4_flex::compress(&raw));
+    let mut held = old.clone();
+    let err = delta::apply(&mut held, wire, &bytes).unwrap_err();
+    assert!(err.to_string().contains("repeated index 10"), "{err}");
+    assert_eq!(held, old);
+    // The same bytes with the second gap 1 are a valid delta.
+    let raw = [0u8, 2, 0, 0, 0, 1, 10, 1, 0x80, 0, 0x3f, 0x40];
+    let mut bytes = vec![1u8];
+    bytes.extend((raw.len() as u32).to_le_bytes());
+    bytes.extend(lz4_flex::compress(&raw));
+    delta::apply(&mut held, wire, &bytes).unwrap();
+    assert_eq!(held, new);
+}
+
+#[test]
+fn the_weights_hash_sees_every_value_name_and_shape() {
+    let wire = WireDtype::Bf16;
+    let base = tensors(6, wire);
+    let h = weights_hash(&base, wire);
+    assert_eq!(h, weights_hash(&base.clone(), wire));
+    let mut value = base.clone();
+    value[1].values[15] = wire.round(value[1].values[15] + 1.0);
+    let mut name = base.clone();
+    name[0].name = "a.weigh".into();
+    let mut shape = base.clone();
+    shape[0].shape = vec![16, 8];
+    for (what, t) in [("a value", value), ("a name", name), ("a shape", shape)] {
+        assert_ne!(
+            weights_hash(&t, wire),
+            h,
+            "{what} changed, the hash did not"
+        );
+    }
 }

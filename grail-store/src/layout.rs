@@ -1,0 +1,82 @@
+//! Where a run's weights live in the store, and the READY marker that makes a version visible.
+//!
+//! ```text
+//! <run>/weights/000000000010/full.safetensors   an anchor: every tensor at the wire dtype
+//! <run>/weights/000000000011/delta.bin          changed values since version 10
+//! <run>/weights/000000000011/READY              written last; readers ignore versions without it
+//! ```
+//!
+//! Version folders are zero-padded so that keys sort in version order.
+
+use grail_protocol::{PolicyVersion, WireDtype};
+
+/// The folder of every weight version.
+pub const WEIGHTS: &str = "weights/";
+
+/// Anchor payload file name.
+pub const ANCHOR_FILE: &str = "full.safetensors";
+/// Delta payload file name.
+pub const DELTA_FILE: &str = "delta.bin";
+/// Marker file name.
+pub const READY_FILE: &str = "READY";
+
+/// `weights/<version, 12 digits>/<file>`.
+pub fn weight_key(version: PolicyVersion, file: &str) -> String {
+    format!("{WEIGHTS}{version:012}/{file}")
+}
+
+/// The version and file name of a key under [`WEIGHTS`], if it is one.
+pub fn parse_weight_key(key: &str) -> Option<(PolicyVersion, &str)> {
+    let rest = key.strip_prefix(WEIGHTS)?;
+    let (dir, file) = rest.split_once('/')?;
+    if dir.len() != 12 || !dir.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((dir.parse().ok()?, file))
+}
+
+/// Whether a version is a whole copy of the weights or the changes since the previous one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionKind {
+    /// Every tensor (`full.safetensors`).
+    Full,
+    /// Changed values since `base` (`delta.bin`).
+    Delta,
+}
+
+impl VersionKind {
+    /// The payload's file name.
+    pub fn file(self) -> &'static str {
+        match self {
+            VersionKind::Full => ANCHOR_FILE,
+            VersionKind::Delta => DELTA_FILE,
+        }
+    }
+}
+
+/// The READY marker of a version: written after its payload, so a reader that sees it can read
+/// the payload whole; it carries what the reader checks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    /// The version.
+    pub version: PolicyVersion,
+    /// Anchor or delta.
+    pub kind: VersionKind,
+    /// For a delta, the version it applies to (the previous one).
+    pub base: Option<PolicyVersion>,
+    /// The anchor this version's chain of deltas starts from (itself for an anchor).
+    pub anchor: PolicyVersion,
+    /// The dtype the values travel at.
+    pub wire: WireDtype,
+    /// xxh3-128 of the weights at this version (`grail_protocol::weights_hash`), 32 hex digits.
+    pub hash: String,
+    /// Payload size in bytes.
+    pub bytes: u64,
+}
+
+/// A hash as the marker writes it.
+pub fn hash_hex(hash: u128) -> String {
+    format!("{hash:032x}")
+}

@@ -1,0 +1,165 @@
+//! A run's folder in an object store, with blocking calls.
+//!
+//! grail's trainer and rollout workers are threads, not tasks: each call here runs the
+//! `object_store` future to completion on a small tokio runtime the store owns, so callers need
+//! no async code and no runtime of their own.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::StoreError;
+
+/// The objects of one run: every key is relative to `<url>/<run_id>/`.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    root: Path,
+    url: String,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.location(""))
+    }
+}
+
+impl Store {
+    /// Opens run `run_id` in the store at `url`: `file:///abs/path` (a folder on this machine,
+    /// shared by the processes that run there) or `memory://` (this process only; for tests).
+    pub fn open(url: &str, run_id: &str) -> Result<Self, StoreError> {
+        let bad_url = |why: String| StoreError::Url {
+            url: url.to_string(),
+            why,
+        };
+        if run_id.is_empty() || run_id.contains('/') || Path::parse(run_id).is_err() {
+            return Err(StoreError::RunId(run_id.to_string()));
+        }
+        let parsed = url::Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
+        let (inner, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
+            "memory" => (
+                Arc::new(object_store::memory::InMemory::new()),
+                Path::default(),
+            ),
+            "file" => {
+                let folder = parsed
+                    .to_file_path()
+                    .map_err(|()| bad_url("not an absolute local path".into()))?;
+                std::fs::create_dir_all(&folder).map_err(|e| {
+                    bad_url(format!(
+                        "cannot create the folder {}: {e}",
+                        folder.display()
+                    ))
+                })?;
+                let local = object_store::local::LocalFileSystem::new_with_prefix(&folder)
+                    .map_err(|e| bad_url(e.to_string()))?;
+                (Arc::new(local), Path::default())
+            }
+            other => {
+                return Err(bad_url(format!(
+                    "unsupported scheme `{other}` (use file:///path or memory://)"
+                )));
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("grail-store")
+            .enable_all()
+            .build()
+            .map_err(|e| bad_url(format!("cannot start the store's I/O runtime: {e}")))?;
+        Ok(Self {
+            inner,
+            root: prefix.join(run_id),
+            url: url.trim_end_matches('/').to_string(),
+            runtime: Arc::new(runtime),
+        })
+    }
+
+    /// Where `key` lives, for messages: `<url>/<run_id>/<key>`.
+    pub fn location(&self, key: &str) -> String {
+        format!("{}/{}/{key}", self.url, self.root)
+    }
+
+    fn path(&self, key: &str) -> Path {
+        key.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.root.clone(), |p, part| p.join(part))
+    }
+
+    fn io(&self, key: &str, e: object_store::Error) -> StoreError {
+        StoreError::Io {
+            key: self.location(key),
+            source: Box::new(e),
+        }
+    }
+
+    /// Writes `key`, replacing what was there.
+    pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let path = self.path(key);
+        self.runtime
+            .block_on(self.inner.put(&path, PutPayload::from(bytes)))
+            .map(|_| ())
+            .map_err(|e| self.io(key, e))
+    }
+
+    /// Writes `key` only if no object is there (a conditional create): `Ok(false)` when one
+    /// already is, which is how two writers agree on who made an object.
+    pub fn create(&self, key: &str, bytes: Vec<u8>) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .runtime
+            .block_on(self.inner.put_opts(&path, PutPayload::from(bytes), opts))
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
+    /// The bytes of `key`, or `None` when there is no such object.
+    pub fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path(key);
+        let read = async {
+            let got = self.inner.get(&path).await?;
+            got.bytes().await
+        };
+        match self.runtime.block_on(read) {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
+    /// Every key under `prefix` (relative to the run, sorted).
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let path = self.path(prefix);
+        let metas: Vec<_> = self
+            .runtime
+            .block_on(self.inner.list(Some(&path)).try_collect())
+            .map_err(|e| self.io(prefix, e))?;
+        let root = format!("{}/", self.root);
+        let mut keys: Vec<String> = metas
+            .into_iter()
+            .filter_map(|m| m.location.as_ref().strip_prefix(&root).map(str::to_string))
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Removes `key`; removing what is not there is not an error.
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key);
+        match self.runtime.block_on(self.inner.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+}
