@@ -5,7 +5,7 @@
 //! to replay. At bf16 most elements do not change in a small optimizer step, so deltas are a
 //! fraction of the full size.
 //!
-//! Layout: a `u8` [`Compression`] tag, the `u32` size of the raw bytes, then the compressed raw
+//! Layout: a `u8` [`Compression`] tag, the `u64` size of the raw bytes, then the compressed raw
 //! bytes. Raw, per tensor in order: a `u8` kind; sparse (0): a `u32` count, a `u8` index width
 //! (1, 2 or 4 bytes: the narrowest that holds every gap), the gaps between sorted changed
 //! indices (the first from 0) at that width, then the new values at the wire dtype; dense (1,
@@ -107,128 +107,161 @@ pub fn encode_with(
         Compression::Zstd => zstd::bulk::compress(&raw, ZSTD_LEVEL)
             .unwrap_or_else(|e| panic!("zstd could not compress {} bytes: {e}", raw.len())),
     };
-    let mut out = Vec::with_capacity(5 + body.len());
+    let mut out = Vec::with_capacity(9 + body.len());
     out.push(compression.tag());
-    out.extend((raw.len() as u32).to_le_bytes());
+    out.extend((raw.len() as u64).to_le_bytes());
     out.extend(body);
     out
 }
 
 /// Applies the delta `bytes` to `tensors` (the ones it was encoded against, at `wire`). The
-/// whole delta is decoded and checked before any value changes, so on an error `tensors` are
-/// unchanged; a size larger than a full update of these tensors is refused before it allocates.
+/// delta is read twice: once to check all of it, changing nothing, then to write the values; so
+/// on an error `tensors` are unchanged, and no decoded copy of the values is held. A size larger
+/// than a full update of these tensors is refused before it allocates.
 pub fn apply(
     tensors: &mut [NamedTensor],
     wire: WireDtype,
     bytes: &[u8],
 ) -> Result<(), ProtocolError> {
-    let bad = |what: &str| ProtocolError::CorruptDelta(what.to_string());
     // The largest honest delta: every tensor dense. A bigger size is corruption, and must not
     // become an allocation.
     let most: usize = tensors
         .iter()
         .map(|t| 6 + t.values.len() * (4 + wire.value_bytes()))
         .sum();
-    let (&tag, rest) = bytes.split_first().ok_or_else(|| bad("empty"))?;
+    let (&tag, rest) = bytes.split_first().ok_or_else(|| corrupt("empty"))?;
     let claimed = rest
-        .get(..4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or_else(|| bad("truncated"))?;
-    if claimed > most {
-        return Err(bad(&format!(
-            "claims {claimed} bytes, more than the {most} a full update of these tensors takes"
-        )));
-    }
-    let body = &rest[4..];
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .ok_or_else(|| corrupt("truncated"))?;
+    let claimed = match usize::try_from(claimed) {
+        Ok(n) if n <= most => n,
+        _ => {
+            return Err(corrupt(&format!(
+                "claims {claimed} bytes, more than the {most} a full update of these tensors takes"
+            )));
+        }
+    };
+    let body = &rest[8..];
     let raw = match tag {
-        1 => lz4_flex::decompress(body, claimed).map_err(|e| bad(&e.to_string()))?,
-        2 => zstd::bulk::decompress(body, claimed).map_err(|e| bad(&e.to_string()))?,
-        t => return Err(bad(&format!("unknown compression tag {t}"))),
+        1 => lz4_flex::decompress(body, claimed).map_err(|e| corrupt(&e.to_string()))?,
+        2 => zstd::bulk::decompress(body, claimed).map_err(|e| corrupt(&e.to_string()))?,
+        t => return Err(corrupt(&format!("unknown compression tag {t}"))),
     };
     if raw.len() != claimed {
-        return Err(bad(&format!(
+        return Err(corrupt(&format!(
             "{} bytes decompressed where {claimed} were announced",
             raw.len()
         )));
     }
-    let mut at = 0usize;
-    let mut read = |n: usize| -> Result<&[u8], ProtocolError> {
-        let s = raw.get(at..at + n).ok_or_else(|| bad("truncated"))?;
-        at += n;
-        Ok(s)
-    };
-    let uint_at = |b: &[u8]| {
-        b.iter()
-            .rev()
-            .fold(0usize, |acc, &x| (acc << 8) | x as usize)
-    };
-    let decode = |b: [u8; 4]| match wire {
-        WireDtype::F32 => f32::from_le_bytes(b),
-        WireDtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-    };
-    // Decode and check everything first, so a corrupt delta leaves the weights untouched.
-    let mut changes: Vec<Vec<(usize, f32)>> = Vec::with_capacity(tensors.len());
-    for t in tensors.iter() {
-        let len = t.values.len();
-        let idx: Vec<usize> = match read(1)?[0] {
-            1 => (0..len).collect(),
-            0 => {
-                let count = uint_at(read(4)?);
-                if count > len {
-                    return Err(bad(&format!(
-                        "{count} changes for the {len} values of `{}`",
-                        t.name
-                    )));
-                }
-                let width = read(1)?[0] as usize;
-                if ![1, 2, 4].contains(&width) {
-                    return Err(bad(&format!("index width {width} for `{}`", t.name)));
-                }
-                let mut idx = Vec::with_capacity(count);
-                let mut prev = 0usize;
-                for k in 0..count {
-                    let gap = uint_at(read(width)?);
-                    // Indices are strictly increasing: only the first may repeat position 0.
-                    if k > 0 && gap == 0 {
-                        return Err(bad(&format!("repeated index {prev} in `{}`", t.name)));
-                    }
-                    prev += gap;
-                    if prev >= len {
-                        return Err(bad(&format!("index {prev} outside `{}`", t.name)));
-                    }
-                    idx.push(prev);
-                }
-                idx
-            }
-            k => return Err(bad(&format!("unknown tensor kind {k}"))),
-        };
-        let planes = read(idx.len() * wire.value_bytes())?;
-        let values = idx
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| {
-                let mut b = [0u8; 4];
-                for (plane, byte) in b.iter_mut().take(wire.value_bytes()).enumerate() {
-                    *byte = planes[plane * idx.len() + k];
-                }
-                (i, decode(b))
-            })
-            .collect();
-        changes.push(values);
-    }
-    if at != raw.len() {
-        return Err(bad(
-            "trailing bytes (tensor layout differs from the publisher's)",
-        ));
-    }
-    for (t, values) in tensors.iter_mut().zip(changes) {
-        // The baseline is rounded lazily, so a bf16 stream starts from the rounded weights.
+    let layout: Vec<(String, usize)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.values.len()))
+        .collect();
+    walk(&raw, &layout, wire, |_, _, _| {})?;
+    // The baseline is rounded lazily, so a bf16 stream starts from the rounded weights.
+    for t in tensors.iter_mut() {
         for v in &mut t.values {
             *v = wire.round(*v);
         }
-        for (i, v) in values {
-            t.values[i] = v;
+    }
+    walk(&raw, &layout, wire, |t, i, v| tensors[t].values[i] = v)
+}
+
+fn corrupt(what: &str) -> ProtocolError {
+    ProtocolError::CorruptDelta(what.to_string())
+}
+
+/// The raw bytes of a delta, read front to back.
+struct Reader<'a> {
+    raw: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        let end = self.at.checked_add(n).ok_or_else(|| corrupt("truncated"))?;
+        let s = self
+            .raw
+            .get(self.at..end)
+            .ok_or_else(|| corrupt("truncated"))?;
+        self.at = end;
+        Ok(s)
+    }
+}
+
+/// A little-endian unsigned integer of 1 to 4 bytes.
+fn uint(b: &[u8]) -> usize {
+    b.iter()
+        .rev()
+        .fold(0usize, |acc, &x| (acc << 8) | x as usize)
+}
+
+/// Value `k` of `count` stored in byte planes.
+fn plane_value(planes: &[u8], count: usize, k: usize, wire: WireDtype) -> f32 {
+    let mut b = [0u8; 4];
+    for (plane, byte) in b.iter_mut().take(wire.value_bytes()).enumerate() {
+        *byte = planes[plane * count + k];
+    }
+    match wire {
+        WireDtype::F32 => f32::from_le_bytes(b),
+        WireDtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+    }
+}
+
+/// Reads a raw delta for tensors of `layout` (name, length), checking every count, width and
+/// index, and calls `set(tensor, index, value)` for each value it holds.
+fn walk(
+    raw: &[u8],
+    layout: &[(String, usize)],
+    wire: WireDtype,
+    mut set: impl FnMut(usize, usize, f32),
+) -> Result<(), ProtocolError> {
+    let vb = wire.value_bytes();
+    let mut r = Reader { raw, at: 0 };
+    for (t, (name, len)) in layout.iter().enumerate() {
+        let len = *len;
+        match r.take(1)?[0] {
+            1 => {
+                let planes = r.take(len * vb)?;
+                for i in 0..len {
+                    set(t, i, plane_value(planes, len, i, wire));
+                }
+            }
+            0 => {
+                let count = uint(r.take(4)?);
+                if count > len {
+                    return Err(corrupt(&format!(
+                        "{count} changes for the {len} values of `{name}`"
+                    )));
+                }
+                let width = r.take(1)?[0] as usize;
+                if ![1, 2, 4].contains(&width) {
+                    return Err(corrupt(&format!("index width {width} for `{name}`")));
+                }
+                let gaps = r.take(count * width)?;
+                let planes = r.take(count * vb)?;
+                let mut prev = 0usize;
+                for k in 0..count {
+                    let gap = uint(&gaps[k * width..(k + 1) * width]);
+                    // Indices are strictly increasing: only the first may be position 0.
+                    if k > 0 && gap == 0 {
+                        return Err(corrupt(&format!("repeated index {prev} in `{name}`")));
+                    }
+                    prev = prev
+                        .checked_add(gap)
+                        .filter(|&i| i < len)
+                        .ok_or_else(|| corrupt(&format!("an index outside `{name}`")))?;
+                    set(t, prev, plane_value(planes, count, k, wire));
+                }
+            }
+            k => return Err(corrupt(&format!("unknown tensor kind {k}"))),
         }
+    }
+    if r.at != raw.len() {
+        return Err(corrupt(
+            "trailing bytes (tensor layout differs from the publisher's)",
+        ));
     }
     Ok(())
 }

@@ -50,9 +50,9 @@ impl WireDtype {
     }
 }
 
-/// The xxh3-128 hash of `tensors` (sorted by name) at the wire dtype: names, shapes and value
-/// bits. Two holders of the same weights at the same version get the same hash, so a receiver
-/// checks what it reconstructed against the publisher's.
+/// The xxh3-128 hash of `tensors` at the wire dtype, in the order given (both ends keep them
+/// sorted by name): names, shapes and value bits. Two holders of the same weights get the same
+/// hash, so a receiver checks what it reconstructed against the publisher's.
 pub fn weights_hash(tensors: &[NamedTensor], wire: WireDtype) -> u128 {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut bytes = Vec::new();

@@ -122,7 +122,7 @@ fn a_corrupt_delta_is_refused_and_changes_nothing() {
     let good = delta::encode(&old, &new, wire);
     let huge_claim = {
         let mut b = good.clone();
-        b[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        b[1..9].copy_from_slice(&u64::MAX.to_le_bytes());
         b
     };
     let other_layout = delta::encode(&old[..1], &new[..1], wire);
@@ -133,8 +133,8 @@ fn a_corrupt_delta_is_refused_and_changes_nothing() {
     };
     let short_claim = {
         let mut b = good.clone();
-        let n = u32::from_le_bytes([b[1], b[2], b[3], b[4]]);
-        b[1..5].copy_from_slice(&(n - 1).to_le_bytes());
+        let n = u64::from_le_bytes(b[1..9].try_into().unwrap());
+        b[1..9].copy_from_slice(&(n - 1).to_le_bytes());
         b
     };
     for (what, bytes) in [
@@ -213,7 +213,7 @@ fn a_delta_with_a_repeated_index_is_refused() {
     // values 1.0 and 2.0 in bf16 byte planes (low bytes 0x80 0x00, high bytes 0x3f 0x40).
     let raw = [0u8, 2, 0, 0, 0, 1, 10, 0, 0x80, 0, 0x3f, 0x40];
     let mut bytes = vec![1u8];
-    bytes.extend((raw.len() as u32).to_le_bytes());
+    bytes.extend((raw.len() as u64).to_le_bytes());
     bytes.extend(lz4_flex::compress(&raw));
     let mut held = old.clone();
     let err = delta::apply(&mut held, wire, &bytes).unwrap_err();
@@ -222,7 +222,7 @@ fn a_delta_with_a_repeated_index_is_refused() {
     // The same bytes with the second gap 1 are a valid delta.
     let raw = [0u8, 2, 0, 0, 0, 1, 10, 1, 0x80, 0, 0x3f, 0x40];
     let mut bytes = vec![1u8];
-    bytes.extend((raw.len() as u32).to_le_bytes());
+    bytes.extend((raw.len() as u64).to_le_bytes());
     bytes.extend(lz4_flex::compress(&raw));
     delta::apply(&mut held, wire, &bytes).unwrap();
     assert_eq!(held, new);

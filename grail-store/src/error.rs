@@ -16,7 +16,7 @@ pub enum StoreError {
         why: String,
     },
     /// The run id cannot be a folder name.
-    #[error("run id `{0}` must be one non-empty path segment (letters, digits, `-`, `_`, `.`)")]
+    #[error("run id `{0}` must be one non-empty path segment (no `/`, no control characters)")]
     RunId(String),
     /// A request to the store failed.
     #[error("object store, {key}: {source}")]

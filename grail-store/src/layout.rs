@@ -1,22 +1,21 @@
 //! Where a run's weights live in the store, and the READY marker that makes a version visible.
 //!
 //! ```text
-//! <run>/weights/000000000010/full.safetensors   an anchor: every tensor at the wire dtype
-//! <run>/weights/000000000011/delta.bin          changed values since version 10
-//! <run>/weights/000000000011/READY              written last; readers ignore versions without it
+//! <run>/weights/000000000010/full-<h>.safetensors   an anchor: every tensor at the wire dtype
+//! <run>/weights/000000000011/delta-<h>.bin          changed values since version 10
+//! <run>/weights/000000000011/READY                  written last; names the payload
 //! ```
 //!
-//! Version folders are zero-padded so that keys sort in version order.
+//! Version folders are zero-padded so that keys sort in version order. A payload's name holds
+//! the xxh3-64 of its bytes (`<h>`, 16 hex digits), so an object never changes once written:
+//! two writers racing for a version write two payloads, and the READY marker that wins the
+//! conditional create names its own.
 
 use grail_protocol::{PolicyVersion, WireDtype};
 
 /// The folder of every weight version.
 pub const WEIGHTS: &str = "weights/";
 
-/// Anchor payload file name.
-pub const ANCHOR_FILE: &str = "full.safetensors";
-/// Delta payload file name.
-pub const DELTA_FILE: &str = "delta.bin";
 /// Marker file name.
 pub const READY_FILE: &str = "READY";
 
@@ -39,18 +38,20 @@ pub fn parse_weight_key(key: &str) -> Option<(PolicyVersion, &str)> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VersionKind {
-    /// Every tensor (`full.safetensors`).
+    /// Every tensor (`full-<h>.safetensors`).
     Full,
-    /// Changed values since `base` (`delta.bin`).
+    /// Changed values since `base` (`delta-<h>.bin`).
     Delta,
 }
 
 impl VersionKind {
-    /// The payload's file name.
-    pub fn file(self) -> &'static str {
+    /// The payload's file name: `full-<h>.safetensors` or `delta-<h>.bin`, `<h>` the xxh3-64 of
+    /// `bytes`.
+    pub fn payload_name(self, bytes: &[u8]) -> String {
+        let h = xxhash_rust::xxh3::xxh3_64(bytes);
         match self {
-            VersionKind::Full => ANCHOR_FILE,
-            VersionKind::Delta => DELTA_FILE,
+            VersionKind::Full => format!("full-{h:016x}.safetensors"),
+            VersionKind::Delta => format!("delta-{h:016x}.bin"),
         }
     }
 }
@@ -68,6 +69,8 @@ pub struct Ready {
     pub base: Option<PolicyVersion>,
     /// The anchor this version's chain of deltas starts from (itself for an anchor).
     pub anchor: PolicyVersion,
+    /// The payload's file name in the version's folder.
+    pub payload: String,
     /// The dtype the values travel at.
     pub wire: WireDtype,
     /// xxh3-128 of the weights at this version (`grail_protocol::weights_hash`), 32 hex digits.

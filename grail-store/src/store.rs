@@ -30,7 +30,8 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens run `run_id` in the store at `url`: `file:///abs/path` (a folder on this machine,
-    /// shared by the processes that run there) or `memory://` (this process only; for tests).
+    /// shared by the processes that run there) or `memory://` (a new empty store, shared only
+    /// by clones of this `Store`; for tests).
     pub fn open(url: &str, run_id: &str) -> Result<Self, StoreError> {
         let bad_url = |why: String| StoreError::Url {
             url: url.to_string(),
@@ -55,8 +56,10 @@ impl Store {
                         folder.display()
                     ))
                 })?;
+                // Empty version folders go with their last object, so listings stay short.
                 let local = object_store::local::LocalFileSystem::new_with_prefix(&folder)
-                    .map_err(|e| bad_url(e.to_string()))?;
+                    .map_err(|e| bad_url(e.to_string()))?
+                    .with_automatic_cleanup(true);
                 (Arc::new(local), Path::default())
             }
             other => {

@@ -49,6 +49,16 @@ enum Broken {
     BadBase(PolicyVersion, Option<PolicyVersion>),
 }
 
+/// Why following a chain stopped early.
+enum Stop {
+    /// An object at fault; the version is never tried again.
+    Fault(WeightFault),
+    /// The version was deleted by the writer's retention while being read: forget it.
+    Deleted(PolicyVersion),
+    /// The store could not be reached.
+    Store(StoreError),
+}
+
 /// What one [`WeightReader::catch_up`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CatchUp {
@@ -64,7 +74,10 @@ pub struct WeightReader {
     wire: WireDtype,
     held: Option<(PolicyVersion, Vec<NamedTensor>)>,
     markers: BTreeMap<PolicyVersion, Ready>,
+    /// Versions at fault: never applied, never reported again.
     bad: BTreeSet<PolicyVersion>,
+    /// Deltas reported for a missing base: not tried until the base appears, not reported again.
+    reported: BTreeSet<PolicyVersion>,
 }
 
 impl WeightReader {
@@ -76,24 +89,27 @@ impl WeightReader {
             held: None,
             markers: BTreeMap::new(),
             bad: BTreeSet::new(),
+            reported: BTreeSet::new(),
         }
     }
 
-    /// A reader that already holds `version` (e.g. the model directory's weights, version 0),
-    /// `tensors` sorted by name: it follows the deltas after it while they are in the store.
+    /// A reader that already holds `version` (e.g. the model directory's weights, version 0):
+    /// it follows the deltas after it while the chain from their anchor through `version` is
+    /// still in the store, and reads the newest anchor otherwise.
     pub fn holding(
         store: Store,
         wire: WireDtype,
         version: PolicyVersion,
         tensors: Vec<NamedTensor>,
     ) -> Self {
-        let tensors = tensors
+        let mut tensors: Vec<NamedTensor> = tensors
             .into_iter()
             .map(|t| NamedTensor {
                 values: t.values.iter().map(|&v| wire.round(v)).collect(),
                 ..t
             })
             .collect();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
         Self {
             held: Some((version, tensors)),
             ..Self::new(store, wire)
@@ -110,8 +126,9 @@ impl WeightReader {
         self.held.as_ref().map(|(_, t)| t.as_slice())
     }
 
-    /// Moves to the newest version that can be reconstructed and checked. Errors are only
-    /// failures to reach the store; faults in its objects are in the result.
+    /// Moves to the newest version that can be reconstructed and checked. Errors are failures
+    /// to reach the store (the reader keeps what it holds); faults in its objects are in the
+    /// result.
     pub fn catch_up(&mut self) -> Result<CatchUp, StoreError> {
         let mut out = CatchUp::default();
         self.refresh_markers(&mut out.faults)?;
@@ -133,18 +150,29 @@ impl WeightReader {
                 Some(h) if chain.contains(&h) => chain.iter().position(|&v| v == h).unwrap() + 1,
                 _ => 0,
             };
-            match self.follow(&chain[start..]) {
-                Ok(()) => out.changed = true,
-                Err(fault) => {
-                    out.changed |= self.version() != held;
+            let result = self.follow(&chain[start..]);
+            out.changed |= self.version() != held;
+            match result {
+                Ok(()) => {}
+                Err(Stop::Fault(fault)) => {
                     self.bad.insert(fault.version);
                     tracing::warn!("{fault}; skipped");
                     out.faults.push(fault);
                 }
+                Err(Stop::Deleted(version)) => {
+                    self.markers.remove(&version);
+                }
+                Err(Stop::Store(e)) => return Err(e),
             }
         }
-        // Newer versions that no chain reaches: name the broken link, once (the versions after
-        // it then chain to a known-bad version and are not reported again).
+        self.report_broken_chains(&mut out.faults);
+        Ok(out)
+    }
+
+    /// Newer versions that no chain reaches: names the broken link, once. A missing base is not
+    /// held against the delta for good (a listing may have missed a marker written a moment
+    /// before): it is tried again when the base appears.
+    fn report_broken_chains(&mut self, faults: &mut Vec<WeightFault>) {
         let newer: Vec<PolicyVersion> = self
             .markers
             .keys()
@@ -152,33 +180,50 @@ impl WeightReader {
             .filter(|&v| self.version().is_none_or(|h| v > h))
             .collect();
         for v in newer {
-            let (version, reason) = match self.chain(v) {
+            let broken = match self.chain(v) {
                 Ok(_) | Err(Broken::Bad) => continue,
-                Err(Broken::Missing(base)) => (
+                Err(broken) => broken,
+            };
+            let (version, reason, for_good) = match broken {
+                Broken::Bad => continue,
+                Broken::Missing(base) => (
                     base + 1,
                     format!(
                         "its base (version {base}) is not in the store (deleted, or never published)"
                     ),
+                    false,
                 ),
-                Err(Broken::BadBase(at, base)) => (
+                Broken::BadBase(at, base) => (
                     at,
                     format!(
                         "a delta applies to the version before it; its marker names base {base:?}"
                     ),
+                    true,
                 ),
             };
+            if let Broken::Missing(base) = broken {
+                // A listing is not a snapshot: the base's marker may have been written just
+                // before this listing reached its folder. Ask for it directly before blaming.
+                if matches!(self.store.get(&weight_key(base, READY_FILE)), Ok(Some(_))) {
+                    continue;
+                }
+            }
+            if !self.reported.insert(version) {
+                continue;
+            }
+            if for_good {
+                self.bad.insert(version);
+            }
             let fault = WeightFault {
                 version,
                 location: self
                     .store
-                    .location(&weight_key(version, self.markers[&version].kind.file())),
+                    .location(&weight_key(version, &self.markers[&version].payload)),
                 reason,
             };
             tracing::warn!("{fault}; skipped");
-            out.faults.push(fault);
-            self.bad.insert(version);
+            faults.push(fault);
         }
-        Ok(out)
     }
 
     /// Reads the markers of versions not seen before and forgets those no longer listed.
@@ -212,6 +257,10 @@ impl WeightReader {
                     "weights travel as {:?}, this reader expects {:?}",
                     r.wire, self.wire
                 ))),
+                Ok(r) if !payload_name_fits(&r) => faults.push(fault(format!(
+                    "payload `{}` is not a {:?} file of this version's folder",
+                    r.payload, r.kind
+                ))),
                 Ok(r) => {
                     self.markers.insert(version, r);
                     continue;
@@ -236,7 +285,7 @@ impl WeightReader {
             let marker = self.markers.get(&at).ok_or(Broken::Missing(at))?;
             match (marker.kind, marker.base) {
                 (VersionKind::Full, _) => break,
-                (VersionKind::Delta, Some(base)) if base + 1 == at => {
+                (VersionKind::Delta, Some(base)) if at.checked_sub(1) == Some(base) => {
                     chain.push(base);
                     at = base;
                 }
@@ -248,23 +297,28 @@ impl WeightReader {
     }
 
     /// Applies `versions` in order to the held weights (the first may be an anchor), checking
-    /// each against its marker's hash. On a fault the reader holds the last good version, or
-    /// nothing when the weights no longer match any version.
-    fn follow(&mut self, versions: &[PolicyVersion]) -> Result<(), WeightFault> {
+    /// each against its marker's size and hash. An anchor replaces the held weights only once
+    /// it checks out; a delta that does not leaves weights that match no version, so the
+    /// reader then holds nothing (and reads an anchor next).
+    fn follow(&mut self, versions: &[PolicyVersion]) -> Result<(), Stop> {
         for &version in versions {
             let marker = self.markers[&version].clone();
-            let key = weight_key(version, marker.kind.file());
-            let fault = |reason: String| WeightFault {
-                version,
-                location: self.store.location(&key),
-                reason,
+            let key = weight_key(version, &marker.payload);
+            let fault = |reason: String| {
+                Stop::Fault(WeightFault {
+                    version,
+                    location: self.store.location(&key),
+                    reason,
+                })
             };
-            let bytes = match self.store.get(&key) {
-                Ok(Some(b)) => b,
-                Ok(None) => {
-                    return Err(fault("payload missing (deleted, or never written)".into()));
-                }
-                Err(e) => return Err(fault(e.to_string())),
+            let bytes = match self.store.get(&key).map_err(Stop::Store)? {
+                Some(b) => b,
+                // Retention deletes the marker first: if it is gone too, so is the version.
+                None => match self.store.get(&weight_key(version, READY_FILE)) {
+                    Ok(None) => return Err(Stop::Deleted(version)),
+                    Ok(Some(_)) => return Err(fault("payload missing".into())),
+                    Err(e) => return Err(Stop::Store(e)),
+                },
             };
             if bytes.len() as u64 != marker.bytes {
                 return Err(fault(format!(
@@ -273,9 +327,19 @@ impl WeightReader {
                     marker.bytes
                 )));
             }
+            let mismatch = |hash: String| {
+                fault(format!(
+                    "hash {hash} of the reconstructed weights, marker says {}",
+                    marker.hash
+                ))
+            };
             match marker.kind {
                 VersionKind::Full => {
                     let tensors = anchor::decode(&bytes, self.wire).map_err(&fault)?;
+                    let hash = hash_hex(weights_hash(&tensors, self.wire));
+                    if hash != marker.hash {
+                        return Err(mismatch(hash));
+                    }
                     self.held = Some((version, tensors));
                 }
                 VersionKind::Delta => {
@@ -283,19 +347,27 @@ impl WeightReader {
                         self.held.as_mut().expect("a delta follows a held version");
                     delta::apply(tensors, self.wire, &bytes).map_err(|e| fault(e.to_string()))?;
                     *held = version;
+                    let hash = hash_hex(weights_hash(tensors, self.wire));
+                    if hash != marker.hash {
+                        self.held = None;
+                        return Err(mismatch(hash));
+                    }
                 }
-            }
-            let tensors = self.tensors().expect("just set");
-            let hash = hash_hex(weights_hash(tensors, self.wire));
-            if hash != marker.hash {
-                // The weights are now neither this version nor the previous one.
-                self.held = None;
-                return Err(fault(format!(
-                    "hash {hash} of the reconstructed weights, marker says {}",
-                    marker.hash
-                )));
             }
         }
         Ok(())
     }
+}
+
+/// Whether a marker's payload is a file of its own kind in its own folder.
+fn payload_name_fits(r: &Ready) -> bool {
+    let (stem, ext) = match r.kind {
+        VersionKind::Full => ("full-", ".safetensors"),
+        VersionKind::Delta => ("delta-", ".bin"),
+    };
+    r.payload.starts_with(stem)
+        && r.payload.ends_with(ext)
+        && r.payload
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }

@@ -65,9 +65,9 @@ impl WeightWriter {
         }
     }
 
-    /// Publishes `tensors` (sorted by name) as `version`: the payload, then its READY marker.
-    /// A version whose marker exists is never rewritten ([`StoreError::VersionExists`]); a
-    /// payload without a marker (a writer that died between the two) is replaced.
+    /// Publishes `tensors` as `version`: the payload, then its READY marker naming it. A
+    /// version whose marker exists is never rewritten ([`StoreError::VersionExists`]). Tensors
+    /// are published sorted by name, each rounded to the wire dtype.
     pub fn publish(
         &mut self,
         version: PolicyVersion,
@@ -75,13 +75,14 @@ impl WeightWriter {
     ) -> Result<Published, StoreError> {
         let wire = self.cfg.wire;
         let ready_key = weight_key(version, READY_FILE);
+        let exists = || StoreError::VersionExists {
+            version,
+            key: self.store.location(&ready_key),
+        };
         if self.store.get(&ready_key)?.is_some() {
-            return Err(StoreError::VersionExists {
-                version,
-                key: self.store.location(&ready_key),
-            });
+            return Err(exists());
         }
-        let rounded: Vec<NamedTensor> = tensors
+        let mut rounded: Vec<NamedTensor> = tensors
             .iter()
             .map(|t| NamedTensor {
                 name: t.name.clone(),
@@ -89,10 +90,11 @@ impl WeightWriter {
                 values: t.values.iter().map(|&v| wire.round(v)).collect(),
             })
             .collect();
+        rounded.sort_by(|a, b| a.name.cmp(&b.name));
+        check_tensors(&rounded).map_err(|why| StoreError::Layout { version, why })?;
+        let interval = self.cfg.anchor_interval.max(1);
         let follows = match &self.last {
-            Some((v, last, anchor))
-                if v + 1 == version && !version.is_multiple_of(self.cfg.anchor_interval.max(1)) =>
-            {
+            Some((v, last, anchor)) if v + 1 == version && !version.is_multiple_of(interval) => {
                 same_layout(last, &rounded).map_err(|why| StoreError::Layout { version, why })?;
                 Some((*v, last, *anchor))
             }
@@ -113,7 +115,8 @@ impl WeightWriter {
                     .map_err(|why| StoreError::Layout { version, why })?,
             ),
         };
-        let payload_key = weight_key(version, kind.file());
+        let name = kind.payload_name(&payload);
+        let payload_key = weight_key(version, &name);
         let bytes = payload.len();
         self.store.put(&payload_key, payload)?;
         let ready = Ready {
@@ -121,20 +124,21 @@ impl WeightWriter {
             kind,
             base,
             anchor,
+            payload: name,
             wire,
             hash: hash_hex(weights_hash(&rounded, wire)),
             bytes: bytes as u64,
         };
         let marker = serde_json::to_vec_pretty(&ready).expect("a READY marker serialises");
         if !self.store.create(&ready_key, marker)? {
-            return Err(StoreError::VersionExists {
-                version,
-                key: self.store.location(&ready_key),
-            });
+            return Err(exists());
         }
         self.last = Some((version, rounded, anchor));
         if kind == VersionKind::Full {
-            self.retain()?;
+            // The version is published; old versions left behind cost only space.
+            if let Err(e) = self.retain() {
+                tracing::warn!("weights retention after version {version}: {e}");
+            }
         }
         Ok(Published {
             version,
@@ -145,8 +149,8 @@ impl WeightWriter {
     }
 
     /// Deletes every version older than the oldest of the newest `keep_anchors` anchors,
-    /// oldest first and each marker before its payload, so a reader never finds a marker whose
-    /// payload is gone on purpose.
+    /// oldest first and each marker before its payload, so a version disappears as a whole
+    /// (a reader that finds its marker gone forgets it).
     fn retain(&self) -> Result<(), StoreError> {
         let keys = self.store.list(WEIGHTS)?;
         let ready: std::collections::BTreeSet<PolicyVersion> = keys
@@ -158,10 +162,11 @@ impl WeightWriter {
         let mut anchors: Vec<PolicyVersion> = keys
             .iter()
             .filter_map(|k| parse_weight_key(k))
-            .filter(|(v, f)| *f == VersionKind::Full.file() && ready.contains(v))
+            .filter(|(v, f)| f.starts_with("full-") && ready.contains(v))
             .map(|(v, _)| v)
             .collect();
         anchors.sort_unstable();
+        anchors.dedup();
         let keep = self.cfg.keep_anchors.max(1);
         if anchors.len() <= keep {
             return Ok(());
@@ -178,6 +183,27 @@ impl WeightWriter {
         }
         Ok(())
     }
+}
+
+/// Whether tensor names are unique and every tensor has as many values as its shape says.
+fn check_tensors(tensors: &[NamedTensor]) -> Result<(), String> {
+    for pair in tensors.windows(2) {
+        if pair[0].name == pair[1].name {
+            return Err(format!("tensor `{}` appears twice", pair[0].name));
+        }
+    }
+    for t in tensors {
+        let expected: usize = t.shape.iter().product();
+        if t.values.len() != expected {
+            return Err(format!(
+                "tensor `{}` has {} values for shape {:?}",
+                t.name,
+                t.values.len(),
+                t.shape
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `new` lists the same tensors with the same shapes as `old`.

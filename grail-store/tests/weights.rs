@@ -94,15 +94,16 @@ fn every_version_reconstructs_bit_for_bit_following_or_joining_late() {
                 VersionKind::Delta
             };
             assert_eq!(published.kind, kind, "{store:?} v{v}");
-            let file = if v % 4 == 0 {
-                "full.safetensors"
+            let (stem, ext) = if v % 4 == 0 {
+                ("full-", ".safetensors")
             } else {
-                "delta.bin"
+                ("delta-", ".bin")
             };
+            let folder = format!("run/weights/{v:012}/{stem}");
             assert!(
-                published
-                    .location
-                    .ends_with(&format!("run/weights/{v:012}/{file}"))
+                published.location.contains(&folder) && published.location.ends_with(ext),
+                "{}",
+                published.location
             );
             if kind == VersionKind::Delta {
                 // A small step is a small delta: well under a tenth of the weights' bytes.
@@ -194,17 +195,29 @@ fn a_published_version_is_never_rewritten() {
     assert_eq!(reader.tensors().unwrap(), &history[2][..]);
 }
 
+/// The key of version `v`'s payload.
+fn payload_key(store: &Store, v: u64) -> String {
+    let folder = format!("weights/{v:012}/");
+    store
+        .list(&folder)
+        .unwrap()
+        .into_iter()
+        .find(|k| !k.ends_with("/READY"))
+        .unwrap_or_else(|| panic!("no payload in {folder}"))
+}
+
 /// Publishes versions 0..=7 (one anchor, then deltas), damages the
 /// store with `damage`, and checks that a reader holding version 2 reports exactly one fault
 /// naming `key` and `reason`, ends at `expect_version` with exactly that version's weights, and
 /// never reports the fault again.
-fn check_fault(damage: impl Fn(&Store), key: &str, reason: &str, expect_version: u64) {
+fn check_fault(damage: impl Fn(&Store) -> String, reason: &str, expect_version: u64) {
     let store = Store::open("memory://", "run").unwrap();
     let history = publish(&store, 10, 7);
-    damage(&store);
+    let key = damage(&store);
     let mut reader = WeightReader::holding(store.clone(), WIRE, 2, history[2].clone());
     let caught = reader.catch_up().unwrap();
     assert_eq!(caught.faults.len(), 1, "{key}: {:?}", caught.faults);
+    let key = key.as_str();
     let fault = &caught.faults[0];
     assert!(fault.location.ends_with(&format!("run/{key}")), "{fault}");
     assert!(fault.to_string().contains(reason), "{fault}");
@@ -221,13 +234,13 @@ fn check_fault(damage: impl Fn(&Store), key: &str, reason: &str, expect_version:
 
 #[test]
 fn a_torn_payload_is_a_fault_naming_its_key_and_is_never_applied() {
-    let key = "weights/000000000005/delta.bin";
     check_fault(
         |s| {
-            let b = s.get(key).unwrap().unwrap();
-            s.put(key, b[..b.len() / 2].to_vec()).unwrap();
+            let key = payload_key(s, 5);
+            let b = s.get(&key).unwrap().unwrap();
+            s.put(&key, b[..b.len() / 2].to_vec()).unwrap();
+            key
         },
-        key,
         "torn",
         4,
     );
@@ -235,15 +248,15 @@ fn a_torn_payload_is_a_fault_naming_its_key_and_is_never_applied() {
 
 #[test]
 fn a_corrupt_delta_is_a_fault_naming_its_key_and_is_never_applied() {
-    let key = "weights/000000000005/delta.bin";
     check_fault(
         |s| {
-            let mut b = s.get(key).unwrap().unwrap().to_vec();
+            let key = payload_key(s, 5);
+            let mut b = s.get(&key).unwrap().unwrap().to_vec();
             // Same length, compression tag changed: the bytes no longer decode.
             b[0] = 7;
-            s.put(key, b).unwrap();
+            s.put(&key, b).unwrap();
+            key
         },
-        key,
         "corrupt weight delta",
         4,
     );
@@ -252,7 +265,6 @@ fn a_corrupt_delta_is_a_fault_naming_its_key_and_is_never_applied() {
 #[test]
 fn a_hash_mismatch_is_a_fault_and_the_reader_falls_back_to_verified_weights() {
     // A delta that decodes but reconstructs other weights than the marker's hash.
-    let key = "weights/000000000006/delta.bin";
     check_fault(
         |s| {
             let ready = "weights/000000000006/READY";
@@ -261,8 +273,8 @@ fn a_hash_mismatch_is_a_fault_and_the_reader_falls_back_to_verified_weights() {
             let flipped = if &text[at..at + 1] == "0" { "1" } else { "0" };
             let text = format!("{}{flipped}{}", &text[..at], &text[at + 1..]);
             s.put(ready, text.into_bytes()).unwrap();
+            payload_key(s, 6)
         },
-        key,
         "hash",
         5,
     );
@@ -270,13 +282,12 @@ fn a_hash_mismatch_is_a_fault_and_the_reader_falls_back_to_verified_weights() {
 
 #[test]
 fn a_delta_whose_base_is_gone_is_a_fault_naming_it() {
-    let key = "weights/000000000005/delta.bin";
     check_fault(
         |s| {
+            s.delete(&payload_key(s, 4)).unwrap();
             s.delete("weights/000000000004/READY").unwrap();
-            s.delete("weights/000000000004/delta.bin").unwrap();
+            payload_key(s, 5)
         },
-        key,
         "its base (version 4) is not in the store",
         3,
     );
@@ -284,10 +295,12 @@ fn a_delta_whose_base_is_gone_is_a_fault_naming_it() {
 
 #[test]
 fn an_unreadable_marker_is_a_fault_naming_it() {
-    let key = "weights/000000000007/READY";
     check_fault(
-        |s| s.put(key, b"{not json".to_vec()).unwrap(),
-        key,
+        |s| {
+            let key = "weights/000000000007/READY";
+            s.put(key, b"{not json".to_vec()).unwrap();
+            key.to_string()
+        },
         "unreadable READY",
         6,
     );
@@ -313,5 +326,59 @@ fn a_reader_of_a_run_with_no_weights_yet_waits_without_error() {
         assert_eq!(reader.catch_up().unwrap(), Default::default(), "{store:?}");
         assert_eq!(reader.version(), None);
         assert!(store.get("weights/000000000000/READY").unwrap().is_none());
+    }
+}
+
+#[test]
+fn a_bad_anchor_leaves_the_weights_held_alone() {
+    let store = Store::open("memory://", "run").unwrap();
+    let history = publish(&store, 4, 7);
+    // Anchor 4's marker claims other weights; versions 5..=7 chain to it.
+    let ready = "weights/000000000004/READY";
+    let text = String::from_utf8(store.get(ready).unwrap().unwrap().to_vec()).unwrap();
+    let at = text.find("\"hash\": \"").unwrap() + 9;
+    let flipped = if &text[at..at + 1] == "0" { "1" } else { "0" };
+    store
+        .put(
+            ready,
+            format!("{}{flipped}{}", &text[..at], &text[at + 1..]).into_bytes(),
+        )
+        .unwrap();
+    let mut reader = WeightReader::holding(store.clone(), WIRE, 1, history[1].clone());
+    let caught = reader.catch_up().unwrap();
+    // The anchor fails its check and the reader keeps version 1, then goes on to 3 by deltas.
+    assert_eq!(caught.faults.len(), 1, "{:?}", caught.faults);
+    assert!(
+        caught.faults[0]
+            .location
+            .contains("weights/000000000004/full-")
+    );
+    assert_eq!(
+        (reader.version(), reader.tensors().unwrap()),
+        (Some(3), &history[3][..])
+    );
+}
+
+#[test]
+fn tensors_in_any_order_are_published_sorted_and_bad_layouts_are_errors() {
+    let store = Store::open("memory://", "run").unwrap();
+    let mut w = initial(2);
+    w.reverse();
+    let mut writer = WeightWriter::new(store.clone(), config(10));
+    writer.publish(0, &w).unwrap();
+    let mut reader = WeightReader::new(store.clone(), WIRE);
+    assert!(reader.catch_up().unwrap().faults.is_empty());
+    w.reverse();
+    assert_eq!(reader.tensors().unwrap(), &w[..]);
+    let mut twice = w.clone();
+    twice[1].name = twice[0].name.clone();
+    let mut short = w.clone();
+    short[1].values.pop();
+    for (what, tensors, needle) in [
+        ("a repeated name", twice, "appears twice"),
+        ("a short tensor", short, "36 values for shape [37]"),
+    ] {
+        let err = writer.publish(1, &tensors).unwrap_err().to_string();
+        assert!(err.contains(needle), "{what}: {err}");
     }
 }
