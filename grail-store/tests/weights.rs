@@ -195,6 +195,16 @@ fn a_published_version_is_never_rewritten() {
     assert_eq!(reader.tensors().unwrap(), &history[2][..]);
 }
 
+/// Rewrites version `v`'s marker with one digit of its hash changed.
+fn flip_hash(store: &Store, v: u64) {
+    let ready = format!("weights/{v:012}/READY");
+    let text = String::from_utf8(store.get(&ready).unwrap().unwrap().to_vec()).unwrap();
+    let at = text.find("\"hash\": \"").unwrap() + 9;
+    let flipped = if &text[at..at + 1] == "0" { "1" } else { "0" };
+    let text = format!("{}{flipped}{}", &text[..at], &text[at + 1..]);
+    store.put(&ready, text.into_bytes()).unwrap();
+}
+
 /// The key of version `v`'s payload.
 fn payload_key(store: &Store, v: u64) -> String {
     let folder = format!("weights/{v:012}/");
@@ -267,12 +277,7 @@ fn a_hash_mismatch_is_a_fault_and_the_reader_falls_back_to_verified_weights() {
     // A delta that decodes but reconstructs other weights than the marker's hash.
     check_fault(
         |s| {
-            let ready = "weights/000000000006/READY";
-            let text = String::from_utf8(s.get(ready).unwrap().unwrap().to_vec()).unwrap();
-            let at = text.find("\"hash\": \"").unwrap() + 9;
-            let flipped = if &text[at..at + 1] == "0" { "1" } else { "0" };
-            let text = format!("{}{flipped}{}", &text[..at], &text[at + 1..]);
-            s.put(ready, text.into_bytes()).unwrap();
+            flip_hash(s, 6);
             payload_key(s, 6)
         },
         "hash",
@@ -334,16 +339,7 @@ fn a_bad_anchor_leaves_the_weights_held_alone() {
     let store = Store::open("memory://", "run").unwrap();
     let history = publish(&store, 4, 7);
     // Anchor 4's marker claims other weights; versions 5..=7 chain to it.
-    let ready = "weights/000000000004/READY";
-    let text = String::from_utf8(store.get(ready).unwrap().unwrap().to_vec()).unwrap();
-    let at = text.find("\"hash\": \"").unwrap() + 9;
-    let flipped = if &text[at..at + 1] == "0" { "1" } else { "0" };
-    store
-        .put(
-            ready,
-            format!("{}{flipped}{}", &text[..at], &text[at + 1..]).into_bytes(),
-        )
-        .unwrap();
+    flip_hash(&store, 4);
     let mut reader = WeightReader::holding(store.clone(), WIRE, 1, history[1].clone());
     let caught = reader.catch_up().unwrap();
     // The anchor fails its check and the reader keeps version 1, then goes on to 3 by deltas.
