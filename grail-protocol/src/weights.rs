@@ -48,6 +48,31 @@ impl WireDtype {
             WireDtype::Bf16 => 2,
         }
     }
+
+    /// `values` as little-endian bytes at this dtype (what anchors store and hashes read).
+    pub fn to_le_bytes(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            WireDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            WireDtype::Bf16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        }
+    }
+
+    /// The values of little-endian `bytes` at this dtype (a trailing partial value is dropped).
+    pub fn from_le_bytes(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            WireDtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            WireDtype::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
 }
 
 /// The xxh3-128 hash of `tensors` at the wire dtype, in the order given (both ends keep them
@@ -55,7 +80,6 @@ impl WireDtype {
 /// hash, so a receiver checks what it reconstructed against the publisher's.
 pub fn weights_hash(tensors: &[NamedTensor], wire: WireDtype) -> u128 {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let mut bytes = Vec::new();
     for t in tensors {
         hasher.update(&(t.name.len() as u64).to_le_bytes());
         hasher.update(t.name.as_bytes());
@@ -63,15 +87,7 @@ pub fn weights_hash(tensors: &[NamedTensor], wire: WireDtype) -> u128 {
         for &d in &t.shape {
             hasher.update(&(d as u64).to_le_bytes());
         }
-        bytes.clear();
-        bytes.reserve(t.values.len() * wire.value_bytes());
-        for &v in &t.values {
-            match wire {
-                WireDtype::F32 => bytes.extend(v.to_le_bytes()),
-                WireDtype::Bf16 => bytes.extend(half::bf16::from_f32(v).to_le_bytes()),
-            }
-        }
-        hasher.update(&bytes);
+        hasher.update(&wire.to_le_bytes(&t.values));
     }
     hasher.digest128()
 }

@@ -17,14 +17,7 @@ fn dtype(wire: WireDtype) -> Dtype {
 pub fn encode(tensors: &[NamedTensor], wire: WireDtype) -> Result<Vec<u8>, String> {
     let data: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|t| match wire {
-            WireDtype::F32 => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            WireDtype::Bf16 => t
-                .values
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                .collect(),
-        })
+        .map(|t| wire.to_le_bytes(&t.values))
         .collect();
     let views = tensors
         .iter()
@@ -50,22 +43,10 @@ pub fn decode(bytes: &[u8], wire: WireDtype) -> Result<Vec<NamedTensor>, String>
                 view.dtype()
             ));
         }
-        let values = match wire {
-            WireDtype::F32 => view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            WireDtype::Bf16 => view
-                .data()
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        };
         tensors.push(NamedTensor {
             name,
             shape: view.shape().to_vec(),
-            values,
+            values: wire.from_le_bytes(view.data()),
         });
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
