@@ -46,4 +46,17 @@ pub enum StoreError {
         /// What differs.
         why: String,
     },
+    /// A worker id that cannot be a folder name.
+    #[error(
+        "worker id `{0}` must be one path segment of letters, digits, `-`, `_` and `.` (not first)"
+    )]
+    WorkerId(String),
+    /// Data that could not be encoded for the store.
+    #[error("{key}: cannot encode: {why}")]
+    Encode {
+        /// Where it was to go.
+        key: String,
+        /// Why.
+        why: String,
+    },
 }

@@ -83,3 +83,46 @@ pub struct Ready {
 pub fn hash_hex(hash: u128) -> String {
     format!("{hash:032x}")
 }
+
+/// The folder of every rollout object: `rollouts/<worker id>/<sequence, 12 digits>.parquet`.
+pub const ROLLOUTS: &str = "rollouts/";
+
+/// The `seq`-th rollout object of `worker`.
+pub fn rollout_key(worker: &str, seq: u64) -> String {
+    format!("{ROLLOUTS}{worker}/{seq:012}.parquet")
+}
+
+/// The folder of prompt-block claims: `prompts/<block, 12 digits>` holds the claiming worker's id.
+pub const PROMPTS: &str = "prompts/";
+
+/// The claim of prompt block `block`.
+pub fn claim_key(block: u64) -> String {
+    format!("{PROMPTS}{block:012}")
+}
+
+/// The block number of a claim key, if it is one.
+pub fn parse_claim_key(key: &str) -> Option<u64> {
+    let digits = key.strip_prefix(PROMPTS)?;
+    (digits.len() == 12 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// The folder of the run's manifest, written by the trainer before its first weights: the job
+/// config (`run/config.toml`), the tokenizer (`run/tokenizer.json`) and the model's Hugging Face
+/// config (`run/config.json`); rollout workers start from these alone.
+pub const RUN: &str = "run/";
+
+/// Written by the trainer when the run is over; rollout workers exit when they see it.
+pub const FINISHED: &str = "run/FINISHED";
+
+/// The trainer's progress (JSON): groups consumed in all, the newest version published.
+pub const TRAINER_PROGRESS: &str = "trainer/progress.json";
+
+/// The folder of the workers' counters: `workers/<worker id>.json`.
+pub const WORKERS: &str = "workers/";
+
+/// Where `worker` publishes its counters.
+pub fn worker_key(worker: &str) -> String {
+    format!("{WORKERS}{worker}.json")
+}

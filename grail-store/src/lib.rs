@@ -26,12 +26,22 @@
 pub mod anchor;
 pub mod error;
 pub mod layout;
+pub mod prompt_claims;
+pub mod rollout_batch;
+pub mod rollout_check;
+pub mod rollout_reader;
+pub mod rollout_writer;
 pub mod store;
 pub mod weight_reader;
 pub mod weight_writer;
 
 pub use error::StoreError;
 pub use layout::{Ready, VersionKind};
+pub use prompt_claims::PromptClaims;
+pub use rollout_batch::RolloutBatch;
+pub use rollout_check::RolloutCheck;
+pub use rollout_reader::{Arrival, RolloutReader};
+pub use rollout_writer::RolloutWriter;
 pub use store::Store;
 pub use weight_reader::{CatchUp, WeightFault, WeightReader};
 pub use weight_writer::{Published, WeightWriter, WeightWriterConfig};
