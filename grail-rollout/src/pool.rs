@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use crate::environment::{Completion, Environment, Prompt};
 use crate::generate::{
     FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate_in_flight,
 };
+use crate::prompt_cursor::{Counter, PromptCursor};
 use crate::prompt_limits::{PromptLimits, PromptTruncation};
 use crate::weight_state::WeightState;
 
@@ -182,11 +183,23 @@ impl RolloutPool {
 }
 
 /// Starts a pool generating from `env` with copies of `model` (a no-grad model; its config is
-/// used to rebuild weights from updates). Returns the trainer's channel ends and the handle.
+/// used to rebuild weights from updates), prompts from `cfg.first_prompt` on. Returns the
+/// trainer's channel ends and the handle.
 pub fn spawn_pool(
     model: &CausalLm,
     env: Arc<dyn Environment>,
     cfg: PoolConfig,
+) -> Result<RolloutPool, RolloutError> {
+    let prompts = Arc::new(Counter::new(cfg.first_prompt));
+    spawn_pool_with(model, env, cfg, prompts)
+}
+
+/// [`spawn_pool`] taking its prompt indices from `prompts` (`cfg.first_prompt` is then unused).
+pub fn spawn_pool_with(
+    model: &CausalLm,
+    env: Arc<dyn Environment>,
+    cfg: PoolConfig,
+    prompts: Arc<dyn PromptCursor>,
 ) -> Result<RolloutPool, RolloutError> {
     if cfg.workers == 0
         || cfg.num_generations == 0
@@ -207,7 +220,6 @@ pub fn spawn_pool(
     let (feedback_tx, feedback_rx) = flume::unbounded::<PoolMessage>();
     let shutdown = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(PoolCounters::default());
-    let next_prompt = Arc::new(AtomicU64::new(cfg.first_prompt));
     // Every worker gets every message, in order (deltas only make sense applied in sequence).
     let (worker_txs, worker_rxs): (Vec<_>, Vec<_>) = (0..cfg.workers)
         .map(|_| flume::unbounded::<Arc<PoolMessage>>())
@@ -243,7 +255,7 @@ pub fn spawn_pool(
                 tx: group_tx.clone(),
                 shutdown: shutdown.clone(),
                 counters: counters.clone(),
-                next_prompt: next_prompt.clone(),
+                prompts: prompts.clone(),
             },
         };
         let handle = std::thread::Builder::new()
@@ -310,7 +322,7 @@ struct WorkerContext {
     tx: flume::Sender<Group>,
     shutdown: Arc<AtomicBool>,
     counters: Arc<PoolCounters>,
-    next_prompt: Arc<AtomicU64>,
+    prompts: Arc<dyn PromptCursor>,
 }
 
 impl Worker {
@@ -349,8 +361,7 @@ impl Worker {
         let settled =
             self.weights.consumed + self.ctx.counters.failed_groups.load(Ordering::SeqCst) as u64;
         let allowed = settled + (ahead + 1) * self.ctx.cfg.groups_per_step as u64;
-        let taken = self.ctx.next_prompt.load(Ordering::SeqCst) - self.ctx.cfg.first_prompt;
-        taken >= allowed
+        self.ctx.prompts.taken() >= allowed
     }
 }
 
@@ -365,7 +376,7 @@ impl WorkerContext {
         };
         let mut prompts = Vec::with_capacity(self.cfg.prompts_per_batch);
         for _ in 0..self.cfg.prompts_per_batch {
-            let index = self.next_prompt.fetch_add(1, Ordering::SeqCst);
+            let index = self.prompts.next()?;
             let prompt = match self.env.prompt(index) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,

@@ -4,7 +4,7 @@
 //!
 //! Every group taken off the channel is settled exactly once: trained on, filtered out (zero
 //! reward spread), dropped as stale, or left unused when the channel closes mid-batch; the
-//! trainer reports each settled group back to the pool ([`PoolFeedback::consumed`]), which is
+//! trainer reports each settled group back to the pool ([`Feedback::consumed`]), which is
 //! what frees the pool to take new prompts. A batch that trains nothing therefore never stalls
 //! the pool; what can still stall a run (a pool that sends nothing, a reward that never
 //! discriminates) is caught by the watchdog.
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use grail_protocol::Group;
 
 use crate::error::{Result, TrainerError};
-use crate::feedback::PoolFeedback;
+use crate::feedback::Feedback;
 use crate::metrics::StepMetrics;
 use crate::step::StepOutcome;
 use crate::trainer::GrpoTrainer;
@@ -150,10 +150,15 @@ impl SinceStep {
 }
 
 /// Counts `groups` more settled groups and tells the pool (if there is one).
-fn settle(stats: &mut RunStats, feedback: &mut Option<&mut PoolFeedback>, groups: usize) {
+fn settle(
+    stats: &mut RunStats,
+    feedback: &mut Option<&mut dyn Feedback>,
+    groups: usize,
+) -> Result<()> {
     stats.groups_settled += groups;
-    if let Some(f) = feedback.as_deref_mut() {
-        f.consumed(groups);
+    match feedback.as_deref_mut() {
+        Some(f) => f.consumed(groups),
+        None => Ok(()),
     }
 }
 
@@ -191,7 +196,7 @@ impl GrpoTrainer {
     pub fn run_from_channel(
         &mut self,
         groups: &flume::Receiver<Group>,
-        mut feedback: Option<&mut PoolFeedback>,
+        mut feedback: Option<&mut dyn Feedback>,
         run: &ChannelRun,
         mut on_event: impl FnMut(&GrpoTrainer, RunEvent<'_>) -> ControlFlow<()>,
     ) -> Result<RunStats> {
@@ -232,7 +237,7 @@ impl GrpoTrainer {
                         "dropped a stale group"
                     );
                     stats.dropped_stale += group.samples.len();
-                    settle(&mut stats, &mut feedback, 1);
+                    settle(&mut stats, &mut feedback, 1)?;
                     continue;
                 }
                 batch.push(group);
@@ -251,7 +256,7 @@ impl GrpoTrainer {
                         );
                     }
                     stats.dropped_filtered += samples;
-                    settle(&mut stats, &mut feedback, batch.len());
+                    settle(&mut stats, &mut feedback, batch.len())?;
                     if self.idle(&since, run, &mut on_event)?.is_break() {
                         return Ok(stats);
                     }
@@ -263,9 +268,9 @@ impl GrpoTrainer {
             stats.trained += batch_samples - filtered;
             since = SinceStep::new();
             if let Some(f) = feedback.as_deref_mut() {
-                f.publish(self.version(), self.model());
+                f.publish(self.version(), self.model())?;
             }
-            settle(&mut stats, &mut feedback, batch.len());
+            settle(&mut stats, &mut feedback, batch.len())?;
             let mut stop = false;
             for m in &metrics {
                 let event = RunEvent::Step {

@@ -20,6 +20,10 @@ pub enum TrainerError {
     /// seen meanwhile (nothing arriving, zero-spread batches, stale groups).
     #[error("the run stalled: {0}")]
     Stalled(String),
+    /// The rollout side could not be told of new weights or consumed groups (a store that
+    /// failed after its retries); the message names what and where.
+    #[error("feedback to the rollout side: {0}")]
+    Feedback(String),
     /// An error from grail-core (model, checkpoint).
     #[error(transparent)]
     Core(#[from] grail_core::GrailError),

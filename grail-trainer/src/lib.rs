@@ -30,7 +30,7 @@ pub mod trainer;
 pub use channel::{ChannelRun, RunEvent, RunStats};
 pub use config::TrainerConfig;
 pub use error::{Result, TrainerError};
-pub use feedback::PoolFeedback;
+pub use feedback::{Feedback, PoolFeedback};
 pub use learner::Learner;
 pub use loss::{GrpoLoss, GrpoLossConfig, LogProbPath, LossType, grpo_loss};
 pub use metrics::{StepMetrics, StepTimes};
