@@ -92,6 +92,20 @@ pub fn rollout_key(worker: &str, seq: u64) -> String {
     format!("{ROLLOUTS}{worker}/{seq:012}.parquet")
 }
 
+/// A worker id must be one path segment of letters, digits, `-`, `_` and `.` (not first).
+pub fn check_worker_id(worker: &str) -> Result<(), crate::StoreError> {
+    let valid = !worker.is_empty()
+        && worker
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !worker.starts_with('.');
+    if valid {
+        Ok(())
+    } else {
+        Err(crate::StoreError::WorkerId(worker.to_string()))
+    }
+}
+
 /// The folder of prompt-block claims: `prompts/<block, 12 digits>` holds the claiming worker's id.
 pub const PROMPTS: &str = "prompts/";
 
@@ -108,15 +122,19 @@ pub fn parse_claim_key(key: &str) -> Option<u64> {
         .flatten()
 }
 
-/// The folder of the run's manifest, written by the trainer before its first weights: the job
-/// config (`run/config.toml`), the tokenizer (`run/tokenizer.json`) and the model's Hugging Face
-/// config (`run/config.json`); rollout workers start from these alone.
+/// The folder of the run's manifest, written by the trainer before its first weights: the
+/// tokenizer's files (`run/tokenizer/`), the model's Hugging Face config (`run/config.json`)
+/// and, last, the job config (`run/config.toml`); rollout workers start from these alone.
 pub const RUN: &str = "run/";
 
-/// Written by the trainer when the run is over; rollout workers exit when they see it.
+/// Created (conditionally) by the trainer first: one trainer per run.
+pub const TRAINER_CLAIM: &str = "run/TRAINER";
+
+/// Written by the trainer when its GRPO phase ends (finished, stopped or failed); rollout
+/// workers exit when they see it.
 pub const FINISHED: &str = "run/FINISHED";
 
-/// The trainer's progress (JSON): groups consumed in all, the newest version published.
+/// The trainer's progress (JSON): groups consumed and refused in all, the newest version.
 pub const TRAINER_PROGRESS: &str = "trainer/progress.json";
 
 /// The folder of the workers' counters: `workers/<worker id>.json`.

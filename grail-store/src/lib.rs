@@ -26,6 +26,7 @@
 pub mod anchor;
 pub mod error;
 pub mod layout;
+pub mod progress;
 pub mod prompt_claims;
 pub mod rollout_batch;
 pub mod rollout_check;
@@ -37,6 +38,7 @@ pub mod weight_writer;
 
 pub use error::StoreError;
 pub use layout::{Ready, VersionKind};
+pub use progress::{TrainerProgress, WorkerCounters};
 pub use prompt_claims::PromptClaims;
 pub use rollout_batch::RolloutBatch;
 pub use rollout_check::RolloutCheck;

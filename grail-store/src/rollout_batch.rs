@@ -103,6 +103,19 @@ pub fn encode(batch: &RolloutBatch) -> Result<Vec<u8>, String> {
 /// missing or mistyped column, a group whose rows are not consecutive or not numbered 0..G, a
 /// sample whose per-token columns differ in length — is an error saying what.
 pub fn decode(bytes: Bytes) -> Result<RolloutBatch, String> {
+    // The parquet crate panics on some corrupt files (negative column offsets, among others):
+    // an object from another process must never take the trainer down.
+    std::panic::catch_unwind(|| decode_unchecked(bytes)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(format!("corrupt Parquet ({why})"))
+    })
+}
+
+fn decode_unchecked(bytes: Bytes) -> Result<RolloutBatch, String> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| e.to_string())?;
     let reward_names = builder
         .metadata()

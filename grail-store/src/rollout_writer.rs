@@ -4,7 +4,7 @@
 use grail_protocol::Group;
 
 use crate::error::StoreError;
-use crate::layout::{ROLLOUTS, rollout_key};
+use crate::layout::{ROLLOUTS, check_worker_id, rollout_key};
 use crate::rollout_batch::{RolloutBatch, encode};
 use crate::store::Store;
 
@@ -20,14 +20,7 @@ impl RolloutWriter {
     /// The writer of `worker` (one path segment: letters, digits, `-`, `_`, `.`), whose rewards
     /// are named `reward_names`. A worker id already in the store continues after its objects.
     pub fn new(store: Store, worker: &str, reward_names: Vec<String>) -> Result<Self, StoreError> {
-        let valid = !worker.is_empty()
-            && worker
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            && !worker.starts_with('.');
-        if !valid {
-            return Err(StoreError::WorkerId(worker.to_string()));
-        }
+        check_worker_id(worker)?;
         let prefix = format!("{ROLLOUTS}{worker}/");
         let next_seq = store
             .list(&prefix)?

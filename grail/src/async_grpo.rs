@@ -1,7 +1,8 @@
-//! The asynchronous GRPO phase of a run: the rollout pool generates while the trainer trains,
-//! and they meet only through channels. Each step is logged (metrics line, curve, progress) and
-//! checkpointed every `save_steps`; at the end the pool is shut down and every sample accounted
-//! for.
+//! The asynchronous GRPO phase of a run: the rollout side generates while the trainer trains,
+//! and they meet only through channels — to a pool in this process, or to an inbox reading the
+//! rollout objects that workers in other processes write to a store. Each step is logged
+//! (metrics line, curve, progress) and checkpointed every `save_steps`; at the end the rollout
+//! side is stopped and every sample accounted for.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -12,12 +13,13 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use burn::module::Module;
 use grail_core::tokenizer::Tokenizer;
-use grail_protocol::WireDtype;
+use grail_protocol::{Group, WireDtype};
 use grail_rollout::generate::GenerationConfig;
 use grail_rollout::pool::PoolCounters;
-use grail_rollout::{Environment, PoolConfig, PromptLimits, spawn_pool};
+use grail_rollout::{Environment, PoolConfig, PromptLimits, RolloutPool, spawn_pool};
+use grail_store::{RolloutCheck, Store};
 use grail_trainer::{
-    ChannelRun, GrpoTrainer, PoolFeedback, RunEvent, RunStats, StepMetrics, TrainerError,
+    ChannelRun, Feedback, GrpoTrainer, PoolFeedback, RunEvent, RunStats, StepMetrics, TrainerError,
     WeightPublisher,
 };
 use serde_json::json;
@@ -27,6 +29,7 @@ use crate::config::GrpoConfig;
 use crate::evaluate::HeldOut;
 use crate::output::MetricsLog;
 use crate::progress::Progress;
+use crate::store_trainer::{StoreFeedback, StoreInbox, publish_manifest};
 
 /// The dtype weights travel to the rollout workers in.
 const WIRE: WireDtype = WireDtype::Bf16;
@@ -46,6 +49,9 @@ pub(crate) struct Phase<'a> {
     pub state: &'a RunState,
     pub resumed: bool,
     pub stop: &'a AtomicBool,
+    /// The store rollout workers in other processes meet the trainer in (`role = "trainer"`);
+    /// `None`: a pool in this process.
+    pub store: Option<&'a Store>,
 }
 
 /// What the phase leaves behind.
@@ -72,32 +78,37 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
             )
         })
         .collect();
-    let pool = spawn_pool(
-        &trainer.model().valid(),
-        phase.train_env.clone(),
-        PoolConfig {
-            workers: g.rollout_workers,
-            num_generations: g.num_generations,
-            prompts_per_batch: g.prompts_per_step.div_ceil(g.rollout_workers),
-            generation: GenerationConfig {
-                max_batch: g.num_generations * g.prompts_per_step,
-                ..phase.generation.clone()
-            },
-            channel_capacity: g.prompts_per_step * 2,
-            max_ahead: g.max_ahead,
-            groups_per_step: g.prompts_per_step,
-            start_version: trainer.version(),
-            first_prompt: phase.state.prompt_cursor,
-            weight_wire: WIRE,
-            in_flight_weight_updates: g.in_flight_weight_updates,
-            max_prompt_length: phase.limits.max_prompt_length,
-            prompt_truncation: phase.limits.truncation,
-        },
-    )?;
-    let mut feedback = PoolFeedback::new(
-        pool.feedback.clone(),
-        WeightPublisher::new(g.weight_sync, WIRE, trainer.model(), trainer.version()),
-    );
+    let (rollouts, mut feedback) = match phase.store {
+        None => {
+            let pool = spawn_local_pool(phase, trainer)?;
+            let feedback: Box<dyn Feedback> = Box::new(PoolFeedback::new(
+                pool.feedback.clone(),
+                WeightPublisher::new(g.weight_sync, WIRE, trainer.model(), trainer.version()),
+            ));
+            (Rollouts::Pool(pool), feedback)
+        }
+        Some(store) => {
+            publish_manifest(store, cfg, phase.tokenizer, trainer.model())?;
+            let feedback = StoreFeedback::start(store, cfg, trainer.model(), trainer.version())?;
+            let check = RolloutCheck {
+                vocab_size: trainer.model().vocab_size(),
+                num_generations: g.num_generations,
+                max_completion_length: g.max_completion_length,
+                reward_names: phase
+                    .train_env
+                    .rewards()
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .collect(),
+            };
+            let inbox = StoreInbox::start(store, check, &feedback, g.prompts_per_step * 2)?;
+            tracing::info!(store = %store.location(""), "waiting for rollout workers");
+            (
+                Rollouts::Store(inbox),
+                Box::new(feedback) as Box<dyn Feedback>,
+            )
+        }
+    };
     let channel_run = ChannelRun {
         groups_per_step: g.prompts_per_step,
         max_staleness: g.max_staleness,
@@ -106,7 +117,7 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
     };
     let mut log = StepLog::new(
         phase,
-        pool.counters(),
+        rollouts.counters(),
         metrics_log,
         curve,
         trainer.step(),
@@ -120,8 +131,8 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
         }
     };
     let result = trainer.run_from_channel(
-        &pool.groups.clone(),
-        Some(&mut feedback),
+        &rollouts.groups().clone(),
+        Some(feedback.as_mut()),
         &channel_run,
         |t, event| match event {
             RunEvent::Waiting { since_step } => {
@@ -146,9 +157,8 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
         ..
     } = log;
     progress.finish();
-    let groups = pool.groups.clone();
-    let failed_groups = pool.counters().failed_groups.load(Ordering::SeqCst);
-    let report = pool.shutdown();
+    let failed_groups = rollouts.counters().failed_groups.load(Ordering::SeqCst);
+    let end = rollouts.finish();
     let run = match result {
         Ok(run) => run,
         Err(e @ TrainerError::Stalled(_)) => {
@@ -159,27 +169,23 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
         }
         Err(e) => return Err(e.into()),
     };
-    let report = report?;
+    let end = end?;
     if let Some(e) = error {
         return Err(e);
     }
     let segment = Accounting {
-        generated: report.generated,
-        sent: report.sent,
-        failed: report.failed,
-        unsent_at_shutdown: report.unsent_at_shutdown,
         received: run.received,
         trained: run.trained,
         dropped_stale: run.dropped_stale,
         dropped_filtered: run.dropped_filtered,
         unused_at_close: run.unused_at_close,
-        left_in_channel: groups.drain().map(|g| g.samples.len()).sum(),
+        ..end.accounting
     };
     let state = phase.state;
     Ok(PhaseEnd {
         state: RunState {
             step: trainer.step(),
-            prompt_cursor: state.prompt_cursor + (run.groups_settled + report.failed_groups) as u64,
+            prompt_cursor: state.prompt_cursor + (run.groups_settled + end.failed_groups) as u64,
             grpo_seconds: state.grpo_seconds + start.elapsed().as_secs_f64(),
             overlapped_steps: state.overlapped_steps + overlapped,
             accounting: state.accounting.plus(&segment),
@@ -188,6 +194,103 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
         curve,
         metrics: metrics_log.path().to_path_buf(),
     })
+}
+
+/// A pool in this process, generating from the trainer's current weights.
+fn spawn_local_pool(phase: &Phase, trainer: &GrpoTrainer) -> Result<RolloutPool> {
+    let mut pool = pool_config(phase.cfg, phase.generation, phase.limits);
+    pool.start_version = trainer.version();
+    pool.first_prompt = phase.state.prompt_cursor;
+    Ok(spawn_pool(
+        &trainer.model().valid(),
+        phase.train_env.clone(),
+        pool,
+    )?)
+}
+
+/// The pool settings a run's config implies (for this process's pool or a rollout worker's),
+/// starting at version 0 and prompt 0.
+pub(crate) fn pool_config(
+    cfg: &GrpoConfig,
+    generation: &GenerationConfig,
+    limits: &PromptLimits,
+) -> PoolConfig {
+    let g = &cfg.grpo;
+    PoolConfig {
+        workers: g.rollout_workers,
+        num_generations: g.num_generations,
+        prompts_per_batch: g.prompts_per_step.div_ceil(g.rollout_workers),
+        generation: GenerationConfig {
+            max_batch: g.num_generations * g.prompts_per_step,
+            ..generation.clone()
+        },
+        channel_capacity: g.prompts_per_step * 2,
+        max_ahead: g.max_ahead,
+        groups_per_step: g.prompts_per_step,
+        start_version: 0,
+        first_prompt: 0,
+        weight_wire: WIRE,
+        in_flight_weight_updates: g.in_flight_weight_updates,
+        max_prompt_length: limits.max_prompt_length,
+        prompt_truncation: limits.truncation,
+    }
+}
+
+/// Where the trainer's groups come from.
+enum Rollouts {
+    /// A pool in this process.
+    Pool(RolloutPool),
+    /// Rollout workers elsewhere, through a store.
+    Store(StoreInbox),
+}
+
+/// What the rollout side reports at the end.
+struct RolloutEnd {
+    /// Its side of the accounting (generated, sent, failed, unsent, left in transit, rejected).
+    accounting: Accounting,
+    /// Groups it failed itself (their prompts count as settled).
+    failed_groups: usize,
+}
+
+impl Rollouts {
+    fn groups(&self) -> &flume::Receiver<Group> {
+        match self {
+            Rollouts::Pool(pool) => &pool.groups,
+            Rollouts::Store(inbox) => &inbox.groups,
+        }
+    }
+
+    fn counters(&self) -> &PoolCounters {
+        match self {
+            Rollouts::Pool(pool) => pool.counters(),
+            Rollouts::Store(inbox) => &inbox.counters,
+        }
+    }
+
+    /// Stops the rollout side and accounts for what it generated.
+    fn finish(self) -> Result<RolloutEnd> {
+        match self {
+            Rollouts::Pool(pool) => {
+                let groups = pool.groups.clone();
+                let report = pool.shutdown()?;
+                Ok(RolloutEnd {
+                    accounting: Accounting {
+                        generated: report.generated,
+                        sent: report.sent,
+                        failed: report.failed,
+                        unsent_at_shutdown: report.unsent_at_shutdown,
+                        left_in_channel: groups.drain().map(|g| g.samples.len()).sum(),
+                        ..Accounting::default()
+                    },
+                    failed_groups: report.failed_groups,
+                })
+            }
+            Rollouts::Store(inbox) => Ok(RolloutEnd {
+                accounting: inbox.finish()?,
+                failed_groups: 0,
+            }),
+        }
+    }
 }
 
 /// The bookkeeping of each step: the metrics line, the curve, progress, and the checkpoints due.

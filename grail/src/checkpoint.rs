@@ -20,8 +20,9 @@ const RUN_STATE: &str = "run_state.json";
 const PREFIX: &str = "checkpoint-";
 
 /// Where every sample of a run went. `generated = trained + dropped_stale + dropped_filtered +
-/// unused_at_close + left_in_channel + failed + unsent_at_shutdown`, summed over the run's
-/// attempts when it was resumed.
+/// unused_at_close + left_in_channel + failed + unsent_at_shutdown + rejected` and `sent =
+/// received + left_in_channel + rejected`, summed over the run's attempts when it was resumed.
+/// With a store, the rollout side's counts are the workers' own, summed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accounting {
     /// Samples the rollout pool generated.
@@ -42,8 +43,13 @@ pub struct Accounting {
     pub dropped_filtered: usize,
     /// Samples received but not trained on when the run stopped mid-batch.
     pub unused_at_close: usize,
-    /// Samples still in the channel when the run stopped.
+    /// Samples still in transit when the run stopped: in the channel, or (with a store) in
+    /// rollout objects not read yet.
     pub left_in_channel: usize,
+    /// Samples the trainer refused (with a store: in rollout objects that were torn, corrupt or
+    /// failed its checks).
+    #[serde(default)]
+    pub rejected: usize,
 }
 
 impl Accounting {
@@ -57,7 +63,8 @@ impl Accounting {
                 + self.left_in_channel
                 + self.failed
                 + self.unsent_at_shutdown
-            && self.sent == self.received + self.left_in_channel
+                + self.rejected
+            && self.sent == self.received + self.left_in_channel + self.rejected
     }
 
     /// The sum of two attempts' accounting.
@@ -73,6 +80,7 @@ impl Accounting {
             dropped_filtered: self.dropped_filtered + o.dropped_filtered,
             unused_at_close: self.unused_at_close + o.unused_at_close,
             left_in_channel: self.left_in_channel + o.left_in_channel,
+            rejected: self.rejected + o.rejected,
         }
     }
 

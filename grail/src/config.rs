@@ -56,6 +56,19 @@ pub struct GrpoConfig {
     /// policy version, prompt cursor and accounting; `metrics.jsonl` is appended to (lines after
     /// the checkpoint's step, from the interrupted attempt, are dropped). Default false.
     pub resume_from_checkpoint: ResumeFrom,
+    /// all (the rollout pool and the trainer in this process, meeting through channels) |
+    /// trainer | rollout (separate processes, any number of rollout ones, meeting through
+    /// `store`). Default all.
+    pub role: Role,
+    /// The object store a run spread over processes meets in: `file:///absolute/path` (processes
+    /// on one machine, or machines sharing that folder). Needed by the trainer and rollout roles.
+    /// Default none.
+    pub store: Option<String>,
+    /// The run's folder in `store`: a trainer and its rollout workers share it. Default "grail".
+    pub run_id: String,
+    /// A rollout worker's id in the store (letters, digits, `-`, `_`, `.`). Default: made from
+    /// the host name, process id and start time.
+    pub worker_id: Option<String>,
     /// The policy model.
     pub model: ModelSection,
     /// The tokenizer.
@@ -68,6 +81,34 @@ pub struct GrpoConfig {
     pub grpo: GrpoSection,
     /// Held-out evaluation.
     pub eval: EvalSection,
+}
+
+/// `role`: which side of a run this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Rollout pool and trainer in one process.
+    #[default]
+    All,
+    /// The trainer: publishes the run and its weights to the store, trains on the rollouts found
+    /// there, marks the run finished.
+    Trainer,
+    /// A rollout worker: takes the model, tokenizer and config from the store, generates and
+    /// scores groups of completions into it, and exits when the trainer has finished.
+    Rollout,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "all" => Ok(Role::All),
+            "trainer" => Ok(Role::Trainer),
+            "rollout" => Ok(Role::Rollout),
+            other => Err(format!("unknown role `{other}` (all | trainer | rollout)")),
+        }
+    }
 }
 
 /// `[model]`: an HF directory (`path`) or a Qwen2 built from scratch with these sizes.
@@ -209,6 +250,9 @@ pub struct GrpoSection {
     pub rollout_workers: usize,
     /// full | delta. Default delta.
     pub weight_sync: SyncMode,
+    /// With a store: a full copy of the weights every this many versions, deltas between
+    /// (a worker that joins reads the newest full copy and the deltas after it). Default 10.
+    pub weight_anchor_interval: u64,
     /// Correct for the behaviour–trainer policy gap (importance sampling). Default true.
     pub importance_sampling_correction: bool,
     /// token_truncate | token_mask | sequence_truncate | sequence_mask. Default sequence_mask.
@@ -259,6 +303,10 @@ impl Default for GrpoConfig {
             save_steps: 100,
             save_total_limit: None,
             resume_from_checkpoint: ResumeFrom::default(),
+            role: Role::All,
+            store: None,
+            run_id: "grail".into(),
+            worker_id: None,
             model: ModelSection::default(),
             tokenizer: TokenizerSection::default(),
             env: EnvSection::Countdown(CountdownConfig::default()),
@@ -334,6 +382,7 @@ impl Default for GrpoSection {
             stall_timeout: 600,
             rollout_workers: 1,
             weight_sync: SyncMode::Delta,
+            weight_anchor_interval: 10,
             importance_sampling_correction: true,
             importance_sampling_mode: ImportanceSamplingMode::SequenceMask,
             importance_sampling_cap: 3.0,
@@ -380,6 +429,33 @@ impl GrpoConfig {
     /// Range checks, each naming its key.
     pub fn validate(&self) -> Result<()> {
         let g = &self.grpo;
+        match (self.role, &self.store) {
+            (Role::All, Some(url)) => bail!(
+                "config key `store` = {url:?}: `role = \"all\"` runs the pool and the trainer in one \
+                 process, through channels; a store is for `role = \"trainer\"` and \"rollout\""
+            ),
+            (Role::Trainer | Role::Rollout, None) => bail!(
+                "config key `role` = \"{}\" needs `store` (the URL the trainer and its rollout \
+                 workers meet at, e.g. file:///tmp/grail-store)",
+                if self.role == Role::Trainer {
+                    "trainer"
+                } else {
+                    "rollout"
+                }
+            ),
+            (Role::Trainer | Role::Rollout, Some(url)) if !url.starts_with("file://") => bail!(
+                "config key `store` = {url:?}: the trainer and rollout roles meet in a folder \
+                 (file:///absolute/path); object stores over the network come next"
+            ),
+            _ => {}
+        }
+        if let Some(id) = &self.worker_id {
+            grail_store::layout::check_worker_id(id)
+                .map_err(|e| anyhow::anyhow!("config key `worker_id`: {e}"))?;
+        }
+        if g.weight_anchor_interval == 0 {
+            bail!("config key `grpo.weight_anchor_interval` = 0: must be at least 1");
+        }
         if let Some(p) = &self.model.path
             && !p.is_dir()
         {

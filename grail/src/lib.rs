@@ -28,9 +28,11 @@ pub mod evaluate;
 pub mod output;
 pub mod plot;
 pub mod progress;
+pub mod rollout_worker;
 pub mod runner;
 pub mod setup;
 pub mod signals;
+mod store_trainer;
 pub mod summary;
 pub mod task;
 pub mod tasks;
@@ -38,9 +40,10 @@ mod warm_up;
 
 pub use config::GrpoConfig;
 pub use evaluate::evaluate;
+pub use rollout_worker::WorkerSummary;
 pub use runner::{Grpo, run};
 pub use signals::stop_on_signals;
-pub use summary::{RunSummary, report};
+pub use summary::{RunSummary, report, report_worker};
 pub use task::Task;
 
 /// What a run needs, in one import.

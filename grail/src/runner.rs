@@ -18,9 +18,10 @@ use grail_trainer::flops::measure_peak_flops;
 
 use crate::async_grpo::{self, Phase};
 use crate::checkpoint::{self, Accounting, RunState};
-use crate::config::GrpoConfig;
+use crate::config::{GrpoConfig, Role};
 use crate::evaluate::{HeldOut, generation_config, prompt_limits};
 use crate::output;
+use crate::rollout_worker::{WorkerSummary, run_worker};
 use crate::setup::{Source, environments, new_tokenizer, new_trainer};
 use crate::summary::RunSummary;
 use crate::task::Task;
@@ -110,6 +111,12 @@ impl Grpo {
     /// `save_steps`, and at the end (or when stopped) a final checkpoint, the final evaluation,
     /// the plot and the summary, whose sample accounting is checked.
     pub fn run(self) -> Result<RunSummary> {
+        if self.config.role == Role::Rollout {
+            bail!(
+                "`role = \"rollout\"` runs a rollout worker, which trains nothing: start it with \
+                 Grpo::run_worker (or Grpo::run_and_report)"
+            );
+        }
         let stop = self
             .stop
             .clone()
@@ -125,6 +132,39 @@ impl Grpo {
     }
 }
 
+impl Grpo {
+    /// Runs a rollout worker (`role = "rollout"`) for the run at the config's `store` and
+    /// `run_id`: everything else (job config, tokenizer, model, weights) comes from the store,
+    /// and the task from this builder ([`task`](Self::task), [`environments`](Self::environments))
+    /// or the job config's `[env]`. Returns when the trainer has finished the run, or when
+    /// stopped.
+    pub fn run_worker(self) -> Result<WorkerSummary> {
+        let stop = self
+            .stop
+            .clone()
+            .unwrap_or_else(crate::signals::stop_on_signals);
+        if self.config.role != Role::Rollout {
+            bail!("Grpo::run_worker needs `role = \"rollout\"` (and `store`)");
+        }
+        self.config.validate()?;
+        run_worker(&self.config, &self.source, stop)
+    }
+
+    /// Runs whichever side the config's `role` names and reports it: the summary table on
+    /// stderr and the summary JSON as the last stdout line (a run's, or a rollout worker's).
+    /// What the example binaries call.
+    pub fn run_and_report(self) -> Result<()> {
+        if self.config.role == Role::Rollout {
+            let summary = self.run_worker()?;
+            crate::summary::report_worker(&summary);
+        } else {
+            let summary = self.run()?;
+            crate::summary::report(&summary);
+        }
+        Ok(())
+    }
+}
+
 /// Runs `cfg` with its own `[env]`, stopping when `stop` is set: `Grpo::new(cfg).stop_when(stop).run()`.
 pub fn run(cfg: &GrpoConfig, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     Grpo::new(cfg.clone()).stop_when(stop).run()
@@ -134,6 +174,10 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     let start = Instant::now();
     let cfg = &grpo.config;
     cfg.validate()?;
+    let store = match (&cfg.store, cfg.role) {
+        (Some(url), Role::Trainer) => Some(open_trainer_store(cfg, url)?),
+        _ => None,
+    };
     let device = parse_device(&cfg.device)?;
     let resume = output::claim(cfg)?;
     let tokenizer = Arc::new(match (&resume, &grpo.tokenizer) {
@@ -212,6 +256,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         state: &state,
         resumed: resume.is_some(),
         stop: &stop,
+        store: store.as_ref(),
     };
     let end = async_grpo::train(&phase, &mut trainer)?;
     // The final checkpoint comes before the final evaluation: a second signal during the
@@ -247,6 +292,36 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         overlapped_steps: end.state.overlapped_steps,
         accounting: end.state.accounting.to_json(),
     })
+}
+
+/// The trainer's store: a new run's folder (one that a finished or running trainer already used
+/// is refused: resuming a run through a store is not supported yet).
+fn open_trainer_store(cfg: &GrpoConfig, url: &str) -> Result<grail_store::Store> {
+    if cfg.resume_from_checkpoint != crate::config::ResumeFrom::Latest(false) {
+        bail!(
+            "config key `resume_from_checkpoint`: a trainer with a store cannot resume yet (its \
+             rollout cursor and weight versions are not in its checkpoints); start a new run_id"
+        );
+    }
+    let store = grail_store::Store::open(url, &cfg.run_id)?;
+    if !store.list("")?.is_empty() {
+        bail!(
+            "the store already holds a run at {} (config key `run_id` = {:?}): choose another \
+             run_id, or remove the old run's folder",
+            store.location(""),
+            cfg.run_id
+        );
+    }
+    // Two trainers started at once both saw an empty folder: only one claims it.
+    let claim = format!("pid {}\n", std::process::id()).into_bytes();
+    if !store.create(grail_store::layout::TRAINER_CLAIM, claim)? {
+        bail!(
+            "another trainer claimed the run at {} first (config key `run_id` = {:?})",
+            store.location(""),
+            cfg.run_id
+        );
+    }
+    Ok(store)
 }
 
 /// Loads a model saved by a run (for checks and tests).

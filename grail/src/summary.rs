@@ -59,3 +59,21 @@ pub fn report(summary: &RunSummary) {
         serde_json::to_string(summary).expect("summary serialises")
     );
 }
+
+/// Prints a rollout worker's end (stderr) and its summary JSON line (stdout, last line).
+pub fn report_worker(summary: &crate::rollout_worker::WorkerSummary) {
+    let c = &summary.counters;
+    eprintln!();
+    eprintln!(
+        "  worker {}: {} samples generated, {} written, {} failed, {} unsent at shutdown",
+        summary.worker_id, c.generated, c.sent, c.failed, c.unsent_at_shutdown
+    );
+    eprintln!(
+        "  last weights version {}   time {:.0}s   store {}",
+        summary.version, summary.seconds, summary.store
+    );
+    println!(
+        "{}",
+        serde_json::to_string(summary).expect("summary serialises")
+    );
+}

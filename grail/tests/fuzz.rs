@@ -1,7 +1,7 @@
 //! Every parser grail exposes to files it did not write, fed 10,000 seeded mutations of a valid
 //! input each: safetensors (header and data), the sharded index, config.json, tokenizer.json, the
 //! chat template, the run's TOML, JSONL rows (GSM8K's layout included, with the answer
-//! extractors on every mutated text) and the weight-delta codec. Each input must come back
+//! extractors on every mutated text), the weight-delta codec and rollout objects (Parquet). Each input must come back
 //! as a value or an error, never a panic. A failure prints the seed and writes the input to
 //! `target/fuzz-failures/` so it can be replayed.
 
@@ -19,6 +19,7 @@ use grail_core::tokenizer::{ChatMessage, Tokenizer, render_chat_template};
 use grail_protocol::{SyncMode, WeightPayload, WeightUpdate, WireDtype};
 use grail_rollout::Split;
 use grail_rollout::WeightState;
+use grail_store::rollout_batch::{RolloutBatch, decode, encode};
 use grail_trainer::WeightPublisher;
 
 const CASES: usize = 10_000;
@@ -338,4 +339,27 @@ fn weight_delta_codec() {
         ok
     });
     eprintln!("weight-delta: {accepted} mutated deltas decoded");
+}
+
+#[test]
+fn rollout_objects() {
+    let groups = (0..3u64)
+        .map(|p| grail_protocol::Group {
+            prompt_id: p,
+            prompt_ids: Arc::new(vec![1, 2, p as u32]),
+            samples: (0..4)
+                .map(|i| grail_protocol::Sample::new(vec![5, 6, i], vec![-0.5; 3], vec![1.0], 0))
+                .collect(),
+        })
+        .collect();
+    let seed = encode(&RolloutBatch {
+        worker_id: "w".into(),
+        reward_names: vec!["correct".into()],
+        groups,
+    })
+    .unwrap();
+    let accepted = fuzz("rollout-object", &seed, usize::MAX, |b| {
+        decode(b.to_vec().into()).is_ok()
+    });
+    eprintln!("rollout-object: {accepted} mutated objects decoded");
 }

@@ -47,6 +47,19 @@ fn config_errors_name_the_key_or_path() {
     assert!(m.contains("importance_sampling_cap"), "{m}");
     let m = err("[grpo]\nimportance_sampling_mode = \"sequence_clip\"\n");
     assert!(m.contains("sequence_clip"), "{m}");
+    // The roles of a run over processes: a store for those that need one, only there.
+    let m = err("role = \"trainer\"\n");
+    assert!(m.contains("`role` = \"trainer\" needs `store`"), "{m}");
+    let m = err("store = \"file:///tmp/s\"\n");
+    assert!(m.contains("`store`") && m.contains("role = \"all\""), "{m}");
+    let m = err("role = \"rollout\"\nstore = \"memory://\"\n");
+    assert!(m.contains("file:///absolute/path"), "{m}");
+    let m = err("role = \"rollout\"\nstore = \"file:///tmp/s\"\nworker_id = \"a/b\"\n");
+    assert!(m.contains("worker_id") && m.contains("a/b"), "{m}");
+    let m = err("role = \"coordinator\"\n");
+    assert!(m.contains("coordinator"), "{m}");
+    let m = err("[grpo]\nweight_anchor_interval = 0\n");
+    assert!(m.contains("grpo.weight_anchor_interval"), "{m}");
     // Peers' names for the pool-side limit are accepted.
     let aliased = GrpoConfig::from_toml("[grpo]\nmax_head_offpolicyness = 1\n").unwrap();
     assert_eq!(aliased.grpo.max_ahead, Some(1));

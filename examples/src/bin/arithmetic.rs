@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
+use grail::Grpo;
 use grail::config::{EnvSection, GrpoConfig, ResumeFrom};
 use grail::tasks::ArithmeticConfig;
-use grail::{Grpo, report};
+use grail_examples::RunFlags;
 
 #[derive(Parser, Debug)]
 #[command(about = "GRPO on arithmetic word problems with a tiny model trained from scratch")]
@@ -25,6 +26,8 @@ struct Args {
     /// Replace a previous run in output_dir.
     #[arg(long)]
     overwrite_output_dir: bool,
+    #[command(flatten)]
+    run: RunFlags,
 }
 
 fn main() -> Result<()> {
@@ -48,7 +51,6 @@ fn main() -> Result<()> {
         cfg.resume_from_checkpoint = ResumeFrom::Latest(true);
     }
     cfg.overwrite_output_dir |= args.overwrite_output_dir;
-    let summary = Grpo::new(cfg).run()?;
-    report(&summary);
-    Ok(())
+    args.run.apply(&mut cfg)?;
+    Grpo::new(cfg).run_and_report()
 }

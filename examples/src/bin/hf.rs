@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Parser;
+use grail::Grpo;
 use grail::GrpoConfig;
 use grail::config::ResumeFrom;
-use grail::{Grpo, report};
+use grail_examples::RunFlags;
 
 #[derive(Parser, Debug)]
 #[command(about = "GRPO on a Hugging Face checkpoint")]
@@ -25,6 +26,8 @@ struct Args {
     /// Replace a previous run in output_dir.
     #[arg(long)]
     overwrite_output_dir: bool,
+    #[command(flatten)]
+    run: RunFlags,
 }
 
 fn main() -> Result<()> {
@@ -34,7 +37,9 @@ fn main() -> Result<()> {
     if let Some(m) = args.model {
         cfg.model.path = Some(m);
     }
-    if cfg.model.path.is_none() {
+    args.run.apply(&mut cfg)?;
+    // A rollout worker takes its model from the store.
+    if cfg.model.path.is_none() && cfg.role != grail::config::Role::Rollout {
         bail!(
             "the hf job needs `[model] path` in {} or --model",
             args.config.display()
@@ -45,7 +50,5 @@ fn main() -> Result<()> {
         cfg.resume_from_checkpoint = ResumeFrom::Latest(true);
     }
     cfg.overwrite_output_dir |= args.overwrite_output_dir;
-    let summary = Grpo::new(cfg).run()?;
-    report(&summary);
-    Ok(())
+    Grpo::new(cfg).run_and_report()
 }

@@ -1,0 +1,160 @@
+//! A run spread over processes through a `file://` store, as a researcher starts one: a trainer
+//! and two rollout workers of the countdown binary; one worker is killed with SIGKILL mid-run and
+//! a new one takes its place; a stranger's corrupt rollout object is refused. The run finishes,
+//! every worker still running exits by itself with status 0, no prompt is generated twice and
+//! every sample is accounted for across the processes.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use grail_store::Store;
+use grail_store::rollout_batch::decode;
+
+const MAX_STEPS: u64 = 12;
+
+fn countdown(args: &[&str], log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_countdown"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn rollout(url: &str, id: &str, dir: &Path) -> Child {
+    countdown(
+        &[
+            "--role",
+            "rollout",
+            "--store",
+            url,
+            "--run-id",
+            "demo",
+            "--worker-id",
+            id,
+        ],
+        &dir.join(format!("{id}.log")),
+    )
+}
+
+/// The last stdout line of a process that exited with status 0, as JSON.
+fn summary(child: Child, what: &str) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{what}: exit status {:?}", out.status);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().expect("a summary line")).unwrap()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within 300 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_trainer_and_rollout_workers_that_come_and_go_finish_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let job = grail_testkit::tiny_job_toml(
+        &dir.path().join("out"),
+        &format!("role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"demo\"\nsave_steps = 0"),
+        &format!("max_steps = {MAX_STEPS}\nmax_staleness = 4"),
+        "prompts = 8\nevery = 0",
+    );
+    let config = dir.path().join("job.toml");
+    std::fs::write(&config, job).unwrap();
+    let trainer = countdown(
+        &["--config", config.to_str().unwrap()],
+        &dir.path().join("trainer.log"),
+    );
+    let first = rollout(&url, "w1", dir.path());
+    let second = rollout(&url, "w2", dir.path());
+    let mut trainer = trainer;
+    let store = Store::open(&url, "demo").unwrap();
+    let mut running = |what: &str| {
+        if let Some(status) = trainer.try_wait().unwrap() {
+            let log = std::fs::read_to_string(dir.path().join("trainer.log")).unwrap();
+            panic!("the trainer exited ({status}) before {what}:\n{log}");
+        }
+    };
+    wait_until("the trainer publishes the run", || {
+        running("publishing the run");
+        store.get("run/config.toml").unwrap().is_some()
+    });
+    // A stranger's object in the rollouts folder: refused, never trained on.
+    store
+        .put(
+            "rollouts/stranger/000000000000.parquet",
+            b"PAR1 not really".to_vec(),
+        )
+        .unwrap();
+    let objects = |worker: &str| store.list(&format!("rollouts/{worker}/")).unwrap().len();
+    wait_until("w1 writes a rollout object", || {
+        running("w1 wrote");
+        objects("w1") > 0
+    });
+    let mut first = first;
+    first.kill().unwrap(); // SIGKILL, mid-run
+    first.wait().unwrap();
+    let third = rollout(&url, "w3", dir.path());
+    let s = summary(trainer, "trainer");
+    assert_eq!(s["steps"], MAX_STEPS);
+    let acc = &s["accounting"];
+    assert_eq!(acc["identity_holds"], true, "{acc}");
+    assert!(acc["trained"].as_u64().unwrap() > 0, "{acc}");
+    for (worker, child) in [("w2", second), ("w3", third)] {
+        let w = summary(child, worker);
+        let c = &w["counters"];
+        assert_eq!(c["finished"], true, "{worker}: {w}");
+        assert_eq!(
+            c["generated"].as_u64().unwrap(),
+            c["sent"].as_u64().unwrap()
+                + c["failed"].as_u64().unwrap()
+                + c["unsent_at_shutdown"].as_u64().unwrap(),
+            "{worker}: {w}"
+        );
+    }
+    // No prompt generated twice, whoever generated it.
+    let mut prompts = BTreeSet::new();
+    for key in store.list("rollouts/").unwrap() {
+        if key.starts_with("rollouts/stranger/") {
+            continue;
+        }
+        let batch = decode(store.get(&key).unwrap().unwrap()).unwrap();
+        for g in batch.groups {
+            assert!(
+                prompts.insert(g.prompt_id),
+                "prompt {} twice ({key})",
+                g.prompt_id
+            );
+        }
+    }
+    assert!(store.get("run/FINISHED").unwrap().is_some());
+    let log = std::fs::read_to_string(dir.path().join("trainer.log")).unwrap();
+    assert!(
+        log.contains("rollouts/stranger/000000000000.parquet"),
+        "the refused object is logged with its key:\n{log}"
+    );
+}
+
+#[test]
+fn a_trainer_refuses_a_run_id_already_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = Store::open(&url, "taken").unwrap();
+    store
+        .put("run/config.toml", b"seed = 0\n".to_vec())
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_countdown"))
+        .args(["--role", "trainer", "--store", &url, "--run-id", "taken"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds a run"), "{err}");
+}

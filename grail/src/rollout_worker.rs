@@ -1,0 +1,452 @@
+//! A rollout worker process (`role = "rollout"`): given only the store URL and the run id, it
+//! takes the job config, tokenizer, model config and newest weights from the store, generates
+//! and scores groups from the prompt blocks it claims, writes them as rollout objects, follows
+//! the trainer's weight versions, and exits by itself once the trainer has marked the run
+//! finished. Workers can join and leave at any time.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use grail_core::device::parse_device;
+use grail_core::model::{CausalLm, ModelConfig, NamedTensorSource};
+use grail_core::tokenizer::Tokenizer;
+use grail_protocol::{Group, PoolMessage, WeightPayload, WeightUpdate, WireDtype};
+use grail_rollout::pool::PoolCounters;
+use grail_rollout::{PromptCursor, RolloutError, RolloutPool, spawn_pool_with};
+use grail_store::progress::{self, WorkerCounters};
+use grail_store::{PromptClaims, RolloutWriter, Store, WeightReader, layout};
+use serde::Serialize;
+
+use crate::async_grpo::pool_config;
+use crate::config::{GrpoConfig, Role};
+use crate::evaluate::{generation_config, prompt_limits};
+use crate::progress::Progress;
+use crate::setup::{Source, environments};
+
+/// How often the worker looks for new weights, the end of the run and room to write.
+const POLL: Duration = Duration::from_millis(200);
+/// Longest wait before the groups finished so far are written as one object.
+const FLUSH_AFTER: Duration = Duration::from_secs(1);
+
+/// What a rollout worker did (its last stdout line, as JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerSummary {
+    /// The worker's id in the store.
+    pub worker_id: String,
+    /// The store and run it worked for.
+    pub store: String,
+    /// Its counters: `generated = sent + failed + unsent_at_shutdown`.
+    pub counters: WorkerCounters,
+    /// The newest weights version it generated with.
+    pub version: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Runs a rollout worker for the run in `local.store` until the trainer finishes it or `stop`
+/// is set. `source` supplies the task when it is not the config's `[env]`.
+pub(crate) fn run_worker(
+    local: &GrpoConfig,
+    source: &Source,
+    stop: Arc<AtomicBool>,
+) -> Result<WorkerSummary> {
+    let start = Instant::now();
+    let url = local
+        .store
+        .as_deref()
+        .context("a rollout worker needs `store`")?;
+    let store = Store::open(url, &local.run_id)?;
+    let worker = local.worker_id.clone().unwrap_or_else(default_worker_id);
+    // A worker's counters are its own: a second process under the same id would overwrite them.
+    if store.get(&layout::worker_key(&worker))?.is_some() {
+        bail!(
+            "worker id `{worker}` has already worked for {} (its counters are in the store): \
+             choose another id, or leave `worker_id` unset for a fresh one",
+            store.location("")
+        );
+    }
+    let mut summary = WorkerSummary {
+        worker_id: worker.clone(),
+        store: store.location(""),
+        counters: WorkerCounters {
+            finished: true,
+            ..WorkerCounters::default()
+        },
+        version: 0,
+        seconds: 0.0,
+    };
+    let progress = Progress::new(0, "rollout");
+    progress.update(format!("waiting for the trainer of {}", store.location("")));
+    let Some(cfg_text) = wait_for(&store, &format!("{}config.toml", layout::RUN), &stop)? else {
+        summary.seconds = start.elapsed().as_secs_f64();
+        return Ok(summary);
+    };
+    let cfg = run_config(local, &cfg_text)?;
+    let tokenizer = Arc::new(download_tokenizer(&store)?);
+    let model_config = store
+        .get(&format!("{}config.json", layout::RUN))?
+        .context("the run manifest has no config.json")?;
+    let model_config = ModelConfig::from_hf_json(serde_json::from_slice(&model_config)?)?;
+    let device = parse_device(&cfg.device)?;
+    let mut reader = WeightReader::new(store.clone(), WireDtype::Bf16);
+    while reader.version().is_none() {
+        if stop.load(Ordering::SeqCst) || finished(&store)? {
+            summary.seconds = start.elapsed().as_secs_f64();
+            return Ok(summary);
+        }
+        report_faults(reader.catch_up()?.faults);
+        std::thread::sleep(POLL);
+    }
+    let version = reader.version().expect("caught up");
+    let model = CausalLm::build(
+        &model_config,
+        &mut NamedTensorSource::new(reader.tensors().expect("caught up"), &device),
+    )?;
+    let (train_env, _) = environments(&cfg, source, &tokenizer)?;
+    let generation = generation_config(&cfg, &tokenizer.eos_token_ids);
+    let limits = prompt_limits(&cfg, &model);
+    let mut pool_cfg = pool_config(&cfg, &generation, &limits);
+    // Backpressure comes from the store (see `Outbox::wait_for_room`), not the pool.
+    pool_cfg.max_ahead = None;
+    pool_cfg.start_version = version;
+    let block = pool_cfg.prompts_per_batch as u64;
+    let cursor = Arc::new(StoreCursor::new(PromptClaims::new(
+        store.clone(),
+        &worker,
+        block,
+    )?));
+    let pool = spawn_pool_with(&model, train_env.clone(), pool_cfg, cursor)?;
+    drop(model);
+    tracing::info!(worker = %worker, version, store = %store.location(""), "rollout worker started");
+    let reward_names = train_env.rewards().iter().map(|r| r.name.clone()).collect();
+    let mut outbox = Outbox {
+        writer: RolloutWriter::new(store.clone(), &worker, reward_names)?,
+        store: store.clone(),
+        worker: worker.clone(),
+        room: cfg
+            .grpo
+            .max_ahead
+            .map(|a| (a + 1) * cfg.grpo.prompts_per_step as u64),
+        counters: WorkerCounters::default(),
+        batch_groups: block as usize,
+    };
+    let end = Arc::new(AtomicBool::new(false));
+    let newest = Arc::new(AtomicU64::new(version));
+    let follower = {
+        let (store, end, stop, newest) = (store.clone(), end.clone(), stop.clone(), newest.clone());
+        let feedback = pool.feedback.clone();
+        std::thread::Builder::new()
+            .name("grail-follow".into())
+            .spawn(move || {
+                let followed = follow(reader, &store, &feedback, &end, &stop, &newest);
+                // However it ends (a store error included), the outbox must stop too.
+                end.store(true, Ordering::SeqCst);
+                followed
+            })?
+    };
+    let written = outbox.run(&pool, &end, &stop, &progress);
+    progress.finish();
+    end.store(true, Ordering::SeqCst);
+    let live = Live::of(pool.counters());
+    let report = pool.shutdown();
+    let followed = follower
+        .join()
+        .map_err(|_| anyhow::anyhow!("the weight follower thread panicked"));
+    // The final counters are written whatever went wrong, so the trainer need not wait for them.
+    let live = match &report {
+        Ok(r) => Live {
+            generated: r.generated as u64,
+            failed: r.failed as u64,
+            failed_groups: r.failed_groups as u64,
+            tokens: r.tokens as u64,
+        },
+        Err(_) => live,
+    };
+    let mut c = outbox.counters;
+    live.fill(&mut c);
+    // Groups generated and not written (in the channel, or cut off by the end) are unsent.
+    c.unsent_at_shutdown = c.generated.saturating_sub(c.sent + c.failed);
+    c.finished = true;
+    progress::put_worker(&store, &worker, &c)?;
+    report?;
+    written?;
+    followed??;
+    summary.counters = c;
+    summary.version = newest.load(Ordering::SeqCst);
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// The job config from the manifest, with this process's own `device`, `output_dir` and store
+/// settings (the trainer's model and tokenizer paths mean nothing here: they come from the store).
+fn run_config(local: &GrpoConfig, manifest: &str) -> Result<GrpoConfig> {
+    let mut cfg: GrpoConfig = toml::from_str(manifest)
+        .map_err(|e| anyhow::anyhow!("the run manifest's config.toml: {e}"))?;
+    cfg.role = Role::Rollout;
+    cfg.store = local.store.clone();
+    cfg.run_id = local.run_id.clone();
+    cfg.worker_id = local.worker_id.clone();
+    cfg.device = local.device.clone();
+    cfg.output_dir = local.output_dir.clone();
+    cfg.model.path = None;
+    cfg.tokenizer.path = None;
+    cfg.validate().context("the run manifest's config.toml")?;
+    Ok(cfg)
+}
+
+/// The run's tokenizer, copied from `run/tokenizer/` into a temporary folder and loaded.
+fn download_tokenizer(store: &Store) -> Result<Tokenizer> {
+    let dir = tempfile::tempdir()?;
+    let prefix = format!("{}tokenizer/", layout::RUN);
+    for key in store.list(&prefix)? {
+        let bytes = store.get(&key)?.context("a tokenizer file vanished")?;
+        std::fs::write(dir.path().join(&key[prefix.len()..]), bytes)?;
+    }
+    Ok(Tokenizer::from_dir(dir.path())?)
+}
+
+/// The object at `key` once it exists (`None` when stopped or the run finished first).
+fn wait_for(store: &Store, key: &str, stop: &AtomicBool) -> Result<Option<String>> {
+    loop {
+        if let Some(bytes) = store.get(key)? {
+            return Ok(Some(
+                String::from_utf8(bytes.to_vec()).context(key.to_string())?,
+            ));
+        }
+        if stop.load(Ordering::SeqCst) || finished(store)? {
+            return Ok(None);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn finished(store: &Store) -> Result<bool> {
+    Ok(store.get(layout::FINISHED)?.is_some())
+}
+
+fn report_faults(faults: Vec<grail_store::WeightFault>) {
+    for f in faults {
+        tracing::warn!("weights refused: {f}");
+    }
+}
+
+/// `<host>-<pid>-<start time>`, in the characters a worker id allows.
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{host}-{}-{time:x}", std::process::id())
+}
+
+/// Follows the trainer: new weight versions go to the pool as full updates, and `end` is set
+/// once the run is finished (or `stop` is).
+fn follow(
+    mut reader: WeightReader,
+    store: &Store,
+    feedback: &flume::Sender<PoolMessage>,
+    end: &AtomicBool,
+    stop: &AtomicBool,
+    newest: &AtomicU64,
+) -> Result<()> {
+    let mut checked = Instant::now();
+    while !end.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
+            end.store(true, Ordering::SeqCst);
+            break;
+        }
+        let caught = reader.catch_up()?;
+        report_faults(caught.faults);
+        if caught.changed {
+            let version = reader.version().expect("changed");
+            let tensors = reader.tensors().expect("changed").to_vec();
+            newest.store(version, Ordering::SeqCst);
+            let update = WeightUpdate {
+                version,
+                payload: WeightPayload::Full(Arc::new(tensors)),
+            };
+            let _ = feedback.send(PoolMessage::Weights(update));
+        }
+        if checked.elapsed() > Duration::from_secs(1) {
+            checked = Instant::now();
+            if finished(store)? {
+                tracing::info!("the trainer finished the run");
+                end.store(true, Ordering::SeqCst);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// Prompt indices from the blocks this worker claims in the store.
+struct StoreCursor {
+    state: Mutex<(PromptClaims, Range<u64>, u64)>,
+}
+
+impl StoreCursor {
+    fn new(claims: PromptClaims) -> Self {
+        Self {
+            state: Mutex::new((claims, 0..0, 0)),
+        }
+    }
+}
+
+impl PromptCursor for StoreCursor {
+    fn next(&self) -> Result<u64, RolloutError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (claims, range, taken) = &mut *state;
+        if range.is_empty() {
+            *range = claims
+                .claim()
+                .map_err(|e| RolloutError::prompt(range.start, format!("claiming prompts: {e}")))?;
+        }
+        *taken += 1;
+        Ok(range.next().expect("not empty"))
+    }
+
+    fn taken(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).2
+    }
+}
+
+/// A snapshot of a pool's counters.
+struct Live {
+    generated: u64,
+    failed: u64,
+    failed_groups: u64,
+    tokens: u64,
+}
+
+impl Live {
+    /// Reads failures before generations: a sample is counted generated before it can fail, so
+    /// the snapshot never shows more failed than generated.
+    fn of(c: &PoolCounters) -> Self {
+        let failed = c.failed.load(Ordering::SeqCst) as u64;
+        let failed_groups = c.failed_groups.load(Ordering::SeqCst) as u64;
+        Self {
+            failed,
+            failed_groups,
+            generated: c.generated.load(Ordering::SeqCst) as u64,
+            tokens: c.tokens.load(Ordering::SeqCst) as u64,
+        }
+    }
+
+    fn fill(&self, c: &mut WorkerCounters) {
+        c.generated = self.generated;
+        c.failed = self.failed;
+        c.failed_groups = self.failed_groups;
+        c.tokens = self.tokens;
+    }
+}
+
+/// Writes the pool's groups to the store, a batch per object.
+struct Outbox {
+    writer: RolloutWriter,
+    store: Store,
+    worker: String,
+    /// Groups written but not yet consumed by the trainer, over all workers, beyond which this
+    /// worker waits (`(max_ahead + 1) × prompts_per_step`); `None`: no bound.
+    room: Option<u64>,
+    counters: WorkerCounters,
+    batch_groups: usize,
+}
+
+impl Outbox {
+    fn run(
+        &mut self,
+        pool: &RolloutPool,
+        end: &AtomicBool,
+        stop: &AtomicBool,
+        progress: &Progress,
+    ) -> Result<()> {
+        let mut batch: Vec<Group> = Vec::new();
+        let mut since = Instant::now();
+        while !end.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            match pool.groups.recv_timeout(POLL) {
+                Ok(group) => {
+                    if batch.is_empty() {
+                        since = Instant::now();
+                    }
+                    batch.push(group);
+                }
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            }
+            let due = batch.len() >= self.batch_groups
+                || (!batch.is_empty() && since.elapsed() > FLUSH_AFTER);
+            if due && self.wait_for_room(end, stop)? {
+                self.write(std::mem::take(&mut batch), pool.counters())?;
+                let c = &self.counters;
+                progress.update(format!(
+                    "{} samples written, {} generated, {} failed",
+                    c.sent, c.generated, c.failed
+                ));
+            }
+        }
+        // Groups not written: counted as unsent by the caller (generated − sent − failed).
+        Ok(())
+    }
+
+    /// Waits while the groups written by all workers and not yet consumed by the trainer fill
+    /// the room; `false` when the run ended meanwhile.
+    fn wait_for_room(&self, end: &AtomicBool, stop: &AtomicBool) -> Result<bool> {
+        let Some(room) = self.room else {
+            return Ok(true);
+        };
+        loop {
+            if end.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            let trainer = progress::get_trainer(&self.store)?;
+            // Refused groups will never be consumed: they leave the room too.
+            let consumed = trainer.consumed_groups + trainer.refused_groups;
+            let written: u64 = progress::get_workers(&self.store)?
+                .iter()
+                .map(|(id, c)| {
+                    if *id == self.worker {
+                        self.counters.sent_groups
+                    } else {
+                        c.sent_groups
+                    }
+                })
+                .sum::<u64>()
+                .max(self.counters.sent_groups);
+            if written.saturating_sub(consumed) < room {
+                return Ok(true);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Writes `groups` as one object, then the counters (with the pool's `live` ones).
+    fn write(&mut self, groups: Vec<Group>, live: &PoolCounters) -> Result<()> {
+        let samples: u64 = groups.iter().map(|g| g.samples.len() as u64).sum();
+        let n = groups.len() as u64;
+        let key = self.writer.write(groups)?;
+        let c = &mut self.counters;
+        c.sent += samples;
+        c.sent_groups += n;
+        Live::of(live).fill(c);
+        progress::put_worker(&self.store, &self.worker, &self.counters)?;
+        tracing::debug!(key, samples, "rollouts written");
+        Ok(())
+    }
+}
