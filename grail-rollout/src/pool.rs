@@ -376,7 +376,9 @@ impl WorkerContext {
         };
         let mut prompts = Vec::with_capacity(self.cfg.prompts_per_batch);
         for _ in 0..self.cfg.prompts_per_batch {
-            let index = self.prompts.next()?;
+            let Some(index) = self.prompts.next()? else {
+                break;
+            };
             let prompt = match self.env.prompt(index) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,

@@ -8,8 +8,9 @@ use crate::error::RolloutError;
 
 /// Hands out prompt indices to a pool's workers.
 pub trait PromptCursor: Send + Sync {
-    /// The index of the next prompt to generate.
-    fn next(&self) -> Result<u64, RolloutError>;
+    /// The index of the next prompt to generate; `None` when this pool is to take no more
+    /// (its workers then finish their batches and stop, as when the environment runs out).
+    fn next(&self) -> Result<Option<u64>, RolloutError>;
     /// Prompts handed out since the pool started (the pool's `max_ahead` bound counts these).
     fn taken(&self) -> u64;
 }
@@ -32,8 +33,8 @@ impl Counter {
 }
 
 impl PromptCursor for Counter {
-    fn next(&self) -> Result<u64, RolloutError> {
-        Ok(self.next.fetch_add(1, Ordering::SeqCst))
+    fn next(&self) -> Result<Option<u64>, RolloutError> {
+        Ok(Some(self.next.fetch_add(1, Ordering::SeqCst)))
     }
 
     fn taken(&self) -> u64 {

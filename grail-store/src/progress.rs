@@ -38,8 +38,33 @@ pub struct WorkerCounters {
     pub unsent_at_shutdown: u64,
     /// Completion tokens generated.
     pub tokens: u64,
+    /// Prompts the worker has taken from its claimed blocks (one group each once generated).
+    #[serde(default)]
+    pub taken: u64,
+    /// When these counters were written (Unix milliseconds): a worker rewrites them at least
+    /// every second while it runs, so old ones mean it is gone.
+    #[serde(default)]
+    pub heartbeat_ms: u64,
     /// Whether the worker has stopped (these are its final counts).
     pub finished: bool,
+}
+
+/// How long a running worker's counters may go unwritten before others count it gone.
+pub const GONE_AFTER_MS: u64 = 10_000;
+
+/// The time now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl WorkerCounters {
+    /// Whether the worker is still at work at `now` (Unix ms): not finished, and heard from in
+    /// the last [`GONE_AFTER_MS`].
+    pub fn running(&self, now: u64) -> bool {
+        !self.finished && now.saturating_sub(self.heartbeat_ms) < GONE_AFTER_MS
+    }
 }
 
 fn json<T: Serialize>(value: &T) -> Vec<u8> {

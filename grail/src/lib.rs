@@ -23,6 +23,7 @@
 
 mod async_grpo;
 pub mod checkpoint;
+mod claimed_prompts;
 pub mod config;
 pub mod evaluate;
 pub mod output;

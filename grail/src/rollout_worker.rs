@@ -4,9 +4,8 @@
 //! the trainer's weight versions, and exits by itself once the trainer has marked the run
 //! finished. Workers can join and leave at any time.
 
-use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,19 +14,22 @@ use grail_core::model::{CausalLm, ModelConfig, NamedTensorSource};
 use grail_core::tokenizer::Tokenizer;
 use grail_protocol::{Group, PoolMessage, WeightPayload, WeightUpdate, WireDtype};
 use grail_rollout::pool::PoolCounters;
-use grail_rollout::{PromptCursor, RolloutError, RolloutPool, spawn_pool_with};
+use grail_rollout::{PromptCursor, RolloutPool, spawn_pool_with};
 use grail_store::progress::{self, WorkerCounters};
-use grail_store::{PromptClaims, RolloutWriter, Store, WeightReader, layout};
+use grail_store::{RolloutWriter, Store, WeightReader, layout};
 use serde::Serialize;
 
 use crate::async_grpo::pool_config;
+use crate::claimed_prompts::ClaimedPrompts;
 use crate::config::{GrpoConfig, Role};
 use crate::evaluate::{generation_config, prompt_limits};
 use crate::progress::Progress;
 use crate::setup::{Source, environments};
 
-/// How often the worker looks for new weights, the end of the run and room to write.
-const POLL: Duration = Duration::from_millis(200);
+/// How often the worker looks for new weights and the end of the run.
+const POLL: Duration = Duration::from_millis(50);
+/// The longest a running worker leaves its counters unwritten (see `WorkerCounters::running`).
+const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Longest wait before the groups finished so far are written as one object.
 const FLUSH_AFTER: Duration = Duration::from_secs(1);
 
@@ -109,31 +111,36 @@ pub(crate) fn run_worker(
     let generation = generation_config(&cfg, &tokenizer.eos_token_ids);
     let limits = prompt_limits(&cfg, &model);
     let mut pool_cfg = pool_config(&cfg, &generation, &limits);
-    // Backpressure comes from the store (see `Outbox::wait_for_room`), not the pool.
+    // The bound across processes is the cursor's (see `claimed_prompts`), not the pool's.
     pool_cfg.max_ahead = None;
     pool_cfg.start_version = version;
     let block = pool_cfg.prompts_per_batch as u64;
-    let cursor = Arc::new(StoreCursor::new(PromptClaims::new(
+    let end = Arc::new(AtomicBool::new(false));
+    let room = cfg
+        .grpo
+        .max_ahead
+        .map(|a| (a + 1) * cfg.grpo.prompts_per_step as u64);
+    let cursor = Arc::new(ClaimedPrompts::new(
         store.clone(),
         &worker,
         block,
-    )?));
-    let pool = spawn_pool_with(&model, train_env.clone(), pool_cfg, cursor)?;
+        room,
+        end.clone(),
+    )?);
+    let reward_names = train_env.rewards().iter().map(|r| r.name.clone()).collect();
+    let writer = RolloutWriter::new(store.clone(), &worker, reward_names)?;
+    let pool = spawn_pool_with(&model, train_env.clone(), pool_cfg, cursor.clone())?;
     drop(model);
     tracing::info!(worker = %worker, version, store = %store.location(""), "rollout worker started");
-    let reward_names = train_env.rewards().iter().map(|r| r.name.clone()).collect();
     let mut outbox = Outbox {
-        writer: RolloutWriter::new(store.clone(), &worker, reward_names)?,
+        writer,
         store: store.clone(),
         worker: worker.clone(),
-        room: cfg
-            .grpo
-            .max_ahead
-            .map(|a| (a + 1) * cfg.grpo.prompts_per_step as u64),
+        cursor,
         counters: WorkerCounters::default(),
         batch_groups: block as usize,
+        written_at: Instant::now(),
     };
-    let end = Arc::new(AtomicBool::new(false));
     let newest = Arc::new(AtomicU64::new(version));
     let follower = {
         let (store, end, stop, newest) = (store.clone(), end.clone(), stop.clone(), newest.clone());
@@ -167,6 +174,8 @@ pub(crate) fn run_worker(
     };
     let mut c = outbox.counters;
     live.fill(&mut c);
+    c.taken = outbox.cursor.taken();
+    c.heartbeat_ms = progress::now_ms();
     // Groups generated and not written (in the channel, or cut off by the end) are unsent.
     c.unsent_at_shutdown = c.generated.saturating_sub(c.sent + c.failed);
     c.finished = true;
@@ -296,37 +305,6 @@ fn follow(
     Ok(())
 }
 
-/// Prompt indices from the blocks this worker claims in the store.
-struct StoreCursor {
-    state: Mutex<(PromptClaims, Range<u64>, u64)>,
-}
-
-impl StoreCursor {
-    fn new(claims: PromptClaims) -> Self {
-        Self {
-            state: Mutex::new((claims, 0..0, 0)),
-        }
-    }
-}
-
-impl PromptCursor for StoreCursor {
-    fn next(&self) -> Result<u64, RolloutError> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (claims, range, taken) = &mut *state;
-        if range.is_empty() {
-            *range = claims
-                .claim()
-                .map_err(|e| RolloutError::prompt(range.start, format!("claiming prompts: {e}")))?;
-        }
-        *taken += 1;
-        Ok(range.next().expect("not empty"))
-    }
-
-    fn taken(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).2
-    }
-}
-
 /// A snapshot of a pool's counters.
 struct Live {
     generated: u64,
@@ -357,16 +335,16 @@ impl Live {
     }
 }
 
-/// Writes the pool's groups to the store, a batch per object.
+/// Writes the pool's groups to the store, a batch per object, and the worker's counters.
 struct Outbox {
     writer: RolloutWriter,
     store: Store,
     worker: String,
-    /// Groups written but not yet consumed by the trainer, over all workers, beyond which this
-    /// worker waits (`(max_ahead + 1) × prompts_per_step`); `None`: no bound.
-    room: Option<u64>,
+    cursor: Arc<ClaimedPrompts>,
     counters: WorkerCounters,
     batch_groups: usize,
+    /// When the counters were last written (they are rewritten at least every second).
+    written_at: Instant,
 }
 
 impl Outbox {
@@ -392,48 +370,29 @@ impl Outbox {
             }
             let due = batch.len() >= self.batch_groups
                 || (!batch.is_empty() && since.elapsed() > FLUSH_AFTER);
-            if due && self.wait_for_room(end, stop)? {
+            if due {
                 self.write(std::mem::take(&mut batch), pool.counters())?;
                 let c = &self.counters;
                 progress.update(format!(
                     "{} samples written, {} generated, {} failed",
                     c.sent, c.generated, c.failed
                 ));
+            } else if self.written_at.elapsed() > HEARTBEAT {
+                self.put_counters(pool.counters())?;
             }
         }
         // Groups not written: counted as unsent by the caller (generated − sent − failed).
         Ok(())
     }
 
-    /// Waits while the groups written by all workers and not yet consumed by the trainer fill
-    /// the room; `false` when the run ended meanwhile.
-    fn wait_for_room(&self, end: &AtomicBool, stop: &AtomicBool) -> Result<bool> {
-        let Some(room) = self.room else {
-            return Ok(true);
-        };
-        loop {
-            if end.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst) {
-                return Ok(false);
-            }
-            let trainer = progress::get_trainer(&self.store)?;
-            // Refused groups will never be consumed: they leave the room too.
-            let consumed = trainer.consumed_groups + trainer.refused_groups;
-            let written: u64 = progress::get_workers(&self.store)?
-                .iter()
-                .map(|(id, c)| {
-                    if *id == self.worker {
-                        self.counters.sent_groups
-                    } else {
-                        c.sent_groups
-                    }
-                })
-                .sum::<u64>()
-                .max(self.counters.sent_groups);
-            if written.saturating_sub(consumed) < room {
-                return Ok(true);
-            }
-            std::thread::sleep(POLL);
-        }
+    /// The worker's counters, with the pool's `live` ones and the time, to the store.
+    fn put_counters(&mut self, live: &PoolCounters) -> Result<()> {
+        Live::of(live).fill(&mut self.counters);
+        self.counters.taken = self.cursor.taken();
+        self.counters.heartbeat_ms = progress::now_ms();
+        progress::put_worker(&self.store, &self.worker, &self.counters)?;
+        self.written_at = Instant::now();
+        Ok(())
     }
 
     /// Writes `groups` as one object, then the counters (with the pool's `live` ones).
@@ -441,11 +400,9 @@ impl Outbox {
         let samples: u64 = groups.iter().map(|g| g.samples.len() as u64).sum();
         let n = groups.len() as u64;
         let key = self.writer.write(groups)?;
-        let c = &mut self.counters;
-        c.sent += samples;
-        c.sent_groups += n;
-        Live::of(live).fill(c);
-        progress::put_worker(&self.store, &self.worker, &self.counters)?;
+        self.counters.sent += samples;
+        self.counters.sent_groups += n;
+        self.put_counters(live)?;
         tracing::debug!(key, samples, "rollouts written");
         Ok(())
     }

@@ -24,7 +24,7 @@ use crate::config::GrpoConfig;
 /// The dtype weights travel in.
 const WIRE: WireDtype = WireDtype::Bf16;
 /// How often the inbox looks for new rollout objects.
-const POLL: Duration = Duration::from_millis(200);
+const POLL: Duration = Duration::from_millis(50);
 /// How long the trainer waits, once finished, for running workers to report their final counts.
 const FINISH_WAIT: Duration = Duration::from_secs(30);
 
@@ -265,12 +265,14 @@ impl StoreInbox {
     }
 }
 
-/// Every worker's counters once each running one has reported its end, or after [`FINISH_WAIT`].
+/// Every worker's counters once none is running (each has reported its end, or gone silent), or
+/// after [`FINISH_WAIT`].
 fn wait_for_workers(store: &Store) -> Result<Vec<(String, WorkerCounters)>> {
     let start = Instant::now();
     loop {
         let workers = progress::get_workers(store)?;
-        if workers.iter().all(|(_, c)| c.finished) || start.elapsed() > FINISH_WAIT {
+        let now = progress::now_ms();
+        if workers.iter().all(|(_, c)| !c.running(now)) || start.elapsed() > FINISH_WAIT {
             return Ok(workers);
         }
         std::thread::sleep(POLL);
