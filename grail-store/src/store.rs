@@ -19,6 +19,7 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     root: Path,
     url: String,
+    run_id: String,
     runtime: Arc<tokio::runtime::Runtime>,
 }
 
@@ -30,8 +31,9 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens run `run_id` in the store at `url`: `file:///abs/path` (a folder on this machine,
-    /// shared by the processes that run there) or `memory://` (a new empty store, shared only
-    /// by clones of this `Store`; for tests).
+    /// shared by the processes that run there), `s3://bucket/prefix` (any S3-compatible server;
+    /// endpoint and credentials from the `AWS_*` environment variables) or `memory://` (a new
+    /// empty store, shared only by clones of this `Store`; for tests).
     pub fn open(url: &str, run_id: &str) -> Result<Self, StoreError> {
         let bad_url = |why: String| StoreError::Url {
             url: url.to_string(),
@@ -62,9 +64,22 @@ impl Store {
                     .with_automatic_cleanup(true);
                 (Arc::new(local), Path::default())
             }
+            // Endpoint, region and credentials from the usual AWS_* variables (AWS_ENDPOINT,
+            // AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP for an
+            // http:// endpoint); conditional creates by `If-None-Match`, which S3, R2, MinIO and
+            // SeaweedFS honour.
+            "s3" => {
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| bad_url(e.to_string()))?;
+                let prefix = Path::from_url_path(parsed.path())
+                    .map_err(|e| bad_url(format!("the path after the bucket: {e}")))?;
+                (Arc::new(s3), prefix)
+            }
             other => {
                 return Err(bad_url(format!(
-                    "unsupported scheme `{other}` (use file:///path or memory://)"
+                    "unsupported scheme `{other}` (use file:///path, s3://bucket/prefix or memory://)"
                 )));
             }
         };
@@ -78,13 +93,14 @@ impl Store {
             inner,
             root: prefix.join(run_id),
             url: url.trim_end_matches('/').to_string(),
+            run_id: run_id.to_string(),
             runtime: Arc::new(runtime),
         })
     }
 
     /// Where `key` lives, for messages: `<url>/<run_id>/<key>`.
     pub fn location(&self, key: &str) -> String {
-        format!("{}/{}/{key}", self.url, self.root)
+        format!("{}/{}/{key}", self.url, self.run_id)
     }
 
     fn path(&self, key: &str) -> Path {

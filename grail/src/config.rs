@@ -61,8 +61,9 @@ pub struct GrpoConfig {
     /// `store`). Default all.
     pub role: Role,
     /// The object store a run spread over processes meets in: `file:///absolute/path` (processes
-    /// on one machine, or machines sharing that folder). Needed by the trainer and rollout roles.
-    /// Default none.
+    /// on one machine, or machines sharing that folder) or `s3://bucket/prefix` (any S3-compatible
+    /// server: AWS, R2, MinIO, SeaweedFS; endpoint and credentials from the `AWS_*` environment
+    /// variables). Needed by the trainer and rollout roles. Default none.
     pub store: Option<String>,
     /// The run's folder in `store`: a trainer and its rollout workers share it. Default "grail".
     pub run_id: String,
@@ -443,10 +444,14 @@ impl GrpoConfig {
                     "rollout"
                 }
             ),
-            (Role::Trainer | Role::Rollout, Some(url)) if !url.starts_with("file://") => bail!(
-                "config key `store` = {url:?}: the trainer and rollout roles meet in a folder \
-                 (file:///absolute/path); object stores over the network come next"
-            ),
+            (Role::Trainer | Role::Rollout, Some(url))
+                if !(url.starts_with("file://") || url.starts_with("s3://")) =>
+            {
+                bail!(
+                    "config key `store` = {url:?}: the trainer and rollout roles meet in a folder \
+                     (file:///absolute/path) or a bucket (s3://bucket/prefix)"
+                )
+            }
             _ => {}
         }
         if let Some(id) = &self.worker_id {

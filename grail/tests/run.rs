@@ -53,7 +53,10 @@ fn config_errors_name_the_key_or_path() {
     let m = err("store = \"file:///tmp/s\"\n");
     assert!(m.contains("`store`") && m.contains("role = \"all\""), "{m}");
     let m = err("role = \"rollout\"\nstore = \"memory://\"\n");
-    assert!(m.contains("file:///absolute/path"), "{m}");
+    assert!(
+        m.contains("file:///absolute/path") && m.contains("s3://"),
+        "{m}"
+    );
     let m = err("role = \"rollout\"\nstore = \"file:///tmp/s\"\nworker_id = \"a/b\"\n");
     assert!(m.contains("worker_id") && m.contains("a/b"), "{m}");
     let m = err("role = \"coordinator\"\n");
