@@ -1,8 +1,9 @@
 //! A run spread over processes through a `file://` store, as a researcher starts one: a trainer
 //! and two rollout workers of the countdown binary; one worker is killed with SIGKILL mid-run and
-//! a new one takes its place; a stranger's corrupt rollout object is refused. The run finishes,
-//! every worker still running exits by itself with status 0, no prompt is generated twice and
-//! every sample is accounted for across the processes.
+//! a new one takes its place; a stranger's corrupt rollout object is refused; the trainer is
+//! killed with SIGKILL and restarted with `--resume`. The run finishes, every worker still
+//! running exits by itself with status 0, no prompt is generated twice and every sample is
+//! accounted for across the processes.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -157,4 +158,74 @@ fn a_trainer_refuses_a_run_id_already_in_the_store() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already holds a run"), "{err}");
+}
+
+#[test]
+fn a_trainer_killed_mid_run_resumes_from_its_checkpoint_with_the_same_workers() {
+    const STEPS: u64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let out = dir.path().join("out");
+    let job = grail_testkit::tiny_job_toml(
+        &out,
+        &format!("role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"demo\"\nsave_steps = 2"),
+        &format!("max_steps = {STEPS}\nmax_staleness = 4"),
+        "prompts = 8\nevery = 0",
+    );
+    let config = dir.path().join("job.toml");
+    std::fs::write(&config, job).unwrap();
+    let config = config.to_str().unwrap();
+    let mut trainer = countdown(&["--config", config], &dir.path().join("trainer.log"));
+    let workers = [
+        rollout(&url, "w1", dir.path()),
+        rollout(&url, "w2", dir.path()),
+    ];
+    let steps = || {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    wait_until("a checkpoint and a step after it", || {
+        assert!(trainer.try_wait().unwrap().is_none(), "the trainer exited");
+        steps() >= 5
+    });
+    trainer.kill().unwrap(); // SIGKILL: no FINISHED, no final checkpoint
+    trainer.wait().unwrap();
+    let store = Store::open(&url, "demo").unwrap();
+    let killed_at = grail_store::weight_writer::newest_version(&store)
+        .unwrap()
+        .unwrap();
+    assert!(store.get("run/FINISHED").unwrap().is_none());
+    let resumed = countdown(
+        &["--config", config, "--resume"],
+        &dir.path().join("resumed.log"),
+    );
+    let s = summary(resumed, "resumed trainer");
+    assert_eq!(s["steps"], STEPS);
+    let acc = &s["accounting"];
+    assert_eq!(acc["identity_holds"], true, "{acc}");
+    let metric_steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        metric_steps,
+        (1..=STEPS).collect::<Vec<_>>(),
+        "every step once"
+    );
+    // The resumed attempt's versions come after every version the killed one published.
+    let newest = grail_store::weight_writer::newest_version(&store)
+        .unwrap()
+        .unwrap();
+    assert!(newest > killed_at, "{newest} after {killed_at}");
+    for (i, w) in workers.into_iter().enumerate() {
+        let w = summary(w, &format!("w{}", i + 1));
+        assert_eq!(w["counters"]["finished"], true, "{w}");
+    }
 }

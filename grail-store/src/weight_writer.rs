@@ -225,3 +225,15 @@ fn same_layout(old: &[NamedTensor], new: &[NamedTensor]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The newest version with a READY marker in `store` (`None` before the first publish): where a
+/// restarted trainer continues from.
+pub fn newest_version(store: &Store) -> Result<Option<PolicyVersion>, StoreError> {
+    Ok(store
+        .list(WEIGHTS)?
+        .iter()
+        .filter_map(|k| parse_weight_key(k))
+        .filter(|(_, file)| *file == READY_FILE)
+        .map(|(v, _)| v)
+        .max())
+}

@@ -88,6 +88,13 @@ impl GrpoTrainer {
         self.version
     }
 
+    /// Moves the policy version on to `version` (never back). A trainer resumed from a
+    /// checkpoint, whose run published newer versions after that checkpoint, continues after
+    /// them: a version number always names one set of weights.
+    pub fn continue_versions_from(&mut self, version: PolicyVersion) {
+        self.version = self.version.max(version);
+    }
+
     /// The frozen reference model of the KL term (present when beta > 0).
     pub fn reference(&self) -> Option<&CausalLm> {
         self.reference.as_ref()

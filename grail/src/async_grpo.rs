@@ -6,8 +6,8 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -17,6 +17,7 @@ use grail_protocol::{Group, WireDtype};
 use grail_rollout::generate::GenerationConfig;
 use grail_rollout::pool::PoolCounters;
 use grail_rollout::{Environment, PoolConfig, PromptLimits, RolloutPool, spawn_pool};
+use grail_store::weight_writer::newest_version;
 use grail_store::{RolloutCheck, Store};
 use grail_trainer::{
     ChannelRun, Feedback, GrpoTrainer, PoolFeedback, RunEvent, RunStats, StepMetrics, TrainerError,
@@ -24,11 +25,12 @@ use grail_trainer::{
 };
 use serde_json::json;
 
-use crate::checkpoint::{self, Accounting, RunState};
+use crate::checkpoint::{self, Accounting, RolloutCursor, RunState};
 use crate::config::GrpoConfig;
 use crate::evaluate::HeldOut;
 use crate::output::MetricsLog;
 use crate::progress::Progress;
+use crate::rollout_ledger::Ledger;
 use crate::store_trainer::{StoreFeedback, StoreInbox, publish_manifest};
 
 /// The dtype weights travel to the rollout workers in.
@@ -88,8 +90,25 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
             (Rollouts::Pool(pool), feedback)
         }
         Some(store) => {
+            if phase.resumed && phase.state.rollouts.is_none() {
+                anyhow::bail!(
+                    "the checkpoint resumed from was written by a run without a store (it has \
+                     no rollout cursor): resume it without `store`, or start a new run_id"
+                );
+            }
+            let ledger = Arc::new(Mutex::new(Ledger::resume(phase.state.rollouts.clone())));
+            if phase.resumed {
+                // Workers that come now must not take the earlier attempt's end for this one's.
+                store.delete(grail_store::layout::FINISHED)?;
+                // Versions published after the checkpoint (by the attempt that was stopped or
+                // killed) keep their numbers: this attempt's weights come after them.
+                if let Some(newest) = newest_version(store)? {
+                    trainer.continue_versions_from(newest + 1);
+                }
+            }
             publish_manifest(store, cfg, phase.tokenizer, trainer.model())?;
-            let feedback = StoreFeedback::start(store, cfg, trainer.model(), trainer.version())?;
+            let feedback =
+                StoreFeedback::start(store, cfg, trainer.model(), trainer.version(), &ledger)?;
             let check = RolloutCheck {
                 vocab_size: trainer.model().vocab_size(),
                 num_generations: g.num_generations,
@@ -115,14 +134,7 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
         max_steps: g.max_steps.saturating_sub(trainer.step()),
         stall_timeout: (g.stall_timeout > 0).then(|| Duration::from_secs(g.stall_timeout)),
     };
-    let mut log = StepLog::new(
-        phase,
-        rollouts.counters(),
-        metrics_log,
-        curve,
-        trainer.step(),
-        start,
-    );
+    let mut log = StepLog::new(phase, &rollouts, metrics_log, curve, trainer.step(), start);
     let go_on = || {
         if phase.stop.load(Ordering::SeqCst) {
             ControlFlow::Break(())
@@ -158,7 +170,7 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
     } = log;
     progress.finish();
     let failed_groups = rollouts.counters().failed_groups.load(Ordering::SeqCst);
-    let end = rollouts.finish();
+    let end = rollouts.finish(result.as_ref().map_or(0, |r| r.groups_settled));
     let run = match result {
         Ok(run) => run,
         Err(e @ TrainerError::Stalled(_)) => {
@@ -182,13 +194,29 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
         ..end.accounting
     };
     let state = phase.state;
+    let accounting = if end.cursor.is_some() {
+        // With a store the workers' counters are the whole run's: the rollout side of the
+        // accounting is the final one, the trainer's side adds up over the attempts.
+        let before = &state.accounting;
+        Accounting {
+            received: before.received + segment.received,
+            trained: before.trained + segment.trained,
+            dropped_stale: before.dropped_stale + segment.dropped_stale,
+            dropped_filtered: before.dropped_filtered + segment.dropped_filtered,
+            unused_at_close: before.unused_at_close + segment.unused_at_close,
+            ..segment
+        }
+    } else {
+        state.accounting.plus(&segment)
+    };
     Ok(PhaseEnd {
         state: RunState {
             step: trainer.step(),
             prompt_cursor: state.prompt_cursor + (run.groups_settled + end.failed_groups) as u64,
             grpo_seconds: state.grpo_seconds + start.elapsed().as_secs_f64(),
             overlapped_steps: state.overlapped_steps + overlapped,
-            accounting: state.accounting.plus(&segment),
+            accounting,
+            rollouts: end.cursor,
             ..state.clone()
         },
         curve,
@@ -250,6 +278,8 @@ struct RolloutEnd {
     accounting: Accounting,
     /// Groups it failed itself (their prompts count as settled).
     failed_groups: usize,
+    /// With a store: the trainer's place in the rollout objects.
+    cursor: Option<RolloutCursor>,
 }
 
 impl Rollouts {
@@ -267,8 +297,9 @@ impl Rollouts {
         }
     }
 
-    /// Stops the rollout side and accounts for what it generated.
-    fn finish(self) -> Result<RolloutEnd> {
+    /// Stops the rollout side and accounts for what it generated; the trainer settled
+    /// `settled` groups.
+    fn finish(self, settled: usize) -> Result<RolloutEnd> {
         match self {
             Rollouts::Pool(pool) => {
                 let groups = pool.groups.clone();
@@ -283,12 +314,17 @@ impl Rollouts {
                         ..Accounting::default()
                     },
                     failed_groups: report.failed_groups,
+                    cursor: None,
                 })
             }
-            Rollouts::Store(inbox) => Ok(RolloutEnd {
-                accounting: inbox.finish()?,
-                failed_groups: 0,
-            }),
+            Rollouts::Store(inbox) => {
+                let (accounting, cursor) = inbox.finish(settled)?;
+                Ok(RolloutEnd {
+                    accounting,
+                    failed_groups: 0,
+                    cursor: Some(cursor),
+                })
+            }
         }
     }
 }
@@ -297,6 +333,8 @@ impl Rollouts {
 struct StepLog<'a> {
     phase: &'a Phase<'a>,
     counters: &'a PoolCounters,
+    /// With a store, the inbox whose cursor checkpoints save.
+    inbox: Option<&'a StoreInbox>,
     metrics_log: MetricsLog,
     curve: Curve,
     progress: Progress,
@@ -314,7 +352,7 @@ struct StepLog<'a> {
 impl<'a> StepLog<'a> {
     fn new(
         phase: &'a Phase<'a>,
-        counters: &'a PoolCounters,
+        rollouts: &'a Rollouts,
         metrics_log: MetricsLog,
         curve: Curve,
         step: usize,
@@ -322,9 +360,14 @@ impl<'a> StepLog<'a> {
     ) -> Self {
         let progress = Progress::new(phase.cfg.grpo.max_steps as u64, "grpo");
         progress.set_position(step as u64);
+        let counters = rollouts.counters();
         Self {
             phase,
             counters,
+            inbox: match rollouts {
+                Rollouts::Store(inbox) => Some(inbox),
+                Rollouts::Pool(_) => None,
+            },
             metrics_log,
             curve,
             progress,
@@ -405,6 +448,7 @@ impl<'a> StepLog<'a> {
             grpo_seconds: self.grpo_seconds(),
             overlapped_steps: state.overlapped_steps + self.overlapped,
             accounting: state.accounting.plus(&settled(stats, failed_samples)),
+            rollouts: self.inbox.map(|inbox| inbox.cursor(stats.groups_settled)),
             ..state.clone()
         };
         let cfg = self.phase.cfg;

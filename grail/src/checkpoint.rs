@@ -110,6 +110,28 @@ pub struct RunState {
     /// Where the samples settled so far went (samples still in flight are not counted: a
     /// resumed pool regenerates their prompts).
     pub accounting: Accounting,
+    /// With a store: which rollout objects the trainer had settled, so a resumed trainer
+    /// neither trains on them again nor skips what it had not settled.
+    #[serde(default)]
+    pub rollouts: Option<RolloutCursor>,
+}
+
+/// The trainer's place in a store's rollout objects at a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutCursor {
+    /// Objects done with: every group settled, or the object refused.
+    pub settled: Vec<String>,
+    /// The object in progress and how many of its groups (in order) were settled.
+    pub partial: Option<(String, usize)>,
+    /// Samples in the decodable settled objects, by worker (for the accounting of objects
+    /// that could not be decoded).
+    pub decoded: std::collections::BTreeMap<String, u64>,
+    /// Samples in refused objects.
+    pub refused_samples: u64,
+    /// Groups in refused objects.
+    pub refused_groups: u64,
+    /// Groups settled by the trainer since the run began (`trainer/progress.json`).
+    pub consumed_groups: u64,
 }
 
 /// The directory of the checkpoint at `step`.

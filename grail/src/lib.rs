@@ -29,6 +29,7 @@ pub mod evaluate;
 pub mod output;
 pub mod plot;
 pub mod progress;
+mod rollout_ledger;
 pub mod rollout_worker;
 pub mod runner;
 pub mod setup;

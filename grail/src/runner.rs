@@ -240,6 +240,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
                 grpo_seconds: 0.0,
                 overlapped_steps: 0,
                 accounting: Accounting::default(),
+                rollouts: None,
             };
             (trainer, state)
         }
@@ -294,20 +295,18 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
     })
 }
 
-/// The trainer's store: a new run's folder (one that a finished or running trainer already used
-/// is refused: resuming a run through a store is not supported yet).
+/// The trainer's store. A new run claims a folder no run has used (two trainers started at once
+/// for one run id: only one gets it); a resumed run takes its own folder back.
 fn open_trainer_store(cfg: &GrpoConfig, url: &str) -> Result<grail_store::Store> {
-    if cfg.resume_from_checkpoint != crate::config::ResumeFrom::Latest(false) {
-        bail!(
-            "config key `resume_from_checkpoint`: a trainer with a store cannot resume yet (its \
-             rollout cursor and weight versions are not in its checkpoints); start a new run_id"
-        );
-    }
     let store = grail_store::Store::open(url, &cfg.run_id)?;
+    if cfg.resume_from_checkpoint != crate::config::ResumeFrom::Latest(false) {
+        return Ok(store);
+    }
     if !store.list("")?.is_empty() {
         bail!(
             "the store already holds a run at {} (config key `run_id` = {:?}): choose another \
-             run_id, or remove the old run's folder",
+             run_id, resume it (resume_from_checkpoint = true, with its output_dir), or remove \
+             the old run's folder",
             store.location(""),
             cfg.run_id
         );

@@ -3,9 +3,8 @@
 //! into groups on the channel the trainer reads, and at the end it marks the run finished and
 //! accounts for every sample the workers report.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,8 +17,9 @@ use grail_store::progress::{self, TrainerProgress, WorkerCounters};
 use grail_store::{RolloutCheck, RolloutReader, Store, WeightWriter, WeightWriterConfig, layout};
 use grail_trainer::{Feedback, TrainerError};
 
-use crate::checkpoint::Accounting;
+use crate::checkpoint::{Accounting, RolloutCursor};
 use crate::config::GrpoConfig;
+use crate::rollout_ledger::Ledger;
 
 /// The dtype weights travel in.
 const WIRE: WireDtype = WireDtype::Bf16;
@@ -70,16 +70,18 @@ pub(crate) struct StoreFeedback {
     writer: WeightWriter,
     progress: TrainerProgress,
     newest: Arc<AtomicU64>,
-    refused_groups: Arc<AtomicU64>,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl StoreFeedback {
-    /// Publishes `model` as `version` (the run's first weights) and returns the feedback.
+    /// Publishes `model` as `version` (this attempt's first weights) and returns the feedback;
+    /// `ledger` holds the consumed and refused counts of earlier attempts.
     pub(crate) fn start(
         store: &Store,
         cfg: &GrpoConfig,
         model: &CausalLm,
         version: PolicyVersion,
+        ledger: &Arc<Mutex<Ledger>>,
     ) -> Result<Self> {
         let writer = WeightWriter::new(
             store.clone(),
@@ -92,9 +94,12 @@ impl StoreFeedback {
         let mut feedback = Self {
             store: store.clone(),
             writer,
-            progress: TrainerProgress::default(),
+            progress: TrainerProgress {
+                consumed_groups: lock(ledger).consumed_groups(0),
+                ..TrainerProgress::default()
+            },
             newest: Arc::new(AtomicU64::new(version)),
-            refused_groups: Arc::new(AtomicU64::new(0)),
+            ledger: ledger.clone(),
         };
         feedback.publish(version, model)?;
         Ok(feedback)
@@ -103,7 +108,7 @@ impl StoreFeedback {
 
 impl StoreFeedback {
     fn put_progress(&mut self) -> grail_trainer::Result<()> {
-        self.progress.refused_groups = self.refused_groups.load(Ordering::SeqCst);
+        self.progress.refused_groups = lock(&self.ledger).refused_groups;
         progress::put_trainer(&self.store, &self.progress).map_err(store_error)
     }
 }
@@ -130,19 +135,6 @@ impl Feedback for StoreFeedback {
     }
 }
 
-/// What the inbox has seen, by worker.
-#[derive(Debug, Default)]
-struct Seen {
-    /// Samples in each worker's objects that could be decoded.
-    decoded: HashMap<String, u64>,
-    /// Samples in objects refused by the check.
-    refused: u64,
-    /// Objects refused (unreadable or failing the check).
-    faults: u64,
-    /// Samples decoded and accepted but not handed to the trainer when it stopped.
-    held: u64,
-}
-
 /// The rollouts the trainer reads from the store: groups arrive on `groups` like the pool's.
 pub(crate) struct StoreInbox {
     /// Accepted groups, oldest objects first.
@@ -151,12 +143,13 @@ pub(crate) struct StoreInbox {
     pub counters: Arc<PoolCounters>,
     store: Store,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<(RolloutReader, Seen)>>>,
+    ledger: Arc<Mutex<Ledger>>,
+    thread: Option<JoinHandle<Result<RolloutReader>>>,
 }
 
 impl StoreInbox {
-    /// Starts reading rollout objects, checking each against `check` and the newest version
-    /// `feedback` published.
+    /// Starts reading the rollout objects `feedback`'s ledger has not settled, checking each
+    /// against `check` and the newest version `feedback` published.
     pub(crate) fn start(
         store: &Store,
         check: RolloutCheck,
@@ -166,45 +159,57 @@ impl StoreInbox {
         let (tx, rx) = flume::bounded(capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(PoolCounters::default());
+        let ledger = feedback.ledger.clone();
+        let settled: Vec<String> = lock(&ledger).settled_before().collect();
         let mut inbox = Inbox {
-            reader: RolloutReader::new(store.clone()),
+            reader: RolloutReader::after(store.clone(), settled),
             store: store.clone(),
             check,
             newest: feedback.newest.clone(),
-            refused_groups: feedback.refused_groups.clone(),
             tx,
             stop: stop.clone(),
             counters: counters.clone(),
-            seen: Seen::default(),
+            ledger: ledger.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("grail-inbox".into())
             .spawn(move || {
                 inbox.run()?;
-                Ok((inbox.reader, inbox.seen))
+                Ok(inbox.reader)
             })?;
         Ok(Self {
             groups: rx,
             counters,
             store: store.clone(),
             stop,
+            ledger,
             thread: Some(thread),
         })
+    }
+
+    /// The cursor a checkpoint saves once the trainer has settled `settled` groups of this
+    /// attempt.
+    pub(crate) fn cursor(&self, settled: usize) -> RolloutCursor {
+        lock(&self.ledger).cursor(settled)
     }
 
     /// Marks the run finished, stops reading, waits (up to [`FINISH_WAIT`]) for running workers'
     /// final counts and returns the transport's side of the accounting: what the workers
     /// generated, sent, failed and did not send, and what was left in the channel or the store
-    /// or refused. The trainer's own counts are added by the caller.
-    pub(crate) fn finish(mut self) -> Result<Accounting> {
+    /// or refused, over every attempt of the run (the workers' counters are the run's). The
+    /// trainer's own counts are added by the caller. Also returns the cursor after the last of
+    /// `settled` groups of this attempt.
+    pub(crate) fn finish(mut self, settled: usize) -> Result<(Accounting, RolloutCursor)> {
         self.stop.store(true, Ordering::SeqCst);
         self.store.put(layout::FINISHED, b"finished\n".to_vec())?;
-        let (reader, mut seen) = self
+        let reader = self
             .thread
             .take()
             .expect("joined once")
             .join()
             .map_err(|_| anyhow::anyhow!("the rollout inbox thread panicked"))??;
+        let cursor = self.cursor(settled);
+        let mut seen = lock(&self.ledger);
         let in_channel: u64 = self.groups.drain().map(|g| g.samples.len() as u64).sum();
         let workers = wait_for_workers(&self.store)?;
         // Objects written before the workers saw FINISHED and not read: left in the store.
@@ -225,7 +230,7 @@ impl StoreInbox {
         }
         let mut acc = Accounting {
             left_in_channel: (in_channel + seen.held + left_in_store) as usize,
-            rejected: seen.refused as usize,
+            rejected: seen.refused_samples as usize,
             ..Accounting::default()
         };
         // Every worker with counters or objects: one killed before its first counters still
@@ -261,7 +266,7 @@ impl StoreInbox {
                 "rollout objects were refused (each logged with its key)"
             );
         }
-        Ok(acc)
+        Ok((acc, cursor))
     }
 }
 
@@ -288,9 +293,7 @@ struct Inbox {
     tx: flume::Sender<Group>,
     stop: Arc<AtomicBool>,
     counters: Arc<PoolCounters>,
-    /// Groups in objects refused by the check (shared with the feedback, which publishes them).
-    refused_groups: Arc<AtomicU64>,
-    seen: Seen,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl Inbox {
@@ -309,11 +312,12 @@ impl Inbox {
                 std::thread::sleep(POLL);
             }
             for arrival in arrivals {
-                let batch = match arrival.batch {
+                let key = arrival.key;
+                let mut batch = match arrival.batch {
                     Ok(batch) => batch,
                     Err(why) => {
-                        self.seen.faults += 1;
-                        tracing::warn!(key = %arrival.key, "rollout object refused: {why}");
+                        tracing::warn!(key = %key, "rollout object refused: {why}");
+                        lock(&self.ledger).undecodable(key);
                         continue;
                     }
                 };
@@ -322,24 +326,20 @@ impl Inbox {
                     .iter()
                     .map(|g| g.samples.len() as u64)
                     .sum::<u64>();
-                *self
-                    .seen
-                    .decoded
-                    .entry(batch.worker_id.clone())
-                    .or_default() += samples;
                 let newest = self.newest.load(Ordering::SeqCst);
                 if let Err(why) = self.check.check(&batch, newest) {
-                    self.seen.faults += 1;
-                    self.seen.refused += samples;
-                    self.refused_groups
-                        .fetch_add(batch.groups.len() as u64, Ordering::SeqCst);
                     tracing::warn!(
-                        key = %self.store.location(&arrival.key),
+                        key = %self.store.location(&key),
                         "rollout object refused: {why}"
                     );
+                    let groups = batch.groups.len();
+                    lock(&self.ledger).refused(key, batch.worker_id, groups, samples);
                     continue;
                 }
-                self.hand_over(batch.groups);
+                let skipped = lock(&self.ledger).skip(&key).min(batch.groups.len());
+                let groups: Vec<Group> = batch.groups.drain(skipped..).collect();
+                lock(&self.ledger).handed(key, batch.worker_id, groups.len(), skipped, samples);
+                self.hand_over(groups);
             }
         }
         Ok(())
@@ -353,7 +353,7 @@ impl Inbox {
             loop {
                 if self.stop.load(Ordering::SeqCst) {
                     let rest: u64 = groups.map(|g| g.samples.len() as u64).sum();
-                    self.seen.held += group.samples.len() as u64 + rest;
+                    lock(&self.ledger).held += group.samples.len() as u64 + rest;
                     return;
                 }
                 match self.tx.send_timeout(group, POLL) {
@@ -361,7 +361,7 @@ impl Inbox {
                     Err(flume::SendTimeoutError::Timeout(g)) => group = g,
                     Err(flume::SendTimeoutError::Disconnected(g)) => {
                         let rest: u64 = groups.map(|g| g.samples.len() as u64).sum();
-                        self.seen.held += g.samples.len() as u64 + rest;
+                        lock(&self.ledger).held += g.samples.len() as u64 + rest;
                         return;
                     }
                 }
@@ -384,4 +384,9 @@ impl Inbox {
         set(&c.tokens, sum(|c| c.tokens));
         Ok(())
     }
+}
+
+/// The ledger, whatever a panicking holder left in it (its counts stay usable).
+fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -1,0 +1,204 @@
+//! The trainer's record of the store's rollout objects: which it read, handed to the trainer,
+//! refused or could not decode. A checkpoint saves it as a [`RolloutCursor`], from which a
+//! resumed trainer reads on: objects settled before the checkpoint are never trained on again,
+//! the one in progress continues after its settled groups, and everything later is read again.
+
+use std::collections::BTreeMap;
+
+use crate::checkpoint::RolloutCursor;
+
+/// One object the inbox is done reading, in the order it was read.
+#[derive(Debug)]
+struct Entry {
+    key: String,
+    /// The worker that wrote it (`None`: it could not be decoded).
+    worker: Option<String>,
+    /// Groups handed to the trainer (0 for a refused object).
+    groups: usize,
+    /// Groups skipped at its start (settled before the checkpoint this attempt resumed from).
+    skipped: usize,
+    /// Samples in the whole object.
+    samples: u64,
+}
+
+/// What the inbox did with each rollout object, since the run began.
+#[derive(Debug, Default)]
+pub(crate) struct Ledger {
+    /// Where this attempt began (the checkpoint's cursor; empty for a new run).
+    base: RolloutCursor,
+    entries: Vec<Entry>,
+    /// Samples in every decodable object read, by worker (the base's settled ones included).
+    pub decoded: BTreeMap<String, u64>,
+    /// Samples in objects refused by the check.
+    pub refused_samples: u64,
+    /// Groups in objects refused by the check.
+    pub refused_groups: u64,
+    /// Objects refused or undecodable in this attempt.
+    pub faults: u64,
+    /// Samples accepted but not handed to the trainer when it stopped.
+    pub held: u64,
+}
+
+impl Ledger {
+    /// The ledger of an attempt that begins at `base` (a checkpoint's cursor, if any).
+    pub(crate) fn resume(base: Option<RolloutCursor>) -> Self {
+        let base = base.unwrap_or_default();
+        Self {
+            decoded: base.decoded.clone(),
+            refused_samples: base.refused_samples,
+            refused_groups: base.refused_groups,
+            base,
+            ..Self::default()
+        }
+    }
+
+    /// Objects a reader of this attempt skips: those settled before it began.
+    pub(crate) fn settled_before(&self) -> impl Iterator<Item = String> + '_ {
+        self.base.settled.iter().cloned()
+    }
+
+    /// Groups at the start of `key` that were settled before this attempt began.
+    pub(crate) fn skip(&self, key: &str) -> usize {
+        match &self.base.partial {
+            Some((k, n)) if k == key => *n,
+            _ => 0,
+        }
+    }
+
+    /// Groups settled by the trainer since the run began, `settled` of them in this attempt.
+    pub(crate) fn consumed_groups(&self, settled: usize) -> u64 {
+        self.base.consumed_groups + settled as u64
+    }
+
+    /// `key` could not be decoded.
+    pub(crate) fn undecodable(&mut self, key: String) {
+        self.faults += 1;
+        self.entries.push(Entry {
+            key,
+            worker: None,
+            groups: 0,
+            skipped: 0,
+            samples: 0,
+        });
+    }
+
+    /// `key`, from `worker`, with `groups` groups of `samples` samples in all, failed the check.
+    pub(crate) fn refused(&mut self, key: String, worker: String, groups: usize, samples: u64) {
+        self.faults += 1;
+        self.refused_samples += samples;
+        self.refused_groups += groups as u64;
+        *self.decoded.entry(worker.clone()).or_default() += samples;
+        self.entries.push(Entry {
+            key,
+            worker: Some(worker),
+            groups: 0,
+            skipped: 0,
+            samples,
+        });
+    }
+
+    /// `key`, from `worker` (`samples` samples in all), goes to the trainer: `groups` groups
+    /// after the `skipped` first.
+    pub(crate) fn handed(
+        &mut self,
+        key: String,
+        worker: String,
+        groups: usize,
+        skipped: usize,
+        samples: u64,
+    ) {
+        *self.decoded.entry(worker.clone()).or_default() += samples;
+        self.entries.push(Entry {
+            key,
+            worker: Some(worker),
+            groups,
+            skipped,
+            samples,
+        });
+    }
+
+    /// The cursor once the trainer has settled the first `settled` groups handed to it in this
+    /// attempt (groups are settled in the order they were handed).
+    pub(crate) fn cursor(&self, settled: usize) -> RolloutCursor {
+        let mut cursor = RolloutCursor {
+            partial: None,
+            consumed_groups: self.consumed_groups(settled),
+            refused_samples: self.refused_samples,
+            refused_groups: self.refused_groups,
+            ..self.base.clone()
+        };
+        let mut left = settled;
+        for e in &self.entries {
+            let done = e.groups <= left;
+            if done {
+                left -= e.groups;
+            }
+            if done || e.groups == 0 {
+                cursor.settled.push(e.key.clone());
+                if let Some(w) = &e.worker {
+                    *cursor.decoded.entry(w.clone()).or_default() += e.samples;
+                }
+            } else if cursor.partial.is_none() && e.skipped + left > 0 {
+                cursor.partial = Some((e.key.clone(), e.skipped + left));
+                left = 0;
+            } else {
+                left = 0;
+            }
+        }
+        cursor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Objects a (4 groups), b (refused), c (4 groups), d (undecodable), e (4 groups).
+    fn ledger() -> Ledger {
+        let mut l = Ledger::resume(None);
+        l.handed("a".into(), "w".into(), 4, 0, 40);
+        l.refused("b".into(), "v".into(), 2, 20);
+        l.handed("c".into(), "w".into(), 4, 0, 40);
+        l.undecodable("d".into());
+        l.handed("e".into(), "v".into(), 4, 0, 40);
+        l
+    }
+
+    #[test]
+    fn the_cursor_settles_whole_objects_and_remembers_the_partial_one() {
+        let c = ledger().cursor(6);
+        assert_eq!(c.settled, ["a", "b", "d"]);
+        assert_eq!(c.partial, Some(("c".into(), 2)));
+        assert_eq!(
+            c.decoded,
+            BTreeMap::from([("w".into(), 40), ("v".into(), 20)])
+        );
+        assert_eq!(
+            (c.refused_samples, c.refused_groups, c.consumed_groups),
+            (20, 2, 6)
+        );
+        let c = ledger().cursor(8);
+        assert_eq!(c.settled, ["a", "b", "c", "d"]);
+        assert_eq!(c.partial, None);
+    }
+
+    #[test]
+    fn a_resumed_ledger_skips_the_settled_groups_and_counts_on() {
+        let mut l = Ledger::resume(Some(ledger().cursor(6)));
+        assert_eq!(l.settled_before().collect::<Vec<_>>(), ["a", "b", "d"]);
+        assert_eq!((l.skip("c"), l.skip("e")), (2, 0));
+        // The resumed attempt reads c again (2 groups left after the skip), then e.
+        l.handed("c".into(), "w".into(), 2, 2, 40);
+        l.handed("e".into(), "v".into(), 4, 0, 40);
+        let c = l.cursor(1);
+        assert_eq!(c.partial, Some(("c".into(), 3)));
+        assert_eq!(c.consumed_groups, 7);
+        let c = l.cursor(6);
+        assert_eq!(c.settled, ["a", "b", "d", "c", "e"]);
+        assert_eq!(
+            c.decoded,
+            BTreeMap::from([("w".into(), 80), ("v".into(), 60)])
+        );
+        assert_eq!(c.consumed_groups, 12);
+    }
+}
