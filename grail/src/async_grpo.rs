@@ -194,20 +194,11 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
         ..end.accounting
     };
     let state = phase.state;
-    let accounting = if end.cursor.is_some() {
-        // With a store the workers' counters are the whole run's: the rollout side of the
-        // accounting is the final one, the trainer's side adds up over the attempts.
-        let before = &state.accounting;
-        Accounting {
-            received: before.received + segment.received,
-            trained: before.trained + segment.trained,
-            dropped_stale: before.dropped_stale + segment.dropped_stale,
-            dropped_filtered: before.dropped_filtered + segment.dropped_filtered,
-            unused_at_close: before.unused_at_close + segment.unused_at_close,
-            ..segment
-        }
-    } else {
-        state.accounting.plus(&segment)
+    // With a store the workers' counters are the whole run's: the rollout side of the
+    // accounting is the final one, the trainer's side adds up over the attempts.
+    let accounting = match end.cursor {
+        Some(_) => state.accounting.then(&segment),
+        None => state.accounting.plus(&segment),
     };
     Ok(PhaseEnd {
         state: RunState {

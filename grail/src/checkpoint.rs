@@ -84,6 +84,21 @@ impl Accounting {
         }
     }
 
+    /// The trainer's side of two attempts summed, with the rollout side (generated, sent,
+    /// failed, unsent, left in transit, rejected) of `later` alone: for rollout counts that are
+    /// already the whole run's (a store's workers count from the run's start).
+    pub fn then(&self, later: &Accounting) -> Accounting {
+        Accounting {
+            generated: later.generated,
+            sent: later.sent,
+            failed: later.failed,
+            unsent_at_shutdown: later.unsent_at_shutdown,
+            left_in_channel: later.left_in_channel,
+            rejected: later.rejected,
+            ..self.plus(later)
+        }
+    }
+
     /// As JSON, with `identity_holds`.
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("serialisable");
