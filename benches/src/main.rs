@@ -5,6 +5,7 @@
 //! sequences, in one run, for a ~5M-parameter Qwen2 configuration on the chosen device.
 
 mod ops_bench;
+mod store_sync;
 
 use std::time::Instant;
 
@@ -55,6 +56,9 @@ enum Bench {
     /// Weight-sync delta size, encode/apply/hash time after real AdamW steps (bf16 deltas; one
     /// line per compression, zstd and lz4, over the same steps).
     WeightSync(WeightSyncArgs),
+    /// Time for each weight version to reach a worker through an object store: this machine's
+    /// memory and a throttled link (`--mbit`, `--latency-ms`), PULSE deltas vs full copies.
+    StoreSync(store_sync::StoreSyncArgs),
     /// Selective log-probs forward + backward: fused chunked op vs naive log_softmax + gather.
     Logprob {
         /// Tokens.
@@ -321,23 +325,11 @@ fn rollout_bench(
 
 fn weight_sync_bench(args: &Args, device: &Device, w: &WeightSyncArgs) -> Result<()> {
     use grail_core::model::named_tensors;
-    use grail_protocol::{Compression, Group, Sample, WireDtype, delta, weights_hash};
-    use grail_trainer::config::TrainerConfig;
-    use grail_trainer::trainer::GrpoTrainer;
+    use grail_protocol::{Compression, WireDtype, delta, weights_hash};
     let wire = WireDtype::Bf16;
-    let autodiff = device.clone().autodiff();
-    let policy = match &w.model_dir {
-        Some(dir) => grail_core::checkpoint::load_model(dir, &autodiff)?,
-        None => CausalLm::init(&w.model.model_config()?, args.seed, &autodiff),
-    };
-    let config = policy.config.clone();
-    let cfg = TrainerConfig {
-        learning_rate: w.lr,
-        // Random behaviour log-probs: a mask would zero the update this bench measures.
-        importance_sampling_correction: false,
-        ..TrainerConfig::default()
-    };
-    let mut last = named_tensors(&policy, wire);
+    let mut trainer = bench_trainer(args, device, w)?;
+    let config = trainer.model().config.clone();
+    let mut last = named_tensors(trainer.model(), wire);
     /// One compression's totals, and the receiver's weights it keeps up to date.
     struct Stream {
         compression: Compression,
@@ -358,28 +350,11 @@ fn weight_sync_bench(args: &Args, device: &Device, w: &WeightSyncArgs) -> Result
             hash_s: 0.0,
         })
         .collect();
-    let mut trainer = GrpoTrainer::new(policy, None, cfg)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let vocab = config.vocab_size as u32;
     let mut read_s = 0.0;
     let steps = w.steps.max(1);
     for _ in 0..steps {
-        let samples = (0..8)
-            .map(|_| {
-                Sample::new(
-                    (0..48).map(|_| rng.random_range(0..vocab)).collect(),
-                    vec![0.0; 48],
-                    vec![rng.random_range(0.0..1.0f32)],
-                    trainer.version(),
-                )
-            })
-            .collect();
-        let prompt = std::sync::Arc::new((0..16).map(|_| rng.random_range(0..vocab)).collect());
-        trainer.train_step(&[Group {
-            prompt_id: 0,
-            prompt_ids: prompt,
-            samples,
-        }])?;
+        random_step(&mut trainer, &mut rng)?;
         let t = Instant::now();
         let now = named_tensors(trainer.model(), wire);
         read_s += t.elapsed().as_secs_f64();
@@ -421,7 +396,51 @@ fn weight_sync_bench(args: &Args, device: &Device, w: &WeightSyncArgs) -> Result
     Ok(())
 }
 
-/// Flags of the weight-sync bench.
+/// A trainer for the weight benches: the checkpoint `w.model_dir`, or a seeded random init of
+/// `w.model`'s shape, taking AdamW steps at `w.lr`.
+fn bench_trainer(
+    args: &Args,
+    device: &Device,
+    w: &WeightSyncArgs,
+) -> Result<grail_trainer::trainer::GrpoTrainer> {
+    let autodiff = device.clone().autodiff();
+    let policy = match &w.model_dir {
+        Some(dir) => grail_core::checkpoint::load_model(dir, &autodiff)?,
+        None => CausalLm::init(&w.model.model_config()?, args.seed, &autodiff),
+    };
+    let cfg = grail_trainer::config::TrainerConfig {
+        learning_rate: w.lr,
+        // Random behaviour log-probs: a mask would zero the update these benches measure.
+        importance_sampling_correction: false,
+        ..Default::default()
+    };
+    Ok(grail_trainer::trainer::GrpoTrainer::new(policy, None, cfg)?)
+}
+
+/// One real AdamW step on a group of 8 random completions of 48 tokens.
+fn random_step(trainer: &mut grail_trainer::trainer::GrpoTrainer, rng: &mut StdRng) -> Result<()> {
+    use grail_protocol::{Group, Sample};
+    let vocab = trainer.model().config.vocab_size as u32;
+    let samples = (0..8)
+        .map(|_| {
+            Sample::new(
+                (0..48).map(|_| rng.random_range(0..vocab)).collect(),
+                vec![0.0; 48],
+                vec![rng.random_range(0.0..1.0f32)],
+                trainer.version(),
+            )
+        })
+        .collect();
+    let prompt = std::sync::Arc::new((0..16).map(|_| rng.random_range(0..vocab)).collect());
+    trainer.train_step(&[Group {
+        prompt_id: 0,
+        prompt_ids: prompt,
+        samples,
+    }])?;
+    Ok(())
+}
+
+/// Flags of the weight benches (weight-sync, store-sync): which weights, how many steps.
 #[derive(clap::Args, Debug)]
 struct WeightSyncArgs {
     #[command(flatten)]
@@ -649,6 +668,7 @@ fn main() -> Result<()> {
             new_tokens,
         } => rollout_bench(&args, &device, model, *batch, *prompt_len, *new_tokens),
         Bench::WeightSync(w) => weight_sync_bench(&args, &device, w),
+        Bench::StoreSync(s) => store_sync::store_sync_bench(&args, &device, s),
         Bench::Logprob {
             tokens,
             hidden,

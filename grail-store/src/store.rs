@@ -39,9 +39,6 @@ impl Store {
             url: url.to_string(),
             why,
         };
-        if run_id.is_empty() || run_id.contains('/') || Path::parse(run_id).is_err() {
-            return Err(StoreError::RunId(run_id.to_string()));
-        }
         let parsed = url::Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
         let (inner, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
             "memory" => (
@@ -83,12 +80,37 @@ impl Store {
                 )));
             }
         };
+        Self::at(inner, prefix, url, run_id)
+    }
+
+    /// Run `run_id` in an object store the caller built (object_store's throttled store, say,
+    /// to measure a slow link); `label` stands for it in messages.
+    pub fn over(
+        inner: Arc<dyn ObjectStore>,
+        label: &str,
+        run_id: &str,
+    ) -> Result<Self, StoreError> {
+        Self::at(inner, Path::default(), label, run_id)
+    }
+
+    fn at(
+        inner: Arc<dyn ObjectStore>,
+        prefix: Path,
+        url: &str,
+        run_id: &str,
+    ) -> Result<Self, StoreError> {
+        if run_id.is_empty() || run_id.contains('/') || Path::parse(run_id).is_err() {
+            return Err(StoreError::RunId(run_id.to_string()));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("grail-store")
             .enable_all()
             .build()
-            .map_err(|e| bad_url(format!("cannot start the store's I/O runtime: {e}")))?;
+            .map_err(|e| StoreError::Url {
+                url: url.to_string(),
+                why: format!("cannot start the store's I/O runtime: {e}"),
+            })?;
         Ok(Self {
             inner,
             root: prefix.join(run_id),
