@@ -65,6 +65,9 @@ pub struct RunStats {
     pub unused_at_close: usize,
     /// Groups settled (trained on, filtered or dropped as stale) and reported to the pool.
     pub groups_settled: usize,
+    /// Groups taken off the channel: the settled ones and those of the batch the run stopped
+    /// in (counted in `unused_at_close`). Always a prefix of what the channel delivered.
+    pub groups_received: usize,
 }
 
 /// What [`GrpoTrainer::run_from_channel`] shows its caller.
@@ -226,6 +229,7 @@ impl GrpoTrainer {
                 since.last_arrival = Instant::now();
                 since.groups += 1;
                 stats.received += group.samples.len();
+                stats.groups_received += 1;
                 let age = self.version().saturating_sub(group.oldest_version());
                 if age > run.max_staleness {
                     since.stale_groups += 1;

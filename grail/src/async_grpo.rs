@@ -170,7 +170,7 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
     } = log;
     progress.finish();
     let failed_groups = rollouts.counters().failed_groups.load(Ordering::SeqCst);
-    let end = rollouts.finish(result.as_ref().map_or(0, |r| r.groups_settled));
+    let end = rollouts.finish(result.as_ref().map_or(0, |r| r.groups_received));
     let run = match result {
         Ok(run) => run,
         Err(e @ TrainerError::Stalled(_)) => {
@@ -438,8 +438,18 @@ impl<'a> StepLog<'a> {
             prompt_cursor: state.prompt_cursor + (stats.groups_settled + failed_groups) as u64,
             grpo_seconds: self.grpo_seconds(),
             overlapped_steps: state.overlapped_steps + self.overlapped,
-            accounting: state.accounting.plus(&settled(stats, failed_samples)),
-            rollouts: self.inbox.map(|inbox| inbox.cursor(stats.groups_settled)),
+            accounting: match self.inbox {
+                // The workers count failures from the run's start.
+                Some(_) => {
+                    let mut a = state.accounting.plus(&settled(stats, 0));
+                    a.failed = failed_samples;
+                    a.generated = a.received + failed_samples;
+                    a
+                }
+                None => state.accounting.plus(&settled(stats, failed_samples)),
+            },
+            // At a step the next batch is still empty: every group taken is settled.
+            rollouts: self.inbox.map(|inbox| inbox.cursor(stats.groups_received)),
             ..state.clone()
         };
         let cfg = self.phase.cfg;

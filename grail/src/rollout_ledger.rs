@@ -52,9 +52,16 @@ impl Ledger {
         }
     }
 
-    /// Objects a reader of this attempt skips: those settled before it began.
-    pub(crate) fn settled_before(&self) -> impl Iterator<Item = String> + '_ {
-        self.base.settled.iter().cloned()
+    /// Objects the reader of this attempt skips: those settled before it began, and the one
+    /// that was in progress (the inbox takes it up first, before any other).
+    pub(crate) fn not_to_list(&self) -> impl Iterator<Item = String> + '_ {
+        let partial = self.base.partial.iter().map(|(key, _)| key.clone());
+        self.base.settled.iter().cloned().chain(partial)
+    }
+
+    /// The object in progress when this attempt began, if any.
+    pub(crate) fn in_progress(&self) -> Option<String> {
+        self.base.partial.as_ref().map(|(key, _)| key.clone())
     }
 
     /// Groups at the start of `key` that were settled before this attempt began.
@@ -117,8 +124,9 @@ impl Ledger {
         });
     }
 
-    /// The cursor once the trainer has settled the first `settled` groups handed to it in this
-    /// attempt (groups are settled in the order they were handed).
+    /// The cursor once the trainer has taken the first `settled` groups handed to it in this
+    /// attempt off its channel (it takes them in the order they were handed; those of a batch
+    /// it stopped in count as unused and are not read again).
     pub(crate) fn cursor(&self, settled: usize) -> RolloutCursor {
         let mut cursor = RolloutCursor {
             partial: None,
@@ -144,6 +152,12 @@ impl Ledger {
             } else {
                 left = 0;
             }
+        }
+        // The object in progress at the start, not taken up again yet, stays in progress.
+        if let Some((key, n)) = &self.base.partial
+            && !self.entries.iter().any(|e| &e.key == key)
+        {
+            cursor.partial = Some((key.clone(), *n));
         }
         cursor
     }
@@ -185,7 +199,10 @@ mod tests {
     #[test]
     fn a_resumed_ledger_skips_the_settled_groups_and_counts_on() {
         let mut l = Ledger::resume(Some(ledger().cursor(6)));
-        assert_eq!(l.settled_before().collect::<Vec<_>>(), ["a", "b", "d"]);
+        assert_eq!(l.not_to_list().collect::<Vec<_>>(), ["a", "b", "d", "c"]);
+        assert_eq!(l.in_progress(), Some("c".into()));
+        // Before the resumed attempt takes c up again, c stays in progress.
+        assert_eq!(l.cursor(0).partial, Some(("c".into(), 2)));
         assert_eq!((l.skip("c"), l.skip("e")), (2, 0));
         // The resumed attempt reads c again (2 groups left after the skip), then e.
         l.handed("c".into(), "w".into(), 2, 2, 40);

@@ -14,7 +14,10 @@ use grail_core::tokenizer::Tokenizer;
 use grail_protocol::{Group, PolicyVersion, WireDtype};
 use grail_rollout::pool::PoolCounters;
 use grail_store::progress::{self, TrainerProgress, WorkerCounters};
-use grail_store::{RolloutCheck, RolloutReader, Store, WeightWriter, WeightWriterConfig, layout};
+use grail_store::rollout_batch::decode;
+use grail_store::{
+    RolloutBatch, RolloutCheck, RolloutReader, Store, WeightWriter, WeightWriterConfig, layout,
+};
 use grail_trainer::{Feedback, TrainerError};
 
 use crate::checkpoint::{Accounting, RolloutCursor};
@@ -160,7 +163,7 @@ impl StoreInbox {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(PoolCounters::default());
         let ledger = feedback.ledger.clone();
-        let settled: Vec<String> = lock(&ledger).settled_before().collect();
+        let settled: Vec<String> = lock(&ledger).not_to_list().collect();
         let mut inbox = Inbox {
             reader: RolloutReader::after(store.clone(), settled),
             store: store.clone(),
@@ -218,7 +221,7 @@ impl StoreInbox {
             let Some(bytes) = self.store.get(&key)? else {
                 continue;
             };
-            if let Ok(batch) = grail_store::rollout_batch::decode(bytes) {
+            if let Ok(batch) = decode(bytes) {
                 let n = batch
                     .groups
                     .iter()
@@ -298,6 +301,16 @@ struct Inbox {
 
 impl Inbox {
     fn run(&mut self) -> Result<()> {
+        // The object in progress at a resume comes first: its remaining groups are the next
+        // ones the checkpoint's cursor expects.
+        let in_progress = lock(&self.ledger).in_progress();
+        if let Some(key) = in_progress {
+            let batch = match self.store.get(&key)? {
+                Some(bytes) => decode(bytes),
+                None => Err("the object is gone".to_string()),
+            };
+            self.take(key, batch);
+        }
         let mut last_counters = Instant::now() - Duration::from_secs(60);
         while !self.stop.load(Ordering::SeqCst) {
             if last_counters.elapsed() > Duration::from_secs(1) {
@@ -312,37 +325,42 @@ impl Inbox {
                 std::thread::sleep(POLL);
             }
             for arrival in arrivals {
-                let key = arrival.key;
-                let mut batch = match arrival.batch {
-                    Ok(batch) => batch,
-                    Err(why) => {
-                        tracing::warn!(key = %key, "rollout object refused: {why}");
-                        lock(&self.ledger).undecodable(key);
-                        continue;
-                    }
-                };
-                let samples = batch
-                    .groups
-                    .iter()
-                    .map(|g| g.samples.len() as u64)
-                    .sum::<u64>();
-                let newest = self.newest.load(Ordering::SeqCst);
-                if let Err(why) = self.check.check(&batch, newest) {
-                    tracing::warn!(
-                        key = %self.store.location(&key),
-                        "rollout object refused: {why}"
-                    );
-                    let groups = batch.groups.len();
-                    lock(&self.ledger).refused(key, batch.worker_id, groups, samples);
-                    continue;
-                }
-                let skipped = lock(&self.ledger).skip(&key).min(batch.groups.len());
-                let groups: Vec<Group> = batch.groups.drain(skipped..).collect();
-                lock(&self.ledger).handed(key, batch.worker_id, groups.len(), skipped, samples);
-                self.hand_over(groups);
+                self.take(arrival.key, arrival.batch);
             }
         }
         Ok(())
+    }
+
+    /// Checks the object at `key` and hands its groups to the trainer (after those settled
+    /// before a resume), or records why it is refused.
+    fn take(&mut self, key: String, batch: Result<RolloutBatch, String>) {
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(why) => {
+                tracing::warn!(key = %key, "rollout object refused: {why}");
+                lock(&self.ledger).undecodable(key);
+                return;
+            }
+        };
+        let samples = batch
+            .groups
+            .iter()
+            .map(|g| g.samples.len() as u64)
+            .sum::<u64>();
+        let newest = self.newest.load(Ordering::SeqCst);
+        if let Err(why) = self.check.check(&batch, newest) {
+            tracing::warn!(
+                key = %self.store.location(&key),
+                "rollout object refused: {why}"
+            );
+            let groups = batch.groups.len();
+            lock(&self.ledger).refused(key, batch.worker_id, groups, samples);
+            return;
+        }
+        let skipped = lock(&self.ledger).skip(&key).min(batch.groups.len());
+        let groups: Vec<Group> = batch.groups.drain(skipped..).collect();
+        lock(&self.ledger).handed(key, batch.worker_id, groups.len(), skipped, samples);
+        self.hand_over(groups);
     }
 
     /// Sends `groups` to the trainer, waiting while its channel is full; what is left when the
