@@ -6,11 +6,11 @@
 //! |-------------------|---------------|----------------------------------------------------|
 //! | `prompt_id`       | uint64        | the environment's prompt index                     |
 //! | `sample_index`    | uint32        | 0..G within the group                              |
-//! | `prompt_ids`      | list<uint32>  | prompt token ids (the same on every row of a group) |
-//! | `completion_ids`  | list<uint32>  | completion token ids                               |
-//! | `behaviour_logps` | list<float32> | log-prob of each completion token when sampled     |
-//! | `token_versions`  | list<uint64>  | policy version that sampled each completion token  |
-//! | `rewards`         | list<float32> | one per reward function, unweighted, in order      |
+//! | `prompt_ids`      | `list<uint32>` | prompt token ids (the same on every row of a group) |
+//! | `completion_ids`  | `list<uint32>` | completion token ids                               |
+//! | `behaviour_logps` | `list<float32>` | log-prob of each completion token when sampled     |
+//! | `token_versions`  | `list<uint64>` | policy version that sampled each completion token  |
+//! | `rewards`         | `list<float32>` | one per reward function, unweighted, in order      |
 //! | `policy_version`  | uint64        | the oldest of `token_versions`                     |
 //! | `worker_id`       | string        | the worker that wrote the row                      |
 //!
