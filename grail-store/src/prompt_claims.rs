@@ -48,9 +48,4 @@ impl PromptClaims {
             }
         }
     }
-
-    /// Blocks claimed by any worker so far (a lower bound: the listing is not a snapshot).
-    pub fn claimed_blocks(&self) -> u64 {
-        self.next_block
-    }
 }
