@@ -111,11 +111,7 @@ impl Tokenizer {
         // files instead of returning an error: a bad file must be an error naming it.
         let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(&path)).map_err(
             |panic| {
-                let why = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let why = grail_protocol::panic_message(panic.as_ref());
                 GrailError::Tokenizer(format!(
                     "{}: malformed tokenizer file ({why})",
                     path.display()

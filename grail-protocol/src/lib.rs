@@ -23,10 +23,12 @@ pub mod delta;
 pub mod error;
 pub mod group;
 pub mod message;
+pub mod panic_message;
 pub mod weights;
 
 pub use delta::Compression;
 pub use error::ProtocolError;
 pub use group::{Group, PolicyVersion, Sample};
 pub use message::PoolMessage;
+pub use panic_message::panic_message;
 pub use weights::{NamedTensor, SyncMode, WeightPayload, WeightUpdate, WireDtype, weights_hash};

@@ -482,11 +482,7 @@ impl WorkerContext {
                             (r.func)(prompt, &completion)
                         }))
                         .map_err(|p| {
-                            let msg = p
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| p.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "panic".into());
+                            let msg = grail_protocol::panic_message(p.as_ref());
                             format!("reward `{}` panicked: {msg}", r.name)
                         })?;
                         if value.is_finite() {

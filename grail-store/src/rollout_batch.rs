@@ -106,11 +106,7 @@ pub fn decode(bytes: Bytes) -> Result<RolloutBatch, String> {
     // The parquet crate panics on some corrupt files (negative column offsets, among others):
     // an object from another process must never take the trainer down.
     std::panic::catch_unwind(|| decode_unchecked(bytes)).unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+        let why = grail_protocol::panic_message(panic.as_ref());
         Err(format!("corrupt Parquet ({why})"))
     })
 }

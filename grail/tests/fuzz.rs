@@ -124,11 +124,7 @@ fn fuzz(name: &str, seed: &[u8], window: usize, mut parse: impl FnMut(&[u8]) -> 
                 std::fs::create_dir_all(&dir).unwrap();
                 let path = dir.join(format!("{name}-{case}"));
                 std::fs::write(&path, &input).unwrap();
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let msg = grail_protocol::panic_message(panic.as_ref());
                 panic!(
                     "{name}: case {case} panicked ({msg}); input in {}",
                     path.display()
