@@ -1,7 +1,8 @@
 //! A run spread over processes through a `file://` store, as a researcher starts one: a trainer
 //! and two rollout workers of the countdown binary; one worker is killed with SIGKILL mid-run and
 //! a new one takes its place; a stranger's corrupt rollout object is refused; the trainer is
-//! killed with SIGKILL and restarted with `--resume`. The run finishes, every worker still
+//! killed with SIGKILL, its output_dir deleted, and restarted with `--resume` (from the store's
+//! checkpoint); a worker whose trainer is gone for good gives up. The run finishes, every worker still
 //! running exits by itself with status 0, no prompt is generated twice and every sample is
 //! accounted for across the processes.
 
@@ -161,7 +162,7 @@ fn a_trainer_refuses_a_run_id_already_in_the_store() {
 }
 
 #[test]
-fn a_trainer_killed_mid_run_resumes_from_its_checkpoint_with_the_same_workers() {
+fn a_trainer_killed_mid_run_resumes_from_its_checkpoint_in_the_store_with_the_same_workers() {
     const STEPS: u64 = 16;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("store").display());
@@ -192,6 +193,8 @@ fn a_trainer_killed_mid_run_resumes_from_its_checkpoint_with_the_same_workers() 
     });
     trainer.kill().unwrap(); // SIGKILL: no FINISHED, no final checkpoint
     trainer.wait().unwrap();
+    // Its machine is gone with it: the restarted trainer has only the store.
+    std::fs::remove_dir_all(&out).unwrap();
     let store = Store::open(&url, "demo").unwrap();
     let killed_at = grail_store::weight_writer::newest_version(&store)
         .unwrap()
@@ -228,4 +231,56 @@ fn a_trainer_killed_mid_run_resumes_from_its_checkpoint_with_the_same_workers() 
         let w = summary(w, &format!("w{}", i + 1));
         assert_eq!(w["counters"]["finished"], true, "{w}");
     }
+}
+
+#[test]
+fn a_worker_gives_up_on_a_trainer_silent_for_the_stall_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let job = grail_testkit::tiny_job_toml(
+        &dir.path().join("out"),
+        &format!("role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"demo\"\nsave_steps = 0"),
+        "max_steps = 100000\nstall_timeout = 15",
+        "prompts = 8\nevery = 0",
+    );
+    let config = dir.path().join("job.toml");
+    std::fs::write(&config, job).unwrap();
+    let mut trainer = countdown(
+        &["--config", config.to_str().unwrap()],
+        &dir.path().join("trainer.log"),
+    );
+    let mut worker = rollout(&url, "w1", dir.path());
+    let store = Store::open(&url, "demo").unwrap();
+    wait_until("the worker writes a rollout object", || {
+        assert!(trainer.try_wait().unwrap().is_none(), "the trainer exited");
+        !store.list("rollouts/w1/").unwrap().is_empty()
+    });
+    trainer.kill().unwrap(); // SIGKILL, never restarted
+    trainer.wait().unwrap();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            worker.kill().unwrap();
+            panic!("the worker still waits for its trainer 120 s after it was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "giving up is an error");
+    assert!(
+        killed.elapsed() >= Duration::from_secs(10),
+        "not before the trainer has been silent for long"
+    );
+    let log = std::fs::read_to_string(dir.path().join("w1.log")).unwrap();
+    assert!(log.contains("has been silent for"), "{log}");
+    assert!(log.contains("stall_timeout = 15 s"), "{log}");
+    let counters = store.get("workers/w1.json").unwrap().unwrap();
+    let counters: serde_json::Value = serde_json::from_slice(&counters).unwrap();
+    assert_eq!(
+        counters["finished"], true,
+        "its final counts are written: {counters}"
+    );
 }

@@ -59,4 +59,21 @@ pub enum StoreError {
         /// Why.
         why: String,
     },
+    /// An object that is not what its writer's marker says (a torn upload, a changed file).
+    #[error("{key}: {why}")]
+    Corrupt {
+        /// The object's location.
+        key: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A local file that could not be read or written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -137,6 +137,9 @@ pub const FINISHED: &str = "run/FINISHED";
 /// The trainer's progress (JSON): groups consumed and refused in all, the newest version.
 pub const TRAINER_PROGRESS: &str = "trainer/progress.json";
 
+/// The trainer's heartbeat (JSON), rewritten every second while it reads rollouts.
+pub const TRAINER_HEARTBEAT: &str = "trainer/heartbeat.json";
+
 /// The folder of the workers' counters: `workers/<worker id>.json`.
 pub const WORKERS: &str = "workers/";
 

@@ -24,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod anchor;
+pub mod checkpoints;
 pub mod error;
 pub mod layout;
 pub mod progress;

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::layout::{TRAINER_PROGRESS, WORKERS, worker_key};
+use crate::layout::{TRAINER_HEARTBEAT, TRAINER_PROGRESS, WORKERS, worker_key};
 use crate::store::Store;
 
 /// `trainer/progress.json`.
@@ -18,6 +18,14 @@ pub struct TrainerProgress {
     pub refused_groups: u64,
     /// The newest weights version published.
     pub version: u64,
+}
+
+/// `trainer/heartbeat.json`: rewritten every second while the trainer reads rollouts, so that
+/// workers can tell a trainer that is gone (killed, its machine down) from a slow one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainerHeartbeat {
+    /// When it was written (Unix milliseconds).
+    pub heartbeat_ms: u64,
 }
 
 /// `workers/<id>.json`: a rollout worker's counters (samples unless named otherwise), rewritten
@@ -82,6 +90,22 @@ pub fn get_trainer(store: &Store) -> Result<TrainerProgress, StoreError> {
         .get(TRAINER_PROGRESS)?
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default())
+}
+
+/// Writes the trainer's heartbeat, stamped now.
+pub fn put_trainer_heartbeat(store: &Store) -> Result<(), StoreError> {
+    let beat = TrainerHeartbeat {
+        heartbeat_ms: now_ms(),
+    };
+    store.put(TRAINER_HEARTBEAT, json(&beat))
+}
+
+/// When the trainer's heartbeat was last written (Unix ms), if it ever was.
+pub fn trainer_heartbeat(store: &Store) -> Result<Option<u64>, StoreError> {
+    Ok(store
+        .get(TRAINER_HEARTBEAT)?
+        .and_then(|b| serde_json::from_slice::<TrainerHeartbeat>(&b).ok())
+        .map(|h| h.heartbeat_ms))
 }
 
 /// Writes `worker`'s counters.

@@ -459,6 +459,7 @@ impl<'a> StepLog<'a> {
             self.phase.tokenizer,
             &snapshot,
             cfg.save_total_limit,
+            self.phase.store,
         )?;
         Ok(())
     }

@@ -7,14 +7,21 @@
 //! transformers and `[model] path` load; `optimizer.bpk` and `trainer_state.json` (step, policy
 //! version, trainer config; see `grail_trainer::state`); `reference/` when the loss has a KL
 //! term; and `run_state.json` ([`RunState`]), written last.
+//!
+//! With a store, each checkpoint is also uploaded to it with the run's `metrics.jsonl` (see
+//! `grail_store::checkpoints`), and a trainer resumed without its `output_dir` (another
+//! machine) takes the newest one from there.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use grail_core::atomic;
 use grail_core::tokenizer::Tokenizer;
+use grail_store::{Store, checkpoints};
 use grail_trainer::trainer::GrpoTrainer;
 use serde::{Deserialize, Serialize};
+
+use crate::output::METRICS_FILE;
 
 const RUN_STATE: &str = "run_state.json";
 const PREFIX: &str = "checkpoint-";
@@ -181,14 +188,15 @@ pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
-/// Writes the checkpoint at the trainer's step as a whole, then removes the oldest ones beyond
-/// `keep`. Returns its directory.
+/// Writes the checkpoint at the trainer's step as a whole, uploads it to `store` if there is
+/// one, then removes the oldest ones beyond `keep` (in both places). Returns its directory.
 pub fn save(
     output_dir: &Path,
     trainer: &GrpoTrainer,
     tokenizer: &Tokenizer,
     state: &RunState,
     keep: Option<usize>,
+    store: Option<&Store>,
 ) -> Result<PathBuf> {
     let dir = checkpoint_dir(output_dir, trainer.step());
     atomic::write_dir(&dir, |tmp| -> Result<()> {
@@ -206,7 +214,75 @@ pub fn save(
                 .with_context(|| format!("removing old checkpoint {}", old.display()))?;
         }
     }
+    if let Some(store) = store {
+        upload(store, output_dir, trainer.step(), &dir, keep)?;
+    }
     Ok(dir)
+}
+
+/// Uploads the checkpoint in `dir` with the run's metrics so far.
+fn upload(
+    store: &Store,
+    output_dir: &Path,
+    step: usize,
+    dir: &Path,
+    keep: Option<usize>,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut files = checkpoints::files_under(dir)?;
+    let metrics = output_dir.join(METRICS_FILE);
+    if metrics.is_file() {
+        files.push((METRICS_FILE.to_string(), metrics));
+    }
+    let bytes = checkpoints::upload(store, step as u64, &files, keep)
+        .with_context(|| format!("uploading checkpoint {} to the store", dir.display()))?;
+    tracing::info!(
+        step,
+        megabytes = bytes as f64 / 1e6,
+        seconds = start.elapsed().as_secs_f64(),
+        at = %store.location(&checkpoints::checkpoint_key(step as u64, "")),
+        "checkpoint uploaded"
+    );
+    Ok(())
+}
+
+/// Copies the newest checkpoint in `store` into `output_dir` when it is newer than every
+/// checkpoint there (a trainer resumed on a machine without the run's `output_dir`), with the
+/// run's `metrics.jsonl` if `output_dir` has none. A stored checkpoint that cannot be read is
+/// reported and the next older one is tried.
+pub fn fetch_from_store(store: &Store, output_dir: &Path) -> Result<()> {
+    let local = checkpoints(output_dir)?
+        .last()
+        .map(|(step, _)| *step as u64);
+    for step in checkpoints::stored(store)?.into_iter().rev() {
+        if local.is_some_and(|l| l >= step) {
+            return Ok(());
+        }
+        let dir = checkpoint_dir(output_dir, step as usize);
+        let fetched = atomic::write_dir(&dir, |tmp| -> Result<()> {
+            checkpoints::download(store, step, tmp)?;
+            let metrics = output_dir.join(METRICS_FILE);
+            let stored = tmp.join(METRICS_FILE);
+            if stored.is_file() {
+                if !metrics.exists() {
+                    atomic::write_file(&metrics, &std::fs::read(&stored)?)?;
+                }
+                std::fs::remove_file(&stored)?;
+            }
+            Ok(())
+        });
+        match fetched {
+            Ok(()) => {
+                tracing::info!(step, dir = %dir.display(), "checkpoint taken from the store");
+                return Ok(());
+            }
+            Err(e) => tracing::warn!(
+                step,
+                "stored checkpoint unusable, trying an older one: {e:#}"
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// Reads a checkpoint's run state, checking the checkpoint is complete.

@@ -56,6 +56,30 @@ pub(crate) fn run_worker(
     stop: Arc<AtomicBool>,
 ) -> Result<WorkerSummary> {
     let start = Instant::now();
+    let (store, worker) = join(local)?;
+    let mut summary = WorkerSummary {
+        worker_id: worker.clone(),
+        store: store.location(""),
+        counters: WorkerCounters {
+            finished: true,
+            ..WorkerCounters::default()
+        },
+        version: 0,
+        seconds: 0.0,
+    };
+    let progress = Progress::new(0, "rollout");
+    progress.update(format!("waiting for the trainer of {}", store.location("")));
+    if let Some(run) = Run::wait(&store, local, &stop)? {
+        let (counters, version) = run.work(source, &worker, &stop, progress)?;
+        summary.counters = counters;
+        summary.version = version;
+    }
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Opens the store and takes the worker's id (one no earlier worker of the run has used).
+fn join(local: &GrpoConfig) -> Result<(Store, String)> {
     let url = local
         .store
         .as_deref()
@@ -70,123 +94,160 @@ pub(crate) fn run_worker(
             store.location("")
         );
     }
-    let mut summary = WorkerSummary {
-        worker_id: worker.clone(),
-        store: store.location(""),
-        counters: WorkerCounters {
-            finished: true,
-            ..WorkerCounters::default()
-        },
-        version: 0,
-        seconds: 0.0,
-    };
-    let progress = Progress::new(0, "rollout");
-    progress.update(format!("waiting for the trainer of {}", store.location("")));
-    let Some(cfg_text) = wait_for(&store, &format!("{}config.toml", layout::RUN), &stop)? else {
-        summary.seconds = start.elapsed().as_secs_f64();
-        return Ok(summary);
-    };
-    let cfg = run_config(local, &cfg_text)?;
-    let tokenizer = Arc::new(download_tokenizer(&store)?);
-    let model_config = store
-        .get(&format!("{}config.json", layout::RUN))?
-        .context("the run manifest has no config.json")?;
-    let model_config = ModelConfig::from_hf_json(serde_json::from_slice(&model_config)?)?;
-    let device = parse_device(&cfg.device)?;
-    let mut reader = WeightReader::new(store.clone(), WireDtype::Bf16);
-    while reader.version().is_none() {
-        if stop.load(Ordering::SeqCst) || finished(&store)? {
-            summary.seconds = start.elapsed().as_secs_f64();
-            return Ok(summary);
+    Ok((store, worker))
+}
+
+/// What a worker takes from the store before it can generate: the run's manifest and its
+/// newest weights.
+struct Run {
+    store: Store,
+    cfg: GrpoConfig,
+    tokenizer: Arc<Tokenizer>,
+    model_config: ModelConfig,
+    reader: WeightReader,
+}
+
+impl Run {
+    /// The run, once the trainer has published its manifest and first weights (`None` when
+    /// stopped or the run finished first).
+    fn wait(store: &Store, local: &GrpoConfig, stop: &AtomicBool) -> Result<Option<Self>> {
+        let Some(cfg_text) = wait_for(store, &format!("{}config.toml", layout::RUN), stop)? else {
+            return Ok(None);
+        };
+        let cfg = run_config(local, &cfg_text)?;
+        let tokenizer = Arc::new(download_tokenizer(store)?);
+        let model_config = store
+            .get(&format!("{}config.json", layout::RUN))?
+            .context("the run manifest has no config.json")?;
+        let model_config = ModelConfig::from_hf_json(serde_json::from_slice(&model_config)?)?;
+        let mut reader = WeightReader::new(store.clone(), WireDtype::Bf16);
+        while reader.version().is_none() {
+            if stop.load(Ordering::SeqCst) || finished(store)? {
+                return Ok(None);
+            }
+            report_faults(reader.catch_up()?.faults);
+            std::thread::sleep(POLL);
         }
-        report_faults(reader.catch_up()?.faults);
-        std::thread::sleep(POLL);
+        Ok(Some(Self {
+            store: store.clone(),
+            cfg,
+            tokenizer,
+            model_config,
+            reader,
+        }))
     }
-    let version = reader.version().expect("caught up");
-    let model = CausalLm::build(
-        &model_config,
-        &mut NamedTensorSource::new(reader.tensors().expect("caught up"), &device),
-    )?;
-    let (train_env, _) = environments(&cfg, source, &tokenizer)?;
-    let generation = generation_config(&cfg, &tokenizer.eos_token_ids);
-    let limits = prompt_limits(&cfg, &model);
-    let mut pool_cfg = pool_config(&cfg, &generation, &limits);
-    // The bound across processes is the cursor's (see `claimed_prompts`), not the pool's.
-    pool_cfg.max_ahead = None;
-    pool_cfg.start_version = version;
-    let block = pool_cfg.prompts_per_batch as u64;
-    let end = Arc::new(AtomicBool::new(false));
-    let room = cfg
-        .grpo
-        .max_ahead
-        .map(|a| (a + 1) * cfg.grpo.prompts_per_step as u64);
-    let cursor = Arc::new(ClaimedPrompts::new(
-        store.clone(),
-        &worker,
-        block,
-        room,
-        end.clone(),
-    )?);
-    let reward_names = train_env.rewards().iter().map(|r| r.name.clone()).collect();
-    let writer = RolloutWriter::new(store.clone(), &worker, reward_names)?;
-    let pool = spawn_pool_with(&model, train_env.clone(), pool_cfg, cursor.clone())?;
-    drop(model);
-    tracing::info!(worker = %worker, version, store = %store.location(""), "rollout worker started");
-    let mut outbox = Outbox {
-        writer,
-        store: store.clone(),
-        worker: worker.clone(),
-        cursor,
-        counters: WorkerCounters::default(),
-        batch_groups: block as usize,
-        written_at: Instant::now(),
-    };
-    let newest = Arc::new(AtomicU64::new(version));
-    let follower = {
-        let (store, end, stop, newest) = (store.clone(), end.clone(), stop.clone(), newest.clone());
-        let feedback = pool.feedback.clone();
-        std::thread::Builder::new()
-            .name("grail-follow".into())
-            .spawn(move || {
-                let followed = follow(reader, &store, &feedback, &end, &stop, &newest);
-                // However it ends (a store error included), the outbox must stop too.
-                end.store(true, Ordering::SeqCst);
-                followed
-            })?
-    };
-    let written = outbox.run(&pool, &end, &stop, &progress);
-    progress.finish();
-    end.store(true, Ordering::SeqCst);
-    let live = Live::of(pool.counters());
-    let report = pool.shutdown();
-    let followed = follower
-        .join()
-        .map_err(|_| anyhow::anyhow!("the weight follower thread panicked"));
-    // The final counters are written whatever went wrong, so the trainer need not wait for them.
-    let live = match &report {
-        Ok(r) => Live {
-            generated: r.generated as u64,
-            failed: r.failed as u64,
-            failed_groups: r.failed_groups as u64,
-            tokens: r.tokens as u64,
-        },
-        Err(_) => live,
-    };
-    let mut c = outbox.counters;
-    live.fill(&mut c);
-    c.taken = outbox.cursor.taken();
-    c.heartbeat_ms = progress::now_ms();
-    // Groups generated and not written (in the channel, or cut off by the end) are unsent.
-    c.unsent_at_shutdown = c.generated.saturating_sub(c.sent + c.failed);
-    c.finished = true;
-    progress::put_worker(&store, &worker, &c)?;
-    report?;
-    written?;
-    followed??;
-    summary.counters = c;
-    summary.version = newest.load(Ordering::SeqCst);
-    summary.seconds = start.elapsed().as_secs_f64();
-    Ok(summary)
+
+    /// Generates for the run until it finishes (or `stop`): the pool over the worker's claimed
+    /// prompt blocks, an outbox writing its groups, a follower bringing new weights. Returns the
+    /// worker's final counters (also written to the store) and the newest version it had.
+    fn work(
+        self,
+        source: &Source,
+        worker: &str,
+        stop: &Arc<AtomicBool>,
+        progress: Progress,
+    ) -> Result<(WorkerCounters, u64)> {
+        let Run {
+            store,
+            cfg,
+            tokenizer,
+            model_config,
+            reader,
+        } = self;
+        let device = parse_device(&cfg.device)?;
+        let version = reader.version().expect("waited for");
+        let model = CausalLm::build(
+            &model_config,
+            &mut NamedTensorSource::new(reader.tensors().expect("waited for"), &device),
+        )?;
+        let (train_env, _) = environments(&cfg, source, &tokenizer)?;
+        let generation = generation_config(&cfg, &tokenizer.eos_token_ids);
+        let limits = prompt_limits(&cfg, &model);
+        let mut pool_cfg = pool_config(&cfg, &generation, &limits);
+        // The bound across processes is the cursor's (see `claimed_prompts`), not the pool's.
+        pool_cfg.max_ahead = None;
+        pool_cfg.start_version = version;
+        let block = pool_cfg.prompts_per_batch as u64;
+        let end = Arc::new(AtomicBool::new(false));
+        let room = cfg
+            .grpo
+            .max_ahead
+            .map(|a| (a + 1) * cfg.grpo.prompts_per_step as u64);
+        let cursor = Arc::new(ClaimedPrompts::new(
+            store.clone(),
+            worker,
+            block,
+            room,
+            end.clone(),
+        )?);
+        let reward_names = train_env.rewards().iter().map(|r| r.name.clone()).collect();
+        let writer = RolloutWriter::new(store.clone(), worker, reward_names)?;
+        let pool = spawn_pool_with(&model, train_env.clone(), pool_cfg, cursor.clone())?;
+        drop(model);
+        tracing::info!(worker = %worker, version, store = %store.location(""), "rollout worker started");
+        let mut outbox = Outbox {
+            writer,
+            store: store.clone(),
+            worker: worker.to_string(),
+            cursor,
+            counters: WorkerCounters::default(),
+            batch_groups: block as usize,
+            written_at: Instant::now(),
+        };
+        let newest = Arc::new(AtomicU64::new(version));
+        let follower = {
+            let follower = Follower {
+                reader,
+                store: store.clone(),
+                feedback: pool.feedback.clone(),
+                end: end.clone(),
+                stop: stop.clone(),
+                newest: newest.clone(),
+                trainer_timeout: (cfg.grpo.stall_timeout > 0)
+                    .then(|| Duration::from_secs(cfg.grpo.stall_timeout)),
+            };
+            std::thread::Builder::new()
+                .name("grail-follow".into())
+                .spawn(move || {
+                    let end = follower.end.clone();
+                    let followed = follower.run();
+                    // However it ends (a store error included), the outbox must stop too.
+                    end.store(true, Ordering::SeqCst);
+                    followed
+                })?
+        };
+        let written = outbox.run(&pool, &end, stop, &progress);
+        progress.finish();
+        end.store(true, Ordering::SeqCst);
+        let live = Live::of(pool.counters());
+        let report = pool.shutdown();
+        let followed = follower
+            .join()
+            .map_err(|_| anyhow::anyhow!("the weight follower thread panicked"));
+        // The final counters are written whatever went wrong, so the trainer need not wait for
+        // them.
+        let live = match &report {
+            Ok(r) => Live {
+                generated: r.generated as u64,
+                failed: r.failed as u64,
+                failed_groups: r.failed_groups as u64,
+                tokens: r.tokens as u64,
+            },
+            Err(_) => live,
+        };
+        let mut c = outbox.counters;
+        live.fill(&mut c);
+        c.taken = outbox.cursor.taken();
+        c.heartbeat_ms = progress::now_ms();
+        // Groups generated and not written (in the channel, or cut off by the end) are unsent.
+        c.unsent_at_shutdown = c.generated.saturating_sub(c.sent + c.failed);
+        c.finished = true;
+        progress::put_worker(&store, worker, &c)?;
+        report?;
+        written?;
+        followed??;
+        Ok((c, newest.load(Ordering::SeqCst)))
+    }
 }
 
 /// The job config from the manifest, with this process's own `device`, `output_dir` and store
@@ -265,44 +326,87 @@ fn default_worker_id() -> String {
     format!("{host}-{}-{time:x}", std::process::id())
 }
 
-/// Follows the trainer: new weight versions go to the pool as full updates, and `end` is set
-/// once the run is finished (or `stop` is).
-fn follow(
-    mut reader: WeightReader,
-    store: &Store,
-    feedback: &flume::Sender<PoolMessage>,
-    end: &AtomicBool,
-    stop: &AtomicBool,
-    newest: &AtomicU64,
-) -> Result<()> {
-    let mut checked = Instant::now();
-    while !end.load(Ordering::SeqCst) {
-        if stop.load(Ordering::SeqCst) {
-            end.store(true, Ordering::SeqCst);
-            break;
-        }
-        let caught = reader.catch_up()?;
-        report_faults(caught.faults);
-        if caught.changed {
-            let version = reader.version().expect("changed");
-            let tensors = reader.tensors().expect("changed").to_vec();
-            newest.store(version, Ordering::SeqCst);
-            let update = WeightUpdate {
-                version,
-                payload: WeightPayload::Full(Arc::new(tensors)),
-            };
-            let _ = feedback.send(PoolMessage::Weights(update));
-        }
-        if checked.elapsed() > Duration::from_secs(1) {
-            checked = Instant::now();
-            if finished(store)? {
-                tracing::info!("the trainer finished the run");
-                end.store(true, Ordering::SeqCst);
+/// Follows the trainer: new weight versions go to the pool as full updates; `end` is set once
+/// the run is finished (or `stop` is), and the worker gives up with an error when the trainer
+/// has been silent (no heartbeat) for `trainer_timeout`.
+struct Follower {
+    reader: WeightReader,
+    store: Store,
+    feedback: flume::Sender<PoolMessage>,
+    end: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    newest: Arc<AtomicU64>,
+    trainer_timeout: Option<Duration>,
+}
+
+impl Follower {
+    fn run(mut self) -> Result<()> {
+        let mut checked = Instant::now();
+        let mut warned = false;
+        while !self.end.load(Ordering::SeqCst) {
+            if self.stop.load(Ordering::SeqCst) {
+                self.end.store(true, Ordering::SeqCst);
+                break;
             }
+            let caught = self.reader.catch_up()?;
+            report_faults(caught.faults);
+            if caught.changed {
+                let version = self.reader.version().expect("changed");
+                let tensors = self.reader.tensors().expect("changed").to_vec();
+                self.newest.store(version, Ordering::SeqCst);
+                let update = WeightUpdate {
+                    version,
+                    payload: WeightPayload::Full(Arc::new(tensors)),
+                };
+                let _ = self.feedback.send(PoolMessage::Weights(update));
+            }
+            if checked.elapsed() > Duration::from_secs(1) {
+                checked = Instant::now();
+                if finished(&self.store)? {
+                    tracing::info!("the trainer finished the run");
+                    self.end.store(true, Ordering::SeqCst);
+                } else {
+                    self.check_trainer(&mut warned)?;
+                }
+            }
+            std::thread::sleep(POLL);
         }
-        std::thread::sleep(POLL);
+        Ok(())
     }
-    Ok(())
+
+    /// Warns once the trainer's heartbeat is [`progress::GONE_AFTER_MS`] old, and fails once it
+    /// is `trainer_timeout` old: a trainer killed for good must not keep its workers forever,
+    /// while one restarted with `--resume` within the timeout finds them still there.
+    fn check_trainer(&self, warned: &mut bool) -> Result<()> {
+        let Some(beat) = progress::trainer_heartbeat(&self.store)? else {
+            return Ok(());
+        };
+        let silent = Duration::from_millis(progress::now_ms().saturating_sub(beat));
+        if silent < Duration::from_millis(progress::GONE_AFTER_MS) {
+            *warned = false;
+            return Ok(());
+        }
+        if !*warned {
+            *warned = true;
+            tracing::warn!(
+                silent_s = silent.as_secs(),
+                "the trainer has gone silent (killed, or its machine is down?); waiting for it to \
+                 be restarted with --resume"
+            );
+        }
+        if let Some(timeout) = self.trainer_timeout
+            && silent > timeout
+        {
+            bail!(
+                "the trainer of {} has been silent for {} s (stall_timeout = {} s): giving up. \
+                 Restart the trainer with --resume, then start workers again",
+                self.store.location(""),
+                silent.as_secs(),
+                timeout.as_secs()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A snapshot of a pool's counters.

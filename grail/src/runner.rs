@@ -179,6 +179,13 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         _ => None,
     };
     let device = parse_device(&cfg.device)?;
+    if let Some(store) = &store
+        && cfg.resume_from_checkpoint == crate::config::ResumeFrom::Latest(true)
+    {
+        std::fs::create_dir_all(&cfg.output_dir)
+            .with_context(|| format!("creating {}", cfg.output_dir.display()))?;
+        checkpoint::fetch_from_store(store, &cfg.output_dir)?;
+    }
     let resume = output::claim(cfg)?;
     let tokenizer = Arc::new(match (&resume, &grpo.tokenizer) {
         (Some(dir), _) => Tokenizer::from_dir(dir)?,
@@ -268,6 +275,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         &tokenizer,
         &end.state,
         cfg.save_total_limit,
+        store.as_ref(),
     )?;
     let final_acc = held_out.accuracy(trainer.model(), &limits)?;
     let plot = crate::plot::plot_curves(

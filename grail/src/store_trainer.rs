@@ -318,6 +318,11 @@ impl Inbox {
                 if let Err(e) = self.sum_counters() {
                     tracing::warn!("reading the workers' counters: {e}");
                 }
+                // Workers give up on a trainer silent for `stall_timeout`: a failed write is
+                // retried a second later, well within it.
+                if let Err(e) = progress::put_trainer_heartbeat(&self.store) {
+                    tracing::warn!("writing the trainer's heartbeat: {e}");
+                }
                 last_counters = Instant::now();
             }
             let arrivals = self.reader.poll(4)?;
