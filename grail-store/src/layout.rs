@@ -77,6 +77,10 @@ pub struct Ready {
     pub hash: String,
     /// Payload size in bytes.
     pub bytes: u64,
+    /// When the writer finished the payload (Unix ms; absent in markers of older writers): a
+    /// reader's clock minus this is how long the version took to reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_ms: Option<u64>,
 }
 
 /// A hash as the marker writes it.

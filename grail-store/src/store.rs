@@ -5,6 +5,7 @@
 //! no async code and no runtime of their own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -21,6 +22,7 @@ pub struct Store {
     url: String,
     run_id: String,
     runtime: Arc<tokio::runtime::Runtime>,
+    link: Option<SimulatedLink>,
 }
 
 impl std::fmt::Debug for Store {
@@ -34,6 +36,10 @@ impl Store {
     /// shared by the processes that run there), `s3://bucket/prefix` (any S3-compatible server;
     /// endpoint and credentials from the `AWS_*` environment variables) or `memory://` (a new
     /// empty store, shared only by clones of this `Store`; for tests).
+    ///
+    /// With `GRAIL_SIMULATED_LINK=<Mbit/s>,<ms>` set (say `100,50`), every request waits the
+    /// latency and every byte read or written the bandwidth: to measure a run over a commodity
+    /// link on one machine.
     pub fn open(url: &str, run_id: &str) -> Result<Self, StoreError> {
         let bad_url = |why: String| StoreError::Url {
             url: url.to_string(),
@@ -80,7 +86,12 @@ impl Store {
                 )));
             }
         };
-        Self::at(inner, prefix, url, run_id)
+        let link =
+            SimulatedLink::from_env().map_err(|why| bad_url(format!("{SIMULATED_LINK}: {why}")))?;
+        Ok(Self {
+            link,
+            ..Self::at(inner, prefix, url, run_id)?
+        })
     }
 
     /// Run `run_id` in an object store the caller built (object_store's throttled store, say,
@@ -117,6 +128,7 @@ impl Store {
             url: url.trim_end_matches('/').to_string(),
             run_id: run_id.to_string(),
             runtime: Arc::new(runtime),
+            link: None,
         })
     }
 
@@ -131,6 +143,13 @@ impl Store {
             .fold(self.root.clone(), |p, part| p.join(part))
     }
 
+    /// A request of `bytes` over the simulated link, if there is one.
+    fn wait(&self, bytes: usize) {
+        if let Some(link) = &self.link {
+            std::thread::sleep(link.latency + link.per_byte.mul_f64(bytes as f64));
+        }
+    }
+
     fn io(&self, key: &str, e: object_store::Error) -> StoreError {
         StoreError::Io {
             key: self.location(key),
@@ -140,6 +159,7 @@ impl Store {
 
     /// Writes `key`, replacing what was there.
     pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        self.wait(bytes.len());
         let path = self.path(key);
         self.runtime
             .block_on(self.inner.put(&path, PutPayload::from(bytes)))
@@ -150,6 +170,7 @@ impl Store {
     /// Writes `key` only if no object is there (a conditional create): `Ok(false)` when one
     /// already is, which is how two writers agree on who made an object.
     pub fn create(&self, key: &str, bytes: Vec<u8>) -> Result<bool, StoreError> {
+        self.wait(bytes.len());
         let path = self.path(key);
         let opts = PutOptions {
             mode: PutMode::Create,
@@ -173,7 +194,10 @@ impl Store {
             got.bytes().await
         };
         match self.runtime.block_on(read) {
-            Ok(b) => Ok(Some(b)),
+            Ok(b) => {
+                self.wait(b.len());
+                Ok(Some(b))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.io(key, e)),
         }
@@ -181,6 +205,7 @@ impl Store {
 
     /// Every key under `prefix` (relative to the run, sorted).
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.wait(0);
         let path = self.path(prefix);
         let metas: Vec<_> = self
             .runtime
@@ -197,10 +222,63 @@ impl Store {
 
     /// Removes `key`; removing what is not there is not an error.
     pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.wait(0);
         let path = self.path(key);
         match self.runtime.block_on(self.inner.delete(&path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.io(key, e)),
+        }
+    }
+}
+
+/// The environment variable that slows a store down to a simulated link (see [`Store::open`]).
+pub const SIMULATED_LINK: &str = "GRAIL_SIMULATED_LINK";
+
+/// A slow link in front of the store, as `GRAIL_SIMULATED_LINK` asks. object_store's
+/// `ThrottledStore` cannot wrap a local folder (it panics on reads of local files) and does not
+/// slow uploads per byte, so the store waits itself, before each request (or after a read).
+#[derive(Debug, Clone, Copy)]
+struct SimulatedLink {
+    latency: Duration,
+    per_byte: Duration,
+}
+
+impl SimulatedLink {
+    fn from_env() -> Result<Option<Self>, String> {
+        match std::env::var(SIMULATED_LINK) {
+            Ok(text) => Self::parse(&text).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// `<Mbit/s>,<latency ms>`.
+    fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("`{text}` is not `<Mbit/s>,<latency ms>` (e.g. `100,50`)");
+        let (mbit, ms) = text.split_once(',').ok_or_else(bad)?;
+        let mbit: f64 = mbit.trim().parse().map_err(|_| bad())?;
+        let ms: u64 = ms.trim().parse().map_err(|_| bad())?;
+        if !(mbit.is_finite() && mbit > 0.0) {
+            return Err(bad());
+        }
+        Ok(Self {
+            latency: Duration::from_millis(ms),
+            per_byte: Duration::from_secs_f64(8.0 / (mbit * 1e6)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_simulated_link_is_bandwidth_and_latency_or_an_error_saying_the_form() {
+        let link = SimulatedLink::parse("100, 50").unwrap();
+        assert_eq!(link.latency, Duration::from_millis(50));
+        assert_eq!(link.per_byte, Duration::from_nanos(80));
+        for bad in ["100", "fast,50", "0,50", "100,-1", ""] {
+            let err = SimulatedLink::parse(bad).unwrap_err();
+            assert!(err.contains("<Mbit/s>,<latency ms>"), "{bad}: {err}");
         }
     }
 }

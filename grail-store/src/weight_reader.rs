@@ -126,6 +126,11 @@ impl WeightReader {
         self.held.as_ref().map(|(_, t)| t.as_slice())
     }
 
+    /// The READY marker of the version held, if any.
+    pub fn marker(&self) -> Option<&Ready> {
+        self.markers.get(&self.version()?)
+    }
+
     /// Moves to the newest version that can be reconstructed and checked. Errors are failures
     /// to reach the store (the reader keeps what it holds); faults in its objects are in the
     /// result.

@@ -128,6 +128,7 @@ impl WeightWriter {
             wire,
             hash: hash_hex(weights_hash(&rounded, wire)),
             bytes: bytes as u64,
+            published_ms: Some(crate::progress::now_ms()),
         };
         let marker = serde_json::to_vec_pretty(&ready).expect("a READY marker serialises");
         if !self.store.create(&ready_key, marker)? {

@@ -44,8 +44,31 @@ pub struct WorkerSummary {
     pub counters: WorkerCounters,
     /// The newest weights version it generated with.
     pub version: u64,
+    /// How long the versions published while it worked took to reach it (from the trainer's
+    /// READY marker to the pool's update; clocks of different machines add their offset).
+    pub version_lag: VersionLag,
     /// Wall time.
     pub seconds: f64,
+}
+
+/// The time from a version's publication to its arrival at the worker, over the versions it
+/// followed.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct VersionLag {
+    /// Versions received after the first.
+    pub versions: u64,
+    /// Mean seconds from publication to arrival.
+    pub mean_s: f64,
+    /// The longest.
+    pub max_s: f64,
+}
+
+impl VersionLag {
+    fn add(&mut self, seconds: f64) {
+        self.versions += 1;
+        self.mean_s += (seconds - self.mean_s) / self.versions as f64;
+        self.max_s = self.max_s.max(seconds);
+    }
 }
 
 /// Runs a rollout worker for the run in `local.store` until the trainer finishes it or `stop`
@@ -65,14 +88,16 @@ pub(crate) fn run_worker(
             ..WorkerCounters::default()
         },
         version: 0,
+        version_lag: VersionLag::default(),
         seconds: 0.0,
     };
     let progress = Progress::new(0, "rollout");
     progress.update(format!("waiting for the trainer of {}", store.location("")));
     if let Some(run) = Run::wait(&store, local, &stop)? {
-        let (counters, version) = run.work(source, &worker, &stop, progress)?;
+        let (counters, version, lag) = run.work(source, &worker, &stop, progress)?;
         summary.counters = counters;
         summary.version = version;
+        summary.version_lag = lag;
     }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
@@ -139,14 +164,15 @@ impl Run {
 
     /// Generates for the run until it finishes (or `stop`): the pool over the worker's claimed
     /// prompt blocks, an outbox writing its groups, a follower bringing new weights. Returns the
-    /// worker's final counters (also written to the store) and the newest version it had.
+    /// worker's final counters (also written to the store), the newest version it had and how
+    /// long versions took to reach it.
     fn work(
         self,
         source: &Source,
         worker: &str,
         stop: &Arc<AtomicBool>,
         progress: Progress,
-    ) -> Result<(WorkerCounters, u64)> {
+    ) -> Result<(WorkerCounters, u64, VersionLag)> {
         let Run {
             store,
             cfg,
@@ -245,8 +271,8 @@ impl Run {
         progress::put_worker(&store, worker, &c)?;
         report?;
         written?;
-        followed??;
-        Ok((c, newest.load(Ordering::SeqCst)))
+        let lag = followed??;
+        Ok((c, newest.load(Ordering::SeqCst), lag))
     }
 }
 
@@ -340,9 +366,10 @@ struct Follower {
 }
 
 impl Follower {
-    fn run(mut self) -> Result<()> {
+    fn run(mut self) -> Result<VersionLag> {
         let mut checked = Instant::now();
         let mut warned = false;
+        let mut lag = VersionLag::default();
         while !self.end.load(Ordering::SeqCst) {
             if self.stop.load(Ordering::SeqCst) {
                 self.end.store(true, Ordering::SeqCst);
@@ -353,6 +380,9 @@ impl Follower {
             if caught.changed {
                 let version = self.reader.version().expect("changed");
                 let tensors = self.reader.tensors().expect("changed").to_vec();
+                if let Some(published) = self.reader.marker().and_then(|m| m.published_ms) {
+                    lag.add(progress::now_ms().saturating_sub(published) as f64 / 1e3);
+                }
                 self.newest.store(version, Ordering::SeqCst);
                 let update = WeightUpdate {
                     version,
@@ -371,7 +401,7 @@ impl Follower {
             }
             std::thread::sleep(POLL);
         }
-        Ok(())
+        Ok(lag)
     }
 
     /// Warns once the trainer's heartbeat is [`progress::GONE_AFTER_MS`] old, and fails once it
