@@ -3,13 +3,15 @@
 //! [`split`]); seeded sampling with raw behaviour log-probs ([`sampling`]), continuous-batching
 //! generation over per-sequence KV caches ([`generate`]), prompt length limits
 //! ([`prompt_limits`]), the worker pool ([`pool`]) and each worker's copy of the weights
-//! ([`weight_state`]) turn them into groups.
+//! ([`weight_state`]) turn them into groups. [`kv_blocks`] is the bookkeeping of a paged KV
+//! cache (block pool, block tables, prefix sharing, copy on write).
 #![warn(missing_docs)]
 
 pub mod dataset;
 pub mod environment;
 pub mod error;
 pub mod generate;
+pub mod kv_blocks;
 pub mod pool;
 pub mod prompt_cursor;
 pub mod prompt_limits;
