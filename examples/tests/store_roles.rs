@@ -284,3 +284,34 @@ fn a_worker_gives_up_on_a_trainer_silent_for_the_stall_timeout() {
         "its final counts are written: {counters}"
     );
 }
+
+#[test]
+fn a_trainer_without_workers_stops_at_the_stall_timeout_saying_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let job = grail_testkit::tiny_job_toml(
+        &dir.path().join("out"),
+        &format!("role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"alone\"\nsave_steps = 0"),
+        "max_steps = 10\nstall_timeout = 3",
+        "prompts = 8\nevery = 0",
+    );
+    let config = dir.path().join("job.toml");
+    std::fs::write(&config, job).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_countdown"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no group arrived"), "{err}");
+    assert!(
+        err.contains(&format!("--role rollout --store {url} --run-id alone")),
+        "{err}"
+    );
+    let store = Store::open(&url, "alone").unwrap();
+    assert!(
+        store.get("run/FINISHED").unwrap().is_some(),
+        "marked finished"
+    );
+}

@@ -174,8 +174,18 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
     let run = match result {
         Ok(run) => run,
         Err(e @ TrainerError::Stalled(_)) => {
+            // With a store the rollout pool is whatever workers were started, or none.
+            let workers = match (phase.store, &phase.cfg.store) {
+                (Some(_), Some(url)) => format!(
+                    "; the rollouts come from workers started with `--role rollout --store {url} \
+                     --run-id {}`",
+                    phase.cfg.run_id
+                ),
+                _ => String::new(),
+            };
             return Err(anyhow::Error::new(e).context(format!(
-                "GRPO stopped at step {} ({failed_groups} groups failed in the reward functions)",
+                "GRPO stopped at step {} ({failed_groups} groups failed in the reward \
+                 functions{workers})",
                 trainer.step()
             )));
         }
