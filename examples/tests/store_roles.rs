@@ -271,7 +271,7 @@ fn a_worker_gives_up_on_a_trainer_silent_for_the_stall_timeout() {
     };
     assert!(!status.success(), "giving up is an error");
     assert!(
-        killed.elapsed() >= Duration::from_secs(10),
+        killed.elapsed() >= Duration::from_secs(14),
         "not before the trainer has been silent for long"
     );
     let log = std::fs::read_to_string(dir.path().join("w1.log")).unwrap();

@@ -68,7 +68,11 @@ impl BlockPool {
         dtype_bytes: usize,
     ) -> usize {
         let per_block = 2 * layers * kv_heads * head_dim * dtype_bytes * block_size;
-        bytes / per_block.max(1)
+        assert!(
+            per_block > 0,
+            "a KV block of {block_size} positions × {layers} layers × {kv_heads} heads × {head_dim} × {dtype_bytes} bytes holds nothing"
+        );
+        bytes / per_block
     }
 
     /// Positions per block.

@@ -92,6 +92,9 @@ pub fn upload(
     files: &[(String, PathBuf)],
     keep: Option<usize>,
 ) -> Result<u64, StoreError> {
+    // A step uploaded again (the final checkpoint at a step a periodic one took): its old
+    // marker must not vouch for files being replaced.
+    store.delete(&checkpoint_key(step, READY_FILE))?;
     let mut ready = CheckpointReady {
         step,
         files: Vec::new(),
@@ -107,27 +110,44 @@ pub fn upload(
     }
     let marker = serde_json::to_vec_pretty(&ready).expect("plain data serialises");
     store.put(&checkpoint_key(step, READY_FILE), marker)?;
-    if let Some(keep) = keep {
-        let steps = stored(store)?;
-        for old in &steps[..steps.len().saturating_sub(keep)] {
-            remove(store, *old)?;
-        }
-    }
+    prune(store, step, keep)?;
     Ok(ready.files.iter().map(|f| f.bytes).sum())
+}
+
+/// Below `step`: removes the complete checkpoints beyond the newest `keep` (`step` counted
+/// among them) and the files of uploads cut short. Nothing at or above `step` is touched.
+fn prune(store: &Store, step: u64, keep: Option<usize>) -> Result<(), StoreError> {
+    let older: Vec<u64> = stored(store)?.into_iter().filter(|&s| s < step).collect();
+    let kept = keep.map_or(older.len(), |k| k.saturating_sub(1).min(older.len()));
+    let kept = &older[older.len() - kept..];
+    let mut folders: Vec<u64> = store
+        .list(CHECKPOINTS)?
+        .iter()
+        .filter_map(|key| folder_step(key))
+        .filter(|&s| s < step && !kept.contains(&s))
+        .collect();
+    folders.dedup();
+    for old in folders {
+        remove(store, old)?;
+    }
+    Ok(())
+}
+
+/// The step of a key under [`CHECKPOINTS`], if it is one.
+fn folder_step(key: &str) -> Option<u64> {
+    let (dir, _) = key.strip_prefix(CHECKPOINTS)?.split_once('/')?;
+    let digits = dir.len() == 12 && dir.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| dir.parse().ok()).flatten()
 }
 
 /// The steps of every complete stored checkpoint (with its READY marker), oldest first.
 pub fn stored(store: &Store) -> Result<Vec<u64>, StoreError> {
+    let marker = format!("/{READY_FILE}");
     let mut steps: Vec<u64> = store
         .list(CHECKPOINTS)?
         .iter()
-        .filter_map(|key| {
-            let (dir, file) = key.strip_prefix(CHECKPOINTS)?.split_once('/')?;
-            let digits = dir.len() == 12 && dir.bytes().all(|b| b.is_ascii_digit());
-            (digits && file == READY_FILE)
-                .then(|| dir.parse().ok())
-                .flatten()
-        })
+        .filter(|key| key.ends_with(&marker))
+        .filter_map(|key| folder_step(key))
         .collect();
     steps.sort();
     Ok(steps)
@@ -183,6 +203,12 @@ pub fn download(store: &Store, step: u64, dir: &Path) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Takes the READY marker of a stored checkpoint found corrupt away, so that it no longer
+/// counts as one (its files go with the next upload's pruning).
+pub fn discard(store: &Store, step: u64) -> Result<(), StoreError> {
+    store.delete(&checkpoint_key(step, READY_FILE))
+}
+
 /// Removes the stored checkpoint at `step`, its READY marker first (so that no reader sees a
 /// checkpoint whose files are going).
 pub fn remove(store: &Store, step: u64) -> Result<(), StoreError> {
@@ -234,6 +260,13 @@ mod tests {
             .put(&checkpoint_key(4, "model.safetensors"), b"half".to_vec())
             .unwrap();
         assert_eq!(stored(&store).unwrap(), [2]);
+        // The next upload clears the cut-short one below it, and keeps the step it writes even
+        // with newer steps in the store.
+        upload(&store, 6, &files, Some(1)).unwrap();
+        assert!(store.list(&checkpoint_key(4, "")).unwrap().is_empty());
+        assert_eq!(stored(&store).unwrap(), [6]);
+        upload(&store, 2, &files, Some(1)).unwrap();
+        assert_eq!(stored(&store).unwrap(), [2, 6]);
         store
             .put(&checkpoint_key(2, "model.safetensors"), b"weighs".to_vec())
             .unwrap();

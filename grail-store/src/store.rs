@@ -146,7 +146,8 @@ impl Store {
     /// A request of `bytes` over the simulated link, if there is one.
     fn wait(&self, bytes: usize) {
         if let Some(link) = &self.link {
-            std::thread::sleep(link.latency + link.per_byte.mul_f64(bytes as f64));
+            let transfer = Duration::from_secs_f64(link.seconds_per_byte * bytes as f64);
+            std::thread::sleep(link.latency + transfer);
         }
     }
 
@@ -240,7 +241,7 @@ pub const SIMULATED_LINK: &str = "GRAIL_SIMULATED_LINK";
 #[derive(Debug, Clone, Copy)]
 struct SimulatedLink {
     latency: Duration,
-    per_byte: Duration,
+    seconds_per_byte: f64,
 }
 
 impl SimulatedLink {
@@ -257,12 +258,15 @@ impl SimulatedLink {
         let (mbit, ms) = text.split_once(',').ok_or_else(bad)?;
         let mbit: f64 = mbit.trim().parse().map_err(|_| bad())?;
         let ms: u64 = ms.trim().parse().map_err(|_| bad())?;
-        if !(mbit.is_finite() && mbit > 0.0) {
-            return Err(bad());
+        // From a modem to a datacenter link; an hour per request at most.
+        if !(0.01..=1e6).contains(&mbit) || ms > 3_600_000 {
+            return Err(format!(
+                "`{text}`: the bandwidth must be 0.01 to 1,000,000 Mbit/s, the latency at most an hour"
+            ));
         }
         Ok(Self {
             latency: Duration::from_millis(ms),
-            per_byte: Duration::from_secs_f64(8.0 / (mbit * 1e6)),
+            seconds_per_byte: 8.0 / (mbit * 1e6),
         })
     }
 }
@@ -275,10 +279,17 @@ mod tests {
     fn a_simulated_link_is_bandwidth_and_latency_or_an_error_saying_the_form() {
         let link = SimulatedLink::parse("100, 50").unwrap();
         assert_eq!(link.latency, Duration::from_millis(50));
-        assert_eq!(link.per_byte, Duration::from_nanos(80));
-        for bad in ["100", "fast,50", "0,50", "100,-1", ""] {
+        assert!((link.seconds_per_byte - 80e-9).abs() < 1e-15);
+        for bad in ["100", "fast,50", "100,-1", ""] {
             let err = SimulatedLink::parse(bad).unwrap_err();
             assert!(err.contains("<Mbit/s>,<latency ms>"), "{bad}: {err}");
+        }
+        for out_of_range in ["0,50", "1e-9,50", "inf,50", "NaN,50", "100,99999999"] {
+            let err = SimulatedLink::parse(out_of_range).unwrap_err();
+            assert!(
+                err.contains("0.01 to 1,000,000 Mbit/s"),
+                "{out_of_range}: {err}"
+            );
         }
     }
 }

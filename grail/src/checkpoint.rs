@@ -220,7 +220,8 @@ pub fn save(
     Ok(dir)
 }
 
-/// Uploads the checkpoint in `dir` with the run's metrics so far.
+/// Uploads the checkpoint in `dir` with the run's metrics so far. The local checkpoint is
+/// already safe, so a store that keeps failing (three tries) is a warning, not the run's end.
 fn upload(
     store: &Store,
     output_dir: &Path,
@@ -234,22 +235,43 @@ fn upload(
     if metrics.is_file() {
         files.push((METRICS_FILE.to_string(), metrics));
     }
-    let bytes = checkpoints::upload(store, step as u64, &files, keep)
-        .with_context(|| format!("uploading checkpoint {} to the store", dir.display()))?;
-    tracing::info!(
-        step,
-        megabytes = bytes as f64 / 1e6,
-        seconds = start.elapsed().as_secs_f64(),
-        at = %store.location(&checkpoints::checkpoint_key(step as u64, "")),
-        "checkpoint uploaded"
-    );
+    let at = store.location(&checkpoints::checkpoint_key(step as u64, ""));
+    for attempt in 1..=3 {
+        match checkpoints::upload(store, step as u64, &files, keep) {
+            Ok(bytes) => {
+                tracing::info!(
+                    step,
+                    megabytes = bytes as f64 / 1e6,
+                    seconds = start.elapsed().as_secs_f64(),
+                    at,
+                    "checkpoint uploaded"
+                );
+                return Ok(());
+            }
+            Err(e) if attempt < 3 => {
+                tracing::warn!(
+                    step,
+                    attempt,
+                    "uploading the checkpoint failed, retrying: {e}"
+                );
+                std::thread::sleep(std::time::Duration::from_secs(1 << attempt));
+            }
+            Err(e) => tracing::warn!(
+                step,
+                local = %dir.display(),
+                "the checkpoint is not in the store (three uploads failed; a resume on another \
+                 machine would start from an older one): {e}"
+            ),
+        }
+    }
     Ok(())
 }
 
 /// Copies the newest checkpoint in `store` into `output_dir` when it is newer than every
-/// checkpoint there (a trainer resumed on a machine without the run's `output_dir`), with the
-/// run's `metrics.jsonl` if `output_dir` has none. A stored checkpoint that cannot be read is
-/// reported and the next older one is tried.
+/// checkpoint there (a trainer resumed on a machine without the run's `output_dir`, or whose
+/// copy is behind), with the run's `metrics.jsonl` up to it. A stored checkpoint found corrupt
+/// is reported, discarded and the next older one tried; a store that cannot be read is an
+/// error.
 pub fn fetch_from_store(store: &Store, output_dir: &Path) -> Result<()> {
     let local = checkpoints(output_dir)?
         .last()
@@ -261,12 +283,11 @@ pub fn fetch_from_store(store: &Store, output_dir: &Path) -> Result<()> {
         let dir = checkpoint_dir(output_dir, step as usize);
         let fetched = atomic::write_dir(&dir, |tmp| -> Result<()> {
             checkpoints::download(store, step, tmp)?;
-            let metrics = output_dir.join(METRICS_FILE);
+            // The stored metrics are the run's up to this checkpoint; local ones, if any, are
+            // from an older place in the run.
             let stored = tmp.join(METRICS_FILE);
             if stored.is_file() {
-                if !metrics.exists() {
-                    atomic::write_file(&metrics, &std::fs::read(&stored)?)?;
-                }
+                atomic::write_file(&output_dir.join(METRICS_FILE), &std::fs::read(&stored)?)?;
                 std::fs::remove_file(&stored)?;
             }
             Ok(())
@@ -276,10 +297,21 @@ pub fn fetch_from_store(store: &Store, output_dir: &Path) -> Result<()> {
                 tracing::info!(step, dir = %dir.display(), "checkpoint taken from the store");
                 return Ok(());
             }
-            Err(e) => tracing::warn!(
-                step,
-                "stored checkpoint unusable, trying an older one: {e:#}"
-            ),
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<grail_store::StoreError>(),
+                    Some(grail_store::StoreError::Corrupt { .. })
+                ) =>
+            {
+                tracing::warn!(
+                    step,
+                    "stored checkpoint corrupt, discarded; trying an older one: {e:#}"
+                );
+                checkpoints::discard(store, step)?;
+            }
+            Err(e) => {
+                return Err(e.context(format!("taking checkpoint {step} from the store")));
+            }
         }
     }
     Ok(())
@@ -297,4 +329,62 @@ pub fn load_run_state(dir: &Path) -> Result<RunState> {
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint folder as `checkpoints` recognises it, and its files for the store.
+    fn stored_checkpoint(store: &Store, step: u64, metrics: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        std::fs::create_dir(&ckpt).unwrap();
+        std::fs::write(ckpt.join(RUN_STATE), format!("{{\"step\": {step}}}")).unwrap();
+        std::fs::write(ckpt.join("model.safetensors"), b"weights").unwrap();
+        std::fs::write(dir.path().join(METRICS_FILE), metrics).unwrap();
+        let mut files = checkpoints::files_under(&ckpt).unwrap();
+        files.push((METRICS_FILE.into(), dir.path().join(METRICS_FILE)));
+        checkpoints::upload(store, step, &files, None).unwrap();
+    }
+
+    #[test]
+    fn a_resume_elsewhere_takes_the_newest_sound_stored_checkpoint_and_its_metrics() {
+        let store = Store::open("memory://", "run").unwrap();
+        stored_checkpoint(&store, 2, "step 1\nstep 2\n");
+        stored_checkpoint(&store, 4, "step 1\nstep 2\nstep 3\nstep 4\n");
+        store
+            .put(
+                &checkpoints::checkpoint_key(4, "model.safetensors"),
+                b"torn".to_vec(),
+            )
+            .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        fetch_from_store(&store, out.path()).unwrap();
+        let local: Vec<usize> = checkpoints(out.path())
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(local, [2], "the corrupt step 4 is skipped");
+        assert_eq!(checkpoints::stored(&store).unwrap(), [2], "and discarded");
+        let metrics = std::fs::read_to_string(out.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(metrics, "step 1\nstep 2\n");
+        assert!(!checkpoint_dir(out.path(), 2).join(METRICS_FILE).exists());
+
+        // A machine whose copy is behind takes the newer one, and its metrics with it.
+        stored_checkpoint(&store, 6, "step 1 to 6\n");
+        fetch_from_store(&store, out.path()).unwrap();
+        let local: Vec<usize> = checkpoints(out.path())
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(local, [2, 6]);
+        let metrics = std::fs::read_to_string(out.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(metrics, "step 1 to 6\n");
+        // Nothing newer in the store: nothing changes.
+        fetch_from_store(&store, out.path()).unwrap();
+        assert_eq!(checkpoints(out.path()).unwrap().len(), 2);
+    }
 }

@@ -368,7 +368,11 @@ struct Follower {
 impl Follower {
     fn run(mut self) -> Result<VersionLag> {
         let mut checked = Instant::now();
-        let mut warned = false;
+        let mut trainer = TrainerWatch {
+            beat: None,
+            heard: Instant::now(),
+            warned: false,
+        };
         let mut lag = VersionLag::default();
         while !self.end.load(Ordering::SeqCst) {
             if self.stop.load(Ordering::SeqCst) {
@@ -396,7 +400,7 @@ impl Follower {
                     tracing::info!("the trainer finished the run");
                     self.end.store(true, Ordering::SeqCst);
                 } else {
-                    self.check_trainer(&mut warned)?;
+                    self.check_trainer(&mut trainer)?;
                 }
             }
             std::thread::sleep(POLL);
@@ -404,20 +408,26 @@ impl Follower {
         Ok(lag)
     }
 
-    /// Warns once the trainer's heartbeat is [`progress::GONE_AFTER_MS`] old, and fails once it
-    /// is `trainer_timeout` old: a trainer killed for good must not keep its workers forever,
-    /// while one restarted with `--resume` within the timeout finds them still there.
-    fn check_trainer(&self, warned: &mut bool) -> Result<()> {
-        let Some(beat) = progress::trainer_heartbeat(&self.store)? else {
-            return Ok(());
-        };
-        let silent = Duration::from_millis(progress::now_ms().saturating_sub(beat));
-        if silent < Duration::from_millis(progress::GONE_AFTER_MS) {
-            *warned = false;
+    /// Warns once the trainer has not been heard from (its heartbeat unchanged, missing or
+    /// unreadable) for [`progress::GONE_AFTER_MS`], and fails once that lasts `trainer_timeout`:
+    /// a trainer killed for good must not keep its workers forever, while one restarted with
+    /// `--resume` within the timeout finds them still there. Silence is measured on this
+    /// worker's clock from the last change it saw (or its own start), so neither the clocks of
+    /// two machines nor a beat left by an earlier attempt decide it.
+    fn check_trainer(&self, watch: &mut TrainerWatch) -> Result<()> {
+        let beat = progress::trainer_heartbeat(&self.store)?;
+        if beat.is_some() && beat != watch.beat {
+            watch.beat = beat;
+            watch.heard = Instant::now();
+            watch.warned = false;
             return Ok(());
         }
-        if !*warned {
-            *warned = true;
+        let silent = watch.heard.elapsed();
+        if silent < Duration::from_millis(progress::GONE_AFTER_MS) {
+            return Ok(());
+        }
+        if !watch.warned {
+            watch.warned = true;
             tracing::warn!(
                 silent_s = silent.as_secs(),
                 "the trainer has gone silent (killed, or its machine is down?); waiting for it to \
@@ -437,6 +447,16 @@ impl Follower {
         }
         Ok(())
     }
+}
+
+/// What a worker last heard from the trainer.
+struct TrainerWatch {
+    /// The last heartbeat read.
+    beat: Option<u64>,
+    /// When it changed (or the watch began).
+    heard: Instant,
+    /// Whether the silence has been reported.
+    warned: bool,
 }
 
 /// A snapshot of a pool's counters.

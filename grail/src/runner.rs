@@ -23,6 +23,7 @@ use crate::evaluate::{HeldOut, generation_config, prompt_limits};
 use crate::output;
 use crate::rollout_worker::{WorkerSummary, run_worker};
 use crate::setup::{Source, environments, new_tokenizer, new_trainer};
+use crate::store_trainer::Heartbeat;
 use crate::summary::RunSummary;
 use crate::task::Task;
 use crate::warm_up::sft_warm_up;
@@ -178,6 +179,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         (Some(url), Role::Trainer) => Some(open_trainer_store(cfg, url)?),
         _ => None,
     };
+    let _heartbeat = store.as_ref().map(Heartbeat::start).transpose()?;
     let device = parse_device(&cfg.device)?;
     if let Some(store) = &store
         && cfg.resume_from_checkpoint == crate::config::ResumeFrom::Latest(true)

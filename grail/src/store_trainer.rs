@@ -138,6 +138,54 @@ impl Feedback for StoreFeedback {
     }
 }
 
+/// The trainer's heartbeat (`trainer/heartbeat.json`), written every second by a thread of its
+/// own for as long as this value lives: from the trainer's start, through SFT, resume, steps,
+/// checkpoints and evaluations alike, so that workers hear from a live trainer whatever it does.
+pub(crate) struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Starts beating into `store` (the first beat before returning).
+    pub(crate) fn start(store: &Store) -> Result<Self> {
+        progress::put_trainer_heartbeat(store)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("grail-heartbeat".into())
+                .spawn(move || {
+                    let mut beat = Instant::now();
+                    while !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(POLL);
+                        if beat.elapsed() >= Duration::from_secs(1) {
+                            beat = Instant::now();
+                            // Workers give up only after `stall_timeout`: a failed write is
+                            // retried a second later.
+                            if let Err(e) = progress::put_trainer_heartbeat(&store) {
+                                tracing::warn!("writing the trainer's heartbeat: {e}");
+                            }
+                        }
+                    }
+                })?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The rollouts the trainer reads from the store: groups arrive on `groups` like the pool's.
 pub(crate) struct StoreInbox {
     /// Accepted groups, oldest objects first.
@@ -317,11 +365,6 @@ impl Inbox {
                 // Only the metrics lines read these: a failed read waits for the next one.
                 if let Err(e) = self.sum_counters() {
                     tracing::warn!("reading the workers' counters: {e}");
-                }
-                // Workers give up on a trainer silent for `stall_timeout`: a failed write is
-                // retried a second later, well within it.
-                if let Err(e) = progress::put_trainer_heartbeat(&self.store) {
-                    tracing::warn!("writing the trainer's heartbeat: {e}");
                 }
                 last_counters = Instant::now();
             }
