@@ -348,6 +348,11 @@ mod tests {
         checkpoints::upload(store, step, &files, None).unwrap();
     }
 
+    fn local_steps(output_dir: &Path) -> Vec<usize> {
+        let local = checkpoints(output_dir).unwrap();
+        local.iter().map(|(step, _)| *step).collect()
+    }
+
     #[test]
     fn a_resume_elsewhere_takes_the_newest_sound_stored_checkpoint_and_its_metrics() {
         let store = Store::open("memory://", "run").unwrap();
@@ -361,12 +366,11 @@ mod tests {
             .unwrap();
         let out = tempfile::tempdir().unwrap();
         fetch_from_store(&store, out.path()).unwrap();
-        let local: Vec<usize> = checkpoints(out.path())
-            .unwrap()
-            .iter()
-            .map(|c| c.0)
-            .collect();
-        assert_eq!(local, [2], "the corrupt step 4 is skipped");
+        assert_eq!(
+            local_steps(out.path()),
+            [2],
+            "the corrupt step 4 is skipped"
+        );
         assert_eq!(checkpoints::stored(&store).unwrap(), [2], "and discarded");
         let metrics = std::fs::read_to_string(out.path().join(METRICS_FILE)).unwrap();
         assert_eq!(metrics, "step 1\nstep 2\n");
@@ -375,16 +379,11 @@ mod tests {
         // A machine whose copy is behind takes the newer one, and its metrics with it.
         stored_checkpoint(&store, 6, "step 1 to 6\n");
         fetch_from_store(&store, out.path()).unwrap();
-        let local: Vec<usize> = checkpoints(out.path())
-            .unwrap()
-            .iter()
-            .map(|c| c.0)
-            .collect();
-        assert_eq!(local, [2, 6]);
+        assert_eq!(local_steps(out.path()), [2, 6]);
         let metrics = std::fs::read_to_string(out.path().join(METRICS_FILE)).unwrap();
         assert_eq!(metrics, "step 1 to 6\n");
         // Nothing newer in the store: nothing changes.
         fetch_from_store(&store, out.path()).unwrap();
-        assert_eq!(checkpoints(out.path()).unwrap().len(), 2);
+        assert_eq!(local_steps(out.path()), [2, 6]);
     }
 }
