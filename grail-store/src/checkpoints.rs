@@ -85,33 +85,44 @@ pub fn files_under(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
 
 /// Uploads `files` (path inside the checkpoint, file on disk) as the checkpoint at `step`, its
 /// READY marker last, then removes the oldest stored checkpoints beyond `keep`. Returns the
-/// bytes uploaded.
+/// bytes sent (files unchanged since an earlier upload of the same step are not sent again).
 pub fn upload(
     store: &Store,
     step: u64,
     files: &[(String, PathBuf)],
     keep: Option<usize>,
 ) -> Result<u64, StoreError> {
-    // A step uploaded again (the final checkpoint at a step a periodic one took): its old
-    // marker must not vouch for files being replaced.
-    store.delete(&checkpoint_key(step, READY_FILE))?;
+    // A step uploaded again (the final checkpoint at a step a periodic one took): files its
+    // marker already vouches for, unchanged, stay; the marker goes first, so that it never
+    // vouches for files being replaced.
+    let marker_key = checkpoint_key(step, READY_FILE);
+    let before: Vec<StoredFile> = store
+        .get(&marker_key)?
+        .and_then(|b| serde_json::from_slice::<CheckpointReady>(&b).ok())
+        .map_or_else(Vec::new, |r| r.files);
+    store.delete(&marker_key)?;
     let mut ready = CheckpointReady {
         step,
         files: Vec::new(),
     };
+    let mut uploaded = 0;
     for (name, path) in files {
         let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
-        ready.files.push(StoredFile {
+        let file = StoredFile {
             path: name.clone(),
             bytes: bytes.len() as u64,
             xxh3: hash(&bytes),
-        });
-        store.put(&checkpoint_key(step, name), bytes)?;
+        };
+        if !before.contains(&file) {
+            uploaded += file.bytes;
+            store.put(&checkpoint_key(step, name), bytes)?;
+        }
+        ready.files.push(file);
     }
     let marker = serde_json::to_vec_pretty(&ready).expect("plain data serialises");
-    store.put(&checkpoint_key(step, READY_FILE), marker)?;
+    store.put(&marker_key, marker)?;
     prune(store, step, keep)?;
-    Ok(ready.files.iter().map(|f| f.bytes).sum())
+    Ok(uploaded)
 }
 
 /// Below `step`: removes the complete checkpoints beyond the newest `keep` (`step` counted
@@ -242,11 +253,16 @@ mod tests {
             upload(&store, step, &files, Some(2)).unwrap();
         }
         assert_eq!(stored(&store).unwrap(), [4, 6]);
+        // The same step again uploads only what changed.
+        std::fs::write(src.path().join("model.safetensors"), b"weights2").unwrap();
+        assert_eq!(upload(&store, 6, &files, Some(2)).unwrap(), 8);
         assert!(store.list(&checkpoint_key(2, "")).unwrap().is_empty());
         let dest = tempfile::tempdir().unwrap();
         download(&store, 6, dest.path()).unwrap();
         let back = std::fs::read(dest.path().join("reference/model.safetensors")).unwrap();
         assert_eq!(back, b"ref");
+        let back = std::fs::read(dest.path().join("model.safetensors")).unwrap();
+        assert_eq!(back, b"weights2");
     }
 
     #[test]

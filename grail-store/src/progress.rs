@@ -20,8 +20,8 @@ pub struct TrainerProgress {
     pub version: u64,
 }
 
-/// `trainer/heartbeat.json`: rewritten every second while the trainer reads rollouts, so that
-/// workers can tell a trainer that is gone (killed, its machine down) from a slow one.
+/// `trainer/heartbeat.json`: rewritten every second from the trainer's start to its exit, so
+/// that workers can tell a trainer that is gone (killed, its machine down) from a slow one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrainerHeartbeat {
     /// When it was written (Unix milliseconds).
