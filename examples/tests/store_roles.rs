@@ -7,7 +7,7 @@
 //! accounted for across the processes.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,21 @@ fn rollout(url: &str, id: &str, dir: &Path) -> Child {
     )
 }
 
+/// A trainer's job config over `url` (output in `dir/out`), written to `dir/job.toml`.
+fn trainer_job(dir: &Path, url: &str, run_id: &str, save_steps: u64, grpo: &str) -> PathBuf {
+    let job = grail_testkit::tiny_job_toml(
+        &dir.join("out"),
+        &format!(
+            "role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"{run_id}\"\nsave_steps = {save_steps}"
+        ),
+        grpo,
+        "prompts = 8\nevery = 0",
+    );
+    let config = dir.join("job.toml");
+    std::fs::write(&config, job).unwrap();
+    config
+}
+
 /// The last stdout line of a process that exited with status 0, as JSON.
 fn summary(child: Child, what: &str) -> serde_json::Value {
     let out = child.wait_with_output().unwrap();
@@ -62,14 +77,8 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 fn a_trainer_and_rollout_workers_that_come_and_go_finish_a_run() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("store").display());
-    let job = grail_testkit::tiny_job_toml(
-        &dir.path().join("out"),
-        &format!("role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"demo\"\nsave_steps = 0"),
-        &format!("max_steps = {MAX_STEPS}\nmax_staleness = 4"),
-        "prompts = 8\nevery = 0",
-    );
-    let config = dir.path().join("job.toml");
-    std::fs::write(&config, job).unwrap();
+    let grpo = format!("max_steps = {MAX_STEPS}\nmax_staleness = 4");
+    let config = trainer_job(dir.path(), &url, "demo", 0, &grpo);
     let trainer = countdown(
         &["--config", config.to_str().unwrap()],
         &dir.path().join("trainer.log"),
@@ -167,14 +176,8 @@ fn a_trainer_killed_mid_run_resumes_from_its_checkpoint_in_the_store_with_the_sa
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("store").display());
     let out = dir.path().join("out");
-    let job = grail_testkit::tiny_job_toml(
-        &out,
-        &format!("role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"demo\"\nsave_steps = 2"),
-        &format!("max_steps = {STEPS}\nmax_staleness = 4"),
-        "prompts = 8\nevery = 0",
-    );
-    let config = dir.path().join("job.toml");
-    std::fs::write(&config, job).unwrap();
+    let grpo = format!("max_steps = {STEPS}\nmax_staleness = 4");
+    let config = trainer_job(dir.path(), &url, "demo", 2, &grpo);
     let config = config.to_str().unwrap();
     let mut trainer = countdown(&["--config", config], &dir.path().join("trainer.log"));
     let workers = [
@@ -237,14 +240,8 @@ fn a_trainer_killed_mid_run_resumes_from_its_checkpoint_in_the_store_with_the_sa
 fn a_worker_gives_up_on_a_trainer_silent_for_the_stall_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("store").display());
-    let job = grail_testkit::tiny_job_toml(
-        &dir.path().join("out"),
-        &format!("role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"demo\"\nsave_steps = 0"),
-        "max_steps = 100000\nstall_timeout = 15",
-        "prompts = 8\nevery = 0",
-    );
-    let config = dir.path().join("job.toml");
-    std::fs::write(&config, job).unwrap();
+    let grpo = "max_steps = 100000\nstall_timeout = 15";
+    let config = trainer_job(dir.path(), &url, "demo", 0, grpo);
     let mut trainer = countdown(
         &["--config", config.to_str().unwrap()],
         &dir.path().join("trainer.log"),
@@ -289,14 +286,13 @@ fn a_worker_gives_up_on_a_trainer_silent_for_the_stall_timeout() {
 fn a_trainer_without_workers_stops_at_the_stall_timeout_saying_how_to_start_one() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("store").display());
-    let job = grail_testkit::tiny_job_toml(
-        &dir.path().join("out"),
-        &format!("role = \"trainer\"\nstore = \"{url}\"\nrun_id = \"alone\"\nsave_steps = 0"),
+    let config = trainer_job(
+        dir.path(),
+        &url,
+        "alone",
+        0,
         "max_steps = 10\nstall_timeout = 3",
-        "prompts = 8\nevery = 0",
     );
-    let config = dir.path().join("job.toml");
-    std::fs::write(&config, job).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_countdown"))
         .args(["--config", config.to_str().unwrap()])
         .env("RUST_LOG", "warn")
