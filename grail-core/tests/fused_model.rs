@@ -244,6 +244,107 @@ fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
     }
 }
 
+/// A paged KV cache (blocks of 4 positions handed out in a scrambled order, one sequence's
+/// blocks shared by a second that copied its partial last block) gives exactly the logits of
+/// per-sequence caches: a prefill of 1, 70 and 5 tokens, then decode steps.
+#[test]
+fn paged_generation_gives_the_logits_of_per_sequence_caches_bit_for_bit() {
+    use grail_core::model::{CausalLm, KvCache, PagedKvCache, PagedSequence};
+    let config = tied_config();
+    let model = CausalLm::init(&config, 5, &Device::flex());
+    assert!(model.supports_paged_kv());
+    assert!(!model.clone().with_fused_ops(false).supports_paged_kv());
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![3],
+        (0..70).map(|i| i % 61).collect(),
+        vec![9, 8, 7, 6, 5],
+    ];
+    let steps = 6u32;
+    let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+    // Per-sequence caches, plus a fourth sequence: the third's prompt continued differently.
+    let mut caches = vec![KvCache::new(2); 3];
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let mut want = vec![values(model.forward_cached(&refs, &mut caches).unwrap())];
+    caches.push(caches[2].clone());
+    for step in 0..steps {
+        let next = [[step + 1], [step + 20], [step + 40], [step + 50]];
+        let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
+        want.push(values(model.forward_cached(&refs, &mut caches).unwrap()));
+    }
+    // Paged: block ids from the top down, skipping some, so no sequence's blocks are in order.
+    let block = 4;
+    let mut kv = PagedKvCache::new(&config, 64, block);
+    let mut free: Vec<u32> = (0..64).filter(|b| b % 3 != 1).collect();
+    let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 3];
+    let mut lens = vec![0usize; 3];
+    let grow = |free: &mut Vec<u32>,
+                tables: &mut Vec<Vec<u32>>,
+                lens: &mut Vec<usize>,
+                i: usize,
+                n: usize| {
+        lens[i] += n;
+        while tables[i].len() * block < lens[i] {
+            tables[i].push(free.pop().unwrap());
+        }
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        grow(&mut free, &mut tables, &mut lens, i, p.len());
+    }
+    let seqs: Vec<PagedSequence<'_>> = tables
+        .iter()
+        .map(|b| PagedSequence {
+            blocks: b,
+            cached: 0,
+        })
+        .collect();
+    let mut got = vec![values(
+        model
+            .forward_paged(&refs_of(&prompts), &mut kv, &seqs)
+            .unwrap(),
+    )];
+    // The fourth shares the third's full block and copies its partial one (5 = 4 + 1).
+    let copy = free.pop().unwrap();
+    kv.copy_block(tables[2][1], copy, 1);
+    tables.push(vec![tables[2][0], copy]);
+    lens.push(lens[2]);
+    for step in 0..steps {
+        let cached = lens.clone();
+        for i in 0..4 {
+            grow(&mut free, &mut tables, &mut lens, i, 1);
+        }
+        let seqs: Vec<PagedSequence<'_>> = tables
+            .iter()
+            .zip(&cached)
+            .map(|(b, &c)| PagedSequence {
+                blocks: b,
+                cached: c,
+            })
+            .collect();
+        let next = [[step + 1], [step + 20], [step + 40], [step + 50]];
+        let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
+        got.push(values(model.forward_paged(&refs, &mut kv, &seqs).unwrap()));
+    }
+    for (step, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "call {step}: paged logits differ"
+        );
+    }
+    // Blocks that cannot hold the new tokens are refused, naming the sequence.
+    let short = [PagedSequence {
+        blocks: &tables[0][..1],
+        cached: 3,
+    }];
+    let err = model
+        .forward_paged(&[&[1, 2]], &mut kv, &short)
+        .unwrap_err();
+    assert!(err.to_string().contains("sequence 0"), "{err}");
+}
+
+fn refs_of(v: &[Vec<u32>]) -> Vec<&[u32]> {
+    v.iter().map(Vec::as_slice).collect()
+}
+
 /// Generation on the kernel device (fused path, device KV caches, one cached-attention kernel
 /// per layer) gives the logits of generation on Flex (host caches): a prefill of mixed lengths,
 /// then decode steps. Runs wherever `GRAIL_TEST_DEVICE` names a CubeCL device, lavapipe included.

@@ -5,11 +5,13 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
+use grail_kernels::attention::HostKv;
 
 use super::cache::KvCache;
 use super::kernels::Kernels;
 use super::layers::{Linear, RmsNorm};
 use super::layout::Segment;
+use super::paged_cache::{PagedKvCache, PagedSequence};
 use super::rope::Rope;
 
 /// How attention groups the tokens of a call.
@@ -19,9 +21,27 @@ pub(crate) enum AttentionMode<'a> {
     /// Independent segments of rows; each attends causally to itself (and to its cache).
     Segments {
         segments: &'a [Segment],
-        /// One cache per segment when continuing generation.
-        caches: Option<&'a mut [KvCache]>,
+        /// The segments' caches when continuing generation.
+        caches: Option<Caches<'a>>,
     },
+}
+
+/// Where the sequences of a cached forward keep their keys and values.
+pub(crate) enum Caches<'a> {
+    /// One cache per segment, each owned by its sequence.
+    PerSequence(&'a mut [KvCache]),
+    /// One block pool for all; one block list per segment (host memory, fused kernels).
+    Paged(&'a mut PagedKvCache, &'a [PagedSequence<'a>]),
+}
+
+impl Caches<'_> {
+    /// The same caches for one more layer's call.
+    pub(crate) fn reborrow(&mut self) -> Caches<'_> {
+        match self {
+            Caches::PerSequence(c) => Caches::PerSequence(c),
+            Caches::Paged(kv, seqs) => Caches::Paged(kv, seqs),
+        }
+    }
 }
 
 const CAUSAL: AttentionModuleOptions = AttentionModuleOptions {
@@ -120,17 +140,19 @@ impl Attention {
                 segments,
                 caches: None,
             } if self.fused() => return self.forward_varlen(x, cos, sin, segments),
-            // Host memory (Flex): the cache grows in place and the kernel reads it there; a GPU
-            // backend keeps its caches on the device.
+            // Host memory (Flex): the caches grow in place (or the pool is written) and the kernel
+            // reads them there; a GPU backend keeps its caches on the device.
             AttentionMode::Segments {
                 segments,
                 caches: Some(caches),
+            } if self.fused() && grail_kernels::host_kernels(&x.device()) => {
+                return self.forward_cached_host(x, cos, sin, segments, caches, layer);
+            }
+            AttentionMode::Segments {
+                segments,
+                caches: Some(Caches::PerSequence(caches)),
             } if self.fused() => {
-                return if grail_kernels::host_kernels(&x.device()) {
-                    self.forward_cached_host(x, cos, sin, segments, caches, layer)
-                } else {
-                    self.forward_cached_device(x, cos, sin, segments, caches, layer)
-                };
+                return self.forward_cached_device(x, cos, sin, segments, caches, layer);
             }
             mode => mode,
         };
@@ -141,10 +163,14 @@ impl Attention {
                 // Right padding: causal masking alone keeps real tokens off the padding.
                 attention(q, self.expand_kv(k), self.expand_kv(v), None, None, CAUSAL)
             }
-            AttentionMode::Segments {
-                segments,
-                mut caches,
-            } => {
+            AttentionMode::Segments { segments, caches } => {
+                let mut caches = match caches {
+                    Some(Caches::PerSequence(c)) => Some(c),
+                    Some(Caches::Paged(..)) => unreachable!(
+                        "a paged KV cache needs the fused kernels on host memory (checked by forward_paged)"
+                    ),
+                    None => None,
+                };
                 let device = q.device();
                 let mut row_parts: Vec<Vec<Tensor<4>>> = vec![Vec::new(); rows];
                 let mut used = vec![0usize; rows];
@@ -226,49 +252,78 @@ impl Attention {
         )
     }
 
-    /// Generation through the fused kernels: the new tokens' keys/values join each sequence's host
-    /// cache in place, and one kernel call attends every sequence's new tokens to its cache.
+    /// Generation through the fused kernels on host memory: the new tokens' keys/values are
+    /// written into each sequence's cache (its own growing cache, or its blocks of the pool), and
+    /// one kernel call attends every sequence's new tokens to its cached positions.
     fn forward_cached_host(
         &self,
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
         segments: &[Segment],
-        caches: &mut [KvCache],
+        caches: Caches<'_>,
         layer: usize,
     ) -> Tensor<3> {
         let [rows, cols, _] = x.dims();
-        let (tokens, d) = (rows * cols, self.head_dim);
         let device = x.device();
-        let host = |t: Tensor<3>| -> Vec<f32> {
-            t.into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32 activations")
-        };
         let (q, k, v) = self.rotated_qkv(x, cos, sin);
-        let (q, k, v) = (host(q), host(k), host(v));
-        let kv_row = self.num_kv_heads * d;
-        let mut queries = Vec::with_capacity(segments.len());
-        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
-            let at = seg.row * cols + seg.start;
-            let rows = at * kv_row..(at + seg.len) * kv_row;
-            cache.append_host(layer, &k[rows.clone()], &v[rows], seg.len);
-            queries.push((at, seg.len));
-        }
-        let keys: Vec<(&[f32], &[f32])> = caches.iter().map(|c| c.host_kv(layer)).collect();
+        let (q, k, v) = (host_f32(q), host_f32(k), host_f32(v));
+        let kv_row = self.num_kv_heads * self.head_dim;
+        let queries: Vec<(usize, usize)> = segments
+            .iter()
+            .map(|seg| (seg.row * cols + seg.start, seg.len))
+            .collect();
+        let new = |&(at, len): &(usize, usize)| at * kv_row..(at + len) * kv_row;
+        let views: Vec<HostKv<'_>> = match caches {
+            Caches::PerSequence(caches) => {
+                for (query, cache) in queries.iter().zip(caches.iter_mut()) {
+                    cache.append_host(layer, &k[new(query)], &v[new(query)], query.1);
+                }
+                let caches: &[KvCache] = caches;
+                caches
+                    .iter()
+                    .map(|c| {
+                        let (k, v) = c.host_kv(layer);
+                        HostKv::contiguous(k, v, kv_row)
+                    })
+                    .collect()
+            }
+            Caches::Paged(kv, seqs) => {
+                for (query, seq) in queries.iter().zip(seqs) {
+                    kv.write(layer, seq, &k[new(query)], &v[new(query)]);
+                }
+                let kv: &PagedKvCache = kv;
+                queries
+                    .iter()
+                    .zip(seqs)
+                    .map(|(&(_, len), seq)| kv.host_kv(layer, seq, seq.cached + len))
+                    .collect()
+            }
+        };
+        self.host_attention_out(&q, [rows, cols], &queries, &views, &device)
+    }
+
+    /// The host cached-attention kernel over `kv` for the `queries` rows of `q`, then `o_proj`.
+    fn host_attention_out(
+        &self,
+        q: &[f32],
+        [rows, cols]: [usize; 2],
+        queries: &[(usize, usize)],
+        kv: &[HostKv<'_>],
+        device: &burn::tensor::Device,
+    ) -> Tensor<3> {
+        let d = self.head_dim;
         let dims = grail_kernels::attention::AttentionDims {
-            tokens,
+            tokens: rows * cols,
             heads: self.num_heads,
             kv_heads: self.num_kv_heads,
             head_dim: d,
         };
         let scale = 1.0 / (d as f32).sqrt();
-        let out =
-            grail_kernels::attention::cached_attention_on_host(&q, dims, &queries, &keys, scale);
+        let out = grail_kernels::attention::cached_attention_on_host(q, dims, queries, kv, scale);
         let out = Tensor::<3>::from_data(
             burn::tensor::TensorData::new(out, [rows, cols, self.num_heads * d]),
-            &device,
+            device,
         );
         self.o_proj.forward(out)
     }
@@ -361,4 +416,12 @@ impl Attention {
         self.o_proj
             .forward(out.reshape([rows, cols, self.num_heads * d]))
     }
+}
+
+/// A tensor's values on the host, as f32.
+fn host_f32(t: Tensor<3>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 activations")
 }

@@ -14,6 +14,7 @@ mod generate;
 mod kernels;
 mod layers;
 mod layout;
+mod paged_cache;
 mod rope;
 mod tensor_names;
 mod weights;
@@ -27,6 +28,7 @@ pub use generate::{argmax_rows, greedy};
 pub use kernels::Kernels;
 pub use layers::{Embedding, Linear, Mlp, RmsNorm};
 pub use layout::{Layout, Segment};
+pub use paged_cache::{PagedKvCache, PagedSequence};
 pub use rope::{Rope, RopeScaling};
 pub use tensor_names::{LayerTensor, Projection, TensorId, TensorRole};
 pub use weights::{NamedTensorSource, RandomInit, WeightSource, named_tensors, stable_id};
@@ -35,7 +37,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{GrailError, Result};
-use attention::AttentionMode;
+use attention::{AttentionMode, Caches};
 use weights::Taken;
 
 /// One pre-norm decoder block.
@@ -268,17 +270,70 @@ impl CausalLm {
         new_tokens: &[&[u32]],
         caches: &mut [KvCache],
     ) -> Result<Tensor<2>> {
-        if new_tokens.len() != caches.len() || new_tokens.is_empty() {
+        if new_tokens.len() != caches.len() {
             return Err(GrailError::Input(format!(
                 "forward_cached: {} token lists for {} caches",
                 new_tokens.len(),
                 caches.len()
             )));
         }
+        let cached: Vec<usize> = caches.iter().map(KvCache::len).collect();
+        self.forward_continuing(new_tokens, &cached, Caches::PerSequence(caches))
+    }
+
+    /// [`forward_cached`](Self::forward_cached) with every sequence's keys/values in one block
+    /// pool: `sequences[i]` names the blocks of the sequence fed `new_tokens[i]` and how many
+    /// positions it had cached; its blocks must already hold those plus the new ones (the
+    /// caller's block tables grew first). Needs the fused kernels on host memory
+    /// ([`supports_paged_kv`](Self::supports_paged_kv)).
+    pub fn forward_paged(
+        &self,
+        new_tokens: &[&[u32]],
+        kv: &mut PagedKvCache,
+        sequences: &[PagedSequence<'_>],
+    ) -> Result<Tensor<2>> {
+        if !self.supports_paged_kv() {
+            return Err(GrailError::Input(
+                "forward_paged: a paged KV cache needs the fused kernels on host memory (Flex); \
+                 use forward_cached with per-sequence caches"
+                    .into(),
+            ));
+        }
+        if new_tokens.len() != sequences.len() {
+            return Err(GrailError::Input(format!(
+                "forward_paged: {} token lists for {} sequences",
+                new_tokens.len(),
+                sequences.len()
+            )));
+        }
+        for (i, (tokens, seq)) in new_tokens.iter().zip(sequences).enumerate() {
+            kv.check(seq, tokens.len())
+                .map_err(|m| GrailError::Input(format!("forward_paged: sequence {i}: {m}")))?;
+        }
+        let cached: Vec<usize> = sequences.iter().map(|s| s.cached).collect();
+        self.forward_continuing(new_tokens, &cached, Caches::Paged(kv, sequences))
+    }
+
+    /// Whether [`forward_paged`](Self::forward_paged) can run: fused kernels on host memory.
+    pub fn supports_paged_kv(&self) -> bool {
+        self.uses_fused_ops() && grail_kernels::host_kernels(&self.device())
+    }
+
+    /// The body of both cached forwards: sequence `i` has `cached[i]` positions and is fed
+    /// `new_tokens[i]`; logits of each sequence's last new token.
+    fn forward_continuing(
+        &self,
+        new_tokens: &[&[u32]],
+        cached: &[usize],
+        caches: Caches<'_>,
+    ) -> Result<Tensor<2>> {
+        if new_tokens.is_empty() {
+            return Err(GrailError::Input("forward_cached: no sequences".into()));
+        }
         let vocab = self.vocab_size();
         let mut segments = Vec::with_capacity(new_tokens.len());
         let mut flat = Vec::new();
-        for (i, (tokens, cache)) in new_tokens.iter().zip(caches.iter()).enumerate() {
+        for (i, (tokens, &pos0)) in new_tokens.iter().zip(cached).enumerate() {
             if tokens.is_empty() {
                 return Err(GrailError::Input(format!(
                     "forward_cached: sequence {i} has no new tokens"
@@ -293,7 +348,7 @@ impl CausalLm {
                 row: 0,
                 start: flat.len(),
                 len: tokens.len(),
-                pos0: cache.len(),
+                pos0,
             });
             flat.extend(tokens.iter().map(|&t| t as i64));
         }
@@ -344,7 +399,7 @@ impl CausalLm {
         positions: &[usize],
         rows: usize,
         segments: Option<&[Segment]>,
-        mut caches: Option<&mut [KvCache]>,
+        mut caches: Option<Caches<'_>>,
     ) -> Tensor<3> {
         let (cos, sin) = self.rope_tables(positions, rows);
         let mut x = self.model.embed_tokens.forward(ids);
@@ -353,7 +408,7 @@ impl CausalLm {
                 None => AttentionMode::Padded,
                 Some(segments) => AttentionMode::Segments {
                     segments,
-                    caches: caches.as_deref_mut(),
+                    caches: caches.as_mut().map(Caches::reborrow),
                 },
             };
             x = layer.forward(x, &cos, &sin, mode, l);

@@ -127,16 +127,59 @@ pub fn varlen_attention_forward(
     (out, lse)
 }
 
+/// Where one sequence's keys and values live for [`cached_attention`]: rows
+/// `[positions, kv_heads, d]` of `keys`/`values`, position `p` at row
+/// `blocks[p / block_size] · block_size + p % block_size` (a paged cache shared by many
+/// sequences; a sequence's own contiguous cache is one block, [`HostKv::contiguous`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HostKv<'a> {
+    /// Keys, `[rows, kv_heads, d]`.
+    pub keys: &'a [f32],
+    /// Values, same layout.
+    pub values: &'a [f32],
+    /// The sequence's blocks in position order.
+    pub blocks: &'a [u32],
+    /// Positions per block.
+    pub block_size: usize,
+    /// Positions cached, the new tokens' included.
+    pub len: usize,
+}
+
+impl<'a> HostKv<'a> {
+    /// A sequence's own cache: `len` positions from row 0 of `keys`/`values` (each row
+    /// `row_width` = `kv_heads × d` values).
+    pub fn contiguous(keys: &'a [f32], values: &'a [f32], row_width: usize) -> Self {
+        let len = keys.len() / row_width.max(1);
+        Self {
+            keys,
+            values,
+            blocks: &[0],
+            block_size: len.max(1),
+            len,
+        }
+    }
+
+    /// The storage row of position `p`.
+    fn row(&self, p: usize) -> usize {
+        self.blocks[p / self.block_size] as usize * self.block_size + p % self.block_size
+    }
+
+    /// Whether positions `0..len` are consecutive rows (one block, or blocks in id order).
+    fn consecutive(&self) -> bool {
+        let used = self.len.div_ceil(self.block_size);
+        self.blocks[..used].windows(2).all(|w| w[1] == w[0] + 1)
+    }
+}
+
 /// Attention of new tokens against a KV cache (decode and prefill for generation, no backward):
 /// sequence `i`'s queries are the `queries[i] = (start, len)` rows of `q` `[tokens, heads, d]`,
-/// its keys/values `keys[i]` `[kv_len, kv_heads, d]` already include those `len` new tokens at the
-/// end, so query `j` sees keys `0 ..= kv_len − len + j`. Parallel over (sequence, kv head).
-#[allow(clippy::type_complexity)]
+/// its keys/values `kv[i]` hold `kv[i].len` positions, those `len` new tokens last, so query `j`
+/// sees positions `0 ..= kv_len − len + j`. Parallel over (sequence, kv head).
 pub fn cached_attention(
     q: &[f32],
     dims: AttentionDims,
     queries: &[(usize, usize)],
-    keys: &[(&[f32], &[f32])],
+    kv: &[HostKv<'_>],
     scale: f32,
 ) -> Vec<f32> {
     let AttentionDims {
@@ -146,6 +189,7 @@ pub fn cached_attention(
         head_dim: d,
     } = dims;
     let group = heads / kv_heads;
+    let row_width = kv_heads * d;
     let work: Vec<(usize, usize)> = (0..queries.len())
         .filter(|&i| queries[i].1 > 0)
         .flat_map(|i| (0..kv_heads).map(move |g| (i, g)))
@@ -154,34 +198,51 @@ pub fn cached_attention(
         .par_iter()
         .map(|&(i, g)| {
             let (start, len) = queries[i];
-            let (k, v) = keys[i];
-            let kv_len = k.len() / (kv_heads * d);
+            let cache = &kv[i];
+            let kv_len = cache.len;
             let pos0 = kv_len - len;
             let mut out = vec![0f32; group * len * d]; // [h][j][d]
             let mut scores = vec![0f32; TILE.min(len) * kv_len];
-            let kv_view = View::rows(g * d, kv_heads * d);
+            let key_at = |p: usize| cache.row(p) * row_width + g * d;
+            let q_view = |h: usize, j0: usize| {
+                View::rows(((start + j0) * heads + g * group + h) * d, heads * d)
+            };
+            if len <= SMALL_ROWS {
+                // Decode steps: a GEMM call costs more than these few dot products.
+                for h in 0..group {
+                    let o = &mut out[h * len * d..(h + 1) * len * d];
+                    let rows = (q, q_view(h, 0));
+                    decode_rows(rows, cache, &key_at, pos0, d, scale, &mut scores, o);
+                }
+                return out;
+            }
+            // The GEMMs read this head's keys as one strided matrix: in place when the positions
+            // are consecutive rows, else from a copy gathered block by block.
+            let gathered = (!cache.consecutive()).then(|| {
+                let gather = |src: &[f32]| -> Vec<f32> {
+                    (0..kv_len)
+                        .flat_map(|p| &src[key_at(p)..key_at(p) + d])
+                        .copied()
+                        .collect()
+                };
+                (gather(cache.keys), gather(cache.values))
+            });
+            let (k, v, kv_view) = match &gathered {
+                Some((k, v)) => (k.as_slice(), v.as_slice(), View::rows(0, d)),
+                None => (cache.keys, cache.values, View::rows(key_at(0), row_width)),
+            };
             for h in 0..group {
-                let q_view =
-                    |j0: usize| View::rows(((start + j0) * heads + g * group + h) * d, heads * d);
                 for j0 in (0..len).step_by(TILE) {
                     let rows = TILE.min(len - j0);
                     let keys_seen = pos0 + j0 + rows;
                     let s = &mut scores[..rows * keys_seen];
-                    if rows <= SMALL_ROWS {
-                        // Decode steps: a GEMM call costs more than these few dot products.
-                        let o = &mut out[(h * len + j0) * d..(h * len + j0 + rows) * d];
-                        let first = pos0 + j0;
-                        let view = q_view(j0);
-                        decode_rows(q, view, k, v, kv_view, first, d, scale, s, o);
-                        continue;
-                    }
                     matmul(
                         s,
                         rows,
                         keys_seen,
                         d,
                         q,
-                        q_view(j0),
+                        q_view(h, j0),
                         k,
                         kv_view.t(),
                         scale,
@@ -226,18 +287,17 @@ pub fn cached_attention(
     out
 }
 
-/// Query rows below which [`cached_attention`] uses dot products instead of GEMM calls.
+/// Query rows up to which [`cached_attention`] uses dot products instead of GEMM calls.
 const SMALL_ROWS: usize = 4;
 
 /// Attention of a few query rows (decode steps): scores by dot products, output by `axpy`. Row
-/// `r` of `out` (`[rows, d]`) sees keys `0 ..= first + r`; `scores` holds `rows × (first + rows)`.
+/// `r` of `out` (`[rows, d]`) sees positions `0 ..= first + r`, position `p`'s key and value at
+/// offset `key_at(p)` of the cache; `scores` holds `rows × (first + rows)`.
 #[allow(clippy::too_many_arguments)]
 fn decode_rows(
-    q: &[f32],
-    qv: View,
-    k: &[f32],
-    v: &[f32],
-    kv: View,
+    (q, qv): (&[f32], View),
+    cache: &HostKv<'_>,
+    key_at: &impl Fn(usize) -> usize,
     first: usize,
     d: usize,
     scale: f32,
@@ -250,17 +310,17 @@ fn decode_rows(
         let qi = &q[qv.offset + r * qv.row_stride..][..d];
         let visible = first + r + 1;
         let row = &mut scores[r * keys..r * keys + visible];
-        for (j, s) in row.iter_mut().enumerate() {
-            *s = dot(qi, &k[kv.offset + j * kv.row_stride..][..d]) * scale;
+        for (p, s) in row.iter_mut().enumerate() {
+            *s = dot(qi, &cache.keys[key_at(p)..][..d]) * scale;
         }
         let max = max_of(row);
         exp_shifted(row, max);
         let inv = 1.0 / row.iter().sum::<f32>();
         let o = &mut out[r * d..(r + 1) * d];
         o.iter_mut().for_each(|x| *x = 0.0);
-        for (j, &p) in row.iter().enumerate() {
-            let vj = &v[kv.offset + j * kv.row_stride..][..d];
-            o.iter_mut().zip(vj).for_each(|(o, &x)| *o += p * inv * x);
+        for (p, &w) in row.iter().enumerate() {
+            let vp = &cache.values[key_at(p)..][..d];
+            o.iter_mut().zip(vp).for_each(|(o, &x)| *o += w * inv * x);
         }
     }
 }
@@ -473,14 +533,14 @@ impl AttentionOps for Flex {
         let (k, v) = (host(&k), host(&v));
         let row = dims.kv_heads * dims.head_dim;
         let queries: Vec<(usize, usize)> = spans.iter().map(|s| (s.q_start, s.q_len)).collect();
-        let keys: Vec<(&[f32], &[f32])> = spans
+        let kv: Vec<HostKv<'_>> = spans
             .iter()
             .map(|s| {
                 let rows = s.k_start * row..(s.k_start + s.k_len) * row;
-                (&k[rows.clone()], &v[rows])
+                HostKv::contiguous(&k[rows.clone()], &v[rows], row)
             })
             .collect();
-        let out = cached_attention(&host(&q), dims, &queries, &keys, scale);
+        let out = cached_attention(&host(&q), dims, &queries, &kv, scale);
         flex(out, q.shape())
     }
 }
@@ -604,5 +664,71 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_paged_cache_gives_the_contiguous_cache_bit_for_bit() {
+        let (kv_heads, d, block_size) = (2, 6, 3);
+        let dims = AttentionDims {
+            tokens: 1 + 3 + 70,
+            heads: 4,
+            kv_heads,
+            head_dim: d,
+        };
+        let row = kv_heads * d;
+        // Three sequences: a decode row, a few rows, a prefill over two query tiles; their
+        // positions already cached before the new ones.
+        let (queries, lens) = ([(0, 1), (1, 3), (4, 70)], [9, 14, 75]);
+        let q = lcg(dims.tokens * dims.heads * d, 8);
+        let own: Vec<(Vec<f32>, Vec<f32>)> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (lcg(n * row, 10 + i as u64), lcg(n * row, 20 + i as u64)))
+            .collect();
+        let contiguous: Vec<HostKv<'_>> = own
+            .iter()
+            .map(|(k, v)| HostKv::contiguous(k, v, row))
+            .collect();
+        // The same positions scattered over a shared pool: blocks handed out in a shuffled order.
+        let needed: Vec<usize> = lens.iter().map(|n| n.div_ceil(block_size)).collect();
+        let total: usize = needed.iter().sum();
+        let mut order: Vec<u32> = (0..total as u32).collect();
+        order.reverse();
+        order.swap(2, 7);
+        let (mut keys, mut values) = (
+            vec![0f32; total * block_size * row],
+            vec![0f32; total * block_size * row],
+        );
+        let mut tables = Vec::new();
+        let mut next = 0;
+        for (i, (k, v)) in own.iter().enumerate() {
+            let blocks = order[next..next + needed[i]].to_vec();
+            next += needed[i];
+            for p in 0..lens[i] {
+                let at = (blocks[p / block_size] as usize * block_size + p % block_size) * row;
+                keys[at..at + row].copy_from_slice(&k[p * row..(p + 1) * row]);
+                values[at..at + row].copy_from_slice(&v[p * row..(p + 1) * row]);
+            }
+            tables.push(blocks);
+        }
+        let paged: Vec<HostKv<'_>> = tables
+            .iter()
+            .zip(lens)
+            .map(|(blocks, len)| HostKv {
+                keys: &keys,
+                values: &values,
+                blocks,
+                block_size,
+                len,
+            })
+            .collect();
+        let want = cached_attention(&q, dims, &queries, &contiguous, 0.3);
+        let got = cached_attention(&q, dims, &queries, &paged, 0.3);
+        assert!(
+            want.iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert!(want.iter().any(|&x| x != 0.0));
     }
 }

@@ -22,7 +22,7 @@ mod cpu;
 #[cfg(any(feature = "vulkan", feature = "cuda"))]
 mod cube;
 
-pub use cpu::{AttentionDims, cached_attention as cached_attention_on_host};
+pub use cpu::{AttentionDims, HostKv, cached_attention as cached_attention_on_host};
 
 /// One sequence of a cached-attention call ([`cached_attention`]): its new tokens are rows
 /// `q_start..q_start + q_len` of the queries, its keys/values rows `k_start..k_start + k_len` of
