@@ -1,21 +1,20 @@
-//! Batched generation with per-sequence KV caches and continuous batching: up to `max_batch`
-//! sequences decode together; one that finishes (EOS, a stop sequence, or
-//! `max_completion_length`) leaves its slot and the next request is prefilled into it in the same
-//! forward call as everyone else's decode step, so the batch stays full.
+//! Batched generation with continuous batching: up to `max_batch` sequences decode together;
+//! one that finishes (EOS, a stop sequence, or `max_completion_length`) leaves its slot and the
+//! next request takes it, prefilled in the same forward call as everyone else's decode step, so
+//! the batch stays full. A prompt's samples share one prefill of it; on the fused CPU path every
+//! sequence's keys and values live in one paged KV cache within a byte budget.
 //!
 //! [`generate_in_flight`] may also switch weights between two decode steps (PipelineRL-style
 //! in-flight updates): every active sequence's KV cache is dropped and re-prefilled (prompt +
 //! tokens so far) with the new weights, and each token records the policy version that sampled it.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::error::RolloutError;
-use grail_core::model::{CausalLm, KvCache};
+use crate::sampling::SamplingConfig;
+use crate::scheduler::Scheduler;
+use grail_core::model::CausalLm;
 use grail_protocol::PolicyVersion;
-use rand::rngs::StdRng;
-
-use crate::sampling::{SamplingConfig, sample_rng, sample_token};
 
 /// One completion to generate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +71,13 @@ pub struct GenerationConfig {
     pub stop_strings: Vec<String>,
     /// Run seed; each sample's RNG derives from it, its prompt id and its index.
     pub seed: u64,
+    /// Memory for keys and values (vLLM's KV-cache budget), where the model runs the fused
+    /// kernels on host memory. Sequences wait for room rather than overcommit, and one that
+    /// cannot grow is preempted and re-prefilled later. `None`: room for `max_batch` sequences
+    /// of the longest prompt plus `max_completion_length`, so nothing waits.
+    pub kv_cache_bytes: Option<usize>,
+    /// Positions per KV-cache block.
+    pub kv_block_size: usize,
 }
 
 impl Default for GenerationConfig {
@@ -84,6 +90,8 @@ impl Default for GenerationConfig {
             stop_sequences: Vec::new(),
             stop_strings: Vec::new(),
             seed: 0,
+            kv_cache_bytes: None,
+            kv_block_size: 16,
         }
     }
 }
@@ -93,16 +101,24 @@ impl Default for GenerationConfig {
 pub struct GenerationStats {
     /// Forward calls made.
     pub steps: usize,
-    /// Prompt tokens prefilled.
+    /// Prompt tokens computed (each distinct prompt once, however many samples it has).
     pub prefill_tokens: usize,
+    /// Prompt tokens samples took from a prefix another sample's prefill had computed.
+    pub shared_prompt_tokens: usize,
     /// Completion tokens sampled.
     pub generated_tokens: usize,
     /// Mean number of sequences per forward call (batch occupancy).
     pub mean_batch: f64,
     /// Weight switches in the middle of the generation (in-flight updates).
     pub weight_switches: usize,
-    /// Tokens re-prefilled after those switches.
+    /// Sequences stopped to free KV blocks for others, and re-prefilled later.
+    pub preemptions: usize,
+    /// Tokens re-prefilled after weight switches and preemptions.
     pub reprefill_tokens: usize,
+    /// Blocks in the paged KV cache (0 where the model keeps one cache per sequence).
+    pub kv_blocks: usize,
+    /// Most blocks in use at once.
+    pub kv_blocks_peak: usize,
 }
 
 /// The weights a generation samples with, and their version.
@@ -112,16 +128,6 @@ pub struct Policy {
     pub model: CausalLm,
     /// Its policy version.
     pub version: PolicyVersion,
-}
-
-struct Active {
-    request: GenerationRequest,
-    cache: KvCache,
-    pending: Vec<u32>,
-    ids: Vec<u32>,
-    logps: Vec<f32>,
-    versions: Vec<PolicyVersion>,
-    rng: StdRng,
 }
 
 /// Generates every request, calling `on_done` as each completion finishes (in finishing order).
@@ -156,6 +162,11 @@ pub fn generate_with_decoder(
 /// replace `policy` (returning `true`); then every active sequence's KV cache is recomputed with
 /// the new weights before it samples its next token, so a continuation equals a fresh prefill of
 /// prompt + tokens so far under the new weights. Tokens record the version that sampled them.
+///
+/// Requests with the same prompt share it: it is prefilled once and its samples read its keys
+/// and values. Where the model reads a paged KV cache, memory stays within
+/// [`GenerationConfig::kv_cache_bytes`]: a request waits for room, and a sequence that cannot
+/// grow is preempted and re-prefilled later ([`GenerationStats::preemptions`]).
 pub fn generate_in_flight(
     policy: &mut Policy,
     cfg: &GenerationConfig,
@@ -171,121 +182,25 @@ pub fn generate_in_flight(
             "stop strings need a decoder (generate_with_decoder)",
         ));
     }
-    let stopped_by_string = |ids: &[u32]| match decode {
-        Some(decode) if !cfg.stop_strings.is_empty() => {
-            let text = decode(ids);
-            cfg.stop_strings
-                .iter()
-                .any(|s| !s.is_empty() && text.contains(s.as_str()))
-        }
-        _ => false,
-    };
     cfg.sampling
         .validate()
         .map_err(|m| RolloutError::config("sampling", m, "invalid sampling parameter"))?;
-    if cfg.max_batch == 0 || cfg.max_completion_length == 0 {
+    if cfg.max_batch == 0 || cfg.max_completion_length == 0 || cfg.kv_block_size == 0 {
         return Err(RolloutError::config(
-            "max_batch / max_completion_length",
-            format!("{} / {}", cfg.max_batch, cfg.max_completion_length),
+            "max_batch / max_completion_length / kv_block_size",
+            format!(
+                "{} / {} / {}",
+                cfg.max_batch, cfg.max_completion_length, cfg.kv_block_size
+            ),
             "must be positive",
         ));
     }
-    let layers = policy.model.config.num_hidden_layers;
-    let mut queue: VecDeque<GenerationRequest> = requests.into_iter().collect();
-    let mut slots: Vec<Option<Active>> = (0..cfg.max_batch).map(|_| None).collect();
-    let mut stats = GenerationStats::default();
-    let mut occupancy = 0usize;
-    loop {
-        for slot in slots.iter_mut().filter(|s| s.is_none()) {
-            let Some(request) = queue.pop_front() else {
-                break;
-            };
-            if request.prompt.is_empty() {
-                return Err(RolloutError::prompt(request.prompt_id, "empty"));
-            }
-            stats.prefill_tokens += request.prompt.len();
-            *slot = Some(Active {
-                rng: sample_rng(cfg.seed, request.prompt_id, request.sample_index),
-                pending: request.prompt.to_vec(),
-                cache: KvCache::new(layers),
-                ids: Vec::new(),
-                logps: Vec::new(),
-                versions: Vec::new(),
-                request,
-            });
-        }
-        let active: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_some()).collect();
-        if active.is_empty() {
-            break;
-        }
+    let mut scheduler = Scheduler::new(&policy.model, cfg, decode, requests.into_iter().collect())?;
+    while scheduler.admit(policy.version, &mut on_done)? {
         if refresh(policy)? {
-            stats.weight_switches += 1;
-            for &i in &active {
-                let a = slots[i].as_mut().expect("active");
-                if a.ids.is_empty() {
-                    continue; // not prefilled yet: its pending prompt goes in as is
-                }
-                a.cache = KvCache::new(layers);
-                a.pending = a.request.prompt.iter().chain(&a.ids).copied().collect();
-                stats.reprefill_tokens += a.pending.len();
-            }
+            scheduler.switch_weights();
         }
-        let mut caches: Vec<KvCache> = active
-            .iter()
-            .map(|&i| std::mem::take(&mut slots[i].as_mut().expect("active").cache))
-            .collect();
-        let inputs: Vec<Vec<u32>> = active
-            .iter()
-            .map(|&i| std::mem::take(&mut slots[i].as_mut().expect("active").pending))
-            .collect();
-        let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let logits = policy.model.forward_cached(&refs, &mut caches)?;
-        let vocab = logits.dims()[1];
-        let logits: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec()
-            .expect("f32 logits");
-        stats.steps += 1;
-        occupancy += active.len();
-        for (k, (&i, cache)) in active.iter().zip(caches).enumerate() {
-            let a = slots[i].as_mut().expect("active");
-            a.cache = cache;
-            let row = &logits[k * vocab..(k + 1) * vocab];
-            let (token, logp) = sample_token(row, &a.ids, &cfg.sampling, &mut a.rng);
-            a.ids.push(token);
-            a.logps.push(logp);
-            a.versions.push(policy.version);
-            stats.generated_tokens += 1;
-            let finish = if cfg.eos_token_ids.contains(&token) {
-                Some(FinishReason::Eos)
-            } else if cfg
-                .stop_sequences
-                .iter()
-                .any(|s| !s.is_empty() && a.ids.ends_with(s))
-                || stopped_by_string(&a.ids)
-            {
-                Some(FinishReason::Stop)
-            } else if a.ids.len() >= cfg.max_completion_length {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            match finish {
-                Some(finish) => {
-                    let a = slots[i].take().expect("active");
-                    on_done(Generated {
-                        request: a.request,
-                        ids: a.ids,
-                        logps: a.logps,
-                        versions: a.versions,
-                        finish,
-                    });
-                }
-                None => a.pending = vec![token],
-            }
-        }
+        scheduler.step(policy, &mut on_done)?;
     }
-    stats.mean_batch = occupancy as f64 / stats.steps.max(1) as f64;
-    Ok(stats)
+    Ok(scheduler.finish())
 }

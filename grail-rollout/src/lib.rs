@@ -1,10 +1,10 @@
 //! grail-rollout: turns prompts into scored groups for the trainer. Prompts and rewards come from
 //! an [`Environment`] ([`environment`]; rows of prompt and answer: [`dataset`]; train / held-out:
 //! [`split`]); seeded sampling with raw behaviour log-probs ([`sampling`]), continuous-batching
-//! generation over per-sequence KV caches ([`generate`]), prompt length limits
-//! ([`prompt_limits`]), the worker pool ([`pool`]) and each worker's copy of the weights
-//! ([`weight_state`]) turn them into groups. [`kv_blocks`] is the bookkeeping of a paged KV
-//! cache (block pool, block tables, prefix sharing, copy on write).
+//! generation with a paged KV cache and prompts prefilled once per group ([`generate`]),
+//! prompt length limits ([`prompt_limits`]), the worker pool ([`pool`]) and each worker's copy
+//! of the weights ([`weight_state`]) turn them into groups. [`kv_blocks`] is the bookkeeping of
+//! the paged KV cache (block pool, block tables, prefix sharing, copy on write).
 #![warn(missing_docs)]
 
 pub mod dataset;
@@ -16,6 +16,8 @@ pub mod pool;
 pub mod prompt_cursor;
 pub mod prompt_limits;
 pub mod sampling;
+mod scheduler;
+mod sequence_kv;
 pub mod split;
 pub mod weight_state;
 

@@ -110,6 +110,10 @@ pub struct PoolCounters {
     pub failed_groups: AtomicUsize,
     /// Prompts cut to `max_prompt_length` (from the left).
     pub truncated_prompts: AtomicUsize,
+    /// Prompt tokens samples took from their group's one prefill instead of computing them.
+    pub shared_prompt_tokens: AtomicUsize,
+    /// Sequences preempted for KV-cache room (re-prefilled later, never dropped).
+    pub preemptions: AtomicUsize,
 }
 
 /// Final accounting of a pool: `generated = sent + failed + unsent_at_shutdown`.
@@ -127,6 +131,10 @@ pub struct PoolReport {
     pub failed_groups: usize,
     /// Completion tokens generated.
     pub tokens: usize,
+    /// Prompt tokens shared from a group's one prefill.
+    pub shared_prompt_tokens: usize,
+    /// Sequences preempted for KV-cache room.
+    pub preemptions: usize,
 }
 
 /// A running pool: the trainer's ends of the channels and the handle to stop it.
@@ -174,6 +182,8 @@ impl RolloutPool {
             unsent_at_shutdown: c.unsent_at_shutdown.load(Ordering::SeqCst),
             failed_groups: c.failed_groups.load(Ordering::SeqCst),
             tokens: c.tokens.load(Ordering::SeqCst),
+            shared_prompt_tokens: c.shared_prompt_tokens.load(Ordering::SeqCst),
+            preemptions: c.preemptions.load(Ordering::SeqCst),
         };
         match first_error {
             Some(e) => Err(e),
@@ -428,7 +438,7 @@ impl WorkerContext {
         let decode = |ids: &[u32]| self.env.decode(ids);
         let in_flight = self.cfg.in_flight_weight_updates;
         let mut policy = weights.policy.clone();
-        generate_in_flight(
+        let stats = generate_in_flight(
             &mut policy,
             &self.cfg.generation,
             Some(&decode),
@@ -457,6 +467,10 @@ impl WorkerContext {
                 }
             },
         )?;
+        let c = &self.counters;
+        c.shared_prompt_tokens
+            .fetch_add(stats.shared_prompt_tokens, Ordering::SeqCst);
+        c.preemptions.fetch_add(stats.preemptions, Ordering::SeqCst);
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),

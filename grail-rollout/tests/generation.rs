@@ -308,19 +308,8 @@ fn truncated_sampling_never_leaves_its_set() {
 #[test]
 fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
     let device = Device::flex();
-    let config = ModelConfig::builder()
-        .vocab_size(64)
-        .hidden_size(32)
-        .intermediate_size(64)
-        .num_hidden_layers(2)
-        .num_attention_heads(4)
-        .num_key_value_heads(2)
-        .max_position_embeddings(64)
-        .tie_word_embeddings(true)
-        .build()
-        .unwrap();
-    let old = CausalLm::init(&config, 1, &device);
-    let new = CausalLm::init(&config, 2, &device);
+    let old = CausalLm::init(&small_config(), 1, &device);
+    let new = CausalLm::init(&small_config(), 2, &device);
     let cfg = GenerationConfig {
         sampling: SamplingConfig {
             temperature: 0.0,
@@ -395,4 +384,159 @@ fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
             .fold(0f32, f32::max);
         assert!(max <= 1e-4, "max |Δ| {max:e}");
     }
+}
+
+/// A small random model (2 layers, GQA 2) for the scheduling tests.
+fn small_model(fused: bool) -> CausalLm {
+    CausalLm::init(&small_config(), 3, &Device::flex()).with_fused_ops(fused)
+}
+
+/// The shape of the small random models: 2 layers, GQA 2, vocabulary 64.
+fn small_config() -> ModelConfig {
+    ModelConfig::builder()
+        .vocab_size(64)
+        .hidden_size(32)
+        .intermediate_size(64)
+        .num_hidden_layers(2)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .max_position_embeddings(128)
+        .tie_word_embeddings(true)
+        .build()
+        .unwrap()
+}
+
+fn sampled(max_batch: usize) -> GenerationConfig {
+    GenerationConfig {
+        max_completion_length: 20,
+        max_batch,
+        kv_block_size: 4,
+        seed: 11,
+        ..GenerationConfig::default()
+    }
+}
+
+/// Three prompts (lengths 6, 9 and 3: partial last blocks of 4) with `g` samples each.
+fn group_prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![3, 9, 4, 1, 7, 7],
+        vec![5, 2, 8, 8, 1, 0, 2, 6, 9],
+        vec![12, 13, 14],
+    ]
+}
+
+fn generate_all(
+    model: &CausalLm,
+    cfg: &GenerationConfig,
+    prompts: &[Vec<u32>],
+    g: usize,
+) -> (Vec<Generated>, grail_rollout::generate::GenerationStats) {
+    let requests: Vec<GenerationRequest> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(p, ids)| {
+            let ids = Arc::new(ids.clone());
+            (0..g).map(move |s| GenerationRequest {
+                prompt_id: p as u64,
+                sample_index: s,
+                prompt: ids.clone(),
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    let stats = generate(model, cfg, requests, |d| out.push(d)).unwrap();
+    out.sort_by_key(|d| (d.request.prompt_id, d.request.sample_index));
+    (out, stats)
+}
+
+fn assert_same_completions(a: &[Generated], b: &[Generated], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.request, y.request, "{what}");
+        assert_eq!(x.ids, y.ids, "{what}: sample {:?}", x.request.sample_index);
+        for (p, q) in x.logps.iter().zip(&y.logps) {
+            assert!((p - q).abs() < 1e-5, "{what}: log-prob {p} vs {q}");
+        }
+    }
+}
+
+#[test]
+fn samples_sharing_their_prompts_prefill_equal_samples_generated_alone() {
+    for fused in [true, false] {
+        let model = small_model(fused);
+        let prompts = group_prompts();
+        let cfg = sampled(16);
+        let (shared, stats) = generate_all(&model, &cfg, &prompts, 4);
+        let lens: usize = prompts.iter().map(Vec::len).sum();
+        assert_eq!(stats.prefill_tokens, lens, "each prompt prefilled once");
+        assert_eq!(
+            stats.shared_prompt_tokens,
+            3 * lens,
+            "three samples of each share it"
+        );
+        assert_eq!(
+            stats.kv_blocks > 0,
+            fused,
+            "paged where the model reads a paged cache"
+        );
+        // Each sample alone: its own prefill, no one to share with.
+        let mut alone = Vec::new();
+        for (p, ids) in prompts.iter().enumerate() {
+            for s in 0..4 {
+                let request = GenerationRequest {
+                    prompt_id: p as u64,
+                    sample_index: s,
+                    prompt: Arc::new(ids.clone()),
+                };
+                let stats = generate(&model, &cfg, [request], |d| alone.push(d)).unwrap();
+                assert_eq!(stats.shared_prompt_tokens, 0);
+            }
+        }
+        assert_same_completions(&shared, &alone, &format!("fused {fused}"));
+    }
+}
+
+#[test]
+fn preempted_sequences_come_back_with_the_tokens_of_an_unpreempted_run() {
+    let model = small_model(true);
+    let prompts = group_prompts();
+    let (want, roomy) = generate_all(&model, &sampled(8), &prompts, 3);
+    assert_eq!(roomy.preemptions, 0);
+    // Room for ~2.5 full sequences (9 + 20 positions = 8 blocks each) while 8 try to run.
+    let per_block = grail_core::model::PagedKvCache::bytes_per_block(&model.config, 4);
+    let tight = GenerationConfig {
+        kv_cache_bytes: Some(20 * per_block),
+        ..sampled(8)
+    };
+    let (got, stats) = generate_all(&model, &tight, &prompts, 3);
+    assert!(stats.preemptions > 0, "{stats:?}");
+    assert!(stats.reprefill_tokens > 0);
+    assert_eq!(stats.kv_blocks, 20);
+    assert!(
+        stats.kv_blocks_peak <= 20 && roomy.kv_blocks_peak > 20,
+        "{stats:?} {roomy:?}"
+    );
+    assert_same_completions(&got, &want, "preempted");
+}
+
+#[test]
+fn a_kv_budget_below_one_sequence_is_refused_naming_it() {
+    let model = small_model(true);
+    let per_block = grail_core::model::PagedKvCache::bytes_per_block(&model.config, 4);
+    let cfg = GenerationConfig {
+        kv_cache_bytes: Some(5 * per_block),
+        ..sampled(8)
+    };
+    let request = GenerationRequest {
+        prompt_id: 0,
+        sample_index: 0,
+        prompt: Arc::new(vec![1; 9]),
+    };
+    let err = generate(&model, &cfg, [request], |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kv_cache_bytes") && err.contains("needs 9"),
+        "{err}"
+    );
 }

@@ -249,6 +249,12 @@ pub struct GrpoSection {
     pub stall_timeout: u64,
     /// Rollout worker threads. Default 1.
     pub rollout_workers: usize,
+    /// Bytes for each rollout worker's paged KV cache (vLLM's KV budget; CPU workers): a
+    /// sequence waits for room rather than overcommit, and one that cannot grow is preempted
+    /// and re-prefilled later (counted as `preemptions`). Must hold one sequence of
+    /// `max_prompt_length + max_completion_length` positions. Default: room for every sequence
+    /// of a worker's batch at once.
+    pub kv_cache_bytes: Option<usize>,
     /// full | delta. Default delta.
     pub weight_sync: SyncMode,
     /// With a store: a full copy of the weights every this many versions, deltas between
@@ -382,6 +388,7 @@ impl Default for GrpoSection {
             in_flight_weight_updates: false,
             stall_timeout: 600,
             rollout_workers: 1,
+            kv_cache_bytes: None,
             weight_sync: SyncMode::Delta,
             weight_anchor_interval: 10,
             importance_sampling_correction: true,

@@ -50,6 +50,8 @@ pub(crate) fn generation_config(cfg: &GrpoConfig, eos: &[u32]) -> GenerationConf
         stop_sequences: Vec::new(),
         stop_strings: Vec::new(),
         seed: cfg.seed,
+        kv_cache_bytes: cfg.grpo.kv_cache_bytes,
+        ..GenerationConfig::default()
     }
 }
 
