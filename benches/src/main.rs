@@ -52,6 +52,12 @@ enum Bench {
         /// Tokens generated per sequence.
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
+        /// Distinct prompts (GRPO shape: `--prompts 8 --num-generations 8`); default: `--batch`.
+        #[arg(long)]
+        prompts: Option<usize>,
+        /// Samples per prompt, which share its prefill.
+        #[arg(long, default_value_t = 1)]
+        num_generations: usize,
     },
     /// Weight-sync delta size, encode/apply/hash time after real AdamW steps (bf16 deltas; one
     /// line per compression, zstd and lz4, over the same steps).
@@ -260,30 +266,44 @@ impl ModelArgs {
     }
 }
 
-fn rollout_bench(
-    args: &Args,
-    device: &Device,
-    m: &ModelArgs,
+/// The shape of a rollout bench's workload.
+struct RolloutShape {
     batch: usize,
+    prompts: usize,
+    num_generations: usize,
     prompt_len: usize,
     new_tokens: usize,
-) -> Result<()> {
+}
+
+fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShape) -> Result<()> {
+    use grail_core::model::PagedKvCache;
     use grail_rollout::generate::{GenerationConfig, GenerationRequest, generate};
+    let RolloutShape {
+        batch,
+        prompts,
+        num_generations,
+        prompt_len,
+        new_tokens,
+    } = shape;
     let config = m.model_config()?;
     let model = CausalLm::init(&config, args.seed, device);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = config.vocab_size as u32;
-    let requests: Vec<GenerationRequest> = (0..batch)
-        .map(|i| GenerationRequest {
-            prompt_id: i as u64,
-            sample_index: 0,
-            prompt: std::sync::Arc::new(
+    let requests: Vec<GenerationRequest> = (0..prompts)
+        .flat_map(|i| {
+            let prompt: std::sync::Arc<Vec<u32>> = std::sync::Arc::new(
                 (0..prompt_len)
                     .map(|_| rng.random_range(0..vocab))
                     .collect(),
-            ),
+            );
+            (0..num_generations).map(move |s| GenerationRequest {
+                prompt_id: i as u64,
+                sample_index: s,
+                prompt: prompt.clone(),
+            })
         })
         .collect();
+    let sequences = requests.len();
     // Prefill alone (one new token each), then the full generation.
     let prefill_cfg = GenerationConfig {
         max_completion_length: 1,
@@ -315,8 +335,13 @@ fn rollout_bench(
             "bench": "rollout", "device": args.device, "params": config.num_parameters(),
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "generated_tokens": stats.generated_tokens, "tokens_per_s": stats.generated_tokens as f64 / total_s,
-            "decode_tokens_per_s": (stats.generated_tokens - batch) as f64 / decode_s,
+            "prompts": prompts, "num_generations": num_generations,
+            "decode_tokens_per_s": (stats.generated_tokens - sequences) as f64 / decode_s,
             "prefill_s": prefill_s, "decode_s": decode_s, "total_s": total_s,
+            "prefill_tokens": stats.prefill_tokens, "shared_prompt_tokens": stats.shared_prompt_tokens,
+            "mean_batch": stats.mean_batch, "preemptions": stats.preemptions,
+            "kv_bytes_per_token": PagedKvCache::bytes_per_block(&config, 1),
+            "kv_blocks": stats.kv_blocks, "kv_blocks_peak": stats.kv_blocks_peak,
             "peak_rss_bytes": peak_rss_bytes(),
         })
     );
@@ -666,7 +691,18 @@ fn main() -> Result<()> {
             batch,
             prompt_len,
             new_tokens,
-        } => rollout_bench(&args, &device, model, *batch, *prompt_len, *new_tokens),
+            prompts,
+            num_generations,
+        } => {
+            let shape = RolloutShape {
+                batch: *batch,
+                prompts: prompts.unwrap_or(*batch),
+                num_generations: *num_generations,
+                prompt_len: *prompt_len,
+                new_tokens: *new_tokens,
+            };
+            rollout_bench(&args, &device, model, shape)
+        }
         Bench::WeightSync(w) => weight_sync_bench(&args, &device, w),
         Bench::StoreSync(s) => store_sync::store_sync_bench(&args, &device, s),
         Bench::Logprob {
