@@ -150,6 +150,10 @@ impl<'a> Scheduler<'a> {
             let prompt = self.queue[i].prompt.clone();
             match self.prefixes.get(&prompt) {
                 Some(p) if p.logits.is_some() => {
+                    // A sample writes its first token into a block of its own.
+                    if !self.room_for(1) {
+                        break;
+                    }
                     let request = self.queue.remove(i).expect("in range");
                     if self.fork(request, version, on_done) {
                         open -= 1;
@@ -168,7 +172,6 @@ impl<'a> Scheduler<'a> {
                     self.store
                         .reserve(&mut kv, prompt.len())
                         .expect("room was checked");
-                    self.stats.prefill_tokens += prompt.len();
                     let prefix = Prefix {
                         kv,
                         logits: None,
@@ -202,7 +205,9 @@ impl<'a> Scheduler<'a> {
         self.stats.weight_switches += 1;
         self.drop_prefixes(|p| p.logits.is_some());
         for a in self.slots.iter_mut().flatten() {
-            if a.ids.is_empty() {
+            // Nothing cached yet (a fresh sample or a returning preempted sequence): what it
+            // feeds next is already prompt + tokens, to be computed with the new weights.
+            if a.ids.is_empty() || a.kv.is_empty() {
                 continue;
             }
             self.store.free(&mut a.kv);
@@ -244,6 +249,7 @@ impl<'a> Scheduler<'a> {
         if inputs.is_empty() {
             return Ok(());
         }
+        self.stats.prefill_tokens += prompts.iter().map(|p| p.len()).sum::<usize>();
         let logits = self.store.forward(&policy.model, &inputs, &mut kvs)?;
         let vocab = logits.len() / inputs.len();
         self.stats.steps += 1;
@@ -387,7 +393,10 @@ impl<'a> Scheduler<'a> {
                 if self.store.reserve(&mut a.kv, a.pending.len()).is_ok() {
                     break;
                 }
-                if self.drop_prefixes(|_| true) > 0 {
+                // Prompts already prefilled first, then those about to be.
+                if self.drop_prefixes(|p| p.logits.is_some()) > 0
+                    || self.drop_prefixes(|_| true) > 0
+                {
                     continue;
                 }
                 let youngest = (0..self.slots.len())
@@ -424,14 +433,23 @@ impl<'a> Scheduler<'a> {
         gone.len()
     }
 
-    /// Whether the pool has room for a new sequence of `positions` while keeping a block for
-    /// every running sequence's next token.
+    /// Whether the pool has room for a new sequence of `positions` beside what the placed
+    /// sequences will reserve in the next step: a block for each one's next token, all of its
+    /// positions for one that re-prefills (its cache is empty until then).
     fn room_for(&self, positions: usize) -> bool {
-        let running = self.slots.iter().filter(|s| s.is_some()).count();
-        match self.store.free_blocks() {
-            None => true,
-            Some(free) => free >= self.store.blocks_for(positions) + running,
-        }
+        let Some(free) = self.store.free_blocks() else {
+            return true;
+        };
+        let owed: usize = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|a| match a.kv.is_empty() {
+                true => self.store.blocks_for(a.pending.len()),
+                false => 1,
+            })
+            .sum();
+        free >= self.store.blocks_for(positions) + owed
     }
 
     fn place(&mut self, a: Active) {

@@ -28,6 +28,16 @@ pub(crate) enum SequenceKv {
     Cache(KvCache),
 }
 
+impl SequenceKv {
+    /// Whether nothing is cached (a new, preempted or re-prefilling sequence).
+    pub(crate) fn is_empty(&self) -> bool {
+        match self {
+            SequenceKv::Table(t) => t.is_empty(),
+            SequenceKv::Cache(c) => c.is_empty(),
+        }
+    }
+}
+
 impl KvStore {
     /// A store for `model`: a pool of `num_blocks` blocks of `block_size` positions where the
     /// model can read one, else per-sequence caches.

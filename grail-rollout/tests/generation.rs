@@ -520,6 +520,39 @@ fn preempted_sequences_come_back_with_the_tokens_of_an_unpreempted_run() {
 }
 
 #[test]
+fn samples_wait_for_room_instead_of_being_preempted() {
+    // Blocks of 16 hold a prompt and its whole completion, so a sample only ever takes one block
+    // (its copy of the prompt's shared partial block). Admission counts that block: a pool too
+    // small for everyone at once makes samples wait, and nothing is preempted or prefilled twice.
+    let model = small_model(true);
+    let prompts = group_prompts();
+    let cfg = GenerationConfig {
+        kv_block_size: 16,
+        max_completion_length: 4,
+        ..sampled(12)
+    };
+    let (want, roomy) = generate_all(&model, &cfg, &prompts, 4);
+    let per_block = grail_core::model::PagedKvCache::bytes_per_block(&model.config, 16);
+    let tight = GenerationConfig {
+        kv_cache_bytes: Some(4 * per_block),
+        ..cfg
+    };
+    let (got, stats) = generate_all(&model, &tight, &prompts, 4);
+    assert!(roomy.kv_blocks_peak > 4, "{roomy:?}");
+    assert_eq!(
+        (stats.preemptions, stats.reprefill_tokens),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.prefill_tokens,
+        6 + 9 + 3,
+        "each prompt prefilled once"
+    );
+    assert_same_completions(&got, &want, "waiting");
+}
+
+#[test]
 fn a_kv_budget_below_one_sequence_is_refused_naming_it() {
     let model = small_model(true);
     let per_block = grail_core::model::PagedKvCache::bytes_per_block(&model.config, 4);
