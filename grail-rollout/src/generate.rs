@@ -107,7 +107,8 @@ pub struct GenerationStats {
     pub shared_prompt_tokens: usize,
     /// Completion tokens sampled.
     pub generated_tokens: usize,
-    /// Mean number of sequences per forward call (batch occupancy).
+    /// Mean number of sequences per forward call (batch occupancy; a prompt being prefilled
+    /// counts as one).
     pub mean_batch: f64,
     /// Weight switches in the middle of the generation (in-flight updates).
     pub weight_switches: usize,

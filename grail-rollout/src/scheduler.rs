@@ -125,7 +125,8 @@ impl<'a> Scheduler<'a> {
 
     /// Fills free slots: preempted sequences first (re-prefilled), then queued requests in order
     /// (forking a prefilled prompt, or opening its prefix for this step's forward). A request
-    /// waits while the pool lacks room for it and a block per running sequence. Returns whether
+    /// waits while the pool lacks room for it and a block per running sequence; a prompt that
+    /// waits holds back the new prompts behind it, not samples of prompts prefilled. Returns whether
     /// there is work for a forward call.
     pub(crate) fn admit(
         &mut self,
@@ -136,7 +137,7 @@ impl<'a> Scheduler<'a> {
         while open > 0 && !self.preempted.is_empty() {
             let a = &self.preempted[0];
             let positions = a.request.prompt.len() + a.ids.len();
-            if !self.room_for(positions) {
+            if !self.room_for(self.store.blocks_for(positions)) {
                 return Ok(self.has_work());
             }
             let mut a = self.preempted.pop_front().expect("checked");
@@ -145,13 +146,16 @@ impl<'a> Scheduler<'a> {
             self.place(a);
             open -= 1;
         }
+        // A new prompt that does not fit stops the new prompts behind it (they keep their order),
+        // not the samples of prompts already prefilled: those only need a block each.
+        let mut prompts_blocked = false;
         let mut i = 0;
         while open > 0 && i < self.queue.len() {
             let prompt = self.queue[i].prompt.clone();
             match self.prefixes.get(&prompt) {
                 Some(p) if p.logits.is_some() => {
-                    // A sample writes its first token into a block of its own.
-                    if !self.room_for(1) {
+                    // The block its first token goes to is the one the prefix is owed.
+                    if !self.room_for(0) {
                         break;
                     }
                     let request = self.queue.remove(i).expect("in range");
@@ -165,8 +169,11 @@ impl<'a> Scheduler<'a> {
                     i += 1;
                 }
                 None => {
-                    if !self.room_for(prompt.len()) {
-                        break;
+                    // The prompt's blocks and the one its first sample will be owed.
+                    if prompts_blocked || !self.room_for(self.store.blocks_for(prompt.len()) + 1) {
+                        prompts_blocked = true;
+                        i += 1;
+                        continue;
                     }
                     let mut kv = self.store.new_sequence();
                     self.store
@@ -433,14 +440,16 @@ impl<'a> Scheduler<'a> {
         gone.len()
     }
 
-    /// Whether the pool has room for a new sequence of `positions` beside what the placed
-    /// sequences will reserve in the next step: a block for each one's next token, all of its
-    /// positions for one that re-prefills (its cache is empty until then).
-    fn room_for(&self, positions: usize) -> bool {
+    /// Whether the pool has `blocks` free beside what is owed to what is already placed: a block
+    /// for each running sequence's next token, all of its positions for one that re-prefills
+    /// (its cache is empty until then), and a block for each prefix's next sample (its copy of
+    /// the shared partial block, or its first block of its own). Without the prefixes' blocks,
+    /// two prefixes could fill the pool so that neither could ever be forked.
+    fn room_for(&self, blocks: usize) -> bool {
         let Some(free) = self.store.free_blocks() else {
             return true;
         };
-        let owed: usize = self
+        let running: usize = self
             .slots
             .iter()
             .flatten()
@@ -449,7 +458,7 @@ impl<'a> Scheduler<'a> {
                 false => 1,
             })
             .sum();
-        free >= self.store.blocks_for(positions) + owed
+        free >= blocks + running + self.prefixes.len()
     }
 
     fn place(&mut self, a: Active) {

@@ -1,11 +1,13 @@
 //! Generation on the fixture models: continuous batching equals greedy decoding, behaviour
 //! log-probs equal the trainer's recomputation, sampling is seeded and respects its truncation.
 
+mod common;
+
 use std::sync::Arc;
 
 use burn::tensor::Device;
+use common::tiny_config;
 use grail_core::checkpoint::load_model;
-use grail_core::model::ModelConfig;
 use grail_core::model::{CausalLm, greedy};
 use grail_rollout::generate::{
     FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate,
@@ -308,8 +310,8 @@ fn truncated_sampling_never_leaves_its_set() {
 #[test]
 fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
     let device = Device::flex();
-    let old = CausalLm::init(&small_config(), 1, &device);
-    let new = CausalLm::init(&small_config(), 2, &device);
+    let old = CausalLm::init(&tiny_config(128), 1, &device);
+    let new = CausalLm::init(&tiny_config(128), 2, &device);
     let cfg = GenerationConfig {
         sampling: SamplingConfig {
             temperature: 0.0,
@@ -388,22 +390,7 @@ fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
 
 /// A small random model (2 layers, GQA 2) for the scheduling tests.
 fn small_model(fused: bool) -> CausalLm {
-    CausalLm::init(&small_config(), 3, &Device::flex()).with_fused_ops(fused)
-}
-
-/// The shape of the small random models: 2 layers, GQA 2, vocabulary 64.
-fn small_config() -> ModelConfig {
-    ModelConfig::builder()
-        .vocab_size(64)
-        .hidden_size(32)
-        .intermediate_size(64)
-        .num_hidden_layers(2)
-        .num_attention_heads(4)
-        .num_key_value_heads(2)
-        .max_position_embeddings(128)
-        .tie_word_embeddings(true)
-        .build()
-        .unwrap()
+    CausalLm::init(&tiny_config(128), 3, &Device::flex()).with_fused_ops(fused)
 }
 
 fn sampled(max_batch: usize) -> GenerationConfig {
@@ -550,6 +537,50 @@ fn samples_wait_for_room_instead_of_being_preempted() {
         "each prompt prefilled once"
     );
     assert_same_completions(&got, &want, "waiting");
+}
+
+#[test]
+fn a_prompt_that_does_not_fit_neither_holds_back_samples_nor_locks_the_pool() {
+    // Blocks of 16 and a 4-block pool; prompt 0 (6 tokens) takes a block, each of its samples a
+    // block of its own; prompt 1 (40 tokens) takes three. Requests are interleaved, so prompt 0's
+    // last sample is queued behind prompt 1. It must fork while prompt 1 waits for room (before:
+    // it waited too), and the two prompts' prefixes must never fill the pool so that neither can
+    // be forked (before: they did, were dropped, were prefilled again, forever).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let model = small_model(true);
+        let per_block = grail_core::model::PagedKvCache::bytes_per_block(&model.config, 16);
+        let cfg = GenerationConfig {
+            kv_block_size: 16,
+            max_completion_length: 4,
+            kv_cache_bytes: Some(4 * per_block),
+            ..sampled(2)
+        };
+        let short = Arc::new(vec![5u32; 6]);
+        let long = Arc::new((0..40u32).map(|t| 1 + t % 60).collect::<Vec<_>>());
+        let requests = [(0, 0), (0, 1), (0, 2), (1, 0), (0, 3)].map(|(p, s)| GenerationRequest {
+            prompt_id: p,
+            sample_index: s,
+            prompt: if p == 0 { short.clone() } else { long.clone() },
+        });
+        let mut finished = Vec::new();
+        let stats = generate(&model, &cfg, requests, |d| {
+            finished.push((d.request.prompt_id, d.request.sample_index))
+        });
+        tx.send((finished, stats.map_err(|e| e.to_string())))
+            .unwrap();
+    });
+    let (finished, stats) = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("generation did not finish: the pool locked");
+    let stats = stats.unwrap();
+    let at = |r| finished.iter().position(|&f| f == r).unwrap();
+    assert!(at((0, 3)) < at((1, 0)), "{finished:?}");
+    assert_eq!(
+        (stats.prefill_tokens, stats.preemptions),
+        (6 + 40, 0),
+        "{stats:?}"
+    );
 }
 
 #[test]

@@ -1,12 +1,14 @@
 //! The pool and the trainer meeting only through channels: groups flow one way, versioned
 //! weights the other; failures are counted; the accounting identity holds at shutdown.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use burn::module::Module;
 use burn::tensor::Device;
-use grail_core::model::{CausalLm, ModelConfig};
+use grail_core::model::CausalLm;
 use grail_protocol::{PoolMessage, SyncMode, WireDtype};
 use grail_rollout::generate::GenerationConfig;
 use grail_rollout::{Completion, Environment, Prompt, Reward};
@@ -15,6 +17,8 @@ use grail_trainer::channel::{ChannelRun, RunEvent, RunStats};
 use grail_trainer::config::TrainerConfig;
 use grail_trainer::trainer::GrpoTrainer;
 use grail_trainer::{PoolFeedback, WeightPublisher};
+
+use common::tiny_config;
 
 /// Prompts `[i % 50, 1, 2]`; reward: share of completion tokens equal to 7. Prompts with id
 /// divisible by `panic_every` make the second reward panic.
@@ -58,20 +62,6 @@ impl Environment for Sevens {
     fn decode(&self, ids: &[u32]) -> String {
         format!("{ids:?}")
     }
-}
-
-fn config() -> ModelConfig {
-    ModelConfig::builder()
-        .vocab_size(64)
-        .hidden_size(32)
-        .intermediate_size(64)
-        .num_hidden_layers(2)
-        .num_attention_heads(4)
-        .num_key_value_heads(2)
-        .max_position_embeddings(64)
-        .tie_word_embeddings(true)
-        .build()
-        .unwrap()
 }
 
 fn pool_config(workers: usize) -> PoolConfig {
@@ -125,7 +115,7 @@ fn feedback(pool: &RolloutPool, trainer: &GrpoTrainer) -> PoolFeedback {
 #[test]
 fn pool_and_trainer_meet_through_channels_and_account_for_everything() {
     let device = Device::flex();
-    let policy = CausalLm::init(&config(), 1, &device.clone().autodiff());
+    let policy = CausalLm::init(&tiny_config(64), 1, &device.clone().autodiff());
     let pool = spawn_pool(
         &policy.valid(),
         Arc::new(Sevens::new(10_000, None)),
@@ -171,7 +161,7 @@ fn pool_and_trainer_meet_through_channels_and_account_for_everything() {
 #[test]
 fn a_panicking_reward_fails_its_group_and_the_pool_keeps_going() {
     let device = Device::flex();
-    let model = CausalLm::init(&config(), 2, &device);
+    let model = CausalLm::init(&tiny_config(64), 2, &device);
     let pool = spawn_pool(&model, Arc::new(Sevens::new(12, Some(3))), pool_config(1)).unwrap();
     let received: Vec<_> = pool.groups.iter().take_while(|_| true).collect::<Vec<_>>();
     // The environment has 12 prompts; ids 0, 3, 6, 9 fail.
@@ -196,7 +186,7 @@ fn a_panicking_reward_fails_its_group_and_the_pool_keeps_going() {
 #[test]
 fn a_slow_trainer_drops_stale_samples_and_the_accounting_is_exact() {
     let device = Device::flex();
-    let policy = CausalLm::init(&config(), 4, &device.clone().autodiff());
+    let policy = CausalLm::init(&tiny_config(64), 4, &device.clone().autodiff());
     let pool = spawn_pool(
         &policy.valid(),
         Arc::new(Sevens::new(10_000, None)),
@@ -230,7 +220,7 @@ fn a_slow_trainer_drops_stale_samples_and_the_accounting_is_exact() {
 #[test]
 fn the_pool_pauses_when_too_far_ahead_and_resumes_with_new_weights() {
     let device = Device::flex();
-    let model = CausalLm::init(&config(), 6, &device);
+    let model = CausalLm::init(&tiny_config(64), 6, &device);
     let cfg = PoolConfig {
         max_ahead: Some(0),
         groups_per_step: 2,
@@ -270,7 +260,7 @@ fn stop_strings_end_completions_through_the_decoder() {
     use grail_rollout::generate::{
         FinishReason, GenerationRequest, generate, generate_with_decoder,
     };
-    let model = CausalLm::init(&config(), 7, &Device::flex());
+    let model = CausalLm::init(&tiny_config(64), 7, &Device::flex());
     let decode = |ids: &[u32]| ids.iter().map(|t| format!("<{t}>")).collect::<String>();
     let request = GenerationRequest {
         prompt_id: 0,
@@ -308,7 +298,7 @@ fn stop_strings_end_completions_through_the_decoder() {
 #[test]
 fn behaviour_logprobs_sampled_with_top_p_match_the_trainers_recomputation() {
     let device = Device::flex();
-    let policy = CausalLm::init(&config(), 8, &device.clone().autodiff());
+    let policy = CausalLm::init(&tiny_config(64), 8, &device.clone().autodiff());
     let mut cfg = pool_config(1);
     cfg.generation.sampling.temperature = 0.7;
     cfg.generation.sampling.top_p = 0.7;
@@ -338,7 +328,7 @@ fn behaviour_logprobs_sampled_with_top_p_match_the_trainers_recomputation() {
 #[test]
 fn an_async_run_with_in_flight_updates_learns_and_logs_is_metrics_every_step() {
     let device = Device::flex();
-    let policy = CausalLm::init(&config(), 9, &device.clone().autodiff());
+    let policy = CausalLm::init(&tiny_config(64), 9, &device.clone().autodiff());
     let mut cfg = pool_config(1);
     cfg.in_flight_weight_updates = true;
     cfg.channel_capacity = 1;
@@ -435,8 +425,8 @@ impl Environment for Gated {
 #[test]
 fn an_in_flight_update_splits_a_completion_between_versions() {
     let device = Device::flex();
-    let old = CausalLm::init(&config(), 10, &device);
-    let new = CausalLm::init(&config(), 11, &device);
+    let old = CausalLm::init(&tiny_config(64), 10, &device);
+    let new = CausalLm::init(&tiny_config(64), 11, &device);
     let (reached_tx, reached) = flume::unbounded();
     let (release, release_rx) = flume::unbounded();
     let env = Gated {
@@ -526,7 +516,7 @@ fn within<T: Send + 'static>(
 fn zero_spread_batches_neither_stall_the_pool_nor_hang_the_run() {
     let (err, generated) = within(std::time::Duration::from_secs(120), || {
         let device = Device::flex();
-        let policy = CausalLm::init(&config(), 12, &device.clone().autodiff());
+        let policy = CausalLm::init(&tiny_config(64), 12, &device.clone().autodiff());
         let mut env = Sevens::new(10_000, None);
         env.rewards = vec![
             Reward::new("flat", 1.0, |_p: &Prompt, _c: &Completion| 1.0),
@@ -567,7 +557,7 @@ fn zero_spread_batches_neither_stall_the_pool_nor_hang_the_run() {
 fn failed_reward_groups_do_not_stall_a_bounded_pool() {
     let (run, report, left, steps) = within(std::time::Duration::from_secs(120), || {
         let device = Device::flex();
-        let policy = CausalLm::init(&config(), 13, &device.clone().autodiff());
+        let policy = CausalLm::init(&tiny_config(64), 13, &device.clone().autodiff());
         let cfg = PoolConfig {
             max_ahead: Some(0),
             groups_per_step: 2,
@@ -616,7 +606,7 @@ impl Environment for FailsAt {
 fn an_environment_error_stops_the_run_naming_the_prompt() {
     let err = within(std::time::Duration::from_secs(120), || {
         let device = Device::flex();
-        let policy = CausalLm::init(&config(), 14, &device.clone().autodiff());
+        let policy = CausalLm::init(&tiny_config(64), 14, &device.clone().autodiff());
         let env = FailsAt {
             inner: Sevens::new(10_000, None),
             at: 5,
@@ -636,7 +626,7 @@ fn an_environment_error_stops_the_run_naming_the_prompt() {
 #[test]
 fn long_prompts_are_cut_from_the_left_or_stop_the_run_by_name() {
     let device = Device::flex();
-    let model = CausalLm::init(&config(), 15, &device);
+    let model = CausalLm::init(&tiny_config(64), 15, &device);
     let cfg = PoolConfig {
         max_prompt_length: Some(2),
         ..pool_config(1)

@@ -278,7 +278,12 @@ impl CausalLm {
             )));
         }
         let cached: Vec<usize> = caches.iter().map(KvCache::len).collect();
-        self.forward_continuing(new_tokens, &cached, Caches::PerSequence(caches))
+        self.forward_continuing(
+            "forward_cached",
+            new_tokens,
+            &cached,
+            Caches::PerSequence(caches),
+        )
     }
 
     /// [`forward_cached`](Self::forward_cached) with every sequence's keys/values in one block
@@ -311,7 +316,12 @@ impl CausalLm {
                 .map_err(|m| GrailError::Input(format!("forward_paged: sequence {i}: {m}")))?;
         }
         let cached: Vec<usize> = sequences.iter().map(|s| s.cached).collect();
-        self.forward_continuing(new_tokens, &cached, Caches::Paged(kv, sequences))
+        self.forward_continuing(
+            "forward_paged",
+            new_tokens,
+            &cached,
+            Caches::Paged(kv, sequences),
+        )
     }
 
     /// Whether [`forward_paged`](Self::forward_paged) can run: fused kernels on host memory.
@@ -320,15 +330,17 @@ impl CausalLm {
     }
 
     /// The body of both cached forwards: sequence `i` has `cached[i]` positions and is fed
-    /// `new_tokens[i]`; logits of each sequence's last new token.
+    /// `new_tokens[i]`; logits of each sequence's last new token. `caller` names the public
+    /// method in errors.
     fn forward_continuing(
         &self,
+        caller: &str,
         new_tokens: &[&[u32]],
         cached: &[usize],
         caches: Caches<'_>,
     ) -> Result<Tensor<2>> {
         if new_tokens.is_empty() {
-            return Err(GrailError::Input("forward_cached: no sequences".into()));
+            return Err(GrailError::Input(format!("{caller}: no sequences")));
         }
         let vocab = self.vocab_size();
         let mut segments = Vec::with_capacity(new_tokens.len());
@@ -336,12 +348,12 @@ impl CausalLm {
         for (i, (tokens, &pos0)) in new_tokens.iter().zip(cached).enumerate() {
             if tokens.is_empty() {
                 return Err(GrailError::Input(format!(
-                    "forward_cached: sequence {i} has no new tokens"
+                    "{caller}: sequence {i} has no new tokens"
                 )));
             }
             if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
                 return Err(GrailError::Input(format!(
-                    "token id {bad} is outside the vocabulary ({vocab})"
+                    "{caller}: sequence {i}: token id {bad} is outside the vocabulary ({vocab})"
                 )));
             }
             segments.push(Segment {
