@@ -5,6 +5,8 @@
 //! [`PoolMessage`]s (a [`WeightUpdate`] or the count of groups consumed) the other. A weight
 //! update carries [`NamedTensor`]s in Hugging Face naming, whole or as a sparse delta
 //! ([`delta`]); reading them out of a model and building a model from them is the model's side.
+//! [`proof`] holds the arithmetic of the GRAIL proof: the hidden-state sketches a worker commits
+//! to and a trainer checks at challenged positions when rollouts come from untrusted machines.
 //!
 //! ```
 //! use grail_protocol::{NamedTensor, SyncMode, WeightPayload, WeightUpdate, WireDtype};
@@ -24,6 +26,7 @@ pub mod error;
 pub mod group;
 pub mod message;
 pub mod panic_message;
+pub mod proof;
 pub mod weights;
 
 pub use delta::Compression;
