@@ -15,6 +15,7 @@ use crate::sampling::SamplingConfig;
 use crate::scheduler::Scheduler;
 use grail_core::model::CausalLm;
 use grail_protocol::PolicyVersion;
+use grail_protocol::proof::SketchCoefficients;
 
 /// One completion to generate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,10 @@ pub struct Generated {
     pub logps: Vec<f32>,
     /// Policy version that sampled each completion token.
     pub versions: Vec<PolicyVersion>,
+    /// The GRAIL proof's commitment to each completion token: the sketch of the last hidden
+    /// state its logits came from (that of the token before it). Empty unless
+    /// [`GenerationConfig::sketch_coefficients`] is set.
+    pub sketches: Vec<u32>,
     /// Why it ended.
     pub finish: FinishReason,
 }
@@ -78,6 +83,9 @@ pub struct GenerationConfig {
     pub kv_cache_bytes: Option<usize>,
     /// Positions per KV-cache block.
     pub kv_block_size: usize,
+    /// Commit to every completion token with these coefficients ([`Generated::sketches`]), for
+    /// a trainer that verifies rollouts; `None`: no sketches.
+    pub sketch_coefficients: Option<SketchCoefficients>,
 }
 
 impl Default for GenerationConfig {
@@ -92,6 +100,7 @@ impl Default for GenerationConfig {
             seed: 0,
             kv_cache_bytes: None,
             kv_block_size: 16,
+            sketch_coefficients: None,
         }
     }
 }

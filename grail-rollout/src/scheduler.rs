@@ -32,6 +32,8 @@ struct Active {
     ids: Vec<u32>,
     logps: Vec<f32>,
     versions: Vec<PolicyVersion>,
+    /// The GRAIL sketch of the hidden state each token was sampled from (when asked for).
+    sketches: Vec<u32>,
     rng: StdRng,
     /// Admission order: the youngest sequence is preempted first.
     admitted: u64,
@@ -42,6 +44,8 @@ struct Prefix {
     kv: SequenceKv,
     /// Logits after the prompt's last token; `None` until the step that prefills it.
     logits: Option<Vec<f32>>,
+    /// The GRAIL sketch of the hidden state they come from, when asked for (set with them).
+    sketch: Option<u32>,
     /// Whether a sample has forked it yet (later ones count as shared prompt tokens).
     forked: bool,
 }
@@ -182,6 +186,7 @@ impl<'a> Scheduler<'a> {
                     let prefix = Prefix {
                         kv,
                         logits: None,
+                        sketch: None,
                         forked: false,
                     };
                     self.prefixes.insert(prompt, prefix);
@@ -257,20 +262,27 @@ impl<'a> Scheduler<'a> {
             return Ok(());
         }
         self.stats.prefill_tokens += prompts.iter().map(|p| p.len()).sum::<usize>();
-        let logits = self.store.forward(&policy.model, &inputs, &mut kvs)?;
+        let sketch = self.cfg.sketch_coefficients.as_ref();
+        let (logits, sketches) = self
+            .store
+            .forward(&policy.model, &inputs, &mut kvs, sketch)?;
         let vocab = logits.len() / inputs.len();
         self.stats.steps += 1;
         self.occupancy += inputs.len();
         let mut row = logits.chunks_exact(vocab);
+        // One per row when asked for, else none.
+        let mut sketches = sketches.into_iter();
         for prompt in &prompts {
             let prefix = self.prefixes.get_mut(prompt).expect("prefilled now");
             prefix.logits = Some(row.next().expect("a row per input").to_vec());
+            prefix.sketch = sketches.next();
         }
         for i in rows {
             let logits = row.next().expect("a row per input");
             let mut a = self.slots[i].take().expect("active");
             a.pending.clear();
-            if let Some(a) = self.push_token(a, logits, policy.version, on_done) {
+            let sketch = sketches.next();
+            if let Some(a) = self.push_token(a, logits, sketch, policy.version, on_done) {
                 self.slots[i] = Some(a);
             }
         }
@@ -302,6 +314,7 @@ impl<'a> Scheduler<'a> {
         prefix.forked = true;
         let kv = self.store.fork(&prefix.kv);
         let logits = prefix.logits.clone().expect("prefilled");
+        let sketch = prefix.sketch;
         let left = self.queued.get_mut(&prompt).expect("counted");
         *left -= 1;
         if *left == 0 {
@@ -317,10 +330,11 @@ impl<'a> Scheduler<'a> {
             ids: Vec::new(),
             logps: Vec::new(),
             versions: Vec::new(),
+            sketches: Vec::new(),
             admitted: self.admissions,
             request,
         };
-        match self.push_token(a, &logits, version, on_done) {
+        match self.push_token(a, &logits, sketch, version, on_done) {
             Some(a) => {
                 self.place(a);
                 true
@@ -329,12 +343,14 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    /// Samples `a`'s next token from `logits`; hands it to `on_done` (freeing its cache) if that
-    /// ends it, else returns it with the token pending.
+    /// Samples `a`'s next token from `logits` (recording `sketch`, that of the hidden state they
+    /// come from, if there is one); hands it to `on_done` (freeing its cache) if that ends it,
+    /// else returns it with the token pending.
     fn push_token(
         &mut self,
         mut a: Active,
         logits: &[f32],
+        sketch: Option<u32>,
         version: PolicyVersion,
         on_done: &mut impl FnMut(Generated),
     ) -> Option<Active> {
@@ -343,6 +359,7 @@ impl<'a> Scheduler<'a> {
         a.ids.push(token);
         a.logps.push(logp);
         a.versions.push(version);
+        a.sketches.extend(sketch);
         self.stats.generated_tokens += 1;
         let finish = if cfg.eos_token_ids.contains(&token) {
             Some(FinishReason::Eos)
@@ -368,6 +385,7 @@ impl<'a> Scheduler<'a> {
             ids: a.ids,
             logps: a.logps,
             versions: a.versions,
+            sketches: a.sketches,
             finish,
         });
         None

@@ -3,7 +3,9 @@
 //! shared by reference, nothing reallocated while decoding), else one cache per sequence (GPU
 //! backends and the reference path; a shared prefix is a cheap clone there).
 
+use burn::tensor::Tensor;
 use grail_core::model::{CausalLm, KvCache, PagedKvCache, PagedSequence};
+use grail_protocol::proof::SketchCoefficients;
 
 use crate::error::RolloutError;
 use crate::kv_blocks::{BlockPool, BlockTable, OutOfBlocks};
@@ -131,14 +133,16 @@ impl KvStore {
     }
 
     /// Feeds `inputs[i]` to `seqs[i]` (whose room was reserved) and returns the logits of each
-    /// one's last new token as host rows `[sequences × vocab]`.
+    /// one's last new token as host rows `[sequences × vocab]`, and with `sketch`, the GRAIL
+    /// sketch of each one's last hidden state (else no sketches).
     pub(crate) fn forward(
         &mut self,
         model: &CausalLm,
         inputs: &[&[u32]],
         seqs: &mut [&mut SequenceKv],
-    ) -> Result<Vec<f32>, RolloutError> {
-        let logits = match self {
+        sketch: Option<&SketchCoefficients>,
+    ) -> Result<(Vec<f32>, Vec<u32>), RolloutError> {
+        let hidden = match self {
             KvStore::Paged { storage, .. } => {
                 let sequences: Vec<PagedSequence<'_>> = seqs
                     .iter()
@@ -151,7 +155,7 @@ impl KvStore {
                         SequenceKv::Cache(_) => unreachable!("a sequence of another store"),
                     })
                     .collect();
-                model.forward_paged(inputs, storage, &sequences)?
+                model.forward_paged_hidden(inputs, storage, &sequences)?
             }
             KvStore::PerSequence { layers } => {
                 let mut caches: Vec<KvCache> = seqs
@@ -161,17 +165,24 @@ impl KvStore {
                         SequenceKv::Table(_) => unreachable!("a sequence of another store"),
                     })
                     .collect();
-                let logits = model.forward_cached(inputs, &mut caches);
+                let hidden = model.forward_cached_hidden(inputs, &mut caches);
                 for (seq, cache) in seqs.iter_mut().zip(caches) {
                     **seq = SequenceKv::Cache(cache);
                 }
-                logits?
+                hidden?
             }
         };
-        Ok(logits
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec()
-            .expect("f32 logits"))
+        let host = |t: Tensor<2>| -> Vec<f32> {
+            t.into_data()
+                .convert::<f32>()
+                .try_to_vec()
+                .expect("f32 rows")
+        };
+        let logits = host(model.logits(hidden.clone()));
+        let sketches = match sketch {
+            Some(c) => c.sketches(&host(hidden), model.config.hidden_size),
+            None => Vec::new(),
+        };
+        Ok((logits, sketches))
     }
 }

@@ -604,3 +604,84 @@ fn a_kv_budget_below_one_sequence_is_refused_naming_it() {
         "{err}"
     );
 }
+
+/// The sketches a worker records while it decodes (paged or per-sequence caches) are those of
+/// the hidden states a trainer's packed forward recomputes for the same tokens, and not those of
+/// another model's.
+#[test]
+fn sketches_commit_to_the_hidden_states_a_packed_forward_recomputes() {
+    use grail_core::model::Layout;
+    use grail_protocol::proof::{SketchCoefficients, sketch_matches};
+
+    let coefficients = SketchCoefficients::from_randomness(b"policy version 0");
+    let other = CausalLm::init(&tiny_config(128), 4, &Device::flex());
+    for fused in [true, false] {
+        let model = small_model(fused);
+        let cfg = GenerationConfig {
+            sketch_coefficients: Some(coefficients),
+            ..sampled(4)
+        };
+        let (out, _) = generate_all(&model, &cfg, &group_prompts(), 3);
+        let (mut positions, mut exact, mut exact_other, mut near_other) = (0, 0, 0, 0);
+        for g in &out {
+            assert_eq!(g.sketches.len(), g.ids.len());
+            let prompt = g.request.prompt.len();
+            let tokens: Vec<u32> = g.request.prompt.iter().chain(&g.ids).copied().collect();
+            // The hidden states the completion's log-probs come from: positions prompt - 1 ..
+            let recompute = |m: &CausalLm| -> Vec<u32> {
+                let n = tokens.len();
+                let ids = tokens.iter().map(|&t| t as i64).collect::<Vec<_>>();
+                let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+                    burn::tensor::TensorData::new(ids, [1, n]),
+                    &Device::flex(),
+                );
+                let hidden = m
+                    .forward_hidden(ids, &Layout::packed_single_row(vec![n]))
+                    .unwrap()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                let size = hidden.len() / n;
+                coefficients.sketches(&hidden[(prompt - 1) * size..(n - 1) * size], size)
+            };
+            let ours = recompute(&model);
+            let theirs = recompute(&other);
+            for (j, (&claimed, &recomputed)) in g.sketches.iter().zip(&ours).enumerate() {
+                assert!(
+                    sketch_matches(claimed, recomputed, prompt - 1 + j),
+                    "fused {fused}, prompt {}, sample {}, token {j}: {claimed} vs {recomputed}",
+                    g.request.prompt_id,
+                    g.request.sample_index
+                );
+            }
+            positions += ours.len();
+            exact += g.sketches.iter().zip(&ours).filter(|(a, b)| a == b).count();
+            exact_other += g
+                .sketches
+                .iter()
+                .zip(&theirs)
+                .filter(|(a, b)| a == b)
+                .count();
+            near_other += (g.sketches.iter().zip(&theirs).enumerate())
+                .filter(|(j, (a, b))| sketch_matches(**a, **b, prompt - 1 + j))
+                .count();
+        }
+        // Within grail's tolerance of another model's is not a failure here: that tolerance is
+        // wide (docs/architecture.md, verifiable rollouts); exact equality is what separates.
+        eprintln!(
+            "fused {fused}: {positions} positions, {exact} sketches equal to the recomputed ones, \
+             {exact_other} to another model's ({near_other} within grail's tolerance of them)"
+        );
+        assert!(
+            exact * 100 >= positions * 99,
+            "{exact} of {positions} equal"
+        );
+        assert!(
+            exact_other * 2 < positions,
+            "{exact_other} of {positions} equal another model's"
+        );
+    }
+    let (plain, _) = generate_all(&small_model(true), &sampled(4), &group_prompts(), 1);
+    assert!(plain.iter().all(|g| g.sketches.is_empty()));
+}

@@ -270,6 +270,17 @@ impl CausalLm {
         new_tokens: &[&[u32]],
         caches: &mut [KvCache],
     ) -> Result<Tensor<2>> {
+        Ok(self.logits(self.forward_cached_hidden(new_tokens, caches)?))
+    }
+
+    /// [`forward_cached`](Self::forward_cached) up to the final norm: the hidden state of each
+    /// sequence's last new token, `[sequences, hidden]` (the logits are
+    /// [`logits`](Self::logits) of it; the GRAIL proof sketches it).
+    pub fn forward_cached_hidden(
+        &self,
+        new_tokens: &[&[u32]],
+        caches: &mut [KvCache],
+    ) -> Result<Tensor<2>> {
         if new_tokens.len() != caches.len() {
             return Err(GrailError::Input(format!(
                 "forward_cached: {} token lists for {} caches",
@@ -292,6 +303,17 @@ impl CausalLm {
     /// caller's block tables grew first). Needs the fused kernels on host memory
     /// ([`supports_paged_kv`](Self::supports_paged_kv)).
     pub fn forward_paged(
+        &self,
+        new_tokens: &[&[u32]],
+        kv: &mut PagedKvCache,
+        sequences: &[PagedSequence<'_>],
+    ) -> Result<Tensor<2>> {
+        Ok(self.logits(self.forward_paged_hidden(new_tokens, kv, sequences)?))
+    }
+
+    /// [`forward_paged`](Self::forward_paged) up to the final norm: the hidden state of each
+    /// sequence's last new token, `[sequences, hidden]`.
+    pub fn forward_paged_hidden(
         &self,
         new_tokens: &[&[u32]],
         kv: &mut PagedKvCache,
@@ -330,8 +352,8 @@ impl CausalLm {
     }
 
     /// The body of both cached forwards: sequence `i` has `cached[i]` positions and is fed
-    /// `new_tokens[i]`; logits of each sequence's last new token. `caller` names the public
-    /// method in errors.
+    /// `new_tokens[i]`; the hidden state of each sequence's last new token. `caller` names the
+    /// public method in errors.
     fn forward_continuing(
         &self,
         caller: &str,
@@ -378,8 +400,7 @@ impl CausalLm {
             .collect();
         let n = last.len();
         let last = Tensor::<1, Int>::from_data(TensorData::new(last, [n]), &device);
-        let hidden = hidden.select(1, last).reshape([n, self.config.hidden_size]);
-        Ok(self.logits(hidden))
+        Ok(hidden.select(1, last).reshape([n, self.config.hidden_size]))
     }
 
     /// Turns the fused kernels (linear, RMSNorm, SwiGLU, RoPE, varlen and cached attention) on
