@@ -21,10 +21,13 @@ pub struct Sample {
     /// Policy version that produced each completion token. All equal to `policy_version` unless
     /// the pool switched weights in the middle of the completion (in-flight weight updates).
     pub token_versions: Vec<PolicyVersion>,
+    /// The GRAIL proof's commitment to each completion token (the sketch of the hidden state it
+    /// was sampled from, [`crate::proof`]), or empty when the worker made none.
+    pub sketches: Vec<u32>,
 }
 
 impl Sample {
-    /// A sample whose every token came from one policy version.
+    /// A sample whose every token came from one policy version, without sketches.
     pub fn new(
         completion_ids: Vec<u32>,
         behaviour_logps: Vec<f32>,
@@ -38,6 +41,7 @@ impl Sample {
             rewards,
             policy_version,
             token_versions,
+            sketches: Vec::new(),
         }
     }
 

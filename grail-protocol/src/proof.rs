@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 use sha3::Shake256;
 use sha3::digest::{ExtendableOutput, Update, XofReader};
 
+use crate::PolicyVersion;
+
 /// The proof version this module implements.
 pub const GRAIL_PROOF_VERSION: &str = "v5";
 /// The Mersenne prime 2³¹ − 1 that sketches are reduced modulo.
@@ -65,6 +67,15 @@ impl SketchCoefficients {
             *c = folded as i8;
         }
         Self(coefficients)
+    }
+
+    /// The coefficients of `version`'s sketches in a run whose trainer published `seed`: those of
+    /// the seed followed by the version as 8 big-endian bytes. A completion whose tokens span
+    /// versions (in-flight weight updates) sketches each token with its own version's.
+    pub fn for_version(seed: &[u8], version: PolicyVersion) -> Self {
+        let mut randomness = seed.to_vec();
+        randomness.extend(version.to_be_bytes());
+        Self::from_randomness(&randomness)
     }
 
     /// The sketch of one position's hidden state, in `[0, PRIME_Q)`. A hidden state with fewer

@@ -161,3 +161,14 @@ fn challenge_positions_cover_the_range_uniformly() {
         assert!((1_750..=2_250).contains(&c), "position {p} drawn {c} times");
     }
 }
+
+#[test]
+fn each_version_has_its_own_coefficients_derived_from_the_seed() {
+    let seed = [9u8; 32];
+    let v3 = SketchCoefficients::for_version(&seed, 3);
+    let mut bytes = seed.to_vec();
+    bytes.extend([0, 0, 0, 0, 0, 0, 0, 3]);
+    assert_eq!(v3, SketchCoefficients::from_randomness(&bytes));
+    assert_ne!(v3, SketchCoefficients::for_version(&seed, 4));
+    assert_ne!(v3, SketchCoefficients::for_version(&[8u8; 32], 3));
+}

@@ -15,7 +15,6 @@ use crate::sampling::SamplingConfig;
 use crate::scheduler::Scheduler;
 use grail_core::model::CausalLm;
 use grail_protocol::PolicyVersion;
-use grail_protocol::proof::SketchCoefficients;
 
 /// One completion to generate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +50,8 @@ pub struct Generated {
     /// Policy version that sampled each completion token.
     pub versions: Vec<PolicyVersion>,
     /// The GRAIL proof's commitment to each completion token: the sketch of the last hidden
-    /// state its logits came from (that of the token before it). Empty unless
-    /// [`GenerationConfig::sketch_coefficients`] is set.
+    /// state its logits came from (that of the token before it), with the coefficients of the
+    /// version that sampled it. Empty unless [`GenerationConfig::sketch_seed`] is set.
     pub sketches: Vec<u32>,
     /// Why it ended.
     pub finish: FinishReason,
@@ -83,9 +82,12 @@ pub struct GenerationConfig {
     pub kv_cache_bytes: Option<usize>,
     /// Positions per KV-cache block.
     pub kv_block_size: usize,
-    /// Commit to every completion token with these coefficients ([`Generated::sketches`]), for
-    /// a trainer that verifies rollouts; `None`: no sketches.
-    pub sketch_coefficients: Option<SketchCoefficients>,
+    /// The seed a verifying trainer published: commit to every completion token
+    /// ([`Generated::sketches`]) with the coefficients of this seed and the version that samples
+    /// the token ([`SketchCoefficients::for_version`]); `None`: no sketches.
+    ///
+    /// [`SketchCoefficients::for_version`]: grail_protocol::proof::SketchCoefficients::for_version
+    pub sketch_seed: Option<[u8; 32]>,
 }
 
 impl Default for GenerationConfig {
@@ -100,7 +102,7 @@ impl Default for GenerationConfig {
             seed: 0,
             kv_cache_bytes: None,
             kv_block_size: 16,
-            sketch_coefficients: None,
+            sketch_seed: None,
         }
     }
 }

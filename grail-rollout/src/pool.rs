@@ -523,6 +523,7 @@ impl WorkerContext {
                 behaviour_logps: d.logps,
                 rewards: r.expect("checked"),
                 token_versions: d.versions,
+                sketches: d.sketches,
             })
             .collect();
         let mut group = Group {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use grail_core::model::{CausalLm, PagedKvCache};
 use grail_protocol::PolicyVersion;
+use grail_protocol::proof::SketchCoefficients;
 use rand::rngs::StdRng;
 
 use crate::error::RolloutError;
@@ -262,10 +263,11 @@ impl<'a> Scheduler<'a> {
             return Ok(());
         }
         self.stats.prefill_tokens += prompts.iter().map(|p| p.len()).sum::<usize>();
-        let sketch = self.cfg.sketch_coefficients.as_ref();
-        let (logits, sketches) = self
-            .store
-            .forward(&policy.model, &inputs, &mut kvs, sketch)?;
+        let coefficients = (self.cfg.sketch_seed)
+            .map(|seed| SketchCoefficients::for_version(&seed, policy.version));
+        let (logits, sketches) =
+            self.store
+                .forward(&policy.model, &inputs, &mut kvs, coefficients.as_ref())?;
         let vocab = logits.len() / inputs.len();
         self.stats.steps += 1;
         self.occupancy += inputs.len();

@@ -5,10 +5,11 @@ mod common;
 
 use std::sync::Arc;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::tiny_config;
 use grail_core::checkpoint::load_model;
-use grail_core::model::{CausalLm, greedy};
+use grail_core::model::{CausalLm, Layout, greedy};
+use grail_protocol::proof::{SketchCoefficients, sketch_matches};
 use grail_rollout::generate::{
     FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate,
     generate_in_flight,
@@ -319,6 +320,7 @@ fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
         },
         max_completion_length: 12,
         max_batch: 4,
+        sketch_seed: Some([3; 32]),
         ..GenerationConfig::default()
     };
     let prompts = [vec![3u32, 9, 4, 1], vec![5, 2], vec![8, 8, 7, 6, 1, 2, 3]];
@@ -385,6 +387,17 @@ fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(max <= 1e-4, "max |Δ| {max:e}");
+        // And its sketch is that of the hidden state of the version that sampled it, with that
+        // version's coefficients.
+        let seed = cfg.sketch_seed.unwrap();
+        let before = SketchCoefficients::for_version(&seed, 0);
+        let after = SketchCoefficients::for_version(&seed, 1);
+        let want: Vec<u32> = recomputed_sketches(&old, prompt, &g.ids, &before)[..switch_at]
+            .iter()
+            .chain(&recomputed_sketches(&new, prompt, &g.ids, &after)[switch_at..])
+            .copied()
+            .collect();
+        assert_eq!(g.sketches, want);
     }
 }
 
@@ -605,20 +618,40 @@ fn a_kv_budget_below_one_sequence_is_refused_naming_it() {
     );
 }
 
+/// The sketches of the hidden states a packed forward of `prompt + completion` (the trainer's)
+/// gives at the positions the completion's tokens were sampled from, with `coefficients`.
+fn recomputed_sketches(
+    model: &CausalLm,
+    prompt: &[u32],
+    completion: &[u32],
+    coefficients: &SketchCoefficients,
+) -> Vec<u32> {
+    let n = prompt.len() + completion.len();
+    let ids = prompt.iter().chain(completion).map(|&t| t as i64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &Device::flex());
+    let hidden = model
+        .forward_hidden(ids, &Layout::packed_single_row(vec![n]))
+        .unwrap()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let size = hidden.len() / n;
+    coefficients.sketches(&hidden[(prompt.len() - 1) * size..(n - 1) * size], size)
+}
+
 /// The sketches a worker records while it decodes (paged or per-sequence caches) are those of
 /// the hidden states a trainer's packed forward recomputes for the same tokens, and not those of
 /// another model's.
 #[test]
 fn sketches_commit_to_the_hidden_states_a_packed_forward_recomputes() {
-    use grail_core::model::Layout;
-    use grail_protocol::proof::{SketchCoefficients, sketch_matches};
-
-    let coefficients = SketchCoefficients::from_randomness(b"policy version 0");
+    let seed = [7u8; 32];
+    let coefficients = SketchCoefficients::for_version(&seed, 0);
     let other = CausalLm::init(&tiny_config(128), 4, &Device::flex());
     for fused in [true, false] {
         let model = small_model(fused);
         let cfg = GenerationConfig {
-            sketch_coefficients: Some(coefficients),
+            sketch_seed: Some(seed),
             ..sampled(4)
         };
         let (out, _) = generate_all(&model, &cfg, &group_prompts(), 3);
@@ -626,27 +659,8 @@ fn sketches_commit_to_the_hidden_states_a_packed_forward_recomputes() {
         for g in &out {
             assert_eq!(g.sketches.len(), g.ids.len());
             let prompt = g.request.prompt.len();
-            let tokens: Vec<u32> = g.request.prompt.iter().chain(&g.ids).copied().collect();
-            // The hidden states the completion's log-probs come from: positions prompt - 1 ..
-            let recompute = |m: &CausalLm| -> Vec<u32> {
-                let n = tokens.len();
-                let ids = tokens.iter().map(|&t| t as i64).collect::<Vec<_>>();
-                let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
-                    burn::tensor::TensorData::new(ids, [1, n]),
-                    &Device::flex(),
-                );
-                let hidden = m
-                    .forward_hidden(ids, &Layout::packed_single_row(vec![n]))
-                    .unwrap()
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .unwrap();
-                let size = hidden.len() / n;
-                coefficients.sketches(&hidden[(prompt - 1) * size..(n - 1) * size], size)
-            };
-            let ours = recompute(&model);
-            let theirs = recompute(&other);
+            let ours = recomputed_sketches(&model, &g.request.prompt, &g.ids, &coefficients);
+            let theirs = recomputed_sketches(&other, &g.request.prompt, &g.ids, &coefficients);
             for (j, (&claimed, &recomputed)) in g.sketches.iter().zip(&ours).enumerate() {
                 assert!(
                     sketch_matches(claimed, recomputed, prompt - 1 + j),

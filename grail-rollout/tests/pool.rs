@@ -440,6 +440,7 @@ fn an_in_flight_update_splits_a_completion_between_versions() {
     cfg.prompts_per_batch = 1;
     cfg.generation.max_completion_length = 24;
     cfg.generation.stop_strings = vec!["never printed".into()];
+    cfg.generation.sketch_seed = Some([5; 32]);
     let pool = spawn_pool(&old, Arc::new(env), cfg).unwrap();
     // Mid-completion (3 tokens in), version 1 arrives.
     reached.recv().unwrap();
@@ -463,6 +464,8 @@ fn an_in_flight_update_splits_a_completion_between_versions() {
             s.policy_version, 0,
             "a sample is as old as its oldest token"
         );
+        // The commitments travel with the sample (generation.rs checks what they commit to).
+        assert_eq!(s.sketches.len(), s.completion_ids.len());
         let k = s.token_versions.iter().position(|&v| v == 1).unwrap();
         assert!(k >= 3 && s.token_versions[k..].iter().all(|&v| v == 1));
         // Tokens before the switch carry the old weights' log-probs; after it, the log-probs of a

@@ -11,11 +11,14 @@
 //! | `behaviour_logps` | `list<float32>` | log-prob of each completion token when sampled     |
 //! | `token_versions`  | `list<uint64>` | policy version that sampled each completion token  |
 //! | `rewards`         | `list<float32>` | one per reward function, unweighted, in order      |
+//! | `sketches`        | `list<uint32>` | GRAIL sketch per completion token, or empty (none) |
 //! | `policy_version`  | uint64        | the oldest of `token_versions`                     |
 //! | `worker_id`       | string        | the worker that wrote the row                      |
 //!
 //! The file's key-value metadata `grail.rewards` names the reward functions (a JSON list), so
 //! the `rewards` column can be read without the job's config. Rows of a group are consecutive.
+//! An object without the `sketches` column (written before it existed) reads as samples without
+//! sketches.
 
 use std::sync::Arc;
 
@@ -55,6 +58,7 @@ pub fn encode(batch: &RolloutBatch) -> Result<Vec<u8>, String> {
     let mut logps = ListBuilder::new(Float32Builder::new());
     let mut versions = ListBuilder::new(UInt64Builder::new());
     let mut rewards = ListBuilder::new(Float32Builder::new());
+    let mut sketches = ListBuilder::new(UInt32Builder::new());
     let mut policy_version = UInt64Builder::with_capacity(rows);
     for group in &batch.groups {
         for (i, s) in group.samples.iter().enumerate() {
@@ -70,6 +74,8 @@ pub fn encode(batch: &RolloutBatch) -> Result<Vec<u8>, String> {
             versions.append(true);
             rewards.values().append_slice(&s.rewards);
             rewards.append(true);
+            sketches.values().append_slice(&s.sketches);
+            sketches.append(true);
             policy_version.append_value(s.policy_version);
         }
     }
@@ -82,6 +88,7 @@ pub fn encode(batch: &RolloutBatch) -> Result<Vec<u8>, String> {
         ("behaviour_logps", Arc::new(logps.finish())),
         ("token_versions", Arc::new(versions.finish())),
         ("rewards", Arc::new(rewards.finish())),
+        ("sketches", Arc::new(sketches.finish())),
         ("policy_version", Arc::new(policy_version.finish())),
         ("worker_id", Arc::new(worker)),
     ];
@@ -147,13 +154,21 @@ fn decode_unchecked(bytes: Bytes) -> Result<RolloutBatch, String> {
                 rewards: list::<Float32Type>(cols.rewards, row),
                 policy_version: cols.policy_version.value(row),
                 token_versions: list::<UInt64Type>(cols.versions, row),
+                sketches: cols
+                    .sketches
+                    .map_or_else(Vec::new, |c| list::<UInt32Type>(c, row)),
             };
             let n = sample.completion_ids.len();
-            if sample.behaviour_logps.len() != n || sample.token_versions.len() != n {
+            if sample.behaviour_logps.len() != n
+                || sample.token_versions.len() != n
+                || !(sample.sketches.is_empty() || sample.sketches.len() == n)
+            {
                 return Err(format!(
-                    "prompt {id} sample {index}: {n} tokens, {} log-probs, {} token versions",
+                    "prompt {id} sample {index}: {n} tokens, {} log-probs, {} token versions, \
+                     {} sketches",
                     sample.behaviour_logps.len(),
-                    sample.token_versions.len()
+                    sample.token_versions.len(),
+                    sample.sketches.len()
                 ));
             }
             let prompt = list::<UInt32Type>(cols.prompt_ids, row);
@@ -195,6 +210,8 @@ struct Columns<'a> {
     logps: &'a dyn Array,
     versions: &'a dyn Array,
     rewards: &'a dyn Array,
+    /// Absent in objects written before sketches existed.
+    sketches: Option<&'a dyn Array>,
     policy_version: &'a UInt64Array,
     worker_id: &'a StringArray,
 }
@@ -214,6 +231,10 @@ impl<'a> Columns<'a> {
             logps: list_column(record, "behaviour_logps", &T::Float32)?,
             versions: list_column(record, "token_versions", &T::UInt64)?,
             rewards: list_column(record, "rewards", &T::Float32)?,
+            sketches: match record.column_by_name("sketches") {
+                Some(_) => Some(list_column(record, "sketches", &T::UInt32)?),
+                None => None,
+            },
             policy_version: column(record, "policy_version")?
                 .as_primitive_opt::<UInt64Type>()
                 .ok_or("column `policy_version` is not uint64")?,

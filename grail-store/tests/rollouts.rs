@@ -29,6 +29,10 @@ fn group(prompt_id: u64, g: usize, version: u64) -> Group {
             if i + 1 == g && n > 1 {
                 *s.token_versions.last_mut().unwrap() = version + 1;
             }
+            // Some samples carry GRAIL sketches, some none.
+            if i % 2 == 0 {
+                s.sketches = (0..n as u32).map(|t| t * 1_000_003 + i as u32).collect();
+            }
             s
         })
         .collect();
@@ -62,6 +66,45 @@ fn groups_survive_parquet_exactly() {
     let bytes = encode(&b).unwrap();
     assert_eq!(decode(bytes.into()).unwrap(), b);
     assert_eq!(check().check(&b, 4), Ok(()));
+}
+
+#[test]
+fn sketches_are_one_per_token_or_none_and_older_objects_have_none() {
+    let mut b = batch(vec![group(3, 4, 0)]);
+    b.groups[0].samples[0].sketches.pop();
+    let why = decode(encode(&b).unwrap().into()).unwrap_err();
+    assert!(
+        why.contains("prompt 3 sample 0") && why.contains("sketches"),
+        "{why}"
+    );
+
+    // An object written before the column existed: the same file without it.
+    let b = batch(vec![group(3, 4, 0)]);
+    let bytes = bytes::Bytes::from(encode(&b).unwrap());
+    let builder =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+    let metadata = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned();
+    let mut record = builder.build().unwrap().next().unwrap().unwrap();
+    let at = record.schema().index_of("sketches").unwrap();
+    record.remove_column(at);
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_key_value_metadata(metadata)
+        .build();
+    let mut old = Vec::new();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(&mut old, record.schema(), Some(props)).unwrap();
+    writer.write(&record).unwrap();
+    writer.close().unwrap();
+    let read = decode(old.into()).unwrap();
+    let mut want = b;
+    for s in &mut want.groups[0].samples {
+        s.sketches.clear();
+    }
+    assert_eq!(read, want);
 }
 
 #[test]
