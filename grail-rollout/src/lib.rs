@@ -4,7 +4,8 @@
 //! generation with a paged KV cache and prompts prefilled once per group ([`generate`]),
 //! prompt length limits ([`prompt_limits`]), the worker pool ([`pool`]) and each worker's copy
 //! of the weights ([`weight_state`]) turn them into groups. [`kv_blocks`] is the bookkeeping of
-//! the paged KV cache (block pool, block tables, prefix sharing, copy on write).
+//! the paged KV cache (block pool, block tables, prefix sharing, copy on write). [`verify`]
+//! checks a completion an untrusted worker claims (GRAIL sketches, log-probs, plausibility).
 #![warn(missing_docs)]
 
 pub mod dataset;
@@ -19,6 +20,7 @@ pub mod sampling;
 mod scheduler;
 mod sequence_kv;
 pub mod split;
+pub mod verify;
 pub mod weight_state;
 
 pub use dataset::{Dataset, Row};

@@ -6,13 +6,12 @@ mod common;
 use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use common::tiny_config;
+use common::{generate_switching, tiny_config};
 use grail_core::checkpoint::load_model;
 use grail_core::model::{CausalLm, Layout, greedy};
 use grail_protocol::proof::{SketchCoefficients, sketch_matches};
 use grail_rollout::generate::{
-    FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate,
-    generate_in_flight,
+    FinishReason, Generated, GenerationConfig, GenerationRequest, generate,
 };
 use grail_rollout::sampling::{SamplingConfig, log_softmax, sample_rng, sample_token};
 use grail_testkit::{kernel_test_device, model_dirs, read_tensors};
@@ -331,31 +330,7 @@ fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
     });
     // The new weights (version 1) arrive before the 6th forward call: every sequence has 5 tokens.
     let switch_at = 5;
-    let mut calls = 0;
-    let mut policy = Policy {
-        model: old.clone(),
-        version: 0,
-    };
-    let mut out = Vec::new();
-    let stats = generate_in_flight(
-        &mut policy,
-        &cfg,
-        None,
-        requests,
-        |p| {
-            calls += 1;
-            if calls == switch_at + 1 {
-                *p = Policy {
-                    model: new.clone(),
-                    version: 1,
-                };
-                return Ok(true);
-            }
-            Ok(false)
-        },
-        |g| out.push(g),
-    )
-    .unwrap();
+    let (mut out, stats) = generate_switching(&old, &new, &cfg, requests, switch_at);
     assert_eq!(stats.weight_switches, 1);
     out.sort_by_key(|g| g.request.prompt_id);
     for (g, prompt) in out.iter().zip(&prompts) {

@@ -480,40 +480,57 @@ impl CausalLm {
         completion: &[u32],
         temperature: f64,
     ) -> Result<Vec<f32>> {
-        if prompt.is_empty() {
-            return Err(GrailError::Input(
-                "completion_logprobs: empty prompt".into(),
-            ));
-        }
-        if completion.is_empty() {
+        if completion.is_empty() && !prompt.is_empty() {
             return Ok(Vec::new());
+        }
+        let hidden = self.completion_hidden(prompt, completion)?;
+        Ok(self.token_logprobs(hidden, completion, temperature))
+    }
+
+    /// The final hidden state each completion token was sampled from (that of the position
+    /// before it), `[completion, hidden]`, from one packed forward of prompt + completion: what
+    /// [`completion_logprobs`](Self::completion_logprobs) and a rollout's GRAIL sketches come
+    /// from.
+    pub fn completion_hidden(&self, prompt: &[u32], completion: &[u32]) -> Result<Tensor<2>> {
+        if prompt.is_empty() || completion.is_empty() {
+            return Err(GrailError::Input(format!(
+                "completion_hidden: a prompt of {} and a completion of {} tokens (both need one)",
+                prompt.len(),
+                completion.len()
+            )));
         }
         let model = self.valid();
         let device = model.device();
         let tokens: Vec<i64> = prompt.iter().chain(completion).map(|&t| t as i64).collect();
         let n = tokens.len();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [1, n]), &device);
-        let hidden = model
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens, [1, n]), &device);
+        Ok(model
             .forward_hidden(ids, &Layout::packed_single_row(vec![n]))?
             .reshape([n, self.config.hidden_size])
-            .slice(prompt.len() - 1..n - 1);
-        let targets = Tensor::<1, Int>::from_data(
-            TensorData::new(tokens[prompt.len()..].to_vec(), [completion.len()]),
-            &device,
-        );
+            .slice(prompt.len() - 1..n - 1))
+    }
+
+    /// `log softmax(h · Wᵀ / temperature)[token]` of each row of `hidden` (`[tokens, hidden]`)
+    /// and its token, through the fused chunked op (no grad).
+    pub fn token_logprobs(&self, hidden: Tensor<2>, tokens: &[u32], temperature: f64) -> Vec<f32> {
+        if tokens.is_empty() {
+            return Vec::new();
+        }
+        let targets: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let targets =
+            Tensor::<1, Int>::from_data(TensorData::new(targets, [tokens.len()]), &hidden.device());
         let logp = grail_kernels::selective_logprobs_forward(
             &hidden,
-            &model.lm_head_weight(),
+            &self.valid().lm_head_weight(),
             &targets,
             temperature,
             grail_kernels::ChunkSizes::default(),
             false,
         )
         .logp;
-        Ok(logp
-            .into_data()
+        logp.into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()
-            .expect("f32 log-probs"))
+            .expect("f32 log-probs")
     }
 }

@@ -1,0 +1,311 @@
+//! The check of a completion that an untrusted worker claims to have sampled: the GRAIL proof's
+//! sketches at challenged positions, every behaviour log-prob, and the sampled tokens'
+//! plausibility under the run's sampling settings, all against the verifier's own forward with
+//! the weights of the version that sampled each token.
+//!
+//! The worker cannot know which positions are challenged: they are drawn from the completion's
+//! tokens and a secret only the verifier holds ([`challenge_positions`]). A sketch counts as
+//! matching when it is within [`RolloutVerifier::sketch_tolerance`] of the recomputed one, and a
+//! completion passes when at least [`RolloutVerifier::min_matching_sketches`] of its challenged
+//! positions match: exact equality on the worker's own backend, a measured allowance for another
+//! backend's arithmetic (docs/architecture.md, verifiable rollouts, says why grail's wide
+//! tolerance is not the default).
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use grail_core::model::CausalLm;
+use grail_protocol::proof::{
+    CHALLENGE_K, SketchCoefficients, challenge_positions, sketch_distance,
+};
+use grail_protocol::{PolicyVersion, Sample};
+
+use crate::sampling::{SamplingConfig, candidate_set, log_softmax};
+
+/// What the verifier accepts, and the secrets it checks with.
+#[derive(Debug, Clone)]
+pub struct RolloutVerifier {
+    /// The seed the workers were given for their sketches (published).
+    pub sketch_seed: [u8; 32],
+    /// The verifier's secret, which picks the challenged positions (never published).
+    pub challenge_secret: [u8; 32],
+    /// Positions challenged per completion (all of them in a shorter one).
+    pub challenges: usize,
+    /// Challenged positions whose sketches must match.
+    pub min_matching_sketches: usize,
+    /// The largest sketch distance that counts as a match (0: exact equality).
+    pub sketch_tolerance: u32,
+    /// The largest accepted |claimed − recomputed| behaviour log-prob, for every token.
+    pub logprob_tolerance: f32,
+    /// How the run samples: a challenged token must be one this sampler could have drawn.
+    pub sampling: SamplingConfig,
+    /// Slack, in log-prob, at the edge of the candidate set (another backend's rounding can move
+    /// a token across it).
+    pub candidate_slack: f32,
+}
+
+impl RolloutVerifier {
+    /// A verifier for workers on the same backend as the verifier: every challenged sketch
+    /// exactly equal, log-probs within 10⁻³.
+    pub fn new(
+        sketch_seed: [u8; 32],
+        challenge_secret: [u8; 32],
+        sampling: SamplingConfig,
+    ) -> Self {
+        Self {
+            sketch_seed,
+            challenge_secret,
+            challenges: CHALLENGE_K,
+            min_matching_sketches: CHALLENGE_K,
+            sketch_tolerance: 0,
+            logprob_tolerance: 1e-3,
+            sampling,
+            candidate_slack: 1e-3,
+        }
+    }
+
+    /// Checks one completion of `prompt`. `model_at` gives the weights of a policy version (or
+    /// `None` when the verifier no longer holds them); each token is checked with its own
+    /// version's.
+    pub fn check(
+        &self,
+        model_at: &dyn Fn(PolicyVersion) -> Option<CausalLm>,
+        prompt: &[u32],
+        sample: &Sample,
+    ) -> Result<Verified, Rejection> {
+        let completion = &sample.completion_ids;
+        let n = completion.len();
+        if n == 0 {
+            return Ok(Verified::default());
+        }
+        if sample.sketches.len() != n {
+            return Err(Rejection::MissingSketches {
+                tokens: n,
+                sketches: sample.sketches.len(),
+            });
+        }
+        let tokens: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+        let k = self.challenges.min(n);
+        let challenged = challenge_positions(&tokens, &self.challenge_secret, 0..n, k);
+        let versions: BTreeSet<PolicyVersion> = sample.token_versions.iter().copied().collect();
+        let mut verified = Verified {
+            challenged: challenged.len(),
+            ..Verified::default()
+        };
+        for version in versions {
+            let model = model_at(version).ok_or(Rejection::UnknownVersion { version })?;
+            let vocab = model.config.vocab_size;
+            if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Rejection::OutsideVocabulary { id, vocab });
+            }
+            let hidden = model
+                .completion_hidden(prompt, completion)
+                .map_err(|e| Rejection::Forward(e.to_string()))?;
+            let logps = model.token_logprobs(
+                hidden.clone(),
+                completion,
+                // Greedy runs record log-probs at temperature 1 (`sampling::log_softmax`).
+                match self.sampling.temperature {
+                    t if t > 0.0 => f64::from(t),
+                    _ => 1.0,
+                },
+            );
+            let ours = |j: &usize| sample.token_versions[*j] == version;
+            for j in (0..n).filter(ours) {
+                let (claimed, recomputed) = (sample.behaviour_logps[j], logps[j]);
+                // Written so that a NaN claim fails too.
+                let close = (claimed - recomputed).abs() <= self.logprob_tolerance;
+                if !close {
+                    return Err(Rejection::LogProb {
+                        token: j,
+                        claimed,
+                        recomputed,
+                    });
+                }
+            }
+            let rows: Vec<usize> = challenged.iter().copied().filter(ours).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let picked = Tensor::<1, Int>::from_data(
+                TensorData::new(rows.iter().map(|&j| j as i64).collect(), [rows.len()]),
+                &hidden.device(),
+            );
+            let hidden = hidden.select(0, picked);
+            let logits = host(model.logits(hidden.clone()));
+            let hidden = host(hidden);
+            let coefficients = SketchCoefficients::for_version(&self.sketch_seed, version);
+            let width = hidden.len() / rows.len();
+            let vocab = logits.len() / rows.len();
+            for (i, &j) in rows.iter().enumerate() {
+                let sketch = coefficients.sketch(&hidden[i * width..(i + 1) * width]);
+                if sketch_distance(sample.sketches[j], sketch) <= self.sketch_tolerance {
+                    verified.matching += 1;
+                }
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                if !self.could_sample(row, &completion[..j], completion[j]) {
+                    return Err(Rejection::Implausible {
+                        token: j,
+                        id: completion[j],
+                    });
+                }
+            }
+        }
+        if verified.matching < self.min_matching_sketches.min(verified.challenged) {
+            return Err(Rejection::Sketches {
+                matching: verified.matching,
+                challenged: verified.challenged,
+            });
+        }
+        Ok(verified)
+    }
+
+    /// Whether the run's sampler could have drawn `token` from `logits` after `generated`
+    /// (within [`candidate_slack`](Self::candidate_slack) of the candidate set's edge).
+    fn could_sample(&self, logits: &[f32], generated: &[u32], token: u32) -> bool {
+        let cfg = &self.sampling;
+        let mut logits = logits.to_vec();
+        if cfg.repetition_penalty != 1.0 {
+            for &t in generated {
+                let x = &mut logits[t as usize];
+                *x = if *x > 0.0 {
+                    *x / cfg.repetition_penalty
+                } else {
+                    *x * cfg.repetition_penalty
+                };
+            }
+        }
+        let logprobs = log_softmax(&logits, cfg.temperature);
+        let Some(&mine) = logprobs.get(token as usize) else {
+            return false;
+        };
+        let weakest = if cfg.temperature == 0.0 {
+            logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        } else {
+            candidate_set(&logprobs, cfg)
+                .last()
+                .map_or(f32::NEG_INFINITY, |&(_, l)| l)
+        };
+        mine >= weakest - self.candidate_slack
+    }
+}
+
+/// What a passing completion showed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Positions challenged.
+    pub challenged: usize,
+    /// Of those, whose sketches matched.
+    pub matching: usize,
+}
+
+/// Why a completion was rejected.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rejection {
+    /// Not one sketch per completion token.
+    MissingSketches {
+        /// Completion tokens.
+        tokens: usize,
+        /// Sketches sent.
+        sketches: usize,
+    },
+    /// Too few challenged sketches matched the recomputed ones.
+    Sketches {
+        /// Sketches that matched.
+        matching: usize,
+        /// Positions challenged.
+        challenged: usize,
+    },
+    /// A behaviour log-prob is not the model's.
+    LogProb {
+        /// Index of the completion token.
+        token: usize,
+        /// What the worker sent.
+        claimed: f32,
+        /// What the verifier computed.
+        recomputed: f32,
+    },
+    /// A challenged token lies outside what the run's sampler could draw.
+    Implausible {
+        /// Index of the completion token.
+        token: usize,
+        /// The token id.
+        id: u32,
+    },
+    /// A token claims a version whose weights the verifier does not hold.
+    UnknownVersion {
+        /// The claimed version.
+        version: PolicyVersion,
+    },
+    /// A prompt or completion token is not in the model's vocabulary.
+    OutsideVocabulary {
+        /// The token id.
+        id: u32,
+        /// The vocabulary's size.
+        vocab: usize,
+    },
+    /// The verifier's own forward failed.
+    Forward(String),
+}
+
+impl Rejection {
+    /// A short name of the reason, for per-reason counts.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::MissingSketches { .. } => "missing_sketches",
+            Rejection::Sketches { .. } => "sketches",
+            Rejection::LogProb { .. } => "logprob",
+            Rejection::Implausible { .. } => "implausible_token",
+            Rejection::UnknownVersion { .. } => "unknown_version",
+            Rejection::OutsideVocabulary { .. } => "outside_vocabulary",
+            Rejection::Forward(_) => "forward",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::MissingSketches { tokens, sketches } => {
+                write!(f, "{sketches} sketches for {tokens} completion tokens")
+            }
+            Rejection::Sketches {
+                matching,
+                challenged,
+            } => write!(
+                f,
+                "{matching} of {challenged} challenged sketches match the recomputed ones"
+            ),
+            Rejection::LogProb {
+                token,
+                claimed,
+                recomputed,
+            } => write!(
+                f,
+                "token {token}: behaviour log-prob {claimed}, the model gives {recomputed}"
+            ),
+            Rejection::Implausible { token, id } => write!(
+                f,
+                "token {token} (id {id}) is outside what the sampling settings can draw"
+            ),
+            Rejection::UnknownVersion { version } => {
+                write!(f, "policy version {version} is not held by the verifier")
+            }
+            Rejection::OutsideVocabulary { id, vocab } => {
+                write!(f, "token id {id} is outside the vocabulary ({vocab})")
+            }
+            Rejection::Forward(e) => write!(f, "the verifier's forward failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// A tensor's values on the host.
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 values")
+}

@@ -1,0 +1,253 @@
+//! The verifier against honest workers (different batch sizes, kernels, an in-flight weight
+//! update: nothing rejected) and against each way of cheating it exists to catch (every
+//! completion rejected, for the right reason).
+
+mod common;
+
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use common::{generate_switching, tiny_config};
+use grail_core::model::CausalLm;
+use grail_protocol::{PolicyVersion, Sample};
+use grail_rollout::generate::{Generated, GenerationConfig, GenerationRequest, generate};
+use grail_rollout::sampling::SamplingConfig;
+use grail_rollout::verify::{Rejection, RolloutVerifier};
+
+const SEED: [u8; 32] = [21; 32];
+
+fn sampling() -> SamplingConfig {
+    SamplingConfig {
+        temperature: 0.9,
+        top_k: 24,
+        ..SamplingConfig::default()
+    }
+}
+
+fn verifier() -> RolloutVerifier {
+    RolloutVerifier::new(SEED, [99; 32], sampling())
+}
+
+fn config(max_batch: usize) -> GenerationConfig {
+    GenerationConfig {
+        sampling: sampling(),
+        max_completion_length: 48,
+        max_batch,
+        eos_token_ids: vec![5],
+        kv_block_size: 4,
+        seed: max_batch as u64,
+        sketch_seed: Some(SEED),
+        ..GenerationConfig::default()
+    }
+}
+
+fn model(seed: u64) -> CausalLm {
+    CausalLm::init(&tiny_config(128), seed, &Device::flex())
+}
+
+/// `groups` prompts of different lengths, 4 samples each.
+fn requests(groups: usize) -> Vec<GenerationRequest> {
+    (0..groups)
+        .flat_map(|p| {
+            let prompt: Arc<Vec<u32>> =
+                Arc::new((0..3 + p % 7).map(|t| (t * 5 + p) as u32 % 64).collect());
+            (0..4).map(move |s| GenerationRequest {
+                prompt_id: p as u64,
+                sample_index: s,
+                prompt: prompt.clone(),
+            })
+        })
+        .collect()
+}
+
+fn sample(g: &Generated) -> Sample {
+    Sample {
+        completion_ids: g.ids.clone(),
+        behaviour_logps: g.logps.clone(),
+        rewards: Vec::new(),
+        policy_version: g.versions.iter().copied().min().unwrap_or_default(),
+        token_versions: g.versions.clone(),
+        sketches: g.sketches.clone(),
+    }
+}
+
+fn generated(model: &CausalLm, max_batch: usize, groups: usize) -> Vec<Generated> {
+    let mut out = Vec::new();
+    generate(model, &config(max_batch), requests(groups), |g| out.push(g)).unwrap();
+    out
+}
+
+/// Checks every completion with `models` (index = version); the rejections.
+fn rejections(
+    models: &[CausalLm],
+    out: &[Generated],
+    edit: impl Fn(&mut Sample),
+) -> Vec<Rejection> {
+    let v = verifier();
+    let at = |version: PolicyVersion| models.get(version as usize).cloned();
+    out.iter()
+        .filter_map(|g| {
+            let mut s = sample(g);
+            edit(&mut s);
+            v.check(&at, &g.request.prompt, &s).err()
+        })
+        .collect()
+}
+
+#[test]
+fn honest_workers_pass_whatever_their_batch_kernels_or_weight_updates() {
+    let mut checked = 0;
+    for fused in [true, false] {
+        let model = model(1).with_fused_ops(fused);
+        for max_batch in [1, 5, 32] {
+            let out = generated(&model, max_batch, 16);
+            let rejected = rejections(std::slice::from_ref(&model), &out, |_| {});
+            assert!(
+                rejected.is_empty(),
+                "fused {fused}, batch {max_batch}: {rejected:?}"
+            );
+            checked += out.len();
+        }
+    }
+    // Version 1 arrives mid-completion: each token is checked with its own version's weights.
+    let (old, new) = (model(1), model(2));
+    let (out, _) = generate_switching(&old, &new, &config(8), requests(8), 8);
+    assert!(
+        out.iter()
+            .any(|g| g.versions.windows(2).any(|w| w[0] != w[1]))
+    );
+    let rejected = rejections(&[old, new], &out, |_| {});
+    assert!(rejected.is_empty(), "in flight: {rejected:?}");
+    checked += out.len();
+    eprintln!("{checked} honest completions, none rejected");
+}
+
+/// Every completion in `out`, edited by `edit`, is rejected for one of `reasons`.
+fn all_caught(
+    models: &[CausalLm],
+    out: &[Generated],
+    reasons: &[&str],
+    edit: impl Fn(&mut Sample),
+) {
+    let rejected = rejections(models, out, edit);
+    eprintln!("{reasons:?}: {} of {} caught", rejected.len(), out.len());
+    assert_eq!(rejected.len(), out.len(), "{reasons:?}: {rejected:?}");
+    assert!(
+        rejected.iter().all(|r| reasons.contains(&r.reason())),
+        "{reasons:?}: {rejected:?}"
+    );
+}
+
+#[test]
+fn cheating_workers_are_caught() {
+    let (honest, other) = (model(1), model(7));
+    let models = [honest.clone()];
+    let out = generated(&honest, 8, 16);
+
+    // Another checkpoint of the same architecture, its own log-probs and sketches.
+    let forged = generated(&other, 8, 16);
+    all_caught(&models, &forged, &["logprob"], |_| {});
+    // ... with the log-probs the honest model gives its tokens: tokens outside the honest
+    // candidate set and the sketches still give it away.
+    let rewritten: Vec<Generated> = forged
+        .iter()
+        .map(|g| {
+            let mut g = g.clone();
+            g.logps = honest
+                .completion_logprobs(&g.request.prompt, &g.ids, 0.9)
+                .unwrap();
+            g
+        })
+        .collect();
+    all_caught(
+        &models,
+        &rewritten,
+        &["implausible_token", "sketches"],
+        |_| {},
+    );
+
+    // An older version's completions claimed as the current one.
+    let stale = generated(&other, 8, 16);
+    all_caught(
+        &[other.clone(), honest.clone()],
+        &stale,
+        &["logprob"],
+        |s| {
+            s.token_versions.iter_mut().for_each(|v| *v = 1);
+            s.policy_version = 1;
+        },
+    );
+
+    // One token changed after generation.
+    all_caught(&models, &out, &["logprob"], |s| {
+        let j = s.completion_ids.len() / 2;
+        s.completion_ids[j] = (s.completion_ids[j] + 1) % 64;
+    });
+    // Log-probs scaled.
+    all_caught(&models, &out, &["logprob"], |s| {
+        s.behaviour_logps.iter_mut().for_each(|l| *l *= 1.05);
+    });
+    // A log-prob that is not a number.
+    all_caught(&models, &out, &["logprob"], |s| {
+        s.behaviour_logps[0] = f32::NAN
+    });
+    // The sketch column shifted by one position (where that changes it: a one-token completion
+    // has nothing to shift).
+    let shiftable: Vec<Generated> = (out.iter())
+        .filter(|g| g.sketches.windows(2).any(|w| w[0] != w[1]))
+        .cloned()
+        .collect();
+    assert!(shiftable.len() * 10 >= out.len() * 9);
+    all_caught(&models, &shiftable, &["sketches"], |s| {
+        s.sketches.rotate_right(1)
+    });
+    // No sketches, a token outside the vocabulary, a version the verifier never held.
+    all_caught(&models, &out, &["missing_sketches"], |s| s.sketches.clear());
+    all_caught(&models, &out, &["outside_vocabulary"], |s| {
+        s.completion_ids[0] = 64;
+    });
+    all_caught(&models, &out, &["unknown_version"], |s| {
+        s.token_versions.iter_mut().for_each(|v| *v = 3);
+    });
+}
+
+#[test]
+fn a_token_the_sampler_could_not_draw_is_caught_even_with_its_true_log_prob() {
+    let honest = model(1);
+    let out = generated(&honest, 8, 16);
+    // The least likely token in place of the first one, with the log-prob the model gives it:
+    // only the candidate set (top-k 24 of 64) can tell, and position 0 is always challenged in
+    // these short completions.
+    let rewritten: Vec<Generated> = out
+        .iter()
+        .filter(|g| g.ids.len() <= 32)
+        .map(|g| {
+            let mut g = g.clone();
+            let first = honest.completion_hidden(&g.request.prompt, &[0]).unwrap();
+            let logits = honest
+                .logits(first)
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let least = (0..64u32)
+                .min_by(|&a, &b| logits[a as usize].total_cmp(&logits[b as usize]))
+                .unwrap();
+            g.ids[0] = least;
+            // Log-probs of the whole edited completion, as an honest forward gives.
+            g.logps = honest
+                .completion_logprobs(&g.request.prompt, &g.ids, 0.9)
+                .unwrap();
+            g
+        })
+        .collect();
+    assert!(!rewritten.is_empty());
+    let rejected = rejections(&[honest], &rewritten, |_| {});
+    assert_eq!(rejected.len(), rewritten.len(), "{rejected:?}");
+    assert!(
+        rejected
+            .iter()
+            .all(|r| matches!(r, Rejection::Implausible { token: 0, .. })),
+        "{rejected:?}"
+    );
+}
