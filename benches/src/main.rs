@@ -518,6 +518,11 @@ struct TrainerStepArgs {
     /// Recompute the decoder layers in the backward instead of keeping their activations.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Also check every sample as a trainer checks an untrusted worker's
+    /// (`grail_rollout::verify`: a forward at the sample's version, every log-prob, K = 32
+    /// challenged sketches and tokens) and report that time beside the step's.
+    #[arg(long)]
+    verify: bool,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), 0 where unknown.
@@ -533,7 +538,11 @@ fn peak_rss_bytes() -> u64 {
 }
 
 fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Result<()> {
+    use burn::module::Module;
+    use grail_protocol::proof::SketchCoefficients;
     use grail_protocol::{Group, Sample};
+    use grail_rollout::sampling::SamplingConfig;
+    use grail_rollout::verify::RolloutVerifier;
     use grail_trainer::config::TrainerConfig;
     use grail_trainer::flops::measure_peak_flops;
     use grail_trainer::loss::LossType;
@@ -565,7 +574,7 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             )
         })
         .collect();
-    let groups = vec![Group {
+    let mut groups = vec![Group {
         prompt_id: 0,
         prompt_ids: std::sync::Arc::new(prompt),
         samples,
@@ -586,8 +595,41 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
     let model = CausalLm::init(&config, args.seed, &device.clone().autodiff())
         .with_fused_ops(!t.no_fused_ops);
     let fused_ops = model.uses_fused_ops();
+    // The verifier checks against the weights that sampled (version 0): the samples get the
+    // log-probs and sketches an honest worker would send, so every check runs to its end.
+    let sampled_by = model.valid();
+    let verifier = RolloutVerifier::new([1; 32], [2; 32], SamplingConfig::default());
+    if t.verify {
+        let coefficients = SketchCoefficients::for_version(&verifier.sketch_seed, 0);
+        let prompt = groups[0].prompt_ids.clone();
+        for s in &mut groups[0].samples {
+            let hidden = sampled_by.completion_hidden(&prompt, &s.completion_ids)?;
+            s.behaviour_logps = sampled_by.token_logprobs(hidden.clone(), &s.completion_ids, 1.0);
+            let hidden: Vec<f32> = hidden
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("hidden states to the host: {e:?}"))?;
+            s.sketches = coefficients.sketches(&hidden, config.hidden_size);
+        }
+    }
+    let verify = |groups: &[Group]| -> Result<f64> {
+        let start = std::time::Instant::now();
+        for g in groups {
+            for s in &g.samples {
+                verifier
+                    .check(&|_| Some(sampled_by.clone()), &g.prompt_ids, s)
+                    .map_err(|r| anyhow::anyhow!("an honest sample was rejected: {r}"))?;
+            }
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
     let mut trainer = GrpoTrainer::new(model, None, cfg)?.with_peak_flops(peak);
     trainer.train_step(&groups)?; // warm-up
+    let mut verify_secs = 0.0;
+    if t.verify {
+        verify(&groups)?; // warm-up
+    }
     let mut secs = 0.0;
     let mut last = None;
     let mut times = [0.0f64; 5];
@@ -609,9 +651,13 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             *acc += v / t.steps.max(1) as f64;
         }
         last = Some(m);
+        if t.verify {
+            verify_secs += verify(&groups)?;
+        }
     }
     let m = last.expect("at least one step");
     let s_per_step = secs / t.steps.max(1) as f64;
+    let verify_s_per_step = verify_secs / t.steps.max(1) as f64;
     println!(
         "{}",
         json!({
@@ -624,6 +670,8 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             "packing_efficiency": m.packing_efficiency, "peak_rss_bytes": peak_rss_bytes(),
             "steps": t.steps, "is_correction": t.is_correction,
             "gradient_checkpointing": t.gradient_checkpointing,
+            "verify": t.verify, "verify_s_per_step": verify_s_per_step,
+            "verify_over_step": verify_s_per_step / s_per_step,
             "ms_per_step": {
                 "prepare": times[0] * 1e3, "forward": times[1] * 1e3, "loss": times[2] * 1e3,
                 "backward": times[3] * 1e3, "optimizer": times[4] * 1e3,

@@ -21,7 +21,7 @@ use grail_protocol::proof::{
 };
 use grail_protocol::{PolicyVersion, Sample};
 
-use crate::sampling::{SamplingConfig, candidate_set, log_softmax};
+use crate::sampling::{SamplingConfig, log_softmax};
 
 /// What the verifier accepts, and the secrets it checks with.
 #[derive(Debug, Clone)]
@@ -163,6 +163,11 @@ impl RolloutVerifier {
 
     /// Whether the run's sampler could have drawn `token` from `logits` after `generated`
     /// (within [`candidate_slack`](Self::candidate_slack) of the candidate set's edge).
+    ///
+    /// The candidate set (`sampling::candidate_set`) keeps the tokens above the min-p floor,
+    /// then the top k of those, then the likeliest of those until their mass reaches top-p; so a
+    /// token is in it when it clears the floor, fewer than k tokens are likelier, and the
+    /// likelier ones hold less than top-p. One pass over the vocabulary, no sort.
     fn could_sample(&self, logits: &[f32], generated: &[u32], token: u32) -> bool {
         let cfg = &self.sampling;
         let mut logits = logits.to_vec();
@@ -180,14 +185,21 @@ impl RolloutVerifier {
         let Some(&mine) = logprobs.get(token as usize) else {
             return false;
         };
-        let weakest = if cfg.temperature == 0.0 {
-            logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-        } else {
-            candidate_set(&logprobs, cfg)
-                .last()
-                .map_or(f32::NEG_INFINITY, |&(_, l)| l)
-        };
-        mine >= weakest - self.candidate_slack
+        let best = logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if cfg.temperature == 0.0 {
+            return mine >= best - self.candidate_slack;
+        }
+        if cfg.min_p > 0.0 && mine < best + cfg.min_p.ln() - self.candidate_slack {
+            return false;
+        }
+        // Likelier by more than the slack: rounding cannot have ordered these after it.
+        let (likelier, mass) = logprobs
+            .iter()
+            .filter(|&&l| l > mine + self.candidate_slack)
+            .fold((0usize, 0f32), |(n, m), &l| (n + 1, m + l.exp()));
+        let in_top_k = cfg.top_k == 0 || likelier < cfg.top_k;
+        let in_top_p = cfg.top_p >= 1.0 || mass < cfg.top_p;
+        in_top_k && in_top_p
     }
 }
 
