@@ -153,6 +153,77 @@ fn a_trainer_and_rollout_workers_that_come_and_go_finish_a_run() {
     );
 }
 
+/// A worker that tampers with what it sends is refused object by object (log-probs scaled, the
+/// sketch column shifted, a token changed), then quarantined: even a faithful copy of an honest
+/// worker's object is refused unread. The honest worker's objects all train.
+#[test]
+fn a_cheating_worker_is_refused_then_quarantined_while_an_honest_one_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let grpo = "max_steps = 6\nmax_staleness = 4";
+    let config = trainer_job(dir.path(), &url, "demo", 0, grpo);
+    let trainer = countdown(
+        &["--config", config.to_str().unwrap()],
+        &dir.path().join("trainer.log"),
+    );
+    let honest = rollout(&url, "w1", dir.path());
+    let store = Store::open(&url, "demo").unwrap();
+    wait_until("w1 writes a rollout object", || {
+        !store.list("rollouts/w1/").unwrap().is_empty()
+    });
+    let key = store.list("rollouts/w1/").unwrap()[0].clone();
+    let original = decode(store.get(&key).unwrap().unwrap()).unwrap();
+    type Edit = fn(&mut grail_protocol::Sample);
+    let edits: [Edit; 4] = [
+        |s| s.behaviour_logps.iter_mut().for_each(|l| *l *= 1.05),
+        |s| {
+            let shift = 1.min(s.sketches.len());
+            s.sketches.rotate_right(shift)
+        },
+        |s| s.completion_ids[0] = (s.completion_ids[0] + 1) % 300,
+        |_| {},
+    ];
+    for (i, edit) in edits.iter().enumerate() {
+        let mut forged = original.clone();
+        forged.worker_id = "cheat".into();
+        for s in forged.groups.iter_mut().flat_map(|g| &mut g.samples) {
+            edit(s);
+        }
+        store
+            .put(
+                &format!("rollouts/cheat/{i:012}.parquet"),
+                grail_store::rollout_batch::encode(&forged).unwrap(),
+            )
+            .unwrap();
+    }
+    let s = summary(trainer, "trainer");
+    let acc = &s["accounting"];
+    assert_eq!(acc["identity_holds"], true, "{acc}");
+    let samples: u64 = original.groups.iter().map(|g| g.samples.len() as u64).sum();
+    assert_eq!(acc["rejected"].as_u64().unwrap(), 4 * samples, "{acc}");
+    let log = std::fs::read_to_string(dir.path().join("trainer.log")).unwrap();
+    for (i, why) in [
+        "verification (logprob)",
+        "verification (sketches)",
+        "verification (logprob)",
+        "worker `cheat` is quarantined",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("rollouts/cheat/{i:012}.parquet")))
+            .unwrap_or_else(|| panic!("object {i} refused:\n{log}"));
+        assert!(line.contains(why), "object {i}: {why}:\n{line}");
+    }
+    assert!(
+        !log.contains("rollouts/w1/"),
+        "an honest object refused:\n{log}"
+    );
+    summary(honest, "w1");
+}
+
 #[test]
 fn a_trainer_refuses_a_run_id_already_in_the_store() {
     let dir = tempfile::tempdir().unwrap();

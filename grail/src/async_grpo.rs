@@ -27,7 +27,7 @@ use serde_json::json;
 
 use crate::checkpoint::{self, Accounting, RolloutCursor, RunState};
 use crate::config::GrpoConfig;
-use crate::evaluate::HeldOut;
+use crate::evaluate::{HeldOut, generation_config};
 use crate::output::MetricsLog;
 use crate::progress::Progress;
 use crate::rollout_ledger::Ledger;
@@ -120,7 +120,15 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
                     .map(|r| r.name.clone())
                     .collect(),
             };
-            let inbox = StoreInbox::start(store, check, &feedback, g.prompts_per_step * 2)?;
+            let sampling = generation_config(cfg, &phase.tokenizer.eos_token_ids).sampling;
+            let inbox = StoreInbox::start(
+                store,
+                check,
+                &feedback,
+                g.prompts_per_step * 2,
+                sampling,
+                g.quarantine_after,
+            )?;
             tracing::info!(store = %store.location(""), "waiting for rollout workers");
             (
                 Rollouts::Store(inbox),

@@ -260,6 +260,16 @@ pub struct GrpoSection {
     /// With a store: a full copy of the weights every this many versions, deltas between
     /// (a worker that joins reads the newest full copy and the deltas after it). Default 10.
     pub weight_anchor_interval: u64,
+    /// With a store: the trainer recomputes every rollout object's samples with the weights
+    /// that sampled them (GRAIL sketches at 32 secret positions, every log-prob, the sampled
+    /// tokens against the sampling settings) and refuses an object any sample of which fails;
+    /// the workers commit to every token's hidden state for it. false trusts the workers (your
+    /// own machines). Without a store the pool is in the trainer's process and is not checked.
+    /// Default true.
+    pub verify_rollouts: bool,
+    /// With `verify_rollouts`: after this many objects of one worker fail verification, its
+    /// objects are refused unread (quarantined; 0 never). Default 3.
+    pub quarantine_after: u64,
     /// Correct for the behaviour–trainer policy gap (importance sampling). Default true.
     pub importance_sampling_correction: bool,
     /// token_truncate | token_mask | sequence_truncate | sequence_mask. Default sequence_mask.
@@ -391,6 +401,8 @@ impl Default for GrpoSection {
             kv_cache_bytes: None,
             weight_sync: SyncMode::Delta,
             weight_anchor_interval: 10,
+            verify_rollouts: true,
+            quarantine_after: 3,
             importance_sampling_correction: true,
             importance_sampling_mode: ImportanceSamplingMode::SequenceMask,
             importance_sampling_cap: 3.0,

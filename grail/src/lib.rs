@@ -30,6 +30,7 @@ pub mod output;
 pub mod plot;
 pub mod progress;
 mod rollout_ledger;
+mod rollout_verification;
 pub mod rollout_worker;
 pub mod runner;
 pub mod setup;

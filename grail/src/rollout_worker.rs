@@ -24,6 +24,7 @@ use crate::claimed_prompts::ClaimedPrompts;
 use crate::config::{GrpoConfig, Role};
 use crate::evaluate::{generation_config, prompt_limits};
 use crate::progress::Progress;
+use crate::rollout_verification::read_sketch_seed;
 use crate::setup::{Source, environments};
 
 /// How often the worker looks for new weights and the end of the run.
@@ -187,7 +188,10 @@ impl Run {
             &mut NamedTensorSource::new(reader.tensors().expect("waited for"), &device),
         )?;
         let (train_env, _) = environments(&cfg, source, &tokenizer)?;
-        let generation = generation_config(&cfg, &tokenizer.eos_token_ids);
+        let mut generation = generation_config(&cfg, &tokenizer.eos_token_ids);
+        if cfg.grpo.verify_rollouts {
+            generation.sketch_seed = Some(read_sketch_seed(&store)?);
+        }
         let limits = prompt_limits(&cfg, &model);
         let mut pool_cfg = pool_config(&cfg, &generation, &limits);
         // The bound across processes is the cursor's (see `claimed_prompts`), not the pool's.

@@ -13,6 +13,7 @@ use grail_core::model::{CausalLm, named_tensors};
 use grail_core::tokenizer::Tokenizer;
 use grail_protocol::{Group, PolicyVersion, WireDtype};
 use grail_rollout::pool::PoolCounters;
+use grail_rollout::sampling::SamplingConfig;
 use grail_store::progress::{self, TrainerProgress, WorkerCounters};
 use grail_store::rollout_batch::decode;
 use grail_store::{
@@ -23,6 +24,7 @@ use grail_trainer::{Feedback, TrainerError};
 use crate::checkpoint::{Accounting, RolloutCursor};
 use crate::config::GrpoConfig;
 use crate::rollout_ledger::Ledger;
+use crate::rollout_verification::{RecentPolicies, Verification, sketch_seed};
 
 /// The dtype weights travel in.
 const WIRE: WireDtype = WireDtype::Bf16;
@@ -58,6 +60,9 @@ pub(crate) fn publish_manifest(
         &format!("{}config.json", layout::RUN),
         serde_json::to_vec_pretty(&model_config)?,
     )?;
+    if cfg.grpo.verify_rollouts {
+        crate::rollout_verification::sketch_seed(store)?;
+    }
     // Written last: a worker that finds the job config finds everything else.
     store.put(
         &format!("{}config.toml", layout::RUN),
@@ -71,9 +76,13 @@ pub(crate) fn publish_manifest(
 pub(crate) struct StoreFeedback {
     store: Store,
     writer: WeightWriter,
-    progress: TrainerProgress,
+    /// Shared with the inbox, which publishes its refusals too (the workers' admission bound
+    /// counts refused groups: unpublished, they would hold the workers back).
+    progress: Arc<Mutex<TrainerProgress>>,
     newest: Arc<AtomicU64>,
     ledger: Arc<Mutex<Ledger>>,
+    /// The weights the inbox verifies with (when it verifies), and how many versions back.
+    policies: Option<(RecentPolicies, u64)>,
 }
 
 impl StoreFeedback {
@@ -97,12 +106,14 @@ impl StoreFeedback {
         let mut feedback = Self {
             store: store.clone(),
             writer,
-            progress: TrainerProgress {
+            progress: Arc::new(Mutex::new(TrainerProgress {
                 consumed_groups: lock(ledger).consumed_groups(0),
                 ..TrainerProgress::default()
-            },
+            })),
             newest: Arc::new(AtomicU64::new(version)),
             ledger: ledger.clone(),
+            policies: (cfg.grpo.verify_rollouts)
+                .then(|| (RecentPolicies::default(), cfg.grpo.max_staleness + 1)),
         };
         feedback.publish(version, model)?;
         Ok(feedback)
@@ -110,10 +121,27 @@ impl StoreFeedback {
 }
 
 impl StoreFeedback {
-    fn put_progress(&mut self) -> grail_trainer::Result<()> {
-        self.progress.refused_groups = lock(&self.ledger).refused_groups;
-        progress::put_trainer(&self.store, &self.progress).map_err(store_error)
+    /// Publishes the trainer's progress after `change`.
+    fn put_progress(
+        &mut self,
+        change: impl FnOnce(&mut TrainerProgress),
+    ) -> grail_trainer::Result<()> {
+        put_progress(&self.store, &self.progress, &self.ledger, change).map_err(store_error)
     }
+}
+
+/// Applies `change` to the trainer's progress, takes the refused groups from `ledger` and writes
+/// it to the store, all under the progress lock (the publisher and the inbox both write it).
+fn put_progress(
+    store: &Store,
+    progress: &Mutex<TrainerProgress>,
+    ledger: &Mutex<Ledger>,
+    change: impl FnOnce(&mut TrainerProgress),
+) -> Result<(), grail_store::StoreError> {
+    let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+    change(&mut p);
+    p.refused_groups = lock(ledger).refused_groups;
+    progress::put_trainer(store, &p)
 }
 
 fn store_error(e: grail_store::StoreError) -> TrainerError {
@@ -123,18 +151,21 @@ fn store_error(e: grail_store::StoreError) -> TrainerError {
 impl Feedback for StoreFeedback {
     fn publish(&mut self, version: PolicyVersion, model: &CausalLm) -> grail_trainer::Result<()> {
         let tensors = named_tensors(model, WIRE);
+        if let Some((policies, keep)) = &self.policies {
+            policies
+                .add(version, model, &tensors, *keep)
+                .map_err(|e| TrainerError::Feedback(format!("{e:#}")))?;
+        }
         // Known before its READY marker can be seen, so no group sampled from it is refused.
         self.newest.store(version, Ordering::SeqCst);
         self.writer
             .publish(version, &tensors)
             .map_err(store_error)?;
-        self.progress.version = version;
-        self.put_progress()
+        self.put_progress(|p| p.version = version)
     }
 
     fn consumed(&mut self, groups: usize) -> grail_trainer::Result<()> {
-        self.progress.consumed_groups += groups as u64;
-        self.put_progress()
+        self.put_progress(|p| p.consumed_groups += groups as u64)
     }
 }
 
@@ -200,13 +231,25 @@ pub(crate) struct StoreInbox {
 
 impl StoreInbox {
     /// Starts reading the rollout objects `feedback`'s ledger has not settled, checking each
-    /// against `check` and the newest version `feedback` published.
+    /// against `check` and the newest version `feedback` published, and, when `feedback` keeps
+    /// the weights for it, verifying each against the run's `sampling`.
     pub(crate) fn start(
         store: &Store,
         check: RolloutCheck,
         feedback: &StoreFeedback,
         capacity: usize,
+        sampling: SamplingConfig,
+        quarantine_after: u64,
     ) -> Result<Self> {
+        let verification = match &feedback.policies {
+            Some((policies, _)) => Some(Verification::new(
+                sketch_seed(store)?,
+                sampling,
+                policies.clone(),
+                quarantine_after,
+            )),
+            None => None,
+        };
         let (tx, rx) = flume::bounded(capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(PoolCounters::default());
@@ -216,6 +259,8 @@ impl StoreInbox {
             reader: RolloutReader::after(store.clone(), settled),
             store: store.clone(),
             check,
+            verification,
+            progress: feedback.progress.clone(),
             newest: feedback.newest.clone(),
             tx,
             stop: stop.clone(),
@@ -340,6 +385,8 @@ struct Inbox {
     reader: RolloutReader,
     store: Store,
     check: RolloutCheck,
+    verification: Option<Verification>,
+    progress: Arc<Mutex<TrainerProgress>>,
     newest: Arc<AtomicU64>,
     tx: flume::Sender<Group>,
     stop: Arc<AtomicBool>,
@@ -396,13 +443,21 @@ impl Inbox {
             .map(|g| g.samples.len() as u64)
             .sum::<u64>();
         let newest = self.newest.load(Ordering::SeqCst);
-        if let Err(why) = self.check.check(&batch, newest) {
+        let mut checked = self.check.check(&batch, newest);
+        if let (Ok(()), Some(v)) = (&checked, &mut self.verification) {
+            checked = v.check(&batch);
+        }
+        if let Err(why) = checked {
             tracing::warn!(
                 key = %self.store.location(&key),
                 "rollout object refused: {why}"
             );
             let groups = batch.groups.len();
             lock(&self.ledger).refused(key, batch.worker_id, groups, samples);
+            if let Err(e) = put_progress(&self.store, &self.progress, &self.ledger, |_| {}) {
+                // The next version or consumed count publishes it again.
+                tracing::warn!("publishing the refused groups: {e}");
+            }
             return;
         }
         let skipped = lock(&self.ledger).skip(&key).min(batch.groups.len());
