@@ -119,6 +119,17 @@ fn truncates(cfg: &SamplingConfig, vocab: usize) -> bool {
     (cfg.top_k > 0 && cfg.top_k < vocab) || cfg.top_p < 1.0 || cfg.min_p > 0.0
 }
 
+/// `logits` with the repetition penalty applied to the `generated` tokens: positive logits
+/// divided by `penalty`, negative ones multiplied (what is drawn from, not what is recorded).
+pub fn penalised_logits(logits: &[f32], generated: &[u32], penalty: f32) -> Vec<f32> {
+    let mut l = logits.to_vec();
+    for &t in generated {
+        let x = &mut l[t as usize];
+        *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
+    }
+    l
+}
+
 /// Draws one token from `logits` (one row) given the tokens generated so far; returns the token and
 /// its behaviour log-prob: the model's full distribution at the sampling temperature, before any
 /// repetition penalty or top-k/top-p/min-p truncation (those shape what is drawn, not the recorded
@@ -133,16 +144,7 @@ pub fn sample_token(
     let penalise = cfg.repetition_penalty != 1.0 && !generated.is_empty();
     let penalised;
     let logits = if penalise {
-        let mut l = logits.to_vec();
-        for &t in generated {
-            let x = &mut l[t as usize];
-            *x = if *x > 0.0 {
-                *x / cfg.repetition_penalty
-            } else {
-                *x * cfg.repetition_penalty
-            };
-        }
-        penalised = l;
+        penalised = penalised_logits(logits, generated, cfg.repetition_penalty);
         &penalised[..]
     } else {
         logits

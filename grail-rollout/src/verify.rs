@@ -21,7 +21,7 @@ use grail_protocol::proof::{
 };
 use grail_protocol::{PolicyVersion, Sample};
 
-use crate::sampling::{SamplingConfig, log_softmax};
+use crate::sampling::{SamplingConfig, log_softmax, penalised_logits};
 
 /// What the verifier accepts, and the secrets it checks with.
 #[derive(Debug, Clone)]
@@ -170,17 +170,7 @@ impl RolloutVerifier {
     /// likelier ones hold less than top-p. One pass over the vocabulary, no sort.
     fn could_sample(&self, logits: &[f32], generated: &[u32], token: u32) -> bool {
         let cfg = &self.sampling;
-        let mut logits = logits.to_vec();
-        if cfg.repetition_penalty != 1.0 {
-            for &t in generated {
-                let x = &mut logits[t as usize];
-                *x = if *x > 0.0 {
-                    *x / cfg.repetition_penalty
-                } else {
-                    *x * cfg.repetition_penalty
-                };
-            }
-        }
+        let logits = penalised_logits(logits, generated, cfg.repetition_penalty);
         let logprobs = log_softmax(&logits, cfg.temperature);
         let Some(&mine) = logprobs.get(token as usize) else {
             return false;
