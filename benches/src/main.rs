@@ -518,11 +518,15 @@ struct TrainerStepArgs {
     /// Recompute the decoder layers in the backward instead of keeping their activations.
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// Also check every sample as a trainer checks an untrusted worker's
-    /// (`grail_rollout::verify`: a forward at the sample's version, every log-prob, K = 32
-    /// challenged sketches and tokens) and report that time beside the step's.
+    /// Also check the step's samples as a trainer checks an untrusted worker's
+    /// (`grail_rollout::verify`: packed forwards at the samples' version, every log-prob,
+    /// K = 32 challenged sketches and tokens) and report that time beside the step's.
     #[arg(long)]
     verify: bool,
+    /// With --verify: the share of the step's samples checked (the first ⌈share · n⌉, standing
+    /// in for the groups `grpo.verify_fraction` picks).
+    #[arg(long, default_value_t = 1.0)]
+    verify_fraction: f64,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), 0 where unknown.
@@ -613,14 +617,21 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             s.sketches = coefficients.sketches(&hidden, config.hidden_size);
         }
     }
+    anyhow::ensure!(
+        t.verify_fraction > 0.0 && t.verify_fraction <= 1.0,
+        "--verify-fraction {}: must be in (0, 1]",
+        t.verify_fraction
+    );
+    let verified = (t.verify_fraction * t.lens.len() as f64).ceil() as usize;
     let verify = |groups: &[Group]| -> Result<f64> {
         let start = std::time::Instant::now();
-        for g in groups {
-            for s in &g.samples {
-                verifier
-                    .check(&|_| Some(sampled_by.clone()), &g.prompt_ids, s)
-                    .map_err(|r| anyhow::anyhow!("an honest sample was rejected: {r}"))?;
-            }
+        let g = &groups[0];
+        let items: Vec<(&[u32], &Sample)> = g.samples[..verified.min(g.samples.len())]
+            .iter()
+            .map(|s| (g.prompt_ids.as_slice(), s))
+            .collect();
+        for r in verifier.check_all(&|_| Some(sampled_by.clone()), &items) {
+            r.map_err(|r| anyhow::anyhow!("an honest sample was rejected: {r}"))?;
         }
         Ok(start.elapsed().as_secs_f64())
     };
@@ -670,7 +681,9 @@ fn trainer_step_bench(args: &Args, t: &TrainerStepArgs, device: &Device) -> Resu
             "packing_efficiency": m.packing_efficiency, "peak_rss_bytes": peak_rss_bytes(),
             "steps": t.steps, "is_correction": t.is_correction,
             "gradient_checkpointing": t.gradient_checkpointing,
-            "verify": t.verify, "verify_s_per_step": verify_s_per_step,
+            "verify": t.verify, "verify_fraction": t.verify_fraction,
+            "verified_samples": if t.verify { verified } else { 0 },
+            "verify_s_per_step": verify_s_per_step,
             "verify_over_step": verify_s_per_step / s_per_step,
             "ms_per_step": {
                 "prepare": times[0] * 1e3, "forward": times[1] * 1e3, "loss": times[2] * 1e3,

@@ -90,3 +90,30 @@ pub trait Environment: Send + Sync {
         None
     }
 }
+
+/// Every reward of `env` for `completion` of `prompt`, in order; an error naming the reward that
+/// panicked or returned a value that is not finite. The pool scores its groups with it, and the
+/// trainer recomputes a worker's rewards with it.
+pub fn score(
+    env: &dyn Environment,
+    prompt: &Prompt,
+    completion: &Completion,
+) -> std::result::Result<Vec<f32>, String> {
+    env.rewards()
+        .iter()
+        .map(|r| {
+            let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                (r.func)(prompt, completion)
+            }))
+            .map_err(|p| {
+                let msg = grail_protocol::panic_message(p.as_ref());
+                format!("reward `{}` panicked: {msg}", r.name)
+            })?;
+            if value.is_finite() {
+                Ok(value)
+            } else {
+                Err(format!("reward `{}` returned {value}", r.name))
+            }
+        })
+        .collect()
+}

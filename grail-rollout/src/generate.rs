@@ -38,6 +38,43 @@ pub enum FinishReason {
     Length,
 }
 
+/// Why generation stops after `ids` (the completion so far), or `None` when it goes on: the one
+/// rule the scheduler applies after each token and the trainer checks a worker's completions
+/// against (an honest completion stops at its last token and not before).
+pub fn finish_reason(
+    ids: &[u32],
+    cfg: &GenerationConfig,
+    decode: Option<Decoder<'_>>,
+) -> Option<FinishReason> {
+    let last = *ids.last()?;
+    if cfg.eos_token_ids.contains(&last) {
+        Some(FinishReason::Eos)
+    } else if cfg
+        .stop_sequences
+        .iter()
+        .any(|s| !s.is_empty() && ids.ends_with(s))
+        || stopped_by_string(ids, cfg, decode)
+    {
+        Some(FinishReason::Stop)
+    } else if ids.len() >= cfg.max_completion_length {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}
+
+fn stopped_by_string(ids: &[u32], cfg: &GenerationConfig, decode: Option<Decoder<'_>>) -> bool {
+    match decode {
+        Some(decode) if !cfg.stop_strings.is_empty() => {
+            let text = decode(ids);
+            cfg.stop_strings
+                .iter()
+                .any(|s| !s.is_empty() && text.contains(s.as_str()))
+        }
+        _ => false,
+    }
+}
+
 /// A finished completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generated {

@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod environment;
 pub mod error;
 pub mod generate;
+pub mod group_check;
 pub mod kv_blocks;
 pub mod pool;
 pub mod prompt_cursor;

@@ -13,7 +13,6 @@
 //! returned NaN/∞; the group is dropped and the reason logged) or `unsent_at_shutdown`.
 
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -24,7 +23,7 @@ use grail_core::model::CausalLm;
 use grail_protocol::{Group, PolicyVersion, PoolMessage, Sample, WireDtype};
 use rayon::prelude::*;
 
-use crate::environment::{Completion, Environment, Prompt};
+use crate::environment::{Completion, Environment, Prompt, score};
 use crate::generate::{
     FinishReason, Generated, GenerationConfig, GenerationRequest, Policy, generate_in_flight,
 };
@@ -480,7 +479,6 @@ impl WorkerContext {
     /// Runs the rewards on rayon and sends the group; a failing reward fails (and counts) the group.
     fn score_and_send(&self, prompt: &Prompt, done: Vec<Generated>) -> Result<(), RolloutError> {
         let n = done.len();
-        let rewards = self.env.rewards();
         let scored: Vec<Result<Vec<f32>, String>> = done
             .par_iter()
             .map(|d| {
@@ -489,23 +487,7 @@ impl WorkerContext {
                     text: self.env.decode(&d.ids),
                     finished: d.finish != FinishReason::Length,
                 };
-                rewards
-                    .iter()
-                    .map(|r| {
-                        let value = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            (r.func)(prompt, &completion)
-                        }))
-                        .map_err(|p| {
-                            let msg = grail_protocol::panic_message(p.as_ref());
-                            format!("reward `{}` panicked: {msg}", r.name)
-                        })?;
-                        if value.is_finite() {
-                            Ok(value)
-                        } else {
-                            Err(format!("reward `{}` returned {value}", r.name))
-                        }
-                    })
-                    .collect()
+                score(self.env.as_ref(), prompt, &completion)
             })
             .collect();
         if let Some(Err(reason)) = scored.iter().find(|r| r.is_err()) {

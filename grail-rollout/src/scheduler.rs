@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 
 use crate::error::RolloutError;
 use crate::generate::{
-    Decoder, FinishReason, Generated, GenerationConfig, GenerationRequest, GenerationStats, Policy,
+    Decoder, Generated, GenerationConfig, GenerationRequest, GenerationStats, Policy, finish_reason,
 };
 use crate::sampling::{sample_rng, sample_token};
 use crate::sequence_kv::{KvStore, SequenceKv};
@@ -363,20 +363,7 @@ impl<'a> Scheduler<'a> {
         a.versions.push(version);
         a.sketches.extend(sketch);
         self.stats.generated_tokens += 1;
-        let finish = if cfg.eos_token_ids.contains(&token) {
-            Some(FinishReason::Eos)
-        } else if cfg
-            .stop_sequences
-            .iter()
-            .any(|s| !s.is_empty() && a.ids.ends_with(s))
-            || self.stopped_by_string(&a.ids)
-        {
-            Some(FinishReason::Stop)
-        } else if a.ids.len() >= cfg.max_completion_length {
-            Some(FinishReason::Length)
-        } else {
-            None
-        };
+        let finish = finish_reason(&a.ids, cfg, self.decode);
         let Some(finish) = finish else {
             a.pending = vec![token];
             return Some(a);
@@ -391,19 +378,6 @@ impl<'a> Scheduler<'a> {
             finish,
         });
         None
-    }
-
-    fn stopped_by_string(&self, ids: &[u32]) -> bool {
-        match self.decode {
-            Some(decode) if !self.cfg.stop_strings.is_empty() => {
-                let text = decode(ids);
-                self.cfg
-                    .stop_strings
-                    .iter()
-                    .any(|s| !s.is_empty() && text.contains(s.as_str()))
-            }
-            _ => false,
-        }
     }
 
     /// Reserves every running sequence's pending positions, oldest first; while the pool is

@@ -23,6 +23,9 @@ use grail_protocol::{PolicyVersion, Sample};
 
 use crate::sampling::{SamplingConfig, log_softmax, penalised_logits};
 
+/// Tokens (prompts and completions) per packed forward of [`RolloutVerifier::check_all`].
+pub const VERIFY_TOKENS: usize = 16_384;
+
 /// What the verifier accepts, and the secrets it checks with.
 #[derive(Debug, Clone)]
 pub struct RolloutVerifier {
@@ -74,91 +77,199 @@ impl RolloutVerifier {
         prompt: &[u32],
         sample: &Sample,
     ) -> Result<Verified, Rejection> {
-        let completion = &sample.completion_ids;
-        let n = completion.len();
-        if n == 0 {
-            return Ok(Verified::default());
-        }
-        if sample.sketches.len() != n {
-            return Err(Rejection::MissingSketches {
-                tokens: n,
-                sketches: sample.sketches.len(),
-            });
-        }
-        let tokens: Vec<u32> = prompt.iter().chain(completion).copied().collect();
-        let k = self.challenges.min(n);
-        let challenged = challenge_positions(&tokens, &self.challenge_secret, 0..n, k);
-        let versions: BTreeSet<PolicyVersion> = sample.token_versions.iter().copied().collect();
-        let mut verified = Verified {
-            challenged: challenged.len(),
-            ..Verified::default()
-        };
-        for version in versions {
-            let model = model_at(version).ok_or(Rejection::UnknownVersion { version })?;
-            let vocab = model.config.vocab_size;
-            if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(Rejection::OutsideVocabulary { id, vocab });
+        let mut results = self.check_all(model_at, &[(prompt, sample)]);
+        results.pop().expect("one result per completion")
+    }
+
+    /// [`check`](Self::check) of several completions (each with its prompt), in packed forwards
+    /// of up to [`VERIFY_TOKENS`] tokens per version: one result per completion, in order.
+    pub fn check_all(
+        &self,
+        model_at: &dyn Fn(PolicyVersion) -> Option<CausalLm>,
+        items: &[(&[u32], &Sample)],
+    ) -> Vec<Result<Verified, Rejection>> {
+        let mut results: Vec<Result<Verified, Rejection>> =
+            items.iter().map(|_| Ok(Verified::default())).collect();
+        let mut challenged: Vec<Vec<usize>> = vec![Vec::new(); items.len()];
+        for (i, (prompt, sample)) in items.iter().enumerate() {
+            let n = sample.completion_ids.len();
+            if sample.behaviour_logps.len() != n || sample.token_versions.len() != n {
+                results[i] = Err(Rejection::Malformed(format!(
+                    "{n} completion tokens, {} behaviour log-probs, {} token versions",
+                    sample.behaviour_logps.len(),
+                    sample.token_versions.len()
+                )));
+                continue;
             }
-            let hidden = model
-                .completion_hidden(prompt, completion)
-                .map_err(|e| Rejection::Forward(e.to_string()))?;
-            let logps = model.token_logprobs(
-                hidden.clone(),
-                completion,
-                // Greedy runs record log-probs at temperature 1 (`sampling::log_softmax`).
-                match self.sampling.temperature {
-                    t if t > 0.0 => f64::from(t),
-                    _ => 1.0,
-                },
-            );
+            if n > 0 && sample.sketches.len() != n {
+                results[i] = Err(Rejection::MissingSketches {
+                    tokens: n,
+                    sketches: sample.sketches.len(),
+                });
+                continue;
+            }
+            let tokens: Vec<u32> = prompt
+                .iter()
+                .chain(&sample.completion_ids)
+                .copied()
+                .collect();
+            let k = self.challenges.min(n);
+            challenged[i] = challenge_positions(&tokens, &self.challenge_secret, 0..n, k);
+            if let Ok(v) = &mut results[i] {
+                v.challenged = challenged[i].len();
+            }
+        }
+        let versions: BTreeSet<PolicyVersion> = items
+            .iter()
+            .flat_map(|(_, s)| s.token_versions.iter().copied())
+            .collect();
+        for version in versions {
+            let mut batch: Vec<usize> = (0..items.len())
+                .filter(|&i| results[i].is_ok() && items[i].1.token_versions.contains(&version))
+                .collect();
+            let Some(model) = model_at(version) else {
+                for i in batch {
+                    results[i] = Err(Rejection::UnknownVersion { version });
+                }
+                continue;
+            };
+            let vocab = model.config.vocab_size;
+            batch.retain(|&i| {
+                let (prompt, sample) = items[i];
+                let outside = prompt
+                    .iter()
+                    .chain(&sample.completion_ids)
+                    .find(|&&t| t as usize >= vocab);
+                if let Some(&id) = outside {
+                    results[i] = Err(Rejection::OutsideVocabulary { id, vocab });
+                }
+                outside.is_none()
+            });
+            // Packed forwards of a bounded number of tokens each.
+            let mut start = 0;
+            while start < batch.len() {
+                let mut end = start + 1;
+                let mut tokens =
+                    items[batch[start]].0.len() + items[batch[start]].1.completion_ids.len();
+                while end < batch.len() {
+                    let (p, s) = items[batch[end]];
+                    if tokens + p.len() + s.completion_ids.len() > VERIFY_TOKENS {
+                        break;
+                    }
+                    tokens += p.len() + s.completion_ids.len();
+                    end += 1;
+                }
+                let chunk = &batch[start..end];
+                start = end;
+                if let Err(e) =
+                    self.check_version(&model, version, items, chunk, &challenged, &mut results)
+                {
+                    for &i in chunk {
+                        results[i] = Err(Rejection::Forward(e.to_string()));
+                    }
+                }
+            }
+        }
+        for r in &mut results {
+            if let Ok(v) = r
+                && v.matching < self.min_matching_sketches.min(v.challenged)
+            {
+                *r = Err(Rejection::Sketches {
+                    matching: v.matching,
+                    challenged: v.challenged,
+                });
+            }
+        }
+        results
+    }
+
+    /// Checks the tokens `version` sampled in completions `chunk` of `items` with its weights
+    /// `model`, from one packed forward; a failing completion's result becomes its rejection.
+    fn check_version(
+        &self,
+        model: &CausalLm,
+        version: PolicyVersion,
+        items: &[(&[u32], &Sample)],
+        chunk: &[usize],
+        challenged: &[Vec<usize>],
+        results: &mut [Result<Verified, Rejection>],
+    ) -> grail_core::Result<()> {
+        let sequences: Vec<(&[u32], &[u32])> = chunk
+            .iter()
+            .map(|&i| (items[i].0, items[i].1.completion_ids.as_slice()))
+            .collect();
+        let hidden = model.completions_hidden(&sequences)?;
+        let targets: Vec<u32> = sequences
+            .iter()
+            .flat_map(|(_, c)| c.iter().copied())
+            .collect();
+        // Greedy runs record log-probs at temperature 1 (`sampling::log_softmax`).
+        let temperature = match self.sampling.temperature {
+            t if t > 0.0 => f64::from(t),
+            _ => 1.0,
+        };
+        let logps = model.token_logprobs(hidden.clone(), &targets, temperature);
+        // Every challenged row of this version, over the chunk: one projection to logits.
+        let mut rows = Vec::new();
+        let mut offset = 0;
+        for &i in chunk {
+            let sample = items[i].1;
+            let n = sample.completion_ids.len();
             let ours = |j: &usize| sample.token_versions[*j] == version;
             for j in (0..n).filter(ours) {
-                let (claimed, recomputed) = (sample.behaviour_logps[j], logps[j]);
+                let (claimed, recomputed) = (sample.behaviour_logps[j], logps[offset + j]);
                 // Written so that a NaN claim fails too.
                 let close = (claimed - recomputed).abs() <= self.logprob_tolerance;
-                if !close {
-                    return Err(Rejection::LogProb {
+                if !close && results[i].is_ok() {
+                    results[i] = Err(Rejection::LogProb {
                         token: j,
                         claimed,
                         recomputed,
                     });
                 }
             }
-            let rows: Vec<usize> = challenged.iter().copied().filter(ours).collect();
-            if rows.is_empty() {
+            if results[i].is_ok() {
+                rows.extend(
+                    challenged[i]
+                        .iter()
+                        .copied()
+                        .filter(|j| ours(j))
+                        .map(|j| (i, j, offset + j)),
+                );
+            }
+            offset += n;
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let picked: Vec<i64> = rows.iter().map(|&(_, _, r)| r as i64).collect();
+        let picked =
+            Tensor::<1, Int>::from_data(TensorData::new(picked, [rows.len()]), &hidden.device());
+        let hidden = hidden.select(0, picked);
+        let logits = host(model.logits(hidden.clone()));
+        let hidden = host(hidden);
+        let coefficients = SketchCoefficients::for_version(&self.sketch_seed, version);
+        let width = hidden.len() / rows.len();
+        let vocab = logits.len() / rows.len();
+        for (r, &(i, j, _)) in rows.iter().enumerate() {
+            let sample = items[i].1;
+            let Ok(verified) = &mut results[i] else {
                 continue;
+            };
+            let sketch = coefficients.sketch(&hidden[r * width..(r + 1) * width]);
+            if sketch_distance(sample.sketches[j], sketch) <= self.sketch_tolerance {
+                verified.matching += 1;
             }
-            let picked = Tensor::<1, Int>::from_data(
-                TensorData::new(rows.iter().map(|&j| j as i64).collect(), [rows.len()]),
-                &hidden.device(),
-            );
-            let hidden = hidden.select(0, picked);
-            let logits = host(model.logits(hidden.clone()));
-            let hidden = host(hidden);
-            let coefficients = SketchCoefficients::for_version(&self.sketch_seed, version);
-            let width = hidden.len() / rows.len();
-            let vocab = logits.len() / rows.len();
-            for (i, &j) in rows.iter().enumerate() {
-                let sketch = coefficients.sketch(&hidden[i * width..(i + 1) * width]);
-                if sketch_distance(sample.sketches[j], sketch) <= self.sketch_tolerance {
-                    verified.matching += 1;
-                }
-                let row = &logits[i * vocab..(i + 1) * vocab];
-                if !self.could_sample(row, &completion[..j], completion[j]) {
-                    return Err(Rejection::Implausible {
-                        token: j,
-                        id: completion[j],
-                    });
-                }
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let completion = &sample.completion_ids;
+            if !self.could_sample(row, &completion[..j], completion[j]) {
+                results[i] = Err(Rejection::Implausible {
+                    token: j,
+                    id: completion[j],
+                });
             }
         }
-        if verified.matching < self.min_matching_sketches.min(verified.challenged) {
-            return Err(Rejection::Sketches {
-                matching: verified.matching,
-                challenged: verified.challenged,
-            });
-        }
-        Ok(verified)
+        Ok(())
     }
 
     /// Whether the run's sampler could have drawn `token` from `logits` after `generated`
@@ -249,6 +360,30 @@ pub enum Rejection {
     },
     /// The verifier's own forward failed.
     Forward(String),
+    /// The sample's columns do not line up (one log-prob and one version per token).
+    Malformed(String),
+    /// The group's prompt is not the environment's prompt for the claimed index.
+    Prompt {
+        /// The claimed prompt index.
+        prompt_id: u64,
+        /// What differs (or why the environment has no such prompt).
+        why: String,
+    },
+    /// A completion does not end where the run's generation stops: it goes on after an EOS
+    /// or stop sequence, or stops short of both and of `max_completion_length`.
+    Termination {
+        /// Tokens in the completion.
+        tokens: usize,
+        /// Where generation would have stopped (`None`: it would not have).
+        stops_after: Option<usize>,
+    },
+    /// The rewards sent are not those the trainer's environment gives the completion.
+    Rewards {
+        /// What the worker sent.
+        claimed: Vec<f32>,
+        /// What the environment gives (or why it failed).
+        recomputed: Result<Vec<f32>, String>,
+    },
 }
 
 impl Rejection {
@@ -262,6 +397,10 @@ impl Rejection {
             Rejection::UnknownVersion { .. } => "unknown_version",
             Rejection::OutsideVocabulary { .. } => "outside_vocabulary",
             Rejection::Forward(_) => "forward",
+            Rejection::Malformed(_) => "malformed",
+            Rejection::Prompt { .. } => "prompt",
+            Rejection::Termination { .. } => "termination",
+            Rejection::Rewards { .. } => "rewards",
         }
     }
 }
@@ -298,6 +437,33 @@ impl fmt::Display for Rejection {
                 write!(f, "token id {id} is outside the vocabulary ({vocab})")
             }
             Rejection::Forward(e) => write!(f, "the verifier's forward failed: {e}"),
+            Rejection::Malformed(e) => write!(f, "malformed sample: {e}"),
+            Rejection::Prompt { prompt_id, why } => {
+                write!(f, "prompt {prompt_id} is not the environment's: {why}")
+            }
+            Rejection::Termination {
+                tokens,
+                stops_after: Some(at),
+            } => write!(
+                f,
+                "{tokens} completion tokens, but generation stops after {at} (EOS or stop sequence)"
+            ),
+            Rejection::Termination {
+                tokens,
+                stops_after: None,
+            } => write!(
+                f,
+                "{tokens} completion tokens end with neither EOS nor a stop sequence, short of \
+                 max_completion_length"
+            ),
+            Rejection::Rewards {
+                claimed,
+                recomputed: Ok(r),
+            } => write!(f, "rewards {claimed:?}, the environment gives {r:?}"),
+            Rejection::Rewards {
+                claimed,
+                recomputed: Err(e),
+            } => write!(f, "rewards {claimed:?}, the environment fails: {e}"),
         }
     }
 }

@@ -85,13 +85,33 @@ fn rejections(
 ) -> Vec<Rejection> {
     let v = verifier();
     let at = |version: PolicyVersion| models.get(version as usize).cloned();
-    out.iter()
-        .filter_map(|g| {
+    let samples: Vec<Sample> = out
+        .iter()
+        .map(|g| {
             let mut s = sample(g);
             edit(&mut s);
-            v.check(&at, &g.request.prompt, &s).err()
+            s
         })
-        .collect()
+        .collect();
+    let items: Vec<(&[u32], &Sample)> = out
+        .iter()
+        .zip(&samples)
+        .map(|(g, s)| (g.request.prompt.as_slice(), s))
+        .collect();
+    // Packed forwards of many completions (as the trainer checks an object), and one at a
+    // time: the same verdicts (the recomputed values in them may differ in the last bits).
+    let all: Vec<Rejection> = v
+        .check_all(&at, &items)
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    let one: Vec<Rejection> = items
+        .iter()
+        .filter_map(|(p, s)| v.check(&at, p, s).err())
+        .collect();
+    let reasons = |r: &[Rejection]| r.iter().map(Rejection::reason).collect::<Vec<_>>();
+    assert_eq!(reasons(&all), reasons(&one));
+    all
 }
 
 #[test]
@@ -100,7 +120,7 @@ fn honest_workers_pass_whatever_their_batch_kernels_or_weight_updates() {
     for fused in [true, false] {
         let model = model(1).with_fused_ops(fused);
         for max_batch in [1, 5, 32] {
-            let out = generated(&model, max_batch, 16);
+            let out = generated(&model, max_batch, 84);
             let rejected = rejections(std::slice::from_ref(&model), &out, |_| {});
             assert!(
                 rejected.is_empty(),
@@ -119,6 +139,7 @@ fn honest_workers_pass_whatever_their_batch_kernels_or_weight_updates() {
     let rejected = rejections(&[old, new], &out, |_| {});
     assert!(rejected.is_empty(), "in flight: {rejected:?}");
     checked += out.len();
+    assert!(checked >= 2000, "{checked}");
     eprintln!("{checked} honest completions, none rejected");
 }
 
@@ -249,5 +270,86 @@ fn a_token_the_sampler_could_not_draw_is_caught_even_with_its_true_log_prob() {
             .iter()
             .all(|r| matches!(r, Rejection::Implausible { token: 0, .. })),
         "{rejected:?}"
+    );
+}
+
+/// Completions generated on the device `GRAIL_TEST_DEVICE` names (lavapipe in CI: another
+/// backend's arithmetic, the cross-GPU case in small) with the weights the verifier holds on
+/// Flex: prints how far the worker's sketches and log-probs drift from Flex's over every
+/// position, and checks that the default rule (every challenged sketch exactly equal) rejects
+/// none of them.
+#[test]
+fn completions_from_another_backend_pass_the_default_rule() {
+    let Some(name) = grail_testkit::kernel_test_device("cross-backend verification") else {
+        return;
+    };
+    let device = grail_core::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("GRAIL_TEST_DEVICE={name}: {e}"));
+    // Wider than the other tests' model: 256 activations to pick the sketch's 16 from.
+    let config = grail_core::model::ModelConfig::builder()
+        .vocab_size(64)
+        .hidden_size(256)
+        .intermediate_size(512)
+        .num_hidden_layers(4)
+        .num_attention_heads(4)
+        .num_key_value_heads(2)
+        .max_position_embeddings(128)
+        .tie_word_embeddings(true)
+        .build()
+        .unwrap();
+    let flex = CausalLm::init(&config, 1, &Device::flex());
+    let tensors = grail_core::model::named_tensors(&flex, grail_protocol::WireDtype::F32);
+    let worker = CausalLm::build(
+        &flex.config,
+        &mut grail_core::model::NamedTensorSource::new(&tensors, &device),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for max_batch in [8, 32] {
+        out.extend(generated(&worker, max_batch, 32));
+    }
+    // The drift, over every position (not only the challenged ones).
+    let coefficients = grail_protocol::proof::SketchCoefficients::for_version(&SEED, 0);
+    let (mut positions, mut equal, mut worst_sketch, mut worst_logp) = (0, 0, 0u32, 0f32);
+    for g in &out {
+        let hidden = flex.completion_hidden(&g.request.prompt, &g.ids).unwrap();
+        let logps = flex.token_logprobs(hidden.clone(), &g.ids, 0.9);
+        let hidden = hidden
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let sketches = coefficients.sketches(&hidden, flex.config.hidden_size);
+        for j in 0..g.ids.len() {
+            let d = grail_protocol::proof::sketch_distance(g.sketches[j], sketches[j]);
+            positions += 1;
+            equal += (d == 0) as usize;
+            worst_sketch = worst_sketch.max(d);
+            worst_logp = worst_logp.max((g.logps[j] - logps[j]).abs());
+        }
+    }
+    eprintln!(
+        "{name} vs Flex: {} completions, {positions} positions, {equal} sketches equal, \
+         largest sketch distance {worst_sketch}, largest log-prob difference {worst_logp:e}",
+        out.len()
+    );
+    let v = verifier();
+    let samples: Vec<Sample> = out.iter().map(sample).collect();
+    let items: Vec<(&[u32], &Sample)> = out
+        .iter()
+        .zip(&samples)
+        .map(|(g, s)| (g.request.prompt.as_slice(), s))
+        .collect();
+    let at = |_| Some(flex.clone());
+    let rejected: Vec<Rejection> = v
+        .check_all(&at, &items)
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    assert!(
+        rejected.is_empty(),
+        "{} of {}: {rejected:?}",
+        rejected.len(),
+        out.len()
     );
 }

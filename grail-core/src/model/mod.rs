@@ -492,22 +492,49 @@ impl CausalLm {
     /// [`completion_logprobs`](Self::completion_logprobs) and a rollout's GRAIL sketches come
     /// from.
     pub fn completion_hidden(&self, prompt: &[u32], completion: &[u32]) -> Result<Tensor<2>> {
-        if prompt.is_empty() || completion.is_empty() {
+        self.completions_hidden(&[(prompt, completion)])
+    }
+
+    /// [`completion_hidden`](Self::completion_hidden) of several (prompt, completion) pairs
+    /// from one packed forward: their rows one completion after another, `[Σ completion,
+    /// hidden]`.
+    pub fn completions_hidden(&self, sequences: &[(&[u32], &[u32])]) -> Result<Tensor<2>> {
+        if let Some((i, (p, c))) = sequences
+            .iter()
+            .enumerate()
+            .find(|(_, (p, c))| p.is_empty() || c.is_empty())
+        {
             return Err(GrailError::Input(format!(
-                "completion_hidden: a prompt of {} and a completion of {} tokens (both need one)",
-                prompt.len(),
-                completion.len()
+                "completion_hidden: sequence {i} has a prompt of {} and a completion of {} \
+                 tokens (both need one)",
+                p.len(),
+                c.len()
             )));
         }
         let model = self.valid();
         let device = model.device();
-        let tokens: Vec<i64> = prompt.iter().chain(completion).map(|&t| t as i64).collect();
+        let mut tokens = Vec::new();
+        let mut lengths = Vec::with_capacity(sequences.len());
+        let mut rows = Vec::new();
+        for (prompt, completion) in sequences {
+            let start = tokens.len();
+            tokens.extend(prompt.iter().chain(*completion).map(|&t| t as i64));
+            lengths.push(prompt.len() + completion.len());
+            // Each completion token's logits come from the position before it.
+            rows.extend((start + prompt.len() - 1..tokens.len() - 1).map(|r| r as i64));
+        }
         let n = tokens.len();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(tokens, [1, n]), &device);
-        Ok(model
-            .forward_hidden(ids, &Layout::packed_single_row(vec![n]))?
-            .reshape([n, self.config.hidden_size])
-            .slice(prompt.len() - 1..n - 1))
+        let hidden = model
+            .forward_hidden(ids, &Layout::packed_single_row(lengths))?
+            .reshape([n, self.config.hidden_size]);
+        if sequences.len() == 1 {
+            let (p, _) = sequences[0];
+            return Ok(hidden.slice(p.len() - 1..n - 1));
+        }
+        let count = rows.len();
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [count]), &device);
+        Ok(hidden.select(0, rows))
     }
 
     /// `log softmax(h · Wᵀ / temperature)[token]` of each row of `hidden` (`[tokens, hidden]`)
