@@ -153,11 +153,21 @@ fn a_trainer_and_rollout_workers_that_come_and_go_finish_a_run() {
     );
 }
 
-/// A worker that tampers with what it sends is refused object by object (log-probs scaled, the
-/// sketch column shifted, a token changed), then quarantined: even a faithful copy of an honest
-/// worker's object is refused unread. The honest worker's objects all train.
+/// Every sample of `batch`.
+fn samples(
+    batch: &mut grail_store::RolloutBatch,
+) -> impl Iterator<Item = &mut grail_protocol::Sample> {
+    batch.groups.iter_mut().flat_map(|g| &mut g.samples)
+}
+
+/// Rollout objects forged from a real worker's: in its own folder, its rewards inflated, its
+/// log-probs scaled, then replayed unchanged (each refused for that reason), after which the
+/// worker is quarantined and even its honest objects are refused unread; copied into another
+/// folder (prompts that folder's worker never claimed) and written under another worker's name
+/// (refused without counting against the named worker). The other honest worker's objects all
+/// train, and the summary counts every refused sample by worker and reason.
 #[test]
-fn a_cheating_worker_is_refused_then_quarantined_while_an_honest_one_trains() {
+fn forged_rollouts_are_refused_by_reason_and_their_worker_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("store").display());
     let grpo = "max_steps = 6\nmax_staleness = 4";
@@ -167,61 +177,91 @@ fn a_cheating_worker_is_refused_then_quarantined_while_an_honest_one_trains() {
         &dir.path().join("trainer.log"),
     );
     let honest = rollout(&url, "w1", dir.path());
+    let forged = rollout(&url, "w2", dir.path());
     let store = Store::open(&url, "demo").unwrap();
-    wait_until("w1 writes a rollout object", || {
-        !store.list("rollouts/w1/").unwrap().is_empty()
+    wait_until("w2 writes a rollout object", || {
+        !store.list("rollouts/w2/").unwrap().is_empty()
     });
-    let key = store.list("rollouts/w1/").unwrap()[0].clone();
+    let key = store.list("rollouts/w2/").unwrap()[0].clone();
     let original = decode(store.get(&key).unwrap().unwrap()).unwrap();
-    type Edit = fn(&mut grail_protocol::Sample);
-    let edits: [Edit; 4] = [
-        |s| s.behaviour_logps.iter_mut().for_each(|l| *l *= 1.05),
-        |s| {
-            let shift = 1.min(s.sketches.len());
-            s.sketches.rotate_right(shift)
-        },
-        |s| s.completion_ids[0] = (s.completion_ids[0] + 1) % 300,
-        |_| {},
+    type Edit = fn(&mut grail_store::RolloutBatch);
+    // (key, edit, the reason its refusal names); read in this order (sequence numbers above
+    // any real object's, so after the original).
+    let objects: [(&str, Edit, &str); 6] = [
+        (
+            "rollouts/w2/900000000000.parquet",
+            |b| samples(b).for_each(|s| s.rewards[0] += 1.0),
+            "(rewards)",
+        ),
+        (
+            "rollouts/w2/900000000001.parquet",
+            |b| samples(b).for_each(|s| s.behaviour_logps.iter_mut().for_each(|l| *l *= 1.05)),
+            "(logprob)",
+        ),
+        ("rollouts/w2/900000000002.parquet", |_| {}, "(duplicate)"),
+        (
+            "rollouts/w2/900000000003.parquet",
+            |_| {},
+            "worker `w2` is quarantined",
+        ),
+        (
+            "rollouts/cheat/900000000004.parquet",
+            |b| b.worker_id = "cheat".into(),
+            "(claim)",
+        ),
+        ("rollouts/cheat/900000000005.parquet", |_| {}, "(identity)"),
     ];
-    for (i, edit) in edits.iter().enumerate() {
-        let mut forged = original.clone();
-        forged.worker_id = "cheat".into();
-        for s in forged.groups.iter_mut().flat_map(|g| &mut g.samples) {
-            edit(s);
-        }
-        store
-            .put(
-                &format!("rollouts/cheat/{i:012}.parquet"),
-                grail_store::rollout_batch::encode(&forged).unwrap(),
-            )
-            .unwrap();
+    for (key, edit, _) in &objects {
+        let mut batch = original.clone();
+        edit(&mut batch);
+        let bytes = grail_store::rollout_batch::encode(&batch).unwrap();
+        store.put(key, bytes).unwrap();
     }
     let s = summary(trainer, "trainer");
     let acc = &s["accounting"];
     assert_eq!(acc["identity_holds"], true, "{acc}");
-    let samples: u64 = original.groups.iter().map(|g| g.samples.len() as u64).sum();
-    assert_eq!(acc["rejected"].as_u64().unwrap(), 4 * samples, "{acc}");
     let log = std::fs::read_to_string(dir.path().join("trainer.log")).unwrap();
-    for (i, why) in [
-        "verification (logprob)",
-        "verification (sketches)",
-        "verification (logprob)",
-        "worker `cheat` is quarantined",
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (key, _, why) in &objects {
         let line = log
             .lines()
-            .find(|l| l.contains(&format!("rollouts/cheat/{i:012}.parquet")))
-            .unwrap_or_else(|| panic!("object {i} refused:\n{log}"));
-        assert!(line.contains(why), "object {i}: {why}:\n{line}");
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("{key} refused:\n{log}"));
+        assert!(line.contains(why), "{key}: {why}:\n{line}");
     }
     assert!(
         !log.contains("rollouts/w1/"),
         "an honest object refused:\n{log}"
     );
+    assert!(log.contains("worker quarantined"), "{log}");
+    let n: u64 = original.groups.iter().map(|g| g.samples.len() as u64).sum();
+    let refused = &s["rollouts_refused"];
+    for (worker, reason, samples) in [
+        ("w2", "rewards", n),
+        ("w2", "logprob", n),
+        ("w2", "duplicate", n),
+        ("cheat", "claim", n),
+        ("cheat", "identity", n),
+    ] {
+        assert_eq!(
+            refused[worker][reason], samples,
+            "{worker} {reason}: {refused}"
+        );
+    }
+    assert!(
+        refused["w2"]["quarantined"].as_u64().unwrap() >= n,
+        "{refused}"
+    );
+    assert!(refused.get("w1").is_none(), "{refused}");
+    let total: u64 = refused
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|r| r.as_object().unwrap().values())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(acc["rejected"].as_u64().unwrap(), total, "{acc} {refused}");
     summary(honest, "w1");
+    summary(forged, "w2");
 }
 
 #[test]

@@ -96,6 +96,13 @@ pub fn rollout_key(worker: &str, seq: u64) -> String {
     format!("{ROLLOUTS}{worker}/{seq:012}.parquet")
 }
 
+/// The worker whose folder holds the rollout object at `key` (`rollouts/<worker>/<seq>.parquet`).
+pub fn rollout_worker(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(ROLLOUTS)?;
+    let (worker, _) = rest.split_once('/')?;
+    Some(worker)
+}
+
 /// A worker id must be one path segment of letters, digits, `-`, `_` and `.` (not first).
 pub fn check_worker_id(worker: &str) -> Result<(), crate::StoreError> {
     let valid = !worker.is_empty()

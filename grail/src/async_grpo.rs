@@ -27,10 +27,11 @@ use serde_json::json;
 
 use crate::checkpoint::{self, Accounting, RolloutCursor, RunState};
 use crate::config::GrpoConfig;
-use crate::evaluate::{HeldOut, generation_config};
+use crate::evaluate::HeldOut;
 use crate::output::MetricsLog;
 use crate::progress::Progress;
 use crate::rollout_ledger::Ledger;
+use crate::rollout_verification::RunRules;
 use crate::store_trainer::{StoreFeedback, StoreInbox, publish_manifest};
 
 /// The dtype weights travel to the rollout workers in.
@@ -120,15 +121,16 @@ pub(crate) fn train(phase: &Phase, trainer: &mut GrpoTrainer) -> Result<PhaseEnd
                     .map(|r| r.name.clone())
                     .collect(),
             };
-            let sampling = generation_config(cfg, &phase.tokenizer.eos_token_ids).sampling;
-            let inbox = StoreInbox::start(
-                store,
-                check,
-                &feedback,
-                g.prompts_per_step * 2,
-                sampling,
-                g.quarantine_after,
-            )?;
+            let rules = RunRules {
+                env: phase.train_env.clone(),
+                limits: *phase.limits,
+                generation: phase.generation.clone(),
+                claim_block: pool_config(cfg, phase.generation, phase.limits).prompts_per_batch
+                    as u64,
+                quarantine_after: g.quarantine_after,
+                verify_fraction: g.verify_fraction,
+            };
+            let inbox = StoreInbox::start(store, check, &feedback, g.prompts_per_step * 2, rules)?;
             tracing::info!(store = %store.location(""), "waiting for rollout workers");
             (
                 Rollouts::Store(inbox),
@@ -427,6 +429,10 @@ impl<'a> StepLog<'a> {
         line["pool_generated_during_step"] = json!(during);
         line["rollout_tokens_per_s"] = json!(rollout_tokens_per_s);
         line["pool_failed"] = json!(counters.failed.load(Ordering::SeqCst));
+        if let Some(inbox) = self.inbox {
+            // Samples in refused rollout objects so far, by worker and reason.
+            line["rollouts_refused"] = json!(inbox.refused_by());
+        }
         line["elapsed_s"] = json!(self.grpo_seconds());
         self.metrics_log.append(&line)?;
         self.curve.push((m.step, m.reward_mean, acc));

@@ -152,6 +152,9 @@ pub struct RolloutCursor {
     pub refused_samples: u64,
     /// Groups in refused objects.
     pub refused_groups: u64,
+    /// Samples in refused objects, by worker and reason.
+    #[serde(default)]
+    pub refused_by: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
     /// Groups settled by the trainer since the run began (`trainer/progress.json`).
     pub consumed_groups: u64,
 }

@@ -260,13 +260,22 @@ pub struct GrpoSection {
     /// With a store: a full copy of the weights every this many versions, deltas between
     /// (a worker that joins reads the newest full copy and the deltas after it). Default 10.
     pub weight_anchor_interval: u64,
-    /// With a store: the trainer recomputes every rollout object's samples with the weights
-    /// that sampled them (GRAIL sketches at 32 secret positions, every log-prob, the sampled
-    /// tokens against the sampling settings) and refuses an object any sample of which fails;
-    /// the workers commit to every token's hidden state for it. false trusts the workers (your
-    /// own machines). Without a store the pool is in the trainer's process and is not checked.
-    /// Default true.
+    /// With a store: the trainer checks every rollout object before any of its groups trains
+    /// and refuses the whole object when one check fails: each prompt is the environment's and
+    /// was claimed by the object's worker, each completion ends where generation stops, the
+    /// rewards are recomputed by the trainer's reward functions (and replace the worker's), no
+    /// prompt is accepted twice; and the groups `verify_fraction` picks are recomputed with the
+    /// weights that sampled them (GRAIL sketches at 32 secret positions, every log-prob, the
+    /// sampled tokens against the sampling settings). The workers commit to every token's
+    /// hidden state for it. false trusts the workers (your own machines). Without a store the
+    /// pool is in the trainer's process and is not checked. Default true.
     pub verify_rollouts: bool,
+    /// With `verify_rollouts`: the share of each object's groups (at least one, picked in
+    /// secret) whose samples are recomputed by the model; the other checks cover every group.
+    /// 1.0 recomputes everything (a forward per version of the whole object); the default,
+    /// 0.1, is grail's spot-check rate (docs/architecture.md gives the bound on what a cheater
+    /// can slip through). Default 0.1.
+    pub verify_fraction: f64,
     /// With `verify_rollouts`: after this many objects of one worker fail verification, its
     /// objects are refused unread (quarantined; 0 never). Default 3.
     pub quarantine_after: u64,
@@ -402,6 +411,7 @@ impl Default for GrpoSection {
             weight_sync: SyncMode::Delta,
             weight_anchor_interval: 10,
             verify_rollouts: true,
+            verify_fraction: 0.1,
             quarantine_after: 3,
             importance_sampling_correction: true,
             importance_sampling_mode: ImportanceSamplingMode::SequenceMask,
@@ -476,6 +486,13 @@ impl GrpoConfig {
         if let Some(id) = &self.worker_id {
             grail_store::layout::check_worker_id(id)
                 .map_err(|e| anyhow::anyhow!("config key `worker_id`: {e}"))?;
+        }
+        if !(g.verify_fraction > 0.0 && g.verify_fraction <= 1.0) {
+            bail!(
+                "config key `grpo.verify_fraction` = {}: must be in (0, 1] (turn verification \
+                 off with grpo.verify_rollouts = false)",
+                g.verify_fraction
+            );
         }
         if g.weight_anchor_interval == 0 {
             bail!("config key `grpo.weight_anchor_interval` = 0: must be at least 1");

@@ -33,6 +33,8 @@ pub(crate) struct Ledger {
     pub refused_samples: u64,
     /// Groups in objects refused by the check.
     pub refused_groups: u64,
+    /// Samples in objects refused by the check, by worker and reason.
+    pub refused_by: BTreeMap<String, BTreeMap<String, u64>>,
     /// Objects refused or undecodable in this attempt.
     pub faults: u64,
     /// Samples accepted but not handed to the trainer when it stopped.
@@ -47,6 +49,7 @@ impl Ledger {
             decoded: base.decoded.clone(),
             refused_samples: base.refused_samples,
             refused_groups: base.refused_groups,
+            refused_by: base.refused_by.clone(),
             base,
             ..Self::default()
         }
@@ -89,11 +92,25 @@ impl Ledger {
         });
     }
 
-    /// `key`, from `worker`, with `groups` groups of `samples` samples in all, failed the check.
-    pub(crate) fn refused(&mut self, key: String, worker: String, groups: usize, samples: u64) {
+    /// `key`, from `worker`, with `groups` groups of `samples` samples in all, failed the check
+    /// for `reason`.
+    pub(crate) fn refused(
+        &mut self,
+        key: String,
+        worker: String,
+        reason: &str,
+        groups: usize,
+        samples: u64,
+    ) {
         self.faults += 1;
         self.refused_samples += samples;
         self.refused_groups += groups as u64;
+        *self
+            .refused_by
+            .entry(worker.clone())
+            .or_default()
+            .entry(reason.to_string())
+            .or_default() += samples;
         *self.decoded.entry(worker.clone()).or_default() += samples;
         self.entries.push(Entry {
             key,
@@ -133,6 +150,7 @@ impl Ledger {
             consumed_groups: self.consumed_groups(settled),
             refused_samples: self.refused_samples,
             refused_groups: self.refused_groups,
+            refused_by: self.refused_by.clone(),
             ..self.base.clone()
         };
         let mut left = settled;
@@ -171,7 +189,7 @@ mod tests {
     fn ledger() -> Ledger {
         let mut l = Ledger::resume(None);
         l.handed("a".into(), "w".into(), 4, 0, 40);
-        l.refused("b".into(), "v".into(), 2, 20);
+        l.refused("b".into(), "v".into(), "logprob", 2, 20);
         l.handed("c".into(), "w".into(), 4, 0, 40);
         l.undecodable("d".into());
         l.handed("e".into(), "v".into(), 4, 0, 40);

@@ -1,22 +1,29 @@
 //! The trainer's check of rollout objects from workers it does not control (`grpo.verify_rollouts`,
-//! on by default with a store): every group is recomputed with the weights of the versions that
-//! sampled it ([`grail_rollout::verify`]) before any of the object's groups can train, and a
-//! worker whose objects keep failing is quarantined.
+//! on by default with a store), before any of an object's groups can train: every prompt lies in
+//! a block its worker claimed and is the environment's prompt for its index, every completion
+//! ends where the run's generation stops, the rewards are recomputed by the trainer's own
+//! reward functions ([`grail_rollout::group_check`]), every token is recomputed with the weights
+//! of the version that sampled it ([`grail_rollout::verify`]), and no prompt is accepted twice.
+//! A worker whose objects keep failing is quarantined.
 //!
 //! The workers commit to their hidden states with the sketch seed the trainer publishes in the
 //! run's manifest (`run/sketch_seed`, kept across resumes so running workers stay valid); the
 //! positions it challenges come from a secret that never leaves this process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use burn::module::Module;
 use grail_core::model::{CausalLm, NamedTensorSource};
-use grail_protocol::{NamedTensor, PolicyVersion};
-use grail_rollout::sampling::SamplingConfig;
+use grail_protocol::{NamedTensor, PolicyVersion, Sample};
+use grail_rollout::generate::GenerationConfig;
+use grail_rollout::group_check::check_group;
 use grail_rollout::verify::{Rejection, RolloutVerifier};
+use grail_rollout::{Environment, PromptLimits};
 use grail_store::{RolloutBatch, Store, layout};
+
+use crate::evaluate::prompt_at;
 
 /// The run's sketch seed: the one already in the store (a resumed trainer's workers use it),
 /// else a new random one, written there.
@@ -90,67 +97,225 @@ impl RecentPolicies {
     }
 }
 
-/// The inbox's verification state.
+/// Why an object is refused: a short name (per-worker, per-reason counts) and the message logged.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// `identity`, `schema`, `quarantined`, `claim`, `duplicate`, `store`, or a
+    /// [`Rejection::reason`].
+    pub reason: &'static str,
+    /// What was wrong, naming the prompt and sample.
+    pub message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(reason: &'static str, message: String) -> Self {
+        Self { reason, message }
+    }
+}
+
+/// What the verification checks a rollout object against: the run's prompts and rewards, its
+/// generation settings, its prompt claims and the weights the workers sampled with.
 pub(crate) struct Verification {
     verifier: RolloutVerifier,
     policies: RecentPolicies,
+    env: Arc<dyn Environment>,
+    limits: PromptLimits,
+    generation: GenerationConfig,
+    store: Store,
+    /// Prompts per claimed block.
+    claim_block: u64,
+    /// Claimed blocks and their workers (a claim is written once, so it is read once).
+    claims: HashMap<u64, String>,
+    /// Prompts whose groups were accepted in this attempt, and from which worker (an object
+    /// from before a resume names versions the trainer no longer holds: refused anyway).
+    accepted: HashMap<u64, String>,
     /// Failed objects per worker.
     failures: BTreeMap<String, u64>,
     /// Failed objects after which a worker's objects are refused unread (0: never).
     quarantine_after: u64,
+    /// The share of each object's groups the model recomputes.
+    verify_fraction: f64,
+}
+
+/// The run's settings a [`Verification`] checks against.
+pub(crate) struct RunRules {
+    /// The training environment (prompts by index, reward functions).
+    pub env: Arc<dyn Environment>,
+    /// The prompt limits the workers apply.
+    pub limits: PromptLimits,
+    /// The workers' generation settings (sampling, EOS, stop sequences, length).
+    pub generation: GenerationConfig,
+    /// Prompts per block a worker claims.
+    pub claim_block: u64,
+    /// Failed objects after which a worker is quarantined (0: never).
+    pub quarantine_after: u64,
+    /// The share of each object's groups the model recomputes (at least one).
+    pub verify_fraction: f64,
 }
 
 impl Verification {
-    /// Checks with `seed` (published) and a fresh secret, against the run's `sampling`.
+    /// Checks with `seed` (published) and a fresh secret against `rules` and `policies`.
     pub(crate) fn new(
+        store: Store,
         seed: [u8; 32],
-        sampling: SamplingConfig,
         policies: RecentPolicies,
-        quarantine_after: u64,
+        rules: RunRules,
     ) -> Self {
         Self {
-            verifier: RolloutVerifier::new(seed, rand::random(), sampling),
+            verifier: RolloutVerifier::new(seed, rand::random(), rules.generation.sampling.clone()),
             policies,
+            env: rules.env,
+            limits: rules.limits,
+            generation: rules.generation,
+            store,
+            claim_block: rules.claim_block.max(1),
+            claims: HashMap::new(),
+            accepted: HashMap::new(),
             failures: BTreeMap::new(),
-            quarantine_after,
+            quarantine_after: rules.quarantine_after,
+            verify_fraction: rules.verify_fraction,
         }
     }
 
-    /// Why `batch` must be refused, if it must: its worker is quarantined, or one of its
-    /// samples fails the check (the first one found, named).
-    pub(crate) fn check(&mut self, batch: &RolloutBatch) -> Result<(), String> {
-        let worker = &batch.worker_id;
-        let failed = self.failures.get(worker).copied().unwrap_or(0);
+    /// Why `batch` must be refused, if it must: its worker is quarantined, sent a prompt it did
+    /// not claim, a group that fails a check, or a prompt already accepted. An accepted
+    /// object's rewards are replaced by the environment's. Its worker is the one whose folder
+    /// holds it (the caller checked).
+    pub(crate) fn check(&mut self, batch: &mut RolloutBatch) -> Result<(), Refusal> {
+        let worker = batch.worker_id.clone();
+        let failed = self.failures.get(&worker).copied().unwrap_or(0);
         if self.quarantine_after > 0 && failed >= self.quarantine_after {
-            return Err(format!(
-                "worker `{worker}` is quarantined ({failed} objects failed verification)"
+            return Err(Refusal::new(
+                "quarantined",
+                format!("worker `{worker}` is quarantined ({failed} objects failed verification)"),
             ));
         }
-        let at = |v: PolicyVersion| self.policies.get(v);
-        for g in &batch.groups {
-            for (i, s) in g.samples.iter().enumerate() {
-                let Err(why) = self.verifier.check(&at, &g.prompt_ids, s) else {
-                    continue;
-                };
-                // Weights the trainer no longer holds (stale, or before a resume) say nothing
-                // about the worker's honesty.
-                if !matches!(why, Rejection::UnknownVersion { .. }) {
-                    let n = self.failures.entry(worker.clone()).or_default();
-                    *n += 1;
-                    if self.quarantine_after > 0 && *n == self.quarantine_after {
-                        tracing::warn!(
-                            worker = %worker,
-                            "worker quarantined: {n} objects failed verification; its objects are refused from now on"
-                        );
-                    }
+        let refusal = match self.find_fault(batch) {
+            Ok(()) => {
+                for g in &batch.groups {
+                    self.accepted.insert(g.prompt_id, worker.clone());
                 }
-                return Err(format!(
-                    "verification ({}): prompt {} sample {i}: {why}",
-                    why.reason(),
-                    g.prompt_id
+                return Ok(());
+            }
+            Err(refusal) => refusal,
+        };
+        // Weights the trainer no longer holds (stale, or before a resume) and the store's own
+        // errors say nothing about the worker's honesty.
+        if !matches!(refusal.reason, "unknown_version" | "store") {
+            let n = self.failures.entry(worker.clone()).or_default();
+            *n += 1;
+            if self.quarantine_after > 0 && *n == self.quarantine_after {
+                tracing::warn!(
+                    worker = %worker,
+                    "worker quarantined: {n} objects failed verification; its objects are refused from now on"
+                );
+            }
+        }
+        Err(refusal)
+    }
+
+    /// The first fault of `batch`, cheapest checks first: the model's forward comes last but
+    /// one, and the duplicate check last (a replayed group passes every other check).
+    fn find_fault(&mut self, batch: &mut RolloutBatch) -> Result<(), Refusal> {
+        let worker = batch.worker_id.as_str();
+        for g in batch.groups.iter_mut() {
+            let block = g.prompt_id / self.claim_block;
+            let claimant = self.claimant(block)?;
+            if claimant.as_deref() != Some(worker) {
+                let by = claimant.map_or("nobody".to_string(), |w| format!("worker `{w}`"));
+                return Err(Refusal::new(
+                    "claim",
+                    format!(
+                        "prompt {}: its block {block} was claimed by {by}, not `{worker}`",
+                        g.prompt_id
+                    ),
+                ));
+            }
+            let prompt = match prompt_at(self.env.as_ref(), g.prompt_id, &self.limits) {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    return Err(Refusal::new(
+                        "prompt",
+                        format!("prompt {}: the environment has no such prompt", g.prompt_id),
+                    ));
+                }
+                Err(e) => {
+                    return Err(Refusal::new(
+                        "prompt",
+                        format!("prompt {}: {e:#}", g.prompt_id),
+                    ));
+                }
+            };
+            if let Err((i, why)) = check_group(self.env.as_ref(), &prompt, &self.generation, g) {
+                return Err(rejected(g.prompt_id, i, why));
+            }
+        }
+        // The groups the model recomputes, picked in secret, all their samples in packed
+        // forwards (one per version that sampled them).
+        let groups = batch.groups.len();
+        let picked =
+            ((self.verify_fraction * groups as f64).ceil() as usize).clamp(1, groups.max(1));
+        let mut picked =
+            rand::seq::index::sample(&mut rand::rng(), groups, picked.min(groups)).into_vec();
+        picked.sort_unstable();
+        let items: Vec<(u64, usize, &[u32], &Sample)> = picked
+            .iter()
+            .flat_map(|&g| {
+                let g = &batch.groups[g];
+                g.samples
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, s)| (g.prompt_id, i, g.prompt_ids.as_slice(), s))
+            })
+            .collect();
+        let pairs: Vec<(&[u32], &Sample)> = items.iter().map(|&(_, _, p, s)| (p, s)).collect();
+        let at = |v: PolicyVersion| self.policies.get(v);
+        let results = self.verifier.check_all(&at, &pairs);
+        if let Some((&(prompt_id, i, _, _), Err(why))) =
+            items.iter().zip(results).find(|(_, r)| r.is_err())
+        {
+            return Err(rejected(prompt_id, i, why));
+        }
+        let mut seen = HashSet::new();
+        for g in &batch.groups {
+            let id = g.prompt_id;
+            let earlier = match self.accepted.get(&id) {
+                Some(w) => Some(format!("was already accepted from worker `{w}`")),
+                None if !seen.insert(id) => Some("comes twice in this object".to_string()),
+                None => None,
+            };
+            if let Some(earlier) = earlier {
+                return Err(Refusal::new(
+                    "duplicate",
+                    format!("prompt {id}: a group {earlier}"),
                 ));
             }
         }
         Ok(())
     }
+
+    /// The worker that claimed prompt block `block`, if any.
+    fn claimant(&mut self, block: u64) -> Result<Option<String>, Refusal> {
+        if let Some(w) = self.claims.get(&block) {
+            return Ok(Some(w.clone()));
+        }
+        let key = layout::claim_key(block);
+        let bytes = self
+            .store
+            .get(&key)
+            .map_err(|e| Refusal::new("store", format!("reading {key}: {e}")))?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let worker = String::from_utf8_lossy(&bytes).trim().to_string();
+        self.claims.insert(block, worker.clone());
+        Ok(Some(worker))
+    }
+}
+
+fn rejected(prompt_id: u64, sample: usize, why: Rejection) -> Refusal {
+    Refusal::new(
+        why.reason(),
+        format!("prompt {prompt_id} sample {sample}: {why}"),
+    )
 }

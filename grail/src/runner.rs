@@ -302,6 +302,7 @@ fn run_grpo(grpo: &Grpo, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         plot,
         overlapped_steps: end.state.overlapped_steps,
         accounting: end.state.accounting.to_json(),
+        rollouts_refused: end.state.rollouts.map(|r| r.refused_by).unwrap_or_default(),
     })
 }
 

@@ -3,6 +3,7 @@
 //! into groups on the channel the trainer reads, and at the end it marks the run finished and
 //! accounts for every sample the workers report.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -13,7 +14,6 @@ use grail_core::model::{CausalLm, named_tensors};
 use grail_core::tokenizer::Tokenizer;
 use grail_protocol::{Group, PolicyVersion, WireDtype};
 use grail_rollout::pool::PoolCounters;
-use grail_rollout::sampling::SamplingConfig;
 use grail_store::progress::{self, TrainerProgress, WorkerCounters};
 use grail_store::rollout_batch::decode;
 use grail_store::{
@@ -24,7 +24,7 @@ use grail_trainer::{Feedback, TrainerError};
 use crate::checkpoint::{Accounting, RolloutCursor};
 use crate::config::GrpoConfig;
 use crate::rollout_ledger::Ledger;
-use crate::rollout_verification::{RecentPolicies, Verification, sketch_seed};
+use crate::rollout_verification::{RecentPolicies, Refusal, RunRules, Verification, sketch_seed};
 
 /// The dtype weights travel in.
 const WIRE: WireDtype = WireDtype::Bf16;
@@ -232,21 +232,20 @@ pub(crate) struct StoreInbox {
 impl StoreInbox {
     /// Starts reading the rollout objects `feedback`'s ledger has not settled, checking each
     /// against `check` and the newest version `feedback` published, and, when `feedback` keeps
-    /// the weights for it, verifying each against the run's `sampling`.
+    /// the weights for it, verifying each against the run's `rules`.
     pub(crate) fn start(
         store: &Store,
         check: RolloutCheck,
         feedback: &StoreFeedback,
         capacity: usize,
-        sampling: SamplingConfig,
-        quarantine_after: u64,
+        rules: RunRules,
     ) -> Result<Self> {
         let verification = match &feedback.policies {
             Some((policies, _)) => Some(Verification::new(
+                store.clone(),
                 sketch_seed(store)?,
-                sampling,
                 policies.clone(),
-                quarantine_after,
+                rules,
             )),
             None => None,
         };
@@ -281,6 +280,11 @@ impl StoreInbox {
             ledger,
             thread: Some(thread),
         })
+    }
+
+    /// Samples in refused objects so far, by worker and reason (over every attempt).
+    pub(crate) fn refused_by(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        lock(&self.ledger).refused_by.clone()
     }
 
     /// The cursor a checkpoint saves once the trainer has settled `settled` groups of this
@@ -443,17 +447,30 @@ impl Inbox {
             .map(|g| g.samples.len() as u64)
             .sum::<u64>();
         let newest = self.newest.load(Ordering::SeqCst);
-        let mut checked = self.check.check(&batch, newest);
+        // The folder is the worker's identity (what the store lets it write); the id inside
+        // the object is only its claim.
+        let folder = layout::rollout_worker(&key).unwrap_or_default().to_string();
+        let mut checked = if folder == batch.worker_id {
+            let schema = self.check.check(&batch, newest);
+            schema.map_err(|message| Refusal::new("schema", message))
+        } else {
+            Err(Refusal::new(
+                "identity",
+                format!("the object claims worker `{}`", batch.worker_id),
+            ))
+        };
         if let (Ok(()), Some(v)) = (&checked, &mut self.verification) {
-            checked = v.check(&batch);
+            checked = v.check(&mut batch);
         }
         if let Err(why) = checked {
             tracing::warn!(
                 key = %self.store.location(&key),
-                "rollout object refused: {why}"
+                "rollout object refused ({}): {}",
+                why.reason,
+                why.message
             );
             let groups = batch.groups.len();
-            lock(&self.ledger).refused(key, batch.worker_id, groups, samples);
+            lock(&self.ledger).refused(key, folder, why.reason, groups, samples);
             if let Err(e) = put_progress(&self.store, &self.progress, &self.ledger, |_| {}) {
                 // The next version or consumed count publishes it again.
                 tracing::warn!("publishing the refused groups: {e}");

@@ -32,6 +32,12 @@ pub struct RunSummary {
     /// Pool and trainer sample accounting ([`Accounting`](crate::checkpoint::Accounting) with `identity_holds`), over every
     /// attempt of a resumed run.
     pub accounting: serde_json::Value,
+    /// With a store: samples in the rollout objects the trainer refused, by worker and reason
+    /// (`schema`, `identity`, `claim`, `prompt`, `termination`, `rewards`, `logprob`,
+    /// `sketches`, `duplicate`, `quarantined`, ...); they sum to the accounting's `rejected`
+    /// less the samples of objects that could not be decoded.
+    pub rollouts_refused:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
 }
 
 /// Prints the end-of-run table (stderr) and the summary JSON line (stdout, last line).
@@ -53,6 +59,13 @@ pub fn report(summary: &RunSummary) {
     eprintln!("  metrics    {}", summary.metrics.display());
     if let Some(p) = &summary.plot {
         eprintln!("  plot       {}", p.display());
+    }
+    for (worker, reasons) in &summary.rollouts_refused {
+        let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        eprintln!(
+            "  refused from worker {worker}: {} samples",
+            reasons.join(", ")
+        );
     }
     println!(
         "{}",
