@@ -275,9 +275,9 @@ fn a_token_the_sampler_could_not_draw_is_caught_even_with_its_true_log_prob() {
 
 /// Completions generated on the device `GRAIL_TEST_DEVICE` names (lavapipe in CI: another
 /// backend's arithmetic, the cross-GPU case in small) with the weights the verifier holds on
-/// Flex: prints how far the worker's sketches and log-probs drift from Flex's over every
-/// position, and checks that the default rule (every challenged sketch exactly equal) rejects
-/// none of them.
+/// Flex, at two batch sizes and across an in-flight weight update: prints how far the worker's
+/// sketches and log-probs drift from Flex's over every position, and checks that the default
+/// rule (every challenged sketch exactly equal) rejects none of them.
 #[test]
 fn completions_from_another_backend_pass_the_default_rule() {
     let Some(name) = grail_testkit::kernel_test_device("cross-backend verification") else {
@@ -286,7 +286,7 @@ fn completions_from_another_backend_pass_the_default_rule() {
     let device = grail_core::device::parse_device(&name)
         .unwrap_or_else(|e| panic!("GRAIL_TEST_DEVICE={name}: {e}"));
     // Wider than the other tests' model: 256 activations to pick the sketch's 16 from.
-    let config = grail_core::model::ModelConfig::builder()
+    let shape = grail_core::model::ModelConfig::builder()
         .vocab_size(64)
         .hidden_size(256)
         .intermediate_size(512)
@@ -297,29 +297,39 @@ fn completions_from_another_backend_pass_the_default_rule() {
         .tie_word_embeddings(true)
         .build()
         .unwrap();
-    let flex = CausalLm::init(&config, 1, &Device::flex());
-    let tensors = grail_core::model::named_tensors(&flex, grail_protocol::WireDtype::F32);
-    let worker = CausalLm::build(
-        &flex.config,
-        &mut grail_core::model::NamedTensorSource::new(&tensors, &device),
-    )
-    .unwrap();
+    let on_device = |m: &CausalLm| {
+        let tensors = grail_core::model::named_tensors(m, grail_protocol::WireDtype::F32);
+        let mut source = grail_core::model::NamedTensorSource::new(&tensors, &device);
+        CausalLm::build(&m.config, &mut source).unwrap()
+    };
+    let flex = [1, 2].map(|seed| CausalLm::init(&shape, seed, &Device::flex()));
+    let worker = on_device(&flex[0]);
     let mut out = Vec::new();
     for max_batch in [8, 32] {
         out.extend(generated(&worker, max_batch, 32));
     }
+    // Version 1 arrives mid-completion.
+    let (switched, _) =
+        generate_switching(&worker, &on_device(&flex[1]), &config(8), requests(32), 8);
+    assert!(
+        switched
+            .iter()
+            .any(|g| g.versions.windows(2).any(|w| w[0] != w[1]))
+    );
     // The drift, over every position (not only the challenged ones).
     let coefficients = grail_protocol::proof::SketchCoefficients::for_version(&SEED, 0);
     let (mut positions, mut equal, mut worst_sketch, mut worst_logp) = (0, 0, 0u32, 0f32);
     for g in &out {
-        let hidden = flex.completion_hidden(&g.request.prompt, &g.ids).unwrap();
-        let logps = flex.token_logprobs(hidden.clone(), &g.ids, 0.9);
+        let hidden = flex[0]
+            .completion_hidden(&g.request.prompt, &g.ids)
+            .unwrap();
+        let logps = flex[0].token_logprobs(hidden.clone(), &g.ids, 0.9);
         let hidden = hidden
             .into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()
             .unwrap();
-        let sketches = coefficients.sketches(&hidden, flex.config.hidden_size);
+        let sketches = coefficients.sketches(&hidden, shape.hidden_size);
         for j in 0..g.ids.len() {
             let d = grail_protocol::proof::sketch_distance(g.sketches[j], sketches[j]);
             positions += 1;
@@ -334,13 +344,14 @@ fn completions_from_another_backend_pass_the_default_rule() {
         out.len()
     );
     let v = verifier();
+    out.extend(switched);
     let samples: Vec<Sample> = out.iter().map(sample).collect();
     let items: Vec<(&[u32], &Sample)> = out
         .iter()
         .zip(&samples)
         .map(|(g, s)| (g.request.prompt.as_slice(), s))
         .collect();
-    let at = |_| Some(flex.clone());
+    let at = |v: PolicyVersion| flex.get(v as usize).cloned();
     let rejected: Vec<Rejection> = v
         .check_all(&at, &items)
         .into_iter()
@@ -350,6 +361,10 @@ fn completions_from_another_backend_pass_the_default_rule() {
         rejected.is_empty(),
         "{} of {}: {rejected:?}",
         rejected.len(),
+        out.len()
+    );
+    eprintln!(
+        "{} completions generated on {name} (batch 8 and 32, an in-flight update), none rejected",
         out.len()
     );
 }
