@@ -192,8 +192,10 @@ impl Tokenizer {
         Ok(tok)
     }
 
-    /// Writes `tokenizer.json` (and a `tokenizer_config.json` with the special tokens and chat
-    /// template) to `dir`.
+    /// Writes `tokenizer.json`, a `tokenizer_config.json` with the special tokens and chat
+    /// template, and a `generation_config.json` with every end-of-sequence id to `dir`, so that
+    /// [`from_dir`](Self::from_dir) reads back the same tokenizer (a rollout worker given the
+    /// run's tokenizer stops where the trainer's generation stops).
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| GrailError::io(dir, e))?;
@@ -212,6 +214,16 @@ impl Tokenizer {
         atomic::write_file(
             &dir.join("tokenizer_config.json"),
             serde_json::to_string_pretty(&cfg)
+                .expect("JSON value")
+                .as_bytes(),
+        )?;
+        if self.eos_token_ids.is_empty() {
+            return Ok(());
+        }
+        let generation = serde_json::json!({ "eos_token_id": self.eos_token_ids });
+        atomic::write_file(
+            &dir.join("generation_config.json"),
+            serde_json::to_string_pretty(&generation)
                 .expect("JSON value")
                 .as_bytes(),
         )

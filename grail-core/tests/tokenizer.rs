@@ -72,6 +72,13 @@ fn save_and_load_from_dir_keeps_specials_and_template() {
     .unwrap();
     let loaded = Tokenizer::from_dir(dir.path()).unwrap();
     assert_eq!(loaded.eos_token_ids, vec![0, 2]);
+    // Saved again (as the run manifest and checkpoints save it), every end-of-sequence id stays.
+    let again = tempfile::tempdir().unwrap();
+    loaded.save(again.path()).unwrap();
+    assert_eq!(
+        Tokenizer::from_dir(again.path()).unwrap().eos_token_ids,
+        vec![0, 2]
+    );
     assert_eq!(
         loaded.encode(CORPUS[0], false).unwrap(),
         tok.encode(CORPUS[0], false).unwrap()

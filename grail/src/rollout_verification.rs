@@ -11,12 +11,13 @@
 //! positions it challenges come from a secret that never leaves this process.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use burn::module::Module;
 use grail_core::model::{CausalLm, NamedTensorSource};
-use grail_protocol::{NamedTensor, PolicyVersion, Sample};
+use grail_protocol::{Group, NamedTensor, PolicyVersion, Sample};
 use grail_rollout::generate::GenerationConfig;
 use grail_rollout::group_check::check_group;
 use grail_rollout::verify::{Rejection, RolloutVerifier};
@@ -91,6 +92,12 @@ impl RecentPolicies {
         Ok(())
     }
 
+    /// Whether the weights of `version` are held.
+    fn holds(&self, version: PolicyVersion) -> bool {
+        let models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        models.contains_key(&version)
+    }
+
     fn get(&self, version: PolicyVersion) -> Option<CausalLm> {
         let models = self.models.lock().unwrap_or_else(|p| p.into_inner());
         models.get(&version).cloned()
@@ -129,6 +136,9 @@ pub(crate) struct Verification {
     /// Prompts whose groups were accepted in this attempt, and from which worker (an object
     /// from before a resume names versions the trainer no longer holds: refused anyway).
     accepted: HashMap<u64, String>,
+    /// Hashes of the accepted groups' prompts, tokens and log-probs: a group copied under
+    /// another index of the same prompt text (datasets wrap around) is still a copy.
+    accepted_groups: HashMap<u64, String>,
     /// Failed objects per worker.
     failures: BTreeMap<String, u64>,
     /// Failed objects after which a worker's objects are refused unread (0: never).
@@ -171,6 +181,7 @@ impl Verification {
             claim_block: rules.claim_block.max(1),
             claims: HashMap::new(),
             accepted: HashMap::new(),
+            accepted_groups: HashMap::new(),
             failures: BTreeMap::new(),
             quarantine_after: rules.quarantine_after,
             verify_fraction: rules.verify_fraction,
@@ -194,14 +205,15 @@ impl Verification {
             Ok(()) => {
                 for g in &batch.groups {
                     self.accepted.insert(g.prompt_id, worker.clone());
+                    self.accepted_groups.insert(group_hash(g), worker.clone());
                 }
                 return Ok(());
             }
             Err(refusal) => refusal,
         };
-        // Weights the trainer no longer holds (stale, or before a resume) and the store's own
-        // errors say nothing about the worker's honesty.
-        if !matches!(refusal.reason, "unknown_version" | "store") {
+        // Weights the trainer no longer holds (stale, or before a resume), the store's errors
+        // and the trainer's own forward failing say nothing about the worker's honesty.
+        if !matches!(refusal.reason, "unknown_version" | "store" | "forward") {
             let n = self.failures.entry(worker.clone()).or_default();
             *n += 1;
             if self.quarantine_after > 0 && *n == self.quarantine_after {
@@ -250,6 +262,20 @@ impl Verification {
                 return Err(rejected(g.prompt_id, i, why));
             }
         }
+        // Every group's versions, not only the picked ones: labels from before a resume must
+        // not ride along with a group that passes.
+        for g in &batch.groups {
+            for (i, s) in g.samples.iter().enumerate() {
+                if let Some(&version) = s.token_versions.iter().find(|&&v| !self.policies.holds(v))
+                {
+                    return Err(rejected(
+                        g.prompt_id,
+                        i,
+                        Rejection::UnknownVersion { version },
+                    ));
+                }
+            }
+        }
         // The groups the model recomputes, picked in secret, all their samples in packed
         // forwards (one per version that sampled them).
         let groups = batch.groups.len();
@@ -276,13 +302,16 @@ impl Verification {
         {
             return Err(rejected(prompt_id, i, why));
         }
-        let mut seen = HashSet::new();
+        let (mut seen, mut seen_groups) = (HashSet::new(), HashSet::new());
         for g in &batch.groups {
-            let id = g.prompt_id;
-            let earlier = match self.accepted.get(&id) {
-                Some(w) => Some(format!("was already accepted from worker `{w}`")),
-                None if !seen.insert(id) => Some("comes twice in this object".to_string()),
-                None => None,
+            let (id, hash) = (g.prompt_id, group_hash(g));
+            let earlier = match (self.accepted.get(&id), self.accepted_groups.get(&hash)) {
+                (Some(w), _) => Some(format!("was already accepted from worker `{w}`")),
+                (None, Some(w)) => Some(format!("equal to one accepted from worker `{w}`")),
+                _ if !seen.insert(id) || !seen_groups.insert(hash) => {
+                    Some("comes twice in this object".to_string())
+                }
+                _ => None,
             };
             if let Some(earlier) = earlier {
                 return Err(Refusal::new(
@@ -311,6 +340,20 @@ impl Verification {
         self.claims.insert(block, worker.clone());
         Ok(Some(worker))
     }
+}
+
+/// A hash of what makes `group` the worker's: its prompt and every sample's tokens and
+/// log-probs (an honest group sampled again from the same prompt differs in them).
+fn group_hash(group: &Group) -> u64 {
+    let mut h = DefaultHasher::new();
+    group.prompt_ids.hash(&mut h);
+    for s in &group.samples {
+        s.completion_ids.hash(&mut h);
+        for l in &s.behaviour_logps {
+            l.to_bits().hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 fn rejected(prompt_id: u64, sample: usize, why: Rejection) -> Refusal {
