@@ -92,8 +92,8 @@ impl Ledger {
         });
     }
 
-    /// `key`, from `worker`, with `groups` groups of `samples` samples in all, failed the check
-    /// for `reason`.
+    /// `key`, from `worker` (`samples` samples in all), failed the check for `reason`: its
+    /// `groups` groups of `refused` samples not settled before this attempt are refused.
     pub(crate) fn refused(
         &mut self,
         key: String,
@@ -101,16 +101,17 @@ impl Ledger {
         reason: &str,
         groups: usize,
         samples: u64,
+        refused: u64,
     ) {
         self.faults += 1;
-        self.refused_samples += samples;
+        self.refused_samples += refused;
         self.refused_groups += groups as u64;
         *self
             .refused_by
             .entry(worker.clone())
             .or_default()
             .entry(reason.to_string())
-            .or_default() += samples;
+            .or_default() += refused;
         *self.decoded.entry(worker.clone()).or_default() += samples;
         self.entries.push(Entry {
             key,
@@ -189,7 +190,7 @@ mod tests {
     fn ledger() -> Ledger {
         let mut l = Ledger::resume(None);
         l.handed("a".into(), "w".into(), 4, 0, 40);
-        l.refused("b".into(), "v".into(), "logprob", 2, 20);
+        l.refused("b".into(), "v".into(), "logprob", 2, 20, 20);
         l.handed("c".into(), "w".into(), 4, 0, 40);
         l.undecodable("d".into());
         l.handed("e".into(), "v".into(), 4, 0, 40);
@@ -211,6 +212,22 @@ mod tests {
         );
         let c = ledger().cursor(8);
         assert_eq!(c.settled, ["a", "b", "c", "d"]);
+        assert_eq!(c.partial, None);
+    }
+
+    #[test]
+    fn a_refused_object_in_progress_at_a_resume_refuses_only_its_unsettled_groups() {
+        // c's first 2 groups (20 samples) trained before the checkpoint; the resumed attempt
+        // refuses c (its versions are no longer held): the other 2 groups are refused.
+        let mut l = Ledger::resume(Some(ledger().cursor(6)));
+        l.refused("c".into(), "w".into(), "unknown_version", 2, 40, 20);
+        let c = l.cursor(0);
+        assert_eq!(
+            (c.refused_samples, c.refused_groups, c.consumed_groups),
+            (40, 4, 6)
+        );
+        assert_eq!(c.refused_by["w"]["unknown_version"], 20);
+        assert_eq!(c.decoded["w"], 80);
         assert_eq!(c.partial, None);
     }
 

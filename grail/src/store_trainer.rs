@@ -324,7 +324,8 @@ impl StoreInbox {
                     .iter()
                     .map(|g| g.samples.len() as u64)
                     .sum::<u64>();
-                *seen.decoded.entry(batch.worker_id).or_default() += n;
+                let folder = layout::rollout_worker(&key).unwrap_or_default();
+                *seen.decoded.entry(folder.to_string()).or_default() += n;
                 left_in_store += n;
             }
         }
@@ -462,6 +463,7 @@ impl Inbox {
         if let (Ok(()), Some(v)) = (&checked, &mut self.verification) {
             checked = v.check(&mut batch);
         }
+        let skipped = lock(&self.ledger).skip(&key).min(batch.groups.len());
         if let Err(why) = checked {
             tracing::warn!(
                 key = %self.store.location(&key),
@@ -469,15 +471,19 @@ impl Inbox {
                 why.reason,
                 why.message
             );
-            let groups = batch.groups.len();
-            lock(&self.ledger).refused(key, folder, why.reason, groups, samples);
+            // Groups settled before a resume (the object was in progress) are counted as
+            // consumed already: only the rest are refused.
+            let rest = &batch.groups[skipped..];
+            let refused = rest.iter().map(|g| g.samples.len() as u64).sum();
+            let mut ledger = lock(&self.ledger);
+            ledger.refused(key, folder, why.reason, rest.len(), samples, refused);
+            drop(ledger);
             if let Err(e) = put_progress(&self.store, &self.progress, &self.ledger, |_| {}) {
                 // The next version or consumed count publishes it again.
                 tracing::warn!("publishing the refused groups: {e}");
             }
             return;
         }
-        let skipped = lock(&self.ledger).skip(&key).min(batch.groups.len());
         let groups: Vec<Group> = batch.groups.drain(skipped..).collect();
         lock(&self.ledger).handed(key, batch.worker_id, groups.len(), skipped, samples);
         self.hand_over(groups);
