@@ -10,7 +10,7 @@
 //! run's manifest (`run/sketch_seed`, kept across resumes so running workers stay valid); the
 //! positions it challenges come from a secret that never leaves this process.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
@@ -92,10 +92,10 @@ impl RecentPolicies {
         Ok(())
     }
 
-    /// Whether the weights of `version` are held.
-    fn holds(&self, version: PolicyVersion) -> bool {
+    /// The versions whose weights are held.
+    fn versions(&self) -> BTreeSet<PolicyVersion> {
         let models = self.models.lock().unwrap_or_else(|p| p.into_inner());
-        models.contains_key(&version)
+        models.keys().copied().collect()
     }
 
     fn get(&self, version: PolicyVersion) -> Option<CausalLm> {
@@ -264,10 +264,10 @@ impl Verification {
         }
         // Every group's versions, not only the picked ones: labels from before a resume must
         // not ride along with a group that passes.
+        let held = self.policies.versions();
         for g in &batch.groups {
             for (i, s) in g.samples.iter().enumerate() {
-                if let Some(&version) = s.token_versions.iter().find(|&&v| !self.policies.holds(v))
-                {
+                if let Some(&version) = s.token_versions.iter().find(|v| !held.contains(v)) {
                     return Err(rejected(
                         g.prompt_id,
                         i,
