@@ -115,7 +115,7 @@ pub fn candidate_set(logprobs: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f32)> 
 }
 
 /// Whether top-k, top-p or min-p would drop any token.
-fn truncates(cfg: &SamplingConfig, vocab: usize) -> bool {
+pub(crate) fn truncates(cfg: &SamplingConfig, vocab: usize) -> bool {
     (cfg.top_k > 0 && cfg.top_k < vocab) || cfg.top_p < 1.0 || cfg.min_p > 0.0
 }
 

@@ -7,9 +7,16 @@
 //! tokens and a secret only the verifier holds ([`challenge_positions`]). A sketch counts as
 //! matching when it is within [`RolloutVerifier::sketch_tolerance`] of the recomputed one, and a
 //! completion passes when at least [`RolloutVerifier::min_matching_sketches`] of its challenged
-//! positions match: exact equality on the worker's own backend, a measured allowance for another
-//! backend's arithmetic (docs/architecture.md, verifiable rollouts, says why grail's wide
+//! positions match: all but one exactly equal by default (a decode step and a packed forward of
+//! the same weights round differently, and once in a great many positions an activation crosses
+//! a bucket's edge), a measured allowance for another backend's arithmetic (docs/architecture.md, verifiable rollouts, says why grail's wide
 //! tolerance is not the default).
+//!
+//! Every token being one the sampler *could* draw does not show that it was drawn: a worker
+//! that decodes greedily or at a lower temperature than the run's, and reports the model's true
+//! log-probs, passes every per-token check while its importance ratios lie. The challenged
+//! positions also give [`SamplingEvidence`]: how much likelier the chosen tokens are than the
+//! run's sampler makes them on average, tested over a group by [`RolloutVerifier::check_sampling`].
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -20,8 +27,9 @@ use grail_protocol::proof::{
     CHALLENGE_K, SketchCoefficients, challenge_positions, sketch_distance,
 };
 use grail_protocol::{PolicyVersion, Sample};
+use rayon::prelude::*;
 
-use crate::sampling::{SamplingConfig, log_softmax, penalised_logits};
+use crate::sampling::{SamplingConfig, candidate_set, log_softmax, penalised_logits, truncates};
 
 /// Tokens (prompts and completions) per packed forward of [`RolloutVerifier::check_all`].
 pub const VERIFY_TOKENS: usize = 16_384;
@@ -46,11 +54,18 @@ pub struct RolloutVerifier {
     /// Slack, in log-prob, at the edge of the candidate set (another backend's rounding can move
     /// a token across it).
     pub candidate_slack: f32,
+    /// The largest accepted [`SamplingEvidence::z`] of a group: chosen tokens likelier than the
+    /// sampler draws by this many standard deviations are refused.
+    pub max_sampling_z: f64,
+    /// Challenged positions a group needs before its sampling evidence is tested (fewer are
+    /// too few for the normal approximation the limit assumes).
+    pub min_sampling_positions: usize,
 }
 
 impl RolloutVerifier {
-    /// A verifier for workers on the same backend as the verifier: every challenged sketch
-    /// exactly equal, log-probs within 10⁻³.
+    /// A verifier for workers on the same backend as the verifier: all challenged sketches but
+    /// one exactly equal, log-probs within 10⁻³, a group's tokens no likelier than its sampler
+    /// draws by more than 5 standard deviations.
     pub fn new(
         sketch_seed: [u8; 32],
         challenge_secret: [u8; 32],
@@ -60,12 +75,35 @@ impl RolloutVerifier {
             sketch_seed,
             challenge_secret,
             challenges: CHALLENGE_K,
-            min_matching_sketches: CHALLENGE_K,
+            min_matching_sketches: CHALLENGE_K - 1,
             sketch_tolerance: 0,
             logprob_tolerance: 1e-3,
             sampling,
             candidate_slack: 1e-3,
+            max_sampling_z: 5.0,
+            min_sampling_positions: 32,
         }
+    }
+
+    /// Checks the sampling evidence of one group's completions (their verdicts from
+    /// [`check_all`](Self::check_all)), summed: refused when the chosen tokens are likelier than
+    /// the run's sampler draws by more than [`max_sampling_z`](Self::max_sampling_z).
+    pub fn check_sampling(&self, verdicts: &[Verified]) -> Result<(), Rejection> {
+        let mut evidence = SamplingEvidence::default();
+        for v in verdicts {
+            evidence.add(&v.sampling);
+        }
+        if evidence.positions < self.min_sampling_positions {
+            return Ok(());
+        }
+        let z = evidence.z();
+        if z > self.max_sampling_z {
+            return Err(Rejection::Sampling {
+                z,
+                positions: evidence.positions,
+            });
+        }
+        Ok(())
     }
 
     /// Checks one completion of `prompt`. `model_at` gives the weights of a policy version (or
@@ -251,38 +289,54 @@ impl RolloutVerifier {
         let coefficients = SketchCoefficients::for_version(&self.sketch_seed, version);
         let width = hidden.len() / rows.len();
         let vocab = logits.len() / rows.len();
-        for (r, &(i, j, _)) in rows.iter().enumerate() {
-            let sample = items[i].1;
+        // Each row on its own (a pass or two over the vocabulary), in parallel.
+        let verdicts: Vec<(bool, Option<SamplingEvidence>, bool)> = rows
+            .par_iter()
+            .enumerate()
+            .map(|(r, &(i, j, _))| {
+                let sample = items[i].1;
+                let sketch = coefficients.sketch(&hidden[r * width..(r + 1) * width]);
+                let matches = sketch_distance(sample.sketches[j], sketch) <= self.sketch_tolerance;
+                let completion = &sample.completion_ids;
+                let logits = penalised_logits(
+                    &logits[r * vocab..(r + 1) * vocab],
+                    &completion[..j],
+                    self.sampling.repetition_penalty,
+                );
+                let logprobs = log_softmax(&logits, self.sampling.temperature);
+                let evidence = self.sampling_excess(&logprobs, completion[j]);
+                (
+                    matches,
+                    evidence,
+                    self.could_sample(&logprobs, completion[j]),
+                )
+            })
+            .collect();
+        for (&(i, j, _), (matches, evidence, plausible)) in rows.iter().zip(verdicts) {
             let Ok(verified) = &mut results[i] else {
                 continue;
             };
-            let sketch = coefficients.sketch(&hidden[r * width..(r + 1) * width]);
-            if sketch_distance(sample.sketches[j], sketch) <= self.sketch_tolerance {
-                verified.matching += 1;
+            verified.matching += usize::from(matches);
+            if let Some(evidence) = evidence {
+                verified.sampling.add(&evidence);
             }
-            let row = &logits[r * vocab..(r + 1) * vocab];
-            let completion = &sample.completion_ids;
-            if !self.could_sample(row, &completion[..j], completion[j]) {
-                results[i] = Err(Rejection::Implausible {
-                    token: j,
-                    id: completion[j],
-                });
+            if !plausible {
+                let id = items[i].1.completion_ids[j];
+                results[i] = Err(Rejection::Implausible { token: j, id });
             }
         }
         Ok(())
     }
 
-    /// Whether the run's sampler could have drawn `token` from `logits` after `generated`
-    /// (within [`candidate_slack`](Self::candidate_slack) of the candidate set's edge).
+    /// Whether the run's sampler could have drawn `token` from a row's `logprobs` (penalised and
+    /// tempered; within [`candidate_slack`](Self::candidate_slack) of the candidate set's edge).
     ///
     /// The candidate set (`sampling::candidate_set`) keeps the tokens above the min-p floor,
     /// then the top k of those, then the likeliest of those until their mass reaches top-p; so a
     /// token is in it when it clears the floor, fewer than k tokens are likelier, and the
     /// likelier ones hold less than top-p. One pass over the vocabulary, no sort.
-    fn could_sample(&self, logits: &[f32], generated: &[u32], token: u32) -> bool {
+    fn could_sample(&self, logprobs: &[f32], token: u32) -> bool {
         let cfg = &self.sampling;
-        let logits = penalised_logits(logits, generated, cfg.repetition_penalty);
-        let logprobs = log_softmax(&logits, cfg.temperature);
         let Some(&mine) = logprobs.get(token as usize) else {
             return false;
         };
@@ -302,15 +356,103 @@ impl RolloutVerifier {
         let in_top_p = cfg.top_p >= 1.0 || mass < cfg.top_p;
         in_top_k && in_top_p
     }
+
+    /// `½ − u` and its variance under `q`, where `q` is the distribution the run's sampler draws
+    /// from given a row's `logprobs` (penalised and tempered; then truncated, renormalised) and
+    /// `u` is where `token` sits in it: the mass of the likelier tokens plus half its own (`½ − u`
+    /// is positive for tokens likelier than a typical draw). `None` for greedy runs (nothing is
+    /// drawn) and for a token outside the recomputed candidate set (let in by the slack, it says
+    /// nothing).
+    fn sampling_excess(&self, logprobs: &[f32], token: u32) -> Option<SamplingEvidence> {
+        let cfg = &self.sampling;
+        if cfg.temperature == 0.0 {
+            return None;
+        }
+        if truncates(cfg, logprobs.len()) {
+            let candidates = candidate_set(logprobs, cfg);
+            let mine = candidates.iter().find(|&&(t, _)| t == token)?.1;
+            Some(excess_among(candidates.iter().map(|&(_, l)| l), mine))
+        } else {
+            Some(excess_among(
+                logprobs.iter().copied(),
+                *logprobs.get(token as usize)?,
+            ))
+        }
+    }
+}
+
+/// The [`SamplingEvidence`] of one position: the chosen token's log-prob `mine` among the
+/// `candidates`' (renormalised over them).
+fn excess_among(candidates: impl Iterator<Item = f32> + Clone, mine: f32) -> SamplingEvidence {
+    let total: f64 = candidates.clone().map(|l| f64::from(l.exp())).sum();
+    let (mut u, mut cubes) = (0.0, 0.0);
+    for l in candidates {
+        let q = f64::from(l.exp()) / total;
+        cubes += q * q * q;
+        if l > mine {
+            u += q;
+        } else if l == mine {
+            u += q / 2.0;
+        }
+    }
+    SamplingEvidence {
+        excess: 0.5 - u,
+        variance: (1.0 - cubes).max(0.0) / 12.0,
+        positions: 1,
+    }
+}
+
+/// Where the challenged tokens sit in the distributions the run's sampler draws them from: the
+/// sum over positions of `½ − u`, where `u` is the mass of the tokens likelier than the chosen
+/// one plus half its own (the excess), and of its variance under the sampler,
+/// `(1 − Σ q³) / 12`.
+///
+/// Given the tokens before it, each term has mean 0 when the token was drawn from `q`, and lies
+/// within ±½, so over many positions the excess of an honest worker is about normal with the
+/// summed variance (a martingale's central limit), whatever the distributions' shapes (unlike
+/// the log-prob's excess over the entropy, whose rare large terms a near-flat distribution
+/// makes). A worker that keeps likelier tokens than `q` draws (greedy decoding, a lower
+/// temperature, the best of several draws) pushes it up by a multiple of its standard
+/// deviation that grows with the square root of the positions.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingEvidence {
+    /// Σ (½ − u) over the positions.
+    pub excess: f64,
+    /// Σ (1 − Σ q³) / 12 over the positions.
+    pub variance: f64,
+    /// Positions summed.
+    pub positions: usize,
+}
+
+impl SamplingEvidence {
+    /// Adds `other`'s positions.
+    pub fn add(&mut self, other: &SamplingEvidence) {
+        self.excess += other.excess;
+        self.variance += other.variance;
+        self.positions += other.positions;
+    }
+
+    /// The excess in standard deviations (0 when nothing was random: every position had one
+    /// candidate).
+    pub fn z(&self) -> f64 {
+        if self.variance > 1e-12 {
+            self.excess / self.variance.sqrt()
+        } else {
+            0.0
+        }
+    }
 }
 
 /// What a passing completion showed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Verified {
     /// Positions challenged.
     pub challenged: usize,
     /// Of those, whose sketches matched.
     pub matching: usize,
+    /// How likely its challenged tokens are under the run's sampler (tested per group by
+    /// [`RolloutVerifier::check_sampling`]).
+    pub sampling: SamplingEvidence,
 }
 
 /// Why a completion was rejected.
@@ -345,6 +487,14 @@ pub enum Rejection {
         token: usize,
         /// The token id.
         id: u32,
+    },
+    /// A group's challenged tokens are likelier than the run's sampler draws (greedy decoding or
+    /// a lower temperature than claimed): see [`SamplingEvidence`].
+    Sampling {
+        /// The group's excess in standard deviations.
+        z: f64,
+        /// Challenged positions it summed.
+        positions: usize,
     },
     /// A token claims a version whose weights the verifier does not hold.
     UnknownVersion {
@@ -394,6 +544,7 @@ impl Rejection {
             Rejection::Sketches { .. } => "sketches",
             Rejection::LogProb { .. } => "logprob",
             Rejection::Implausible { .. } => "implausible_token",
+            Rejection::Sampling { .. } => "sampling",
             Rejection::UnknownVersion { .. } => "unknown_version",
             Rejection::OutsideVocabulary { .. } => "outside_vocabulary",
             Rejection::Forward(_) => "forward",
@@ -429,6 +580,11 @@ impl fmt::Display for Rejection {
             Rejection::Implausible { token, id } => write!(
                 f,
                 "token {token} (id {id}) is outside what the sampling settings can draw"
+            ),
+            Rejection::Sampling { z, positions } => write!(
+                f,
+                "its tokens are likelier than the run's sampler draws: {z:.1} standard deviations \
+                 over {positions} challenged positions"
             ),
             Rejection::UnknownVersion { version } => {
                 write!(f, "policy version {version} is not held by the verifier")

@@ -4,12 +4,13 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use burn::tensor::Device;
 use common::{generate_switching, tiny_config};
-use grail_core::model::CausalLm;
-use grail_protocol::{PolicyVersion, Sample};
+use grail_core::model::{CausalLm, NamedTensorSource, named_tensors};
+use grail_protocol::{PolicyVersion, Sample, WireDtype};
 use grail_rollout::generate::{Generated, GenerationConfig, GenerationRequest, generate};
 use grail_rollout::sampling::SamplingConfig;
 use grail_rollout::verify::{Rejection, RolloutVerifier};
@@ -43,6 +44,24 @@ fn config(max_batch: usize) -> GenerationConfig {
 
 fn model(seed: u64) -> CausalLm {
     CausalLm::init(&tiny_config(128), seed, &Device::flex())
+}
+
+/// [`model`] with its logits scaled by `scale` (the final norm's weight): a random model's
+/// distributions are near flat, a trained one's are peaked.
+fn sharpened(seed: u64, scale: f32) -> CausalLm {
+    let model = model(seed);
+    let mut tensors = named_tensors(&model, WireDtype::F32);
+    let norm = tensors.iter_mut().find(|t| t.name == "model.norm.weight");
+    norm.expect("a final norm")
+        .values
+        .iter_mut()
+        .for_each(|w| *w *= scale);
+    let device = Device::flex();
+    CausalLm::build(
+        &model.config,
+        &mut NamedTensorSource::new(&tensors, &device),
+    )
+    .unwrap()
 }
 
 /// `groups` prompts of different lengths, 4 samples each.
@@ -114,6 +133,34 @@ fn rejections(
     all
 }
 
+/// Checks every group (the completions of one prompt) of `out` with `models`, its sampling
+/// evidence too; the number of groups with enough challenged positions for that evidence to be
+/// tested, and each refused group's rejection.
+fn group_rejections(models: &[CausalLm], out: &[Generated]) -> (usize, Vec<Rejection>) {
+    let v = verifier();
+    let at = |version: PolicyVersion| models.get(version as usize).cloned();
+    let mut groups: BTreeMap<u64, Vec<&Generated>> = BTreeMap::new();
+    for g in out {
+        groups.entry(g.request.prompt_id).or_default().push(g);
+    }
+    let mut rejected = Vec::new();
+    let mut tested = 0;
+    for group in groups.values() {
+        let challenged: usize = group.iter().map(|g| g.ids.len().min(v.challenges)).sum();
+        tested += usize::from(challenged >= v.min_sampling_positions);
+        let samples: Vec<Sample> = group.iter().map(|g| sample(g)).collect();
+        let items: Vec<(&[u32], &Sample)> = (group.iter())
+            .zip(&samples)
+            .map(|(g, s)| (g.request.prompt.as_slice(), s))
+            .collect();
+        let verdicts: Result<Vec<_>, _> = v.check_all(&at, &items).into_iter().collect();
+        if let Err(why) = verdicts.and_then(|v_| v.check_sampling(&v_)) {
+            rejected.push(why);
+        }
+    }
+    (tested, rejected)
+}
+
 #[test]
 fn honest_workers_pass_whatever_their_batch_kernels_or_weight_updates() {
     let mut checked = 0;
@@ -126,6 +173,11 @@ fn honest_workers_pass_whatever_their_batch_kernels_or_weight_updates() {
                 rejected.is_empty(),
                 "fused {fused}, batch {max_batch}: {rejected:?}"
             );
+            let (_, rejected) = group_rejections(std::slice::from_ref(&model), &out);
+            assert!(
+                rejected.is_empty(),
+                "groups, fused {fused}, batch {max_batch}: {rejected:?}"
+            );
             checked += out.len();
         }
     }
@@ -136,10 +188,24 @@ fn honest_workers_pass_whatever_their_batch_kernels_or_weight_updates() {
         out.iter()
             .any(|g| g.versions.windows(2).any(|w| w[0] != w[1]))
     );
-    let rejected = rejections(&[old, new], &out, |_| {});
+    let rejected = rejections(&[old.clone(), new.clone()], &out, |_| {});
     assert!(rejected.is_empty(), "in flight: {rejected:?}");
+    let (_, rejected) = group_rejections(&[old, new], &out);
+    assert!(rejected.is_empty(), "groups in flight: {rejected:?}");
     checked += out.len();
-    assert!(checked >= 2000, "{checked}");
+    // Peaked distributions, as a trained model's; at ×16 one challenged sketch of these differs
+    // from the packed forward's (an activation on a bucket's edge: 1 of 35,792 positions), which
+    // an all-32 rule refused.
+    for scale in [4.0, 16.0] {
+        let model = sharpened(1, scale);
+        let out = generated(&model, 8, 64);
+        let rejected = rejections(std::slice::from_ref(&model), &out, |_| {});
+        assert!(rejected.is_empty(), "logits ×{scale}: {rejected:?}");
+        let (_, rejected) = group_rejections(std::slice::from_ref(&model), &out);
+        assert!(rejected.is_empty(), "groups, logits ×{scale}: {rejected:?}");
+        checked += out.len();
+    }
+    assert!(checked >= 2500, "{checked}");
     eprintln!("{checked} honest completions, none rejected");
 }
 
@@ -271,6 +337,49 @@ fn a_token_the_sampler_could_not_draw_is_caught_even_with_its_true_log_prob() {
             .all(|r| matches!(r, Rejection::Implausible { token: 0, .. })),
         "{rejected:?}"
     );
+}
+
+/// Completions drawn at `temperature` instead of the run's 0.9, with the log-probs the model
+/// gives their tokens at 0.9 (what an honest worker records).
+fn drawn_at(model: &CausalLm, temperature: f32, groups: usize) -> Vec<Generated> {
+    let mut cfg = config(8);
+    cfg.sampling.temperature = temperature;
+    let mut out = Vec::new();
+    generate(model, &cfg, requests(groups), |g| out.push(g)).unwrap();
+    for g in &mut out {
+        g.logps = model
+            .completion_logprobs(&g.request.prompt, &g.ids, 0.9)
+            .unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_worker_that_draws_likelier_tokens_than_its_sampler_is_caught() {
+    // Greedy decoding and a lower temperature than the run's 0.9, with the model's true
+    // log-probs at 0.9: every token is one the sampler could draw, so each completion on its own
+    // passes; its group does not. `tested`: groups with at least 32 challenged positions (four
+    // one-token completions are too few to tell anything).
+    for (scale, temperature, at_least) in [(1.0, 0.0, 1.0), (4.0, 0.0, 1.0), (4.0, 0.3, 0.99)] {
+        let model = sharpened(1, scale);
+        let models = std::slice::from_ref(&model);
+        let out = drawn_at(&model, temperature, 64);
+        assert!(rejections(models, &out, |_| {}).is_empty());
+        let (tested, rejected) = group_rejections(models, &out);
+        eprintln!(
+            "logits ×{scale}, drawn at temperature {temperature}: {} of {tested} groups caught",
+            rejected.len()
+        );
+        assert!(tested >= 60, "{tested}");
+        assert!(
+            rejected.len() as f64 >= at_least * tested as f64,
+            "{rejected:?}"
+        );
+        assert!(
+            rejected.iter().all(|r| r.reason() == "sampling"),
+            "{rejected:?}"
+        );
+    }
 }
 
 /// Completions generated on the device `GRAIL_TEST_DEVICE` names (lavapipe in CI: another

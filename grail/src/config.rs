@@ -266,7 +266,8 @@ pub struct GrpoSection {
     /// rewards are recomputed by the trainer's reward functions (and replace the worker's), no
     /// prompt is accepted twice; and the groups `verify_fraction` picks are recomputed with the
     /// weights that sampled them (GRAIL sketches at 32 secret positions, every log-prob, the
-    /// sampled tokens against the sampling settings). The workers commit to every token's
+    /// sampled tokens against the sampling settings, one at a time and, over a group, how likely
+    /// they are: not likelier than the sampler draws). The workers commit to every token's
     /// hidden state for it. false trusts the workers (your own machines). Without a store the
     /// pool is in the trainer's process and is not checked. Default true.
     pub verify_rollouts: bool,

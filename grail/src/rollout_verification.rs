@@ -2,8 +2,10 @@
 //! on by default with a store), before any of an object's groups can train: every prompt lies in
 //! a block its worker claimed and is the environment's prompt for its index, every completion
 //! ends where the run's generation stops, the rewards are recomputed by the trainer's own
-//! reward functions ([`grail_rollout::group_check`]), every token is recomputed with the weights
-//! of the version that sampled it ([`grail_rollout::verify`]), and no prompt is accepted twice.
+//! reward functions ([`grail_rollout::group_check`]), every token of a secret share of the
+//! groups is recomputed with the weights of the version that sampled it and those groups' tokens
+//! must look drawn by the run's sampler ([`grail_rollout::verify`]), and no prompt is accepted
+//! twice.
 //! A worker whose objects keep failing is quarantined.
 //!
 //! The workers commit to their hidden states with the sketch seed the trainer publishes in the
@@ -296,11 +298,24 @@ impl Verification {
             .collect();
         let pairs: Vec<(&[u32], &Sample)> = items.iter().map(|&(_, _, p, s)| (p, s)).collect();
         let at = |v: PolicyVersion| self.policies.get(v);
-        let results = self.verifier.check_all(&at, &pairs);
-        if let Some((&(prompt_id, i, _, _), Err(why))) =
-            items.iter().zip(results).find(|(_, r)| r.is_err())
+        let mut verdicts = Vec::with_capacity(items.len());
+        for (&(prompt_id, i, _, _), result) in
+            items.iter().zip(self.verifier.check_all(&at, &pairs))
         {
-            return Err(rejected(prompt_id, i, why));
+            verdicts.push(result.map_err(|why| rejected(prompt_id, i, why))?);
+        }
+        // Each picked group's tokens, no likelier than the run's sampler draws them.
+        let mut verdicts = verdicts.as_slice();
+        for &g in &picked {
+            let group = &batch.groups[g];
+            let (these, rest) = verdicts.split_at(group.samples.len());
+            verdicts = rest;
+            if let Err(why) = self.verifier.check_sampling(these) {
+                return Err(Refusal::new(
+                    why.reason(),
+                    format!("prompt {}: {why}", group.prompt_id),
+                ));
+            }
         }
         let (mut seen, mut seen_groups) = (HashSet::new(), HashSet::new());
         for g in &batch.groups {
