@@ -298,12 +298,14 @@ impl RolloutVerifier {
                 let sketch = coefficients.sketch(&hidden[r * width..(r + 1) * width]);
                 let matches = sketch_distance(sample.sketches[j], sketch) <= self.sketch_tolerance;
                 let completion = &sample.completion_ids;
-                let logits = penalised_logits(
-                    &logits[r * vocab..(r + 1) * vocab],
-                    &completion[..j],
-                    self.sampling.repetition_penalty,
-                );
-                let logprobs = log_softmax(&logits, self.sampling.temperature);
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                let penalty = self.sampling.repetition_penalty;
+                let logprobs = if penalty == 1.0 {
+                    log_softmax(row, self.sampling.temperature)
+                } else {
+                    let row = penalised_logits(row, &completion[..j], penalty);
+                    log_softmax(&row, self.sampling.temperature)
+                };
                 let evidence = self.sampling_excess(&logprobs, completion[j]);
                 (
                     matches,
@@ -383,21 +385,22 @@ impl RolloutVerifier {
 
 /// The [`SamplingEvidence`] of one position: the chosen token's log-prob `mine` among the
 /// `candidates`' (renormalised over them).
-fn excess_among(candidates: impl Iterator<Item = f32> + Clone, mine: f32) -> SamplingEvidence {
-    let total: f64 = candidates.clone().map(|l| f64::from(l.exp())).sum();
-    let (mut u, mut cubes) = (0.0, 0.0);
+fn excess_among(candidates: impl Iterator<Item = f32>, mine: f32) -> SamplingEvidence {
+    // One pass, normalised at the end: Σ p, the mass above the token (half of its ties'), Σ p³.
+    let (mut total, mut above, mut cubes) = (0.0f64, 0.0f64, 0.0f64);
     for l in candidates {
-        let q = f64::from(l.exp()) / total;
-        cubes += q * q * q;
+        let p = f64::from(l.exp());
+        total += p;
+        cubes += p * p * p;
         if l > mine {
-            u += q;
+            above += p;
         } else if l == mine {
-            u += q / 2.0;
+            above += p / 2.0;
         }
     }
     SamplingEvidence {
-        excess: 0.5 - u,
-        variance: (1.0 - cubes).max(0.0) / 12.0,
+        excess: 0.5 - above / total,
+        variance: (1.0 - cubes / (total * total * total)).max(0.0) / 12.0,
         positions: 1,
     }
 }
