@@ -472,6 +472,9 @@ fn completions_from_another_backend_pass_the_default_rule() {
         rejected.len(),
         out.len()
     );
+    let (tested, rejected) = group_rejections(&flex, &out);
+    assert!(rejected.is_empty(), "groups: {rejected:?}");
+    assert!(tested > 0);
     eprintln!(
         "{} completions generated on {name} (batch 8 and 32, an in-flight update), none rejected",
         out.len()
