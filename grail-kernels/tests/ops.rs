@@ -283,20 +283,24 @@ fn op_adamw_equals_the_formula() {
     assert!(rel(v1, v_ref) <= 1e-6);
 }
 
+/// Up to `FEW_ROWS` rows (decode steps) take the dot-product kernel, above it the GEMM; input
+/// widths on and off its 16-lane blocks.
 #[test]
 fn op_linear_equals_matmul_by_the_transposed_weight() {
     use grail_kernels::linear;
-    let x = random([37, 19], 15).require_grad();
-    let w = random([23, 19], 16).require_grad();
-    let g = random([37, 23], 17);
-    let (xk, wk) = (on_kernel(&x), on_kernel(&w));
-    let fused = linear(xk.clone(), wk.clone());
-    let reference = x.clone().matmul(w.clone().transpose());
-    assert!(rel(fused.clone(), reference.clone()) <= 1e-5);
-    let gf = (fused * const_on_kernel(&g)).backward();
-    let gr = (reference * g).sum().backward();
-    assert!(rel(xk.grad(&gf).unwrap(), x.grad(&gr).unwrap()) <= 1e-5);
-    assert!(rel(wk.grad(&gf).unwrap(), w.grad(&gr).unwrap()) <= 1e-5);
+    for (rows, width) in [(1, 19), (5, 67), (32, 19), (37, 19)] {
+        let x = random([rows, width], 15).require_grad();
+        let w = random([23, width], 16).require_grad();
+        let g = random([rows, 23], 17);
+        let (xk, wk) = (on_kernel(&x), on_kernel(&w));
+        let fused = linear(xk.clone(), wk.clone());
+        let reference = x.clone().matmul(w.clone().transpose());
+        assert!(rel(fused.clone(), reference.clone()) <= 1e-5, "{rows} rows");
+        let gf = (fused * const_on_kernel(&g)).backward();
+        let gr = (reference * g).sum().backward();
+        assert!(rel(xk.grad(&gf).unwrap(), x.grad(&gr).unwrap()) <= 1e-5);
+        assert!(rel(wk.grad(&gf).unwrap(), w.grad(&gr).unwrap()) <= 1e-5);
+    }
 }
 
 #[test]

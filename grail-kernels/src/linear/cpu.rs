@@ -5,12 +5,23 @@ use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
 
 use super::LinearOps;
-use crate::cpu_gemm::{View, product_parallel};
+use rayon::prelude::*;
+
+use crate::cpu_gemm::{View, dot, product_parallel};
+use crate::cpu_math::has_avx2;
 use crate::flex_io::{flex, host};
+
+/// Rows up to which [`linear_forward`] streams the weight once through dot products rather than
+/// through the GEMM: at a decode step's few rows the GEMM's packing of the weight on every call
+/// costs more than the product, and the step is bound by reading the weights.
+pub const FEW_ROWS: usize = 32;
 
 /// A linear layer without bias, `y [n × out] = x [n × in] · Wᵀ` with `W` `[out × in]` (Hugging
 /// Face layout), read in place: no transposed copy of the weight.
 pub fn linear_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+    if n <= FEW_ROWS {
+        return few_rows_forward(x, w, n, in_f, out_f);
+    }
     product_parallel(
         n,
         out_f,
@@ -20,6 +31,83 @@ pub fn linear_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize)
         w,
         View::rows(0, in_f).t(),
     )
+}
+
+/// [`linear_forward`] for a few rows: each weight row read once, dotted with every input row
+/// while it is in cache; blocks of weight rows spread over rayon's threads.
+fn few_rows_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+    assert!(
+        x.len() >= n * in_f && w.len() >= out_f * in_f,
+        "linear: operands too small"
+    );
+    if n == 0 || out_f == 0 {
+        return vec![0f32; n * out_f];
+    }
+    // Out-feature-major, so each task writes one contiguous block; transposed at the end.
+    let mut by_feature = vec![0f32; out_f * n];
+    let features_per_task = (WEIGHT_FLOATS_PER_TASK / in_f.max(1)).max(1);
+    by_feature
+        .par_chunks_mut(features_per_task * n)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first = task * features_per_task;
+            let w = &w[first * in_f..(first + out.len() / n) * in_f];
+            rows_times_weight(x, w, n, in_f, out);
+        });
+    let mut y = vec![0f32; n * out_f];
+    for (o, column) in by_feature.chunks_exact(n).enumerate() {
+        for (r, &v) in column.iter().enumerate() {
+            y[r * out_f + o] = v;
+        }
+    }
+    y
+}
+
+/// Weight floats per rayon task of [`few_rows_forward`] (128 KiB: amortises the hand-off).
+const WEIGHT_FLOATS_PER_TASK: usize = 32_768;
+
+/// `out[o · n + r] = x[r] · w[o]` for every weight row `o` of `w` and input row `r` of `x`.
+fn rows_times_weight(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        unsafe { rows_times_weight_fma(x, w, n, in_f, out) };
+        return;
+    }
+    for (w_row, out) in w.chunks_exact(in_f).zip(out.chunks_exact_mut(n)) {
+        for (r, y) in out.iter_mut().enumerate() {
+            *y = dot(&x[r * in_f..(r + 1) * in_f], w_row);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn rows_times_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
+    for (w_row, out) in w.chunks_exact(in_f).zip(out.chunks_exact_mut(n)) {
+        for (r, y) in out.iter_mut().enumerate() {
+            *y = dot_fma(&x[r * in_f..(r + 1) * in_f], w_row);
+        }
+    }
+}
+
+/// A dot product in two AVX2 vectors of fused multiply-adds (the compiler vectorises the lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (a_blocks, a_rest) = a.as_chunks::<16>();
+    let (b_blocks, b_rest) = b.as_chunks::<16>();
+    for (a, b) in a_blocks.iter().zip(b_blocks) {
+        for l in 0..16 {
+            acc[l] = a[l].mul_add(b[l], acc[l]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in a_rest.iter().zip(b_rest) {
+        s = a.mul_add(*b, s);
+    }
+    s
 }
 
 /// Gradients of [`linear_forward`]: `dx = dy · W` and `dW = dyᵀ · x`, both written contiguous
