@@ -14,7 +14,7 @@ use crate::flex_io::{flex, host};
 /// Rows up to which [`linear_forward`] streams the weight once through dot products rather than
 /// through the GEMM: at a decode step's few rows the GEMM's packing of the weight on every call
 /// costs more than the product, and the step is bound by reading the weights.
-pub const FEW_ROWS: usize = 32;
+pub const FEW_ROWS: usize = 64;
 
 /// A linear layer without bias, `y [n × out] = x [n × in] · Wᵀ` with `W` `[out × in]` (Hugging
 /// Face layout), read in place: no transposed copy of the weight.
@@ -68,10 +68,17 @@ const WEIGHT_FLOATS_PER_TASK: usize = 32_768;
 
 /// `out[o · n + r] = x[r] · w[o]` for every weight row `o` of `w` and input row `r` of `x`.
 fn rows_times_weight(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
+    // From 4 rows, tiles that reuse each load (below, a tile would repeat rows for nothing).
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: the CPU supports the features the function was compiled for.
-        unsafe { rows_times_weight_fma(x, w, n, in_f, out) };
+        // SAFETY: the CPU supports the features the functions were compiled for.
+        unsafe {
+            if n >= 4 {
+                rows_times_weight_fma(x, w, n, in_f, out);
+            } else {
+                rows_dot_weight_fma(x, w, n, in_f, out);
+            }
+        }
         return;
     }
     for (w_row, out) in w.chunks_exact(in_f).zip(out.chunks_exact_mut(n)) {
@@ -81,9 +88,10 @@ fn rows_times_weight(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32
     }
 }
 
+/// [`rows_times_weight`] for 1–3 rows: one fused dot product per pair.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn rows_times_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
+fn rows_dot_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
     for (w_row, out) in w.chunks_exact(in_f).zip(out.chunks_exact_mut(n)) {
         for (r, y) in out.iter_mut().enumerate() {
             *y = dot_fma(&x[r * in_f..(r + 1) * in_f], w_row);
@@ -108,6 +116,52 @@ fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
         s = a.mul_add(*b, s);
     }
     s
+}
+
+/// [`rows_times_weight`] in tiles of 2 weight rows × 4 input rows: each 8-lane slice of a weight
+/// row is loaded once for 4 input rows and each input row's once for 2 weight rows, into 8
+/// AVX2 accumulators; ragged edges repeat the last row and keep only what is theirs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn rows_times_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let features = out.len() / n;
+    assert!(x.len() >= n * in_f && w.len() >= features * in_f);
+    let lanes = in_f / 8 * 8;
+    for o in (0..features).step_by(2) {
+        let w_at = |p: usize| (o + p).min(features - 1) * in_f;
+        let w_rows = [w_at(0), w_at(1)];
+        for r in (0..n).step_by(4) {
+            let x_rows: [usize; 4] = std::array::from_fn(|q| (r + q).min(n - 1) * in_f);
+            // SAFETY: every load reads 8 floats at `row + k` with `k + 8 ≤ lanes ≤ in_f`, inside
+            // a row that lies in its slice (asserted above); the CPU has AVX2 and FMA (the
+            // caller checked).
+            let sums = unsafe {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for k in (0..lanes).step_by(8) {
+                    let w0 = _mm256_loadu_ps(w.as_ptr().add(w_rows[0] + k));
+                    let w1 = _mm256_loadu_ps(w.as_ptr().add(w_rows[1] + k));
+                    for q in 0..4 {
+                        let xv = _mm256_loadu_ps(x.as_ptr().add(x_rows[q] + k));
+                        acc[q] = _mm256_fmadd_ps(xv, w0, acc[q]);
+                        acc[4 + q] = _mm256_fmadd_ps(xv, w1, acc[4 + q]);
+                    }
+                }
+                acc.map(|v| {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                    lanes.iter().sum::<f32>()
+                })
+            };
+            for p in 0..2.min(features - o) {
+                for q in 0..4.min(n - r) {
+                    let (xr, wr) = (&x[x_rows[q]..][..in_f], &w[w_rows[p]..][..in_f]);
+                    let tail = (lanes..in_f).fold(0f32, |s, k| xr[k].mul_add(wr[k], s));
+                    out[(o + p) * n + r + q] = sums[4 * p + q] + tail;
+                }
+            }
+        }
+    }
 }
 
 /// Gradients of [`linear_forward`]: `dx = dy · W` and `dW = dyᵀ · x`, both written contiguous
