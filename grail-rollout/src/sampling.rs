@@ -9,6 +9,8 @@
 //! log-prob would put every ratio of a truncated distribution above 1 by construction; see
 //! `grail_trainer::off_policy`.)
 
+use std::borrow::Cow;
+
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -120,14 +122,18 @@ pub(crate) fn truncates(cfg: &SamplingConfig, vocab: usize) -> bool {
 }
 
 /// `logits` with the repetition penalty applied to the `generated` tokens: positive logits
-/// divided by `penalty`, negative ones multiplied (what is drawn from, not what is recorded).
-pub fn penalised_logits(logits: &[f32], generated: &[u32], penalty: f32) -> Vec<f32> {
+/// divided by `penalty`, negative ones multiplied (what is drawn from, not what is recorded);
+/// borrowed unchanged when there is nothing to penalise.
+pub fn penalised_logits<'a>(logits: &'a [f32], generated: &[u32], penalty: f32) -> Cow<'a, [f32]> {
+    if penalty == 1.0 || generated.is_empty() {
+        return Cow::Borrowed(logits);
+    }
     let mut l = logits.to_vec();
     for &t in generated {
         let x = &mut l[t as usize];
         *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
     }
-    l
+    Cow::Owned(l)
 }
 
 /// Draws one token from `logits` (one row) given the tokens generated so far; returns the token and
@@ -141,15 +147,9 @@ pub fn sample_token(
     rng: &mut StdRng,
 ) -> (u32, f32) {
     let raw_logits = logits;
-    let penalise = cfg.repetition_penalty != 1.0 && !generated.is_empty();
-    let penalised;
-    let logits = if penalise {
-        penalised = penalised_logits(logits, generated, cfg.repetition_penalty);
-        &penalised[..]
-    } else {
-        logits
-    };
-    let logprobs = log_softmax(logits, cfg.temperature);
+    let logits = penalised_logits(raw_logits, generated, cfg.repetition_penalty);
+    let penalise = matches!(logits, Cow::Owned(_));
+    let logprobs = log_softmax(&logits, cfg.temperature);
     // The recorded log-prob of a token: from the unpenalised logits.
     let raw = |token: u32, sampled: f32| {
         if penalise {

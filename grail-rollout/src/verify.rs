@@ -9,8 +9,8 @@
 //! completion passes when at least [`RolloutVerifier::min_matching_sketches`] of its challenged
 //! positions match: all but one exactly equal by default (a decode step and a packed forward of
 //! the same weights round differently, and once in a great many positions an activation crosses
-//! a bucket's edge), a measured allowance for another backend's arithmetic (docs/architecture.md, verifiable rollouts, says why grail's wide
-//! tolerance is not the default).
+//! a bucket's edge), a measured allowance for another backend's arithmetic (docs/architecture.md,
+//! verifiable rollouts, says why grail's wide tolerance is not the default).
 //!
 //! Every token being one the sampler *could* draw does not show that it was drawn: a worker
 //! that decodes greedily or at a lower temperature than the run's, and reports the model's true
@@ -299,13 +299,8 @@ impl RolloutVerifier {
                 let matches = sketch_distance(sample.sketches[j], sketch) <= self.sketch_tolerance;
                 let completion = &sample.completion_ids;
                 let row = &logits[r * vocab..(r + 1) * vocab];
-                let penalty = self.sampling.repetition_penalty;
-                let logprobs = if penalty == 1.0 {
-                    log_softmax(row, self.sampling.temperature)
-                } else {
-                    let row = penalised_logits(row, &completion[..j], penalty);
-                    log_softmax(&row, self.sampling.temperature)
-                };
+                let row = penalised_logits(row, &completion[..j], self.sampling.repetition_penalty);
+                let logprobs = log_softmax(&row, self.sampling.temperature);
                 let evidence = self.sampling_excess(&logprobs, completion[j]);
                 (
                     matches,

@@ -8,6 +8,7 @@ use super::LinearOps;
 use rayon::prelude::*;
 
 use crate::cpu_gemm::{View, dot, product_parallel};
+#[cfg(target_arch = "x86_64")]
 use crate::cpu_math::has_avx2;
 use crate::flex_io::{flex, host};
 
