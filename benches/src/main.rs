@@ -58,6 +58,9 @@ enum Bench {
         /// Samples per prompt, which share its prefill.
         #[arg(long, default_value_t = 1)]
         num_generations: usize,
+        /// Hold the matrices at bf16, as a rollout worker does with weights sent at bf16.
+        #[arg(long)]
+        bf16_weights: bool,
     },
     /// Weight-sync delta size, encode/apply/hash time after real AdamW steps (bf16 deltas; one
     /// line per compression, zstd and lz4, over the same steps).
@@ -273,6 +276,7 @@ struct RolloutShape {
     num_generations: usize,
     prompt_len: usize,
     new_tokens: usize,
+    bf16_weights: bool,
 }
 
 fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShape) -> Result<()> {
@@ -284,9 +288,15 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
         num_generations,
         prompt_len,
         new_tokens,
+        bf16_weights,
     } = shape;
     let config = m.model_config()?;
     let model = CausalLm::init(&config, args.seed, device);
+    let model = if bf16_weights {
+        model.with_bf16_matrices()
+    } else {
+        model
+    };
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = config.vocab_size as u32;
     let requests: Vec<GenerationRequest> = (0..prompts)
@@ -333,6 +343,7 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
         "{}",
         json!({
             "bench": "rollout", "device": args.device, "params": config.num_parameters(),
+            "weights": if bf16_weights { "bf16" } else { "f32" },
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "generated_tokens": stats.generated_tokens, "tokens_per_s": stats.generated_tokens as f64 / total_s,
             "prompts": prompts, "num_generations": num_generations,
@@ -754,6 +765,7 @@ fn main() -> Result<()> {
             new_tokens,
             prompts,
             num_generations,
+            bf16_weights,
         } => {
             let shape = RolloutShape {
                 batch: *batch,
@@ -761,6 +773,7 @@ fn main() -> Result<()> {
                 num_generations: *num_generations,
                 prompt_len: *prompt_len,
                 new_tokens: *new_tokens,
+                bf16_weights: *bf16_weights,
             };
             rollout_bench(&args, &device, model, shape)
         }

@@ -88,3 +88,10 @@ pub fn host_kernels(device: &Device) -> bool {
 pub fn supported_dtype(dtype: DType) -> bool {
     dtype == DType::F32
 }
+
+/// Whether the fused ops take a layer's weight of `dtype` on `device` (the activations being
+/// f32): f32 wherever they run, and bf16 on Flex, whose CPU kernels widen it as they read it
+/// (a rollout copy's matrices held at bf16: half the bytes each decode step streams).
+pub fn supported_weight(device: &Device, dtype: DType) -> bool {
+    supported(device) && (supported_dtype(dtype) || dtype == DType::BF16 && host_kernels(device))
+}

@@ -303,6 +303,41 @@ fn op_linear_equals_matmul_by_the_transposed_weight() {
     }
 }
 
+/// A bf16 weight on the CPU is read as it is, widened on load: the product equals, bit for bit,
+/// that of the same values held as f32, on both sides of `FEW_ROWS` and of the 8-lane tiles.
+#[test]
+fn op_linear_reads_a_bf16_weight_as_the_same_values_in_f32() {
+    use burn::tensor::FloatDType;
+    use grail_kernels::linear;
+    let device = Device::flex();
+    for (rows, width) in [
+        (1, 19),
+        (3, 67),
+        (4, 8),
+        (5, 67),
+        (32, 19),
+        (64, 133),
+        (65, 19),
+    ] {
+        let x = random([rows, width], 25)
+            .without_autodiff()
+            .to_device(&device);
+        let w16 = random([37, width], 26)
+            .without_autodiff()
+            .to_device(&device)
+            .cast(FloatDType::BF16);
+        let w32 = w16.clone().cast(FloatDType::F32);
+        let from_bf16 = linear(x.clone(), w16)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let from_f32 = linear(x, w32).into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(from_bf16.len(), rows * 37);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&from_bf16), bits(&from_f32), "{rows} rows × {width}");
+    }
+}
+
 #[test]
 fn op_sum_squares_and_scale_match_tensor_math() {
     use grail_kernels::{scale, sum_squares};

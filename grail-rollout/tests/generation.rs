@@ -674,3 +674,45 @@ fn sketches_commit_to_the_hidden_states_a_packed_forward_recomputes() {
     let (plain, _) = generate_all(&small_model(true), &sampled(4), &group_prompts(), 1);
     assert!(plain.iter().all(|g| g.sketches.is_empty()));
 }
+
+/// A worker holding weights sent at bf16 keeps its matrices at bf16 on the CPU: it generates the
+/// same tokens, log-probs and sketches, bit for bit, as a copy holding the same values at f32 (one
+/// sequence at a time and a batch of 12, through the few-row kernels), and the packed forward of a
+/// sequence above the few-row bound (through the GEMM) recomputes the same log-probs.
+#[test]
+fn weights_held_at_bf16_generate_bit_for_bit_what_the_same_values_at_f32_do() {
+    use burn::tensor::DType;
+    use grail_core::model::NamedTensorSource;
+    use grail_protocol::WireDtype;
+    use grail_rollout::WeightState;
+    let device = Device::flex();
+    let config = tiny_config(128);
+    let state = WeightState::new(&CausalLm::init(&config, 3, &device), 0, WireDtype::Bf16);
+    let at_bf16 = state.build_model(&config, &device).unwrap();
+    let at_f32 = CausalLm::build(
+        &config,
+        &mut NamedTensorSource::new(state.tensors(), &device),
+    )
+    .unwrap();
+    assert_eq!(at_bf16.lm_head_weight().dtype(), DType::BF16);
+    assert_eq!(at_f32.lm_head_weight().dtype(), DType::F32);
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for max_batch in [1, 16] {
+        let cfg = GenerationConfig {
+            sketch_seed: Some([5u8; 32]),
+            ..sampled(max_batch)
+        };
+        let (a, _) = generate_all(&at_bf16, &cfg, &group_prompts(), 4);
+        let (b, _) = generate_all(&at_f32, &cfg, &group_prompts(), 4);
+        assert_eq!(a.len(), 12);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.ids, y.ids, "batch {max_batch}");
+            assert_eq!(bits(&x.logps), bits(&y.logps), "batch {max_batch}");
+            assert_eq!(x.sketches, y.sketches, "batch {max_batch}");
+        }
+    }
+    let prompt: Vec<u32> = (0..50).map(|i| (i * 7 % 64) as u32).collect();
+    let completion: Vec<u32> = (0..30).map(|i| (i * 5 % 64) as u32).collect();
+    let recomputed = |m: &CausalLm| m.completion_logprobs(&prompt, &completion, 0.9).unwrap();
+    assert_eq!(bits(&recomputed(&at_bf16)), bits(&recomputed(&at_f32)));
+}

@@ -26,10 +26,8 @@ impl Kernels {
     }
 
     /// Whether an op over `weight` runs the fused kernel: asked for, and the weight's device and
-    /// dtype have it (activations share both with the weights).
+    /// dtype have it (activations are f32 and on the weights' device).
     pub fn fuse<const D: usize>(self, weight: &Tensor<D>) -> bool {
-        self == Kernels::Fused
-            && grail_kernels::supported(&weight.device())
-            && grail_kernels::supported_dtype(weight.dtype())
+        self == Kernels::Fused && grail_kernels::supported_weight(&weight.device(), weight.dtype())
     }
 }

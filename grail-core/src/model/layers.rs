@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 
 use super::kernels::Kernels;
 
@@ -71,7 +71,8 @@ pub(crate) fn project<const D: usize>(
     let y = if kernels.fuse(&weight) {
         grail_kernels::linear(x, weight)
     } else {
-        x.matmul(weight.transpose())
+        // bf16 matrices (`CausalLm::with_bf16_matrices`) meet the f32 activations widened.
+        x.matmul(weight.cast(FloatDType::F32).transpose())
     };
     let y = match bias {
         Some(b) => y + b.unsqueeze::<2>(),
@@ -152,6 +153,7 @@ impl Embedding {
         let hidden = weight.dims()[1];
         weight
             .select(0, ids.reshape([rows * cols]))
+            .cast(FloatDType::F32)
             .reshape([rows, cols, hidden])
     }
 }

@@ -1,8 +1,12 @@
-//! The CPU linear kernels: the shared GEMM over the weight read in place.
+//! The CPU linear kernels: the shared GEMM over the weight read in place; at a few rows, dot
+//! products that also read bf16 weights (rollout copies) as they are, widening each on load.
+
+use std::borrow::Cow;
 
 use burn::backend::Flex;
 use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
+use half::bf16;
 
 use super::LinearOps;
 use rayon::prelude::*;
@@ -17,9 +21,73 @@ use crate::flex_io::{flex, host};
 /// costs more than the product, and the step is bound by reading the weights.
 pub const FEW_ROWS: usize = 64;
 
+/// A weight element the linear reads: f32, or bf16 widened as it is loaded. Widening is exact (a
+/// bf16 is the top half of an f32), so a bf16 weight gives bit for bit what the same values
+/// held as f32 give.
+pub trait WeightElement: Copy + Send + Sync {
+    /// The value as f32.
+    fn widen(self) -> f32;
+
+    /// The whole weight as f32, for the GEMM (borrowed when it already is).
+    fn widened(w: &[Self]) -> Cow<'_, [f32]>;
+
+    /// Eight consecutive elements from `p`, widened.
+    ///
+    /// # Safety
+    /// Eight elements are readable from `p`, and the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElement for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    fn widened(w: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(w)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl WeightElement for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    fn widened(w: &[bf16]) -> Cow<'_, [f32]> {
+        Cow::Owned(w.par_iter().map(|v| v.widen()).collect())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 bytes readable, AVX2).
+        unsafe {
+            let halves = _mm_loadu_si128(p.cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+        }
+    }
+}
+
 /// A linear layer without bias, `y [n × out] = x [n × in] · Wᵀ` with `W` `[out × in]` (Hugging
 /// Face layout), read in place: no transposed copy of the weight.
-pub fn linear_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+pub fn linear_forward<W: WeightElement>(
+    x: &[f32],
+    w: &[W],
+    n: usize,
+    in_f: usize,
+    out_f: usize,
+) -> Vec<f32> {
     if n <= FEW_ROWS {
         return few_rows_forward(x, w, n, in_f, out_f);
     }
@@ -29,14 +97,20 @@ pub fn linear_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize)
         in_f,
         x,
         View::rows(0, in_f),
-        w,
+        &W::widened(w),
         View::rows(0, in_f).t(),
     )
 }
 
 /// [`linear_forward`] for a few rows: each weight row read once, dotted with every input row
 /// while it is in cache; blocks of weight rows spread over rayon's threads.
-fn few_rows_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize) -> Vec<f32> {
+fn few_rows_forward<W: WeightElement>(
+    x: &[f32],
+    w: &[W],
+    n: usize,
+    in_f: usize,
+    out_f: usize,
+) -> Vec<f32> {
     assert!(
         x.len() >= n * in_f && w.len() >= out_f * in_f,
         "linear: operands too small"
@@ -68,7 +142,7 @@ fn few_rows_forward(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize) -
 const WEIGHT_FLOATS_PER_TASK: usize = 32_768;
 
 /// `out[o · n + r] = x[r] · w[o]` for every weight row `o` of `w` and input row `r` of `x`.
-fn rows_times_weight(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
+fn rows_times_weight<W: WeightElement>(x: &[f32], w: &[W], n: usize, in_f: usize, out: &mut [f32]) {
     // From 4 rows, tiles that reuse each load (below, a tile would repeat rows for nothing).
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
@@ -83,8 +157,9 @@ fn rows_times_weight(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32
         return;
     }
     for (w_row, out) in w.chunks_exact(in_f).zip(out.chunks_exact_mut(n)) {
+        let w_row = W::widened(w_row);
         for (r, y) in out.iter_mut().enumerate() {
-            *y = dot(&x[r * in_f..(r + 1) * in_f], w_row);
+            *y = dot(&x[r * in_f..(r + 1) * in_f], &w_row);
         }
     }
 }
@@ -92,7 +167,13 @@ fn rows_times_weight(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32
 /// [`rows_times_weight`] for 1–3 rows: one fused dot product per pair.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn rows_dot_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
+fn rows_dot_weight_fma<W: WeightElement>(
+    x: &[f32],
+    w: &[W],
+    n: usize,
+    in_f: usize,
+    out: &mut [f32],
+) {
     for (w_row, out) in w.chunks_exact(in_f).zip(out.chunks_exact_mut(n)) {
         for (r, y) in out.iter_mut().enumerate() {
             *y = dot_fma(&x[r * in_f..(r + 1) * in_f], w_row);
@@ -103,18 +184,18 @@ fn rows_dot_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f
 /// A dot product in two AVX2 vectors of fused multiply-adds (the compiler vectorises the lanes).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+fn dot_fma<W: WeightElement>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0f32; 16];
     let (a_blocks, a_rest) = a.as_chunks::<16>();
     let (b_blocks, b_rest) = b.as_chunks::<16>();
     for (a, b) in a_blocks.iter().zip(b_blocks) {
         for l in 0..16 {
-            acc[l] = a[l].mul_add(b[l], acc[l]);
+            acc[l] = a[l].mul_add(b[l].widen(), acc[l]);
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (a, b) in a_rest.iter().zip(b_rest) {
-        s = a.mul_add(*b, s);
+        s = a.mul_add(b.widen(), s);
     }
     s
 }
@@ -124,7 +205,13 @@ fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
 /// AVX2 accumulators; ragged edges repeat the last row and keep only what is theirs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn rows_times_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut [f32]) {
+fn rows_times_weight_fma<W: WeightElement>(
+    x: &[f32],
+    w: &[W],
+    n: usize,
+    in_f: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let features = out.len() / n;
     assert!(x.len() >= n * in_f && w.len() >= features * in_f);
@@ -140,8 +227,8 @@ fn rows_times_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut 
             let sums = unsafe {
                 let mut acc = [_mm256_setzero_ps(); 8];
                 for k in (0..lanes).step_by(8) {
-                    let w0 = _mm256_loadu_ps(w.as_ptr().add(w_rows[0] + k));
-                    let w1 = _mm256_loadu_ps(w.as_ptr().add(w_rows[1] + k));
+                    let w0 = W::load8(w.as_ptr().add(w_rows[0] + k));
+                    let w1 = W::load8(w.as_ptr().add(w_rows[1] + k));
                     for q in 0..4 {
                         let xv = _mm256_loadu_ps(x.as_ptr().add(x_rows[q] + k));
                         acc[q] = _mm256_fmadd_ps(xv, w0, acc[q]);
@@ -157,7 +244,7 @@ fn rows_times_weight_fma(x: &[f32], w: &[f32], n: usize, in_f: usize, out: &mut 
             for p in 0..2.min(features - o) {
                 for q in 0..4.min(n - r) {
                     let (xr, wr) = (&x[x_rows[q]..][..in_f], &w[w_rows[p]..][..in_f]);
-                    let tail = (lanes..in_f).fold(0f32, |s, k| xr[k].mul_add(wr[k], s));
+                    let tail = (lanes..in_f).fold(0f32, |s, k| xr[k].mul_add(wr[k].widen(), s));
                     out[(o + p) * n + r + q] = sums[4 * p + q] + tail;
                 }
             }
@@ -199,10 +286,13 @@ pub fn linear_backward(
 impl LinearOps for Flex {
     fn fused_linear_forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
         let (n, in_f, out_f) = (x.shape()[0], x.shape()[1], w.shape()[0]);
-        flex(
-            linear_forward(&host(&x), &host(&w), n, in_f, out_f),
-            [n, out_f],
-        )
+        let x = host(&x);
+        let y = match w.as_slice::<bf16>() {
+            // A rollout copy's weight, read as it is stored.
+            Some(w) => linear_forward(&x, w, n, in_f, out_f),
+            _ => linear_forward(&x, &host(&w), n, in_f, out_f),
+        };
+        flex(y, [n, out_f])
     }
 
     fn fused_linear_backward(

@@ -9,7 +9,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 
 use crate::autodiff::give;
 
@@ -82,8 +82,14 @@ impl<B: LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C> {
     }
 }
 
-/// `x [N, in] · Wᵀ` for a weight `W` `[out, in]` in Hugging Face layout.
+/// `x [N, in] · Wᵀ` for a weight `W` `[out, in]` in Hugging Face layout. A weight whose dtype
+/// the device's kernel does not read as it is (bf16 off the CPU) is widened to f32 first.
 pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    let w = if crate::supported_weight(&w.device(), w.dtype()) {
+        w
+    } else {
+        w.cast(FloatDType::F32)
+    };
     Tensor::from_dispatch(<Dispatch as LinearOps>::fused_linear(
         x.into_dispatch(),
         w.into_dispatch(),

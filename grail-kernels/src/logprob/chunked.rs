@@ -44,14 +44,14 @@ pub struct SelectiveLogProbs {
     pub entropy: Option<Tensor<1>>,
 }
 
-/// Whether the backend has the fused kernel for these tensors (Flex, f32, no autodiff: the op is
-/// used on plain tensors); elsewhere the tiles run as burn tensor ops.
+/// Whether the backend has the fused kernel for these tensors (f32 hidden states and a weight the
+/// kernels take, no autodiff: the op is used on plain tensors); elsewhere the tiles run as burn
+/// tensor ops.
 fn kernel_applies(hidden: &Tensor<2>, weight: &Tensor<2>) -> bool {
     let device = hidden.device();
     !device.is_autodiff()
-        && crate::supported(&device)
         && crate::supported_dtype(hidden.dtype())
-        && crate::supported_dtype(weight.dtype())
+        && crate::supported_weight(&device, weight.dtype())
 }
 
 /// The ranges `0..step`, `step..2·step`, … covering `0..total` (the last one shorter).
