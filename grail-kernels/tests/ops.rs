@@ -84,62 +84,65 @@ fn op_varlen_attention_equals_the_reference_in_values_and_gradients() {
 #[test]
 fn op_cached_attention_equals_attention_over_the_whole_sequence() {
     use grail_kernels::{CachedSpan, cached_attention};
-    let (heads, kv, d) = (4, 2, 6);
-    // A prefill of 5 on an empty cache, decode steps on caches of 40 and 70, 2 new tokens on a
-    // cache of 3; one padding row between the first two, one at the end.
-    let spans = [
-        CachedSpan {
-            q_start: 0,
-            q_len: 5,
-            k_start: 0,
-            k_len: 5,
-        },
-        CachedSpan {
-            q_start: 6,
-            q_len: 1,
-            k_start: 5,
-            k_len: 41,
-        },
-        CachedSpan {
-            q_start: 7,
-            q_len: 1,
-            k_start: 46,
-            k_len: 71,
-        },
-        CachedSpan {
-            q_start: 8,
-            q_len: 2,
-            k_start: 117,
-            k_len: 5,
-        },
-    ];
-    let (tokens, keys) = (11, 122);
-    let q = random([tokens, heads, d], 30);
-    let k = random([keys, kv, d], 31);
-    let v = random([keys, kv, d], 32);
-    let out = cached_attention(
-        const_on_kernel(&q),
-        const_on_kernel(&k),
-        const_on_kernel(&v),
-        &spans,
-        0.41,
-    );
-    let mut want = Tensor::<3>::zeros([tokens, heads, d], &device());
-    for (i, s) in spans.iter().enumerate() {
-        // The new queries are the last rows of a causal attention over the sequence's keys; the
-        // earlier queries are arbitrary.
-        let earlier = random([s.k_len - s.q_len, heads, d], 40 + i as u64);
-        let q_full = Tensor::cat(vec![earlier, q.clone().narrow(0, s.q_start, s.q_len)], 0);
-        let span = |t: &Tensor<3>| t.clone().narrow(0, s.k_start, s.k_len);
-        let full = reference_attention(q_full, span(&k), span(&v), &[(0, s.k_len)], 0.41);
-        let rows = s.q_start..s.q_start + s.q_len;
-        want = want.slice_assign(
-            [rows, 0..heads, 0..d],
-            full.narrow(0, s.k_len - s.q_len, s.q_len),
+    let (heads, kv) = (4, 2);
+    // Head widths off the 8-lane vectors, on them, and one past a 64-lane block.
+    for d in [6, 16, 72] {
+        // A prefill of 5 on an empty cache, decode steps on caches of 40 and 70, 2 new tokens on a
+        // cache of 3; one padding row between the first two, one at the end.
+        let spans = [
+            CachedSpan {
+                q_start: 0,
+                q_len: 5,
+                k_start: 0,
+                k_len: 5,
+            },
+            CachedSpan {
+                q_start: 6,
+                q_len: 1,
+                k_start: 5,
+                k_len: 41,
+            },
+            CachedSpan {
+                q_start: 7,
+                q_len: 1,
+                k_start: 46,
+                k_len: 71,
+            },
+            CachedSpan {
+                q_start: 8,
+                q_len: 2,
+                k_start: 117,
+                k_len: 5,
+            },
+        ];
+        let (tokens, keys) = (11, 122);
+        let q = random([tokens, heads, d], 30);
+        let k = random([keys, kv, d], 31);
+        let v = random([keys, kv, d], 32);
+        let out = cached_attention(
+            const_on_kernel(&q),
+            const_on_kernel(&k),
+            const_on_kernel(&v),
+            &spans,
+            0.41,
         );
+        let mut want = Tensor::<3>::zeros([tokens, heads, d], &device());
+        for (i, s) in spans.iter().enumerate() {
+            // The new queries are the last rows of a causal attention over the sequence's keys; the
+            // earlier queries are arbitrary.
+            let earlier = random([s.k_len - s.q_len, heads, d], 40 + i as u64);
+            let q_full = Tensor::cat(vec![earlier, q.clone().narrow(0, s.q_start, s.q_len)], 0);
+            let span = |t: &Tensor<3>| t.clone().narrow(0, s.k_start, s.k_len);
+            let full = reference_attention(q_full, span(&k), span(&v), &[(0, s.k_len)], 0.41);
+            let rows = s.q_start..s.q_start + s.q_len;
+            want = want.slice_assign(
+                [rows, 0..heads, 0..d],
+                full.narrow(0, s.k_len - s.q_len, s.q_len),
+            );
+        }
+        let e = rel(out, want);
+        assert!(e <= 1e-5, "head width {d}: cached attention rel err {e:e}");
     }
-    let e = rel(out, want);
-    assert!(e <= 1e-5, "cached attention rel err {e:e}");
 }
 
 #[test]
