@@ -118,10 +118,11 @@ fn few_rows_forward<W: WeightElement>(
     if n == 0 || out_f == 0 {
         return vec![0f32; n * out_f];
     }
-    // Out-feature-major, so each task writes one contiguous block; transposed at the end.
-    let mut by_feature = vec![0f32; out_f * n];
+    // Each task writes one contiguous block, its features for every row (`[n × features]`);
+    // the blocks' rows are then copied into place.
+    let mut by_task = vec![0f32; out_f * n];
     let features_per_task = (WEIGHT_FLOATS_PER_TASK / in_f.max(1)).max(1);
-    by_feature
+    by_task
         .par_chunks_mut(features_per_task * n)
         .enumerate()
         .for_each(|(task, out)| {
@@ -130,9 +131,10 @@ fn few_rows_forward<W: WeightElement>(
             rows_times_weight(x, w, n, in_f, out);
         });
     let mut y = vec![0f32; n * out_f];
-    for (o, column) in by_feature.chunks_exact(n).enumerate() {
-        for (r, &v) in column.iter().enumerate() {
-            y[r * out_f + o] = v;
+    for (task, block) in by_task.chunks(features_per_task * n).enumerate() {
+        let (first, features) = (task * features_per_task, block.len() / n);
+        for (r, row) in block.chunks_exact(features).enumerate() {
+            y[r * out_f + first..][..features].copy_from_slice(row);
         }
     }
     y
@@ -141,7 +143,8 @@ fn few_rows_forward<W: WeightElement>(
 /// Weight floats per rayon task of [`few_rows_forward`] (128 KiB: amortises the hand-off).
 const WEIGHT_FLOATS_PER_TASK: usize = 32_768;
 
-/// `out[o · n + r] = x[r] · w[o]` for every weight row `o` of `w` and input row `r` of `x`.
+/// `out[r · features + o] = x[r] · w[o]` for every weight row `o` of `w` (`features` of them)
+/// and input row `r` of `x`.
 fn rows_times_weight<W: WeightElement>(x: &[f32], w: &[W], n: usize, in_f: usize, out: &mut [f32]) {
     // From 4 rows, tiles that reuse each load (below, a tile would repeat rows for nothing).
     #[cfg(target_arch = "x86_64")]
@@ -156,10 +159,11 @@ fn rows_times_weight<W: WeightElement>(x: &[f32], w: &[W], n: usize, in_f: usize
         }
         return;
     }
-    for (w_row, out) in w.chunks_exact(in_f).zip(out.chunks_exact_mut(n)) {
+    let features = out.len() / n;
+    for (o, w_row) in w.chunks_exact(in_f).enumerate() {
         let w_row = W::widened(w_row);
-        for (r, y) in out.iter_mut().enumerate() {
-            *y = dot(&x[r * in_f..(r + 1) * in_f], &w_row);
+        for r in 0..n {
+            out[r * features + o] = dot(&x[r * in_f..(r + 1) * in_f], &w_row);
         }
     }
 }
@@ -174,9 +178,10 @@ fn rows_dot_weight_fma<W: WeightElement>(
     in_f: usize,
     out: &mut [f32],
 ) {
-    for (w_row, out) in w.chunks_exact(in_f).zip(out.chunks_exact_mut(n)) {
-        for (r, y) in out.iter_mut().enumerate() {
-            *y = dot_fma(&x[r * in_f..(r + 1) * in_f], w_row);
+    let features = out.len() / n;
+    for (o, w_row) in w.chunks_exact(in_f).enumerate() {
+        for r in 0..n {
+            out[r * features + o] = dot_fma(&x[r * in_f..(r + 1) * in_f], w_row);
         }
     }
 }
@@ -245,7 +250,7 @@ fn rows_times_weight_fma<W: WeightElement>(
                 for q in 0..4.min(n - r) {
                     let (xr, wr) = (&x[x_rows[q]..][..in_f], &w[w_rows[p]..][..in_f]);
                     let tail = (lanes..in_f).fold(0f32, |s, k| xr[k].mul_add(wr[k].widen(), s));
-                    out[(o + p) * n + r + q] = sums[4 * p + q] + tail;
+                    out[(r + q) * features + o + p] = sums[4 * p + q] + tail;
                 }
             }
         }
