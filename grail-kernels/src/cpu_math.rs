@@ -67,6 +67,17 @@ pub(crate) fn max_of(xs: &[f32]) -> f32 {
     xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// Softmax of `row` in place, shifted by its maximum for range; returns that maximum and the sum
+/// of the shifted exponentials (the row's log-sum-exp is `max + sum.ln()`).
+pub(crate) fn softmax_in_place(row: &mut [f32]) -> (f32, f32) {
+    let max = max_of(row);
+    exp_shifted(row, max);
+    let sum: f32 = row.iter().sum();
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+    (max, sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use super::{AttentionOps, CachedSpan};
 use crate::cpu_gemm::{View, dot, matmul};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu_math::has_avx2;
-use crate::cpu_math::{exp_shifted, max_of};
+use crate::cpu_math::{exp_shifted, softmax_in_place};
 use crate::flex_io::{flex, host};
 
 /// Sizes of one varlen attention call.
@@ -89,11 +89,7 @@ pub fn varlen_attention_forward(
                     );
                     for (r, row) in s.chunks_mut(keys).enumerate() {
                         let visible = i0 + r + 1;
-                        let max = max_of(&row[..visible]);
-                        exp_shifted(&mut row[..visible], max);
-                        let sum: f32 = row[..visible].iter().sum();
-                        let inv = 1.0 / sum;
-                        row[..visible].iter_mut().for_each(|x| *x *= inv);
+                        let (max, sum) = softmax_in_place(&mut row[..visible]);
                         row[visible..].iter_mut().for_each(|x| *x = 0.0);
                         lse[h * len + i0 + r] = max + sum.ln();
                     }
@@ -252,10 +248,7 @@ pub fn cached_attention(
                     );
                     for (r, row) in s.chunks_mut(keys_seen).enumerate() {
                         let visible = pos0 + j0 + r + 1;
-                        let max = max_of(&row[..visible]);
-                        exp_shifted(&mut row[..visible], max);
-                        let inv = 1.0 / row[..visible].iter().sum::<f32>();
-                        row[..visible].iter_mut().for_each(|x| *x *= inv);
+                        softmax_in_place(&mut row[..visible]);
                         row[visible..].iter_mut().for_each(|x| *x = 0.0);
                     }
                     let o = &mut out[(h * len + j0) * d..(h * len + j0 + rows) * d];
@@ -321,14 +314,12 @@ fn decode_rows(
         for (p, s) in row.iter_mut().enumerate() {
             *s = dot(qi, &cache.keys[key_at(p)..][..d]) * scale;
         }
-        let max = max_of(row);
-        exp_shifted(row, max);
-        let inv = 1.0 / row.iter().sum::<f32>();
+        softmax_in_place(row);
         let o = &mut out[r * d..(r + 1) * d];
         o.iter_mut().for_each(|x| *x = 0.0);
         for (p, &w) in row.iter().enumerate() {
             let vp = &cache.values[key_at(p)..][..d];
-            o.iter_mut().zip(vp).for_each(|(o, &x)| *o += w * inv * x);
+            o.iter_mut().zip(vp).for_each(|(o, &x)| *o += w * x);
         }
     }
 }
@@ -388,9 +379,7 @@ fn decode_rows_fma(
         for (p, s) in row.iter_mut().enumerate().skip(quads) {
             *s = dot(qi, &cache.keys[key_at(p)..][..d]) * scale;
         }
-        let max = max_of(row);
-        exp_shifted(row, max);
-        let inv = 1.0 / row.iter().sum::<f32>();
+        softmax_in_place(row);
         let o = &mut out[r * d..(r + 1) * d];
         for c0 in (0..d).step_by(64) {
             let lanes = (d - c0).min(64) / 8;
@@ -399,7 +388,7 @@ fn decode_rows_fma(
             unsafe {
                 let mut acc = [_mm256_setzero_ps(); 8];
                 for (p, &w) in row.iter().enumerate() {
-                    let wv = _mm256_set1_ps(w * inv);
+                    let wv = _mm256_set1_ps(w);
                     let v = cache.values[key_at(p)..][..d].as_ptr().add(c0);
                     for (l, a) in acc.iter_mut().enumerate().take(lanes) {
                         *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(8 * l)), *a);
