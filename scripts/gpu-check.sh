@@ -3,7 +3,8 @@
 # scripts/gpu-bundle.sh): the CubeCL test binaries on the GPU, then the benchmarks. Logs and JSON
 # lines go to $OUT (or /tmp/gpu-out). What to run is the first argument:
 #   tests   the kernel tests with GRAIL_TEST_DEVICE (default vulkan): every fused op, the fused
-#           model vs Flex, the fused-on/off model test, fixture parity, generation
+#           model vs Flex, the fused-on/off model test, fixture parity, generation, and honest
+#           completions generated there verified on Flex (the sketch and log-prob drift)
 #   small   trainer-step on the 5M CPU-bench model: fused on / off, packing off, own GEMM
 #   qwen    trainer-step and rollout on the Qwen2-0.5B shape (hidden 896, 24 layers, 14/2 heads,
 #           inter 4864, vocab 151936)
@@ -36,9 +37,13 @@ for what in "${@:-tests}"; do
   case "$what" in
     tests)
       for t in ops fused_model model_parity generation grail_kernels_lib; do
+        [ -x "$bundle/bin/$t" ] || { echo "== $t: not in the bundle, skipped"; continue; }
         echo "== $t on $device"
         GRAIL_TEST_DEVICE="$device" "$bundle/bin/$t" 2>&1 | tee "$out/test-$t.log"
       done
+      echo "== verify: completions from $device checked on Flex"
+      GRAIL_TEST_DEVICE="$device" "$bundle/bin/verify" another_backend --nocapture 2>&1 |
+        tee "$out/test-verify.log"
       ;;
     small)
       for flags in "" "--no-fused-ops" "--no-packing" "--naive-logprob"; do
