@@ -13,7 +13,7 @@ use anyhow::Result;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
 use grail_core::device::parse_device;
-use grail_core::model::{CausalLm, Layout, ModelConfig};
+use grail_core::model::{Bf16Matrices, CausalLm, Layout, ModelConfig, RandomInit};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
@@ -291,11 +291,12 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
         bf16_weights,
     } = shape;
     let config = m.model_config()?;
-    let model = CausalLm::init(&config, args.seed, device);
+    // At bf16 each matrix is cast as it is drawn, so the peak RSS shows the halved weights.
+    let mut init = RandomInit::new(args.seed, 0.02, device);
     let model = if bf16_weights {
-        model.with_bf16_matrices()
+        CausalLm::build(&config, &mut Bf16Matrices(init))?
     } else {
-        model
+        CausalLm::build(&config, &mut init)?
     };
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = config.vocab_size as u32;

@@ -3,7 +3,7 @@
 
 use burn::tensor::Device;
 use grail_core::Result;
-use grail_core::model::{CausalLm, ModelConfig, NamedTensorSource, named_tensors};
+use grail_core::model::{Bf16Matrices, CausalLm, ModelConfig, NamedTensorSource, named_tensors};
 use grail_protocol::{NamedTensor, PolicyVersion, WeightUpdate, WireDtype};
 
 /// A worker's copy of the weights at the wire dtype, updated payload by payload.
@@ -46,14 +46,14 @@ impl WeightState {
 
     /// A model with the current weights. Weights sent at bf16 are held at bf16 where the
     /// kernels read them so (the CPU): the same values, half the memory and half the bytes each
-    /// decode step reads.
+    /// decode step reads; each matrix is cast as it is built, so the f32 model never exists.
     pub fn build_model(&self, config: &ModelConfig, device: &Device) -> Result<CausalLm> {
-        let model = CausalLm::build(config, &mut NamedTensorSource::new(&self.tensors, device))?;
+        let mut source = NamedTensorSource::new(&self.tensors, device);
         Ok(
             if self.wire == WireDtype::Bf16 && grail_kernels::host_kernels(device) {
-                model.with_bf16_matrices()
+                CausalLm::build(config, &mut Bf16Matrices(source))?
             } else {
-                model
+                CausalLm::build(config, &mut source)?
             },
         )
     }

@@ -71,7 +71,7 @@ pub(crate) fn project<const D: usize>(
     let y = if kernels.fuse(&weight) {
         grail_kernels::linear(x, weight)
     } else {
-        // bf16 matrices (`CausalLm::with_bf16_matrices`) meet the f32 activations widened.
+        // bf16 matrices (built through `Bf16Matrices`) meet the f32 activations widened.
         x.matmul(weight.cast(FloatDType::F32).transpose())
     };
     let y = match bias {

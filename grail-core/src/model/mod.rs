@@ -31,10 +31,12 @@ pub use layout::{Layout, Segment};
 pub use paged_cache::{PagedKvCache, PagedSequence};
 pub use rope::{Rope, RopeScaling};
 pub use tensor_names::{LayerTensor, Projection, TensorId, TensorRole};
-pub use weights::{NamedTensorSource, RandomInit, WeightSource, named_tensors, stable_id};
+pub use weights::{
+    Bf16Matrices, NamedTensorSource, RandomInit, WeightSource, named_tensors, stable_id,
+};
 
 use burn::module::Module;
-use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{GrailError, Result};
 use attention::{AttentionMode, Caches};
@@ -79,19 +81,6 @@ impl DecoderLayer {
             Projection::Up => &self.mlp.up_proj,
             Projection::Down => &self.mlp.down_proj,
         }
-    }
-
-    fn projections_mut(&mut self) -> [&mut Linear; 7] {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ]
     }
 
     fn set_kernels(&mut self, kernels: Kernels) {
@@ -428,28 +417,6 @@ impl CausalLm {
         self.model.norm.kernels = kernels;
         if let Some(head) = &mut self.lm_head {
             head.kernels = kernels;
-        }
-        self
-    }
-
-    /// This model with its matrices (embeddings, projections, lm_head) held at bf16; norms and
-    /// biases stay f32, and so do the activations. Where the fused kernels take bf16 weights
-    /// (Flex: they widen each as they read it) a model whose weights already are bf16 values (a
-    /// rollout copy of weights sent at bf16) computes bit for bit what it computed before,
-    /// reading half the bytes each decode step; elsewhere the weights are widened per op. For
-    /// inference: the matrices are no longer f32 parameters to train.
-    pub fn with_bf16_matrices(mut self) -> Self {
-        let bf16 = |p: &mut burn::module::Param<Tensor<2>>| {
-            *p = p.clone().map(|t| t.cast(FloatDType::BF16));
-        };
-        bf16(&mut self.model.embed_tokens.weight);
-        for layer in &mut self.model.layers {
-            for proj in layer.projections_mut() {
-                bf16(&mut proj.weight);
-            }
-        }
-        if let Some(head) = &mut self.lm_head {
-            bf16(&mut head.weight);
         }
         self
     }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use burn::module::{Param, ParamId};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use grail_protocol::{NamedTensor, WireDtype};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -124,6 +124,42 @@ impl WeightSource for RandomInit {
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+}
+
+/// A source whose matrices (embeddings, projections, lm_head: every 2-D tensor) are held at bf16,
+/// each cast as it is taken, so the model built never holds them all at f32; norms and biases
+/// stay f32, and so do the activations. Where the fused kernels take bf16 weights (Flex: they
+/// widen each as they read it) a model whose weights already are bf16 values (a rollout copy of
+/// weights sent at bf16) computes bit for bit what the f32 model would, in half the memory and
+/// reading half the bytes each decode step; elsewhere the weights are widened per op. For
+/// inference: the matrices are no longer f32 parameters to train.
+pub struct Bf16Matrices<S>(pub S);
+
+impl<S: WeightSource> WeightSource for Bf16Matrices<S> {
+    fn take(&mut self, id: TensorId, shape: &[usize]) -> Result<Vec<f32>> {
+        self.0.take(id, shape)
+    }
+
+    fn device(&self) -> Device {
+        self.0.device()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.0.finish()
+    }
+
+    fn param<const D: usize>(
+        &mut self,
+        id: TensorId,
+        shape: [usize; D],
+    ) -> Result<Param<Tensor<D>>> {
+        let param = self.0.param(id, shape)?;
+        Ok(if D == 2 {
+            param.map(|t| t.cast(FloatDType::BF16))
+        } else {
+            param
+        })
     }
 }
 
