@@ -25,9 +25,8 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
-    t = m["target"]
-    name = t["name"] if t["kind"] != ["lib"] else "grail_kernels_lib"
-    if name in wanted or (name == "grail_kernels_lib" and t["name"] == "grail_kernels"):
+    name = m["target"]["name"]
+    if m["target"]["kind"] == ["test"] and name in wanted:
         shutil.copy(m["executable"], sys.argv[1] + "/bin/" + name)
         print("  " + name)
 ' "$stage"
