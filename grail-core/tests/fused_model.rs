@@ -5,7 +5,7 @@
 //! shaders crash lavapipe's compiler.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use grail_core::model::{ModelConfig, ModelFamily, RopeScaling};
+use grail_core::model::{CausalLm, ModelConfig, ModelFamily, RopeScaling};
 use grail_testkit::{
     const_on_kernel, kernel_device, kernel_test_device, random, reference_device as device, rel,
 };
@@ -249,11 +249,42 @@ fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
 /// per-sequence caches: a prefill of 1, 70 and 5 tokens, then decode steps.
 #[test]
 fn paged_generation_gives_the_logits_of_per_sequence_caches_bit_for_bit() {
-    use grail_core::model::{CausalLm, KvCache, PagedKvCache, PagedSequence};
-    let config = tied_config();
-    let model = CausalLm::init(&config, 5, &Device::flex());
+    let model = CausalLm::init(&tied_config(), 5, &Device::flex());
     assert!(model.supports_paged_kv());
     assert!(!model.clone().with_fused_ops(false).supports_paged_kv());
+    paged_equals_per_sequence_caches(&model);
+}
+
+/// The same on the kernel device: the block pool in device memory, one paged-attention kernel
+/// call per layer, against the device's per-sequence caches. A pool in the other memory is
+/// refused. Runs wherever `GRAIL_TEST_DEVICE` names a CubeCL device, lavapipe included.
+#[test]
+fn paged_generation_on_the_kernel_device_gives_the_logits_of_per_sequence_caches() {
+    use burn::module::Module;
+    use grail_core::model::PagedKvCache;
+    if kernel_test_device("kernel paged generation").is_none() {
+        return;
+    }
+    let config = tied_config();
+    let model =
+        CausalLm::init(&config, 5, &Device::flex()).to_device(&kernel_device().without_autodiff());
+    assert!(model.supports_paged_kv());
+    paged_equals_per_sequence_caches(&model);
+    let mut host_pool = PagedKvCache::new(&config, 4, 4, &Device::flex());
+    let seq = [grail_core::model::PagedSequence {
+        blocks: &[0],
+        cached: 0,
+    }];
+    let err = model
+        .forward_paged(&[&[1, 2]], &mut host_pool, &seq)
+        .unwrap_err();
+    assert!(err.to_string().contains("host memory"), "{err}");
+}
+
+/// Paged generation on `model`'s device equals per-sequence caches bit for bit (see the tests).
+fn paged_equals_per_sequence_caches(model: &CausalLm) {
+    use grail_core::model::{KvCache, PagedKvCache, PagedSequence};
+    let config = model.config.clone();
     let prompts: Vec<Vec<u32>> = vec![
         vec![3],
         (0..70).map(|i| i % 61).collect(),
@@ -273,7 +304,7 @@ fn paged_generation_gives_the_logits_of_per_sequence_caches_bit_for_bit() {
     }
     // Paged: block ids from the top down, skipping some, so no sequence's blocks are in order.
     let block = 4;
-    let mut kv = PagedKvCache::new(&config, 64, block);
+    let mut kv = PagedKvCache::new(&config, 64, block, &model.device());
     let mut free: Vec<u32> = (0..64).filter(|b| b % 3 != 1).collect();
     let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 3];
     let mut lens = vec![0usize; 3];

@@ -51,7 +51,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
-pub use attention::{CachedSpan, cached_attention, varlen_attention};
+pub use attention::{CachedSpan, PagedSpan, cached_attention, paged_attention, varlen_attention};
 pub use device::parse_device;
 pub use linear::linear;
 pub use logprob::{

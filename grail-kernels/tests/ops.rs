@@ -145,6 +145,79 @@ fn op_cached_attention_equals_attention_over_the_whole_sequence() {
     }
 }
 
+/// Paged attention (keys in blocks of 4 positions handed out in a scrambled order, every other
+/// pool row filled with large values a stray read would show) equals cached attention over the
+/// same keys laid out contiguously.
+#[test]
+fn op_paged_attention_equals_cached_attention() {
+    use grail_kernels::{CachedSpan, PagedSpan, cached_attention, paged_attention};
+    let (heads, kv, d, block) = (4, 2, 16, 4);
+    // A prefill of 5, decode steps on caches of 40 and 70 (block-aligned and not), 2 new tokens
+    // on a cache of 3; padding rows between.
+    let spans = [(0, 5, 0, 5), (6, 1, 5, 41), (7, 1, 46, 72), (8, 2, 118, 5)].map(
+        |(q_start, q_len, k_start, k_len)| CachedSpan {
+            q_start,
+            q_len,
+            k_start,
+            k_len,
+        },
+    );
+    let (tokens, keys) = (11, 123);
+    let q = random([tokens, heads, d], 50);
+    let k = random([keys, kv, d], 51);
+    let v = random([keys, kv, d], 52);
+    let num_blocks = 64;
+    let mut free: Vec<u32> = (0..num_blocks as u32).map(|b| (b * 37) % 64).collect();
+    let row = kv * d;
+    let (kh, vh) = (
+        k.to_data().try_to_vec::<f32>().unwrap(),
+        v.to_data().try_to_vec::<f32>().unwrap(),
+    );
+    let mut pool_k = vec![1.0e3f32; num_blocks * block * row];
+    let mut pool_v = vec![-1.0e3f32; num_blocks * block * row];
+    let mut paged = Vec::new();
+    for s in &spans {
+        let blocks: Vec<u32> = (0..s.k_len.div_ceil(block))
+            .map(|_| free.pop().unwrap())
+            .collect();
+        for p in 0..s.k_len {
+            let at = (blocks[p / block] as usize * block + p % block) * row;
+            let from = (s.k_start + p) * row;
+            pool_k[at..at + row].copy_from_slice(&kh[from..from + row]);
+            pool_v[at..at + row].copy_from_slice(&vh[from..from + row]);
+        }
+        paged.push(PagedSpan {
+            q_start: s.q_start,
+            q_len: s.q_len,
+            k_len: s.k_len,
+            blocks,
+        });
+    }
+    let pool = |values: Vec<f32>| {
+        const_on_kernel(&Tensor::<3>::from_data(
+            TensorData::new(values, [num_blocks * block, kv, d]),
+            &device(),
+        ))
+    };
+    let out = paged_attention(
+        const_on_kernel(&q),
+        pool(pool_k),
+        pool(pool_v),
+        &paged,
+        block,
+        0.37,
+    );
+    let want = cached_attention(
+        const_on_kernel(&q),
+        const_on_kernel(&k),
+        const_on_kernel(&v),
+        &spans,
+        0.37,
+    );
+    let e = rel(out, want);
+    assert!(e <= 1e-6, "paged attention rel err {e:e}");
+}
+
 #[test]
 fn op_rms_norm_equals_the_reference() {
     // 601 rows: more than two of the Cube weight gradient's row blocks, the last one partial.

@@ -113,7 +113,7 @@ pub struct GenerationConfig {
     /// Run seed; each sample's RNG derives from it, its prompt id and its index.
     pub seed: u64,
     /// Memory for keys and values (vLLM's KV-cache budget), where the model runs the fused
-    /// kernels on host memory. Sequences wait for room rather than overcommit, and one that
+    /// kernels (host memory on Flex, device memory on the GPU backends). Sequences wait for room rather than overcommit, and one that
     /// cannot grow is preempted and re-prefilled later. `None`: room for `max_batch` sequences
     /// of the longest prompt plus `max_completion_length`, so nothing waits.
     pub kv_cache_bytes: Option<usize>,

@@ -1,7 +1,8 @@
 //! Where generation keeps its sequences' keys and values: one paged block pool for all of them
-//! when the model runs the fused kernels on host memory (bounded by a byte budget, prefixes
-//! shared by reference, nothing reallocated while decoding), else one cache per sequence (GPU
-//! backends and the reference path; a shared prefix is a cheap clone there).
+//! when the model runs the fused kernels (in host memory on Flex, device memory on the GPU
+//! backends; bounded by a byte budget, prefixes shared by reference, nothing reallocated while
+//! decoding), else one cache per sequence (the reference path; a shared prefix is a cheap clone
+//! there).
 
 use burn::tensor::Tensor;
 use grail_core::model::{CausalLm, KvCache, PagedKvCache, PagedSequence};
@@ -47,7 +48,7 @@ impl KvStore {
         if model.supports_paged_kv() {
             KvStore::Paged {
                 pool: BlockPool::new(num_blocks, block_size),
-                storage: PagedKvCache::new(&model.config, num_blocks, block_size),
+                storage: PagedKvCache::new(&model.config, num_blocks, block_size, &model.device()),
                 peak_used: 0,
             }
         } else {

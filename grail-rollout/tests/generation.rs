@@ -454,21 +454,60 @@ fn samples_sharing_their_prompts_prefill_equal_samples_generated_alone() {
             fused,
             "paged where the model reads a paged cache"
         );
-        // Each sample alone: its own prefill, no one to share with.
-        let mut alone = Vec::new();
-        for (p, ids) in prompts.iter().enumerate() {
-            for s in 0..4 {
-                let request = GenerationRequest {
-                    prompt_id: p as u64,
-                    sample_index: s,
-                    prompt: Arc::new(ids.clone()),
-                };
-                let stats = generate(&model, &cfg, [request], |d| alone.push(d)).unwrap();
-                assert_eq!(stats.shared_prompt_tokens, 0);
-            }
-        }
+        let alone = generate_alone(&model, &cfg, &prompts, 4);
         assert_same_completions(&shared, &alone, &format!("fused {fused}"));
     }
+}
+
+/// Each of `g` samples of each prompt generated alone: its own prefill, no one to share with.
+fn generate_alone(
+    model: &CausalLm,
+    cfg: &GenerationConfig,
+    prompts: &[Vec<u32>],
+    g: usize,
+) -> Vec<Generated> {
+    let mut alone = Vec::new();
+    for (p, ids) in prompts.iter().enumerate() {
+        for s in 0..g {
+            let request = GenerationRequest {
+                prompt_id: p as u64,
+                sample_index: s,
+                prompt: Arc::new(ids.clone()),
+            };
+            let stats = generate(model, cfg, [request], |d| alone.push(d)).unwrap();
+            assert_eq!(stats.shared_prompt_tokens, 0);
+        }
+    }
+    alone
+}
+
+/// On the kernel device the pool lives in device memory: samples sharing their prompt's blocks
+/// (copy-on-write of the partial last block) equal samples generated alone, and a budget that
+/// forces preemption gives the completions of a roomy run. Runs wherever `GRAIL_TEST_DEVICE`
+/// names a CubeCL device, lavapipe included.
+#[test]
+fn paged_generation_on_the_kernel_device_shares_prefixes_and_preempts_exactly() {
+    use burn::module::Module;
+    let Some(name) = kernel_test_device("kernel-device paged generation") else {
+        return;
+    };
+    let device = grail_core::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("GRAIL_TEST_DEVICE={name}: {e}"));
+    let model = small_model(true).to_device(&device);
+    let prompts = group_prompts();
+    let (shared, roomy) = generate_all(&model, &sampled(16), &prompts, 4);
+    assert!(roomy.kv_blocks > 0, "a paged pool on the device: {roomy:?}");
+    assert_eq!(roomy.shared_prompt_tokens, 3 * (6 + 9 + 3));
+    let alone = generate_alone(&model, &sampled(16), &prompts, 4);
+    assert_same_completions(&shared, &alone, "shared prefixes on the device");
+    let per_block = grail_core::model::PagedKvCache::bytes_per_block(&model.config, 4);
+    let tight = GenerationConfig {
+        kv_cache_bytes: Some(20 * per_block),
+        ..sampled(16)
+    };
+    let (got, stats) = generate_all(&model, &tight, &prompts, 4);
+    assert!(stats.preemptions > 0, "{stats:?}");
+    assert_same_completions(&got, &shared, "preempted on the device");
 }
 
 #[test]

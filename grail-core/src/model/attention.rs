@@ -30,7 +30,7 @@ pub(crate) enum AttentionMode<'a> {
 pub(crate) enum Caches<'a> {
     /// One cache per segment, each owned by its sequence.
     PerSequence(&'a mut [KvCache]),
-    /// One block pool for all; one block list per segment (host memory, fused kernels).
+    /// One block pool for all; one block list per segment (fused kernels).
     Paged(&'a mut PagedKvCache, &'a [PagedSequence<'a>]),
 }
 
@@ -154,6 +154,12 @@ impl Attention {
             } if self.fused() => {
                 return self.forward_cached_device(x, cos, sin, segments, caches, layer);
             }
+            AttentionMode::Segments {
+                segments,
+                caches: Some(Caches::Paged(kv, seqs)),
+            } if self.fused() => {
+                return self.forward_paged_device(x, cos, sin, segments, kv, seqs, layer);
+            }
             mode => mode,
         };
         let (q, k, v) = self.qkv_heads(x, cos, sin);
@@ -167,7 +173,7 @@ impl Attention {
                 let mut caches = match caches {
                     Some(Caches::PerSequence(c)) => Some(c),
                     Some(Caches::Paged(..)) => unreachable!(
-                        "a paged KV cache needs the fused kernels on host memory (checked by forward_paged)"
+                        "a paged KV cache needs the fused kernels (checked by forward_paged)"
                     ),
                     None => None,
                 };
@@ -363,6 +369,32 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let (keys, values) = (Tensor::cat(keys, 0), Tensor::cat(values, 0));
         let out = grail_kernels::cached_attention(q, keys, values, &spans, scale);
+        let out = out.reshape([rows, cols, self.num_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+
+    /// Generation through the fused kernels on a device backend with a paged cache: the new
+    /// tokens' keys/values are written into their sequences' blocks of the device pool, and one
+    /// kernel call attends every sequence's new tokens through its block list.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_paged_device(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        segments: &[Segment],
+        kv: &mut PagedKvCache,
+        seqs: &[PagedSequence<'_>],
+        layer: usize,
+    ) -> Tensor<3> {
+        let [rows, cols, _] = x.dims();
+        let (q, k, v) = self.rotated_qkv(x, cos, sin);
+        let queries: Vec<(usize, usize)> = segments
+            .iter()
+            .map(|seg| (seg.row * cols + seg.start, seg.len))
+            .collect();
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let out = kv.write_and_attend(layer, seqs, &queries, [q, k, v], scale);
         let out = out.reshape([rows, cols, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }

@@ -302,8 +302,8 @@ impl CausalLm {
     /// [`forward_cached`](Self::forward_cached) with every sequence's keys/values in one block
     /// pool: `sequences[i]` names the blocks of the sequence fed `new_tokens[i]` and how many
     /// positions it had cached; its blocks must already hold those plus the new ones (the
-    /// caller's block tables grew first). Needs the fused kernels on host memory
-    /// ([`supports_paged_kv`](Self::supports_paged_kv)).
+    /// caller's block tables grew first), and the pool must be built for this model's device.
+    /// Needs the fused kernels ([`supports_paged_kv`](Self::supports_paged_kv)).
     pub fn forward_paged(
         &self,
         new_tokens: &[&[u32]],
@@ -323,10 +323,20 @@ impl CausalLm {
     ) -> Result<Tensor<2>> {
         if !self.supports_paged_kv() {
             return Err(GrailError::Input(
-                "forward_paged: a paged KV cache needs the fused kernels on host memory (Flex); \
-                 use forward_cached with per-sequence caches"
+                "forward_paged: a paged KV cache needs the fused kernels (off, or no kernel for \
+                 the weights' dtype here); use forward_cached with per-sequence caches"
                     .into(),
             ));
+        }
+        let host = grail_kernels::host_kernels(&self.device());
+        if kv.on_host() != host {
+            let memory = |on_host| if on_host { "host" } else { "device" };
+            return Err(GrailError::Input(format!(
+                "forward_paged: the KV pool is in {} memory but the model's kernels read {} \
+                 memory; build the pool with the model's device",
+                memory(kv.on_host()),
+                memory(host)
+            )));
         }
         if new_tokens.len() != sequences.len() {
             return Err(GrailError::Input(format!(
@@ -348,9 +358,10 @@ impl CausalLm {
         )
     }
 
-    /// Whether [`forward_paged`](Self::forward_paged) can run: fused kernels on host memory.
+    /// Whether [`forward_paged`](Self::forward_paged) can run: the fused kernels are on (and
+    /// exist for the weights' dtype on this backend).
     pub fn supports_paged_kv(&self) -> bool {
-        self.uses_fused_ops() && grail_kernels::host_kernels(&self.device())
+        self.uses_fused_ops()
     }
 
     /// The body of both cached forwards: sequence `i` has `cached[i]` positions and is fed

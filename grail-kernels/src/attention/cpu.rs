@@ -7,7 +7,7 @@ use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{AttentionOps, CachedSpan};
+use super::{AttentionOps, CachedSpan, PagedSpan};
 use crate::cpu_gemm::{View, dot, matmul};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu_math::has_avx2;
@@ -615,6 +615,31 @@ impl AttentionOps for Flex {
             .map(|s| {
                 let rows = s.k_start * row..(s.k_start + s.k_len) * row;
                 HostKv::contiguous(&k[rows.clone()], &v[rows], row)
+            })
+            .collect();
+        let out = cached_attention(&host(&q), dims, &queries, &kv, scale);
+        flex(out, q.shape())
+    }
+
+    fn fused_paged_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        spans: Vec<PagedSpan>,
+        block_size: usize,
+        scale: f32,
+    ) -> FlexTensor {
+        let dims = attention_dims(&q, &k);
+        let (k, v) = (host(&k), host(&v));
+        let queries: Vec<(usize, usize)> = spans.iter().map(|s| (s.q_start, s.q_len)).collect();
+        let kv: Vec<HostKv<'_>> = spans
+            .iter()
+            .map(|s| HostKv {
+                keys: &k,
+                values: &v,
+                blocks: &s.blocks,
+                block_size,
+                len: s.k_len,
             })
             .collect();
         let out = cached_attention(&host(&q), dims, &queries, &kv, scale);

@@ -11,25 +11,28 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{AttentionOps, CachedSpan};
+use super::{AttentionOps, CachedSpan, PagedSpan};
 use crate::cube_launch::{arg, dims3, empty_like, f32_contiguous, grid, u32_arg, u32_buffer};
 
-/// Attention forward, one thread per (query token, head): an online softmax over the keys
-/// `key_start[t]..key_end[t]` of `k`/`v` (their own token axis: the packed row itself for varlen
-/// attention, the gathered KV caches for generation); saves the log-sum-exp. Tokens with an
-/// empty range get zeros.
+/// Attention forward, one thread per (query token, head): an online softmax over the `key_len[t]`
+/// keys token `t` sees, read from `k`/`v` through a block list: key `p` at row
+/// `block_rows[first_block[t] + p / block_size] + p % block_size` (a paged cache; one block
+/// per token when keys are a contiguous range: the packed row itself for varlen attention, the
+/// gathered caches for generation). Saves the log-sum-exp. Tokens with no keys get zeros.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward_kernel(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    key_start: &[u32],
-    key_end: &[u32],
+    block_rows: &[u32],
+    first_block: &[u32],
+    key_len: &[u32],
     out: &mut [f32],
     lse: &mut [f32],
     heads: u32,
     kv_heads: u32,
+    block_size: u32,
     scale: f32,
     #[comptime] head_dim: usize,
 ) {
@@ -39,12 +42,14 @@ fn attention_forward_kernel(
     }
     let heads = heads as usize;
     let kv_heads = kv_heads as usize;
+    let block_size = block_size as usize;
     let t = row / heads;
     let h = row % heads;
     let kvh = h / (heads / kv_heads);
     let q_base = row * head_dim;
-    let start = key_start[t] as usize;
-    let end = key_end[t] as usize;
+    let first = first_block[t] as usize;
+    let n = key_len[t] as usize;
+    let blocks = (n + block_size - 1) / block_size;
 
     let mut acc = Array::new(head_dim);
     for dd in 0..head_dim {
@@ -52,25 +57,32 @@ fn attention_forward_kernel(
     }
     let mut m = f32::new(-1.0e30);
     let mut l = f32::new(0.0);
-    for j in start..end {
-        let k_base = (j * kv_heads + kvh) * head_dim;
-        let mut dot = f32::new(0.0);
-        for dd in 0..head_dim {
-            dot += q[q_base + dd] * k[k_base + dd];
+    for b in 0..blocks {
+        let row0 = block_rows[first + b] as usize;
+        let mut take = n - b * block_size;
+        if take > block_size {
+            take = block_size;
         }
-        let s = dot * scale;
-        if s > m {
-            let correction = (m - s).exp();
-            l *= correction;
+        for o in 0..take {
+            let k_base = ((row0 + o) * kv_heads + kvh) * head_dim;
+            let mut dot = f32::new(0.0);
             for dd in 0..head_dim {
-                acc[dd] *= correction;
+                dot += q[q_base + dd] * k[k_base + dd];
             }
-            m = s;
-        }
-        let p = (s - m).exp();
-        l += p;
-        for dd in 0..head_dim {
-            acc[dd] += p * v[k_base + dd];
+            let s = dot * scale;
+            if s > m {
+                let correction = (m - s).exp();
+                l *= correction;
+                for dd in 0..head_dim {
+                    acc[dd] *= correction;
+                }
+                m = s;
+            }
+            let p = (s - m).exp();
+            l += p;
+            for dd in 0..head_dim {
+                acc[dd] += p * v[k_base + dd];
+            }
         }
     }
     if l > f32::new(0.0) {
@@ -236,13 +248,66 @@ fn segment_bounds(tokens: usize, segments: &[(usize, usize)]) -> (Vec<u32>, Vec<
     (start, end)
 }
 
-/// [`attention_forward_kernel`] over every row of `q` `[T, H, d]`: each query row attends the key
-/// range its [`CachedSpan`] gives (none: zeros). Returns the output and the log-sum-exp `[T, H]`.
-fn ranged_attention(
+/// Which keys each query token of an [`attention_forward_kernel`] call sees: the kernel's
+/// `block_rows`, `first_block`, `key_len` and `block_size`.
+struct KeyBlocks {
+    block_rows: Vec<u32>,
+    first_block: Vec<u32>,
+    key_len: Vec<u32>,
+    block_size: usize,
+}
+
+impl KeyBlocks {
+    /// Contiguous key ranges: each query row attends the rows its [`CachedSpan`] gives, one
+    /// block per token (none: no keys).
+    fn ranges(spans: &[CachedSpan], tokens: usize) -> Self {
+        let (start, end) = CachedSpan::key_ranges(spans, tokens);
+        let key_len: Vec<u32> = start.iter().zip(&end).map(|(s, e)| e - s).collect();
+        let longest = key_len.iter().copied().max().unwrap_or(0);
+        Self {
+            block_rows: start,
+            first_block: (0..tokens as u32).collect(),
+            key_len,
+            block_size: (longest as usize).max(1),
+        }
+    }
+
+    /// Keys in a block pool: each [`PagedSpan`]'s new tokens attend its cached positions through
+    /// its block list, causally.
+    fn paged(spans: &[PagedSpan], tokens: usize, block_size: usize) -> Self {
+        let mut blocks = Self {
+            block_rows: Vec::new(),
+            first_block: vec![0; tokens],
+            key_len: vec![0; tokens],
+            block_size,
+        };
+        for s in spans {
+            let first = blocks.block_rows.len() as u32;
+            let used = s.k_len.div_ceil(block_size);
+            blocks
+                .block_rows
+                .extend(s.blocks[..used].iter().map(|&b| b * block_size as u32));
+            let seen_before = s.k_len - s.q_len;
+            for j in 0..s.q_len {
+                blocks.first_block[s.q_start + j] = first;
+                blocks.key_len[s.q_start + j] = (seen_before + j + 1) as u32;
+            }
+        }
+        if blocks.block_rows.is_empty() {
+            // A buffer cannot be empty; no token reads it.
+            blocks.block_rows.push(0);
+        }
+        blocks
+    }
+}
+
+/// [`attention_forward_kernel`] over every row of `q` `[T, H, d]`, reading keys/values of `k`/`v`
+/// `[rows, KV, d]` as `keys` says. Returns the output and the log-sum-exp `[T, H]`.
+fn blocked_attention(
     q: CubeTensor,
     k: CubeTensor,
     v: CubeTensor,
-    spans: &[CachedSpan],
+    keys: &KeyBlocks,
     scale: f32,
 ) -> (CubeTensor, CubeTensor) {
     let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
@@ -250,8 +315,9 @@ fn ranged_attention(
     let kv_heads = k.shape()[1];
     let out = empty_like(&q, [tokens, heads, d]);
     let lse = empty_like(&q, [tokens, heads]);
-    let (start, end) = CachedSpan::key_ranges(spans, tokens);
-    let (start, end) = (u32_buffer(&q, &start), u32_buffer(&q, &end));
+    let block_rows = u32_buffer(&q, &keys.block_rows);
+    let first_block = u32_buffer(&q, &keys.first_block);
+    let key_len = u32_buffer(&q, &keys.key_len);
     let (count, dim) = grid(&q, tokens * heads);
     attention_forward_kernel::launch(
         &q.client,
@@ -260,12 +326,14 @@ fn ranged_attention(
         arg(&q),
         arg(&k),
         arg(&v),
-        u32_arg(&start),
-        u32_arg(&end),
+        u32_arg(&block_rows),
+        u32_arg(&first_block),
+        u32_arg(&key_len),
         arg(&out),
         arg(&lse),
         heads as u32,
         kv_heads as u32,
+        keys.block_size as u32,
         scale,
         d,
     );
@@ -291,7 +359,8 @@ impl AttentionOps for CubeBackend {
                 k_len: len,
             })
             .collect();
-        ranged_attention(q, k, v, &spans, scale)
+        let tokens = q.shape()[0];
+        blocked_attention(q, k, v, &KeyBlocks::ranges(&spans, tokens), scale)
     }
 
     fn fused_cached_attention(
@@ -301,7 +370,21 @@ impl AttentionOps for CubeBackend {
         spans: Vec<CachedSpan>,
         scale: f32,
     ) -> CubeTensor {
-        ranged_attention(q, k, v, &spans, scale).0
+        let tokens = q.shape()[0];
+        blocked_attention(q, k, v, &KeyBlocks::ranges(&spans, tokens), scale).0
+    }
+
+    fn fused_paged_attention(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        spans: Vec<PagedSpan>,
+        block_size: usize,
+        scale: f32,
+    ) -> CubeTensor {
+        let tokens = q.shape()[0];
+        let keys = KeyBlocks::paged(&spans, tokens, block_size);
+        blocked_attention(q, k, v, &keys, scale).0
     }
 
     fn fused_attention_backward(

@@ -57,7 +57,24 @@ impl CachedSpan {
     }
 }
 
-/// Attention kernels: forward, backward and cached attention; the `fused_*` entry points are
+/// One sequence of a paged-attention call ([`paged_attention`]): its new tokens are rows
+/// `q_start..q_start + q_len` of the queries; its `k_len` cached positions, the new tokens' own
+/// last, live in the pool's `blocks` in position order, position `p` at row
+/// `blocks[p / block_size] · block_size + p % block_size`. New token `j` sees positions
+/// `0 ..= k_len − q_len + j`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PagedSpan {
+    /// First query row of the sequence's new tokens.
+    pub q_start: usize,
+    /// Number of new tokens.
+    pub q_len: usize,
+    /// Positions cached, the new tokens' included (`≥ q_len`).
+    pub k_len: usize,
+    /// The sequence's blocks in position order (at least `k_len / block_size` rounded up).
+    pub blocks: Vec<u32>,
+}
+
+/// Attention kernels: forward, backward, cached and paged attention; the `fused_*` entry points are
 /// differentiable (`Autodiff<B>` records one backward node).
 #[backend_extension(Flex, Cube: cfg(any(feature = "vulkan", feature = "cuda")), Autodiff)]
 pub trait AttentionOps: Backend {
@@ -100,6 +117,17 @@ pub trait AttentionOps: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         spans: Vec<CachedSpan>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+    /// Attention of new tokens to their sequences' cached positions in a block pool, for
+    /// generation (no gradient): `q` `[T, H, d]`, `k`/`v` `[blocks × block_size, KV, d]` (see
+    /// [`PagedSpan`]) → `[T, H, d]`, zeros on rows no span covers.
+    fn fused_paged_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spans: Vec<PagedSpan>,
+        block_size: usize,
         scale: f32,
     ) -> FloatTensor<Self>;
 }
@@ -213,6 +241,24 @@ impl<B: AttentionOps, C: CheckpointStrategy> AttentionOps for Autodiff<B, C> {
             scale,
         ))
     }
+
+    fn fused_paged_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spans: Vec<PagedSpan>,
+        block_size: usize,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_paged_attention(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            spans,
+            block_size,
+            scale,
+        ))
+    }
 }
 
 /// Causal attention within each `(start, len)` segment of the token axis; `q` `[T, H, d]`,
@@ -248,6 +294,27 @@ pub fn cached_attention(
         k.into_dispatch(),
         v.into_dispatch(),
         spans.to_vec(),
+        scale,
+    ))
+}
+
+/// Attention of new tokens to their sequences' cached positions in a block pool (generation, no
+/// gradient): `q` `[T, H, d]`, `k`/`v` `[blocks × block_size, KV, d]`; see [`PagedSpan`]. Rows
+/// of `q` no span covers get zeros.
+pub fn paged_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    spans: &[PagedSpan],
+    block_size: usize,
+    scale: f32,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as AttentionOps>::fused_paged_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        spans.to_vec(),
+        block_size,
         scale,
     ))
 }
