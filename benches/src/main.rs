@@ -61,6 +61,12 @@ enum Bench {
         /// Hold the matrices at bf16, as a rollout worker does with weights sent at bf16.
         #[arg(long)]
         bf16_weights: bool,
+        /// Tokens every prompt begins with (a system prompt), of the `--prompt-len`.
+        #[arg(long, default_value_t = 0)]
+        shared_prefix: usize,
+        /// Compute each prompt's shared beginning again (vLLM's prefix caching off).
+        #[arg(long)]
+        no_prefix_caching: bool,
     },
     /// Weight-sync delta size, encode/apply/hash time after real AdamW steps (bf16 deltas; one
     /// line per compression, zstd and lz4, over the same steps).
@@ -277,6 +283,8 @@ struct RolloutShape {
     prompt_len: usize,
     new_tokens: usize,
     bf16_weights: bool,
+    shared_prefix: usize,
+    prefix_caching: bool,
 }
 
 fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShape) -> Result<()> {
@@ -289,7 +297,13 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
         prompt_len,
         new_tokens,
         bf16_weights,
+        shared_prefix,
+        prefix_caching,
     } = shape;
+    anyhow::ensure!(
+        shared_prefix <= prompt_len,
+        "--shared-prefix {shared_prefix} is longer than --prompt-len {prompt_len}"
+    );
     let config = m.model_config()?;
     // At bf16 each matrix is cast as it is drawn, so the peak RSS shows the halved weights.
     let mut init = RandomInit::new(args.seed, 0.02, device);
@@ -300,11 +314,16 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
     };
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = config.vocab_size as u32;
+    let mut random_tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
+    let system = random_tokens(shared_prefix);
     let requests: Vec<GenerationRequest> = (0..prompts)
         .flat_map(|i| {
             let prompt: std::sync::Arc<Vec<u32>> = std::sync::Arc::new(
-                (0..prompt_len)
-                    .map(|_| rng.random_range(0..vocab))
+                system
+                    .iter()
+                    .copied()
+                    .chain(random_tokens(prompt_len - shared_prefix))
                     .collect(),
             );
             (0..num_generations).map(move |s| GenerationRequest {
@@ -320,6 +339,7 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
         max_completion_length: 1,
         max_batch: batch,
         seed: args.seed,
+        enable_prefix_caching: prefix_caching,
         ..GenerationConfig::default()
     };
     // Untimed warm-up (a prefill and a decode step): a GPU backend compiles each kernel on its
@@ -346,6 +366,7 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
             "bench": "rollout", "device": args.device, "params": config.num_parameters(),
             "weights": if bf16_weights { "bf16" } else { "f32" },
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "shared_prefix": shared_prefix, "prefix_caching": prefix_caching,
             "generated_tokens": stats.generated_tokens, "tokens_per_s": stats.generated_tokens as f64 / total_s,
             "prompts": prompts, "num_generations": num_generations,
             "decode_tokens_per_s": (stats.generated_tokens - sequences) as f64 / decode_s,
@@ -767,6 +788,8 @@ fn main() -> Result<()> {
             prompts,
             num_generations,
             bf16_weights,
+            shared_prefix,
+            no_prefix_caching,
         } => {
             let shape = RolloutShape {
                 batch: *batch,
@@ -775,6 +798,8 @@ fn main() -> Result<()> {
                 prompt_len: *prompt_len,
                 new_tokens: *new_tokens,
                 bf16_weights: *bf16_weights,
+                shared_prefix: *shared_prefix,
+                prefix_caching: !*no_prefix_caching,
             };
             rollout_bench(&args, &device, model, shape)
         }

@@ -113,12 +113,17 @@ pub struct GenerationConfig {
     /// Run seed; each sample's RNG derives from it, its prompt id and its index.
     pub seed: u64,
     /// Memory for keys and values (vLLM's KV-cache budget), where the model runs the fused
-    /// kernels (host memory on Flex, device memory on the GPU backends). Sequences wait for room rather than overcommit, and one that
-    /// cannot grow is preempted and re-prefilled later. `None`: room for `max_batch` sequences
-    /// of the longest prompt plus `max_completion_length`, so nothing waits.
+    /// kernels (host memory on Flex, device memory on the GPU backends). Sequences wait for room
+    /// rather than overcommit, and one that cannot grow is preempted and re-prefilled later.
+    /// `None`: room for `max_batch` sequences of the longest prompt plus
+    /// `max_completion_length`, so nothing waits.
     pub kv_cache_bytes: Option<usize>,
     /// Positions per KV-cache block.
     pub kv_block_size: usize,
+    /// Share whole KV blocks between prompts that begin alike (vLLM's `enable_prefix_caching`:
+    /// a system prompt or few-shot preamble is computed once while a sequence holds it). The
+    /// samples of one prompt always share its prefill.
+    pub enable_prefix_caching: bool,
     /// The seed a verifying trainer published: commit to every completion token
     /// ([`Generated::sketches`]) with the coefficients of this seed and the version that samples
     /// the token ([`SketchCoefficients::for_version`]); `None`: no sketches.
@@ -139,6 +144,7 @@ impl Default for GenerationConfig {
             seed: 0,
             kv_cache_bytes: None,
             kv_block_size: 16,
+            enable_prefix_caching: true,
             sketch_seed: None,
         }
     }
@@ -149,9 +155,12 @@ impl Default for GenerationConfig {
 pub struct GenerationStats {
     /// Forward calls made.
     pub steps: usize,
-    /// Prompt tokens computed (each distinct prompt once, however many samples it has).
+    /// Prompt tokens computed (each distinct prompt once, however many samples it has, less the
+    /// whole blocks it shares with a prompt that began alike).
     pub prefill_tokens: usize,
-    /// Prompt tokens samples took from a prefix another sample's prefill had computed.
+    /// Prompt tokens read from blocks another prefill had computed: a sample's prompt (all but
+    /// the first sample of each prompt) and the leading whole blocks of a prompt that begins like
+    /// one prefilled before it (a system prompt, a few-shot preamble).
     pub shared_prompt_tokens: usize,
     /// Completion tokens sampled.
     pub generated_tokens: usize,

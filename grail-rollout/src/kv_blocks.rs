@@ -6,6 +6,14 @@
 //! This module owns block ids and counts only; the keys and values live in per-layer arrays
 //! indexed by block id, owned by whoever reads them. Every allocation can fail: the caller
 //! decides whether to wait (admission) or to preempt a sequence and re-prefill it later.
+//!
+//! Prompts that merely begin alike (a system prompt, a few-shot preamble) share too, block by
+//! block (vLLM's automatic prefix caching, while a block is held): a prefilled prompt publishes
+//! its full blocks under the tokens from position 0 to each block's end, a later prompt that
+//! begins with those tokens takes the blocks by reference, and a block leaves the registry when
+//! it is freed (or when new weights make every cached key stale).
+
+use std::collections::HashMap;
 
 /// A block's index in the pool (and in the per-layer key/value arrays).
 pub type BlockId = u32;
@@ -18,6 +26,10 @@ pub struct BlockPool {
     refs: Vec<u32>,
     /// Free blocks, most recently freed last (reused first: its memory is warm).
     free: Vec<BlockId>,
+    /// Published full prompt blocks: the tokens of positions 0 to the block's end → the block.
+    published: HashMap<Vec<u32>, BlockId>,
+    /// The key each published block is registered under, to unregister it when it is freed.
+    published_as: HashMap<BlockId, Vec<u32>>,
 }
 
 /// Not enough free blocks for a request: it needs `needed`, the pool has `free`.
@@ -54,6 +66,8 @@ impl BlockPool {
             block_size,
             refs: vec![0; num_blocks],
             free: (0..num_blocks as BlockId).rev().collect(),
+            published: HashMap::new(),
+            published_as: HashMap::new(),
         }
     }
 
@@ -119,7 +133,58 @@ impl BlockPool {
         *r -= 1;
         if *r == 0 {
             self.free.push(block);
+            if let Some(key) = self.published_as.remove(&block) {
+                self.published.remove(&key);
+            }
         }
+    }
+
+    /// Publishes the full blocks of `table`, which holds the keys/values of `tokens` (a prompt
+    /// just prefilled), for later prompts that begin with the same tokens. A block another table
+    /// published first for the same tokens stays the one shared.
+    pub fn publish(&mut self, table: &BlockTable, tokens: &[u32]) {
+        let full = table.len().min(tokens.len()) / self.block_size;
+        for (i, &block) in table.blocks()[..full].iter().enumerate() {
+            let key = tokens[..(i + 1) * self.block_size].to_vec();
+            if self.published.contains_key(&key) || self.published_as.contains_key(&block) {
+                continue;
+            }
+            self.published.insert(key.clone(), block);
+            self.published_as.insert(block, key);
+        }
+    }
+
+    /// Positions of `tokens` that published blocks hold, whole blocks from position 0, leaving
+    /// at least the last token to compute (its logits are what a prefill is for).
+    pub fn published_len(&self, tokens: &[u32]) -> usize {
+        let mut len = 0;
+        while len + self.block_size < tokens.len()
+            && self
+                .published
+                .contains_key(&tokens[..len + self.block_size])
+        {
+            len += self.block_size;
+        }
+        len
+    }
+
+    /// A table over the first [`published_len`](Self::published_len) positions of `tokens`,
+    /// sharing the published blocks that hold them (empty if none do). Takes no free block.
+    pub fn share_published(&mut self, tokens: &[u32]) -> BlockTable {
+        let len = self.published_len(tokens);
+        let blocks: Vec<BlockId> = (1..=len / self.block_size)
+            .map(|i| self.published[&tokens[..i * self.block_size]])
+            .collect();
+        for &b in &blocks {
+            self.share(b);
+        }
+        BlockTable { blocks, len }
+    }
+
+    /// Forgets every published block (new weights: the keys they hold are stale).
+    pub fn unpublish_all(&mut self) {
+        self.published.clear();
+        self.published_as.clear();
     }
 }
 
@@ -251,6 +316,38 @@ mod tests {
         prompt.free(&mut pool);
         sample.free(&mut pool);
         assert_eq!(pool.free_blocks(), 8);
+    }
+
+    #[test]
+    fn prompts_that_begin_alike_share_published_blocks_while_they_are_held() {
+        let mut pool = BlockPool::new(8, 4);
+        let system: Vec<u32> = (0..9).collect();
+        let mut first = BlockTable::new();
+        first.grow(&mut pool, system.len()).unwrap(); // 3 blocks, the last partial
+        pool.publish(&first, &system);
+        // Another prompt with the same 8 first tokens takes both full blocks, not the partial one.
+        let other: Vec<u32> = (0..8).chain([50, 51]).collect();
+        assert_eq!(pool.published_len(&other), 8);
+        let mut second = pool.share_published(&other);
+        assert_eq!((second.len(), second.blocks()), (8, &first.blocks()[..2]));
+        assert_eq!(pool.ref_count(first.blocks()[0]), 2);
+        assert_eq!(
+            second.grow(&mut pool, 2).unwrap(),
+            None,
+            "a new block, no copy"
+        );
+        // The last token is always left to compute; a different start shares nothing.
+        assert_eq!(pool.published_len(&system[..8]), 4);
+        assert_eq!(pool.published_len(&[1, 2, 3, 4, 5, 6, 7, 8, 9]), 0);
+        // Freed blocks leave the registry; so does everything when the weights change.
+        second.free(&mut pool);
+        first.free(&mut pool);
+        assert_eq!(pool.published_len(&other), 0);
+        assert_eq!(pool.free_blocks(), 8);
+        first.grow(&mut pool, system.len()).unwrap();
+        pool.publish(&first, &system);
+        pool.unpublish_all();
+        assert_eq!(pool.published_len(&other), 0);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The scheduling of one generation (what [`generate_in_flight`](crate::generate::generate_in_flight)
 //! runs): continuous batching over `max_batch` slots, one prefill per distinct prompt shared by
-//! its samples, admission within the KV budget, preemption when a sequence cannot grow.
+//! its samples, whole blocks shared between prompts that begin alike, admission within the KV
+//! budget, preemption when a sequence cannot grow.
 //!
 //! Each loop: [`Scheduler::admit`] fills free slots (samples of a prompt already prefilled fork
 //! its cache and draw their first token from its logits; a new prompt gets a prefix to prefill in
-//! this step; preempted sequences come back first), then [`Scheduler::step`] reserves room for
+//! this step, over the blocks prompts prefilled before published for its first positions, or
+//! waits a step for a prompt being prefilled that begins like it; preempted sequences come back
+//! first), then [`Scheduler::step`] reserves room for
 //! every sequence's new tokens (preempting the youngest sequence while the pool is short) and
 //! runs one forward call over the prefixes' prompts and everyone's pending tokens.
 
@@ -43,12 +46,17 @@ struct Active {
 /// A prompt prefilled once for all its samples.
 struct Prefix {
     kv: SequenceKv,
+    /// Leading positions read from blocks other prompts published: its prefill computes the rest.
+    shared: usize,
     /// Logits after the prompt's last token; `None` until the step that prefills it.
     logits: Option<Vec<f32>>,
     /// The GRAIL sketch of the hidden state they come from, when asked for (set with them).
     sketch: Option<u32>,
     /// Whether a sample has forked it yet (later ones count as shared prompt tokens).
     forked: bool,
+    /// Whether its last queued sample has forked it: it goes at the end of the admission, so
+    /// the prompts admitted after its samples can still share its published blocks.
+    spent: bool,
 }
 
 /// The state of one generation.
@@ -174,21 +182,34 @@ impl<'a> Scheduler<'a> {
                     i += 1;
                 }
                 None => {
+                    // A prompt that begins like one prefilled in this step waits a step to read
+                    // that prompt's blocks instead of computing them again.
+                    let shares_pending = self.cfg.enable_prefix_caching
+                        && self.prefixes.iter().any(|(p, x)| {
+                            x.logits.is_none() && self.store.would_share_more(p, &prompt)
+                        });
+                    if shares_pending {
+                        i += 1;
+                        continue;
+                    }
                     // The prompt's blocks and the one its first sample will be owed.
                     if prompts_blocked || !self.room_for(self.store.blocks_for(prompt.len()) + 1) {
                         prompts_blocked = true;
                         i += 1;
                         continue;
                     }
-                    let mut kv = self.store.new_sequence();
+                    let (mut kv, shared) = self.store.share_published(&prompt);
                     self.store
-                        .reserve(&mut kv, prompt.len())
+                        .reserve(&mut kv, prompt.len() - shared)
                         .expect("room was checked");
+                    self.stats.shared_prompt_tokens += shared;
                     let prefix = Prefix {
                         kv,
+                        shared,
                         logits: None,
                         sketch: None,
                         forked: false,
+                        spent: false,
                     };
                     self.prefixes.insert(prompt, prefix);
                     open -= 1;
@@ -196,6 +217,7 @@ impl<'a> Scheduler<'a> {
                 }
             }
         }
+        self.drop_prefixes(|p| p.spent);
         let waiting = !(self.queue.is_empty() && self.preempted.is_empty());
         if waiting && !self.has_work() {
             // Nothing runs and nothing was admitted: only idle prefixes can be holding the pool
@@ -212,11 +234,14 @@ impl<'a> Scheduler<'a> {
         Ok(self.has_work())
     }
 
-    /// New weights: cached keys/values are stale. Prefilled prefixes are dropped (their samples
-    /// still queued prefill again) and every sequence with tokens re-prefills prompt + tokens.
+    /// New weights: cached keys/values are stale. Published blocks are forgotten, prefilled
+    /// prefixes (and those that would read shared blocks) are dropped (their samples still queued
+    /// prefill again), and every sequence with tokens re-prefills prompt + tokens.
     pub(crate) fn switch_weights(&mut self) {
         self.stats.weight_switches += 1;
-        self.drop_prefixes(|p| p.logits.is_some());
+        self.store.unpublish_all();
+        // Prefixes about to prefill over shared blocks would read stale keys too.
+        self.drop_prefixes(|p| p.logits.is_some() || p.shared > 0);
         for a in self.slots.iter_mut().flatten() {
             // Nothing cached yet (a fresh sample or a returning preempted sequence): what it
             // feeds next is already prompt + tokens, to be computed with the new weights.
@@ -238,16 +263,17 @@ impl<'a> Scheduler<'a> {
         on_done: &mut impl FnMut(Generated),
     ) -> Result<(), RolloutError> {
         self.reserve_pending();
-        let prompts: Vec<Arc<Vec<u32>>> = self
+        // Each prompt to prefill, and how many of its positions published blocks already hold.
+        let prompts: Vec<(Arc<Vec<u32>>, usize)> = self
             .prefixes
             .iter()
             .filter(|(_, p)| p.logits.is_none())
-            .map(|(prompt, _)| prompt.clone())
+            .map(|(prompt, p)| (prompt.clone(), p.shared))
             .collect();
         let rows: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].is_some())
             .collect();
-        let mut inputs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let mut inputs: Vec<&[u32]> = prompts.iter().map(|(p, shared)| &p[*shared..]).collect();
         // The same walk of the unchanged map as `prompts`: the same order.
         let mut kvs: Vec<&mut SequenceKv> = Vec::with_capacity(prompts.len() + rows.len());
         for prefix in self.prefixes.values_mut() {
@@ -262,7 +288,7 @@ impl<'a> Scheduler<'a> {
         if inputs.is_empty() {
             return Ok(());
         }
-        self.stats.prefill_tokens += prompts.iter().map(|p| p.len()).sum::<usize>();
+        self.stats.prefill_tokens += prompts.iter().map(|(p, s)| p.len() - s).sum::<usize>();
         let coefficients = (self.cfg.sketch_seed)
             .map(|seed| SketchCoefficients::for_version(&seed, policy.version));
         let (logits, sketches) =
@@ -274,10 +300,13 @@ impl<'a> Scheduler<'a> {
         let mut row = logits.chunks_exact(vocab);
         // One per row when asked for, else none.
         let mut sketches = sketches.into_iter();
-        for prompt in &prompts {
+        for (prompt, _) in &prompts {
             let prefix = self.prefixes.get_mut(prompt).expect("prefilled now");
             prefix.logits = Some(row.next().expect("a row per input").to_vec());
             prefix.sketch = sketches.next();
+            if self.cfg.enable_prefix_caching {
+                self.store.publish(&prefix.kv, prompt);
+            }
         }
         for i in rows {
             let logits = row.next().expect("a row per input");
@@ -301,7 +330,7 @@ impl<'a> Scheduler<'a> {
 
     /// Admits `request` as a sample of its prefilled prompt: shares the prompt's cache and draws
     /// its first token from the prompt's logits. Returns whether it took a slot (it may finish at
-    /// once). The prefix goes when its last queued sample has forked it.
+    /// once). The prefix is spent when its last queued sample has forked it.
     fn fork(
         &mut self,
         request: GenerationRequest,
@@ -321,8 +350,7 @@ impl<'a> Scheduler<'a> {
         *left -= 1;
         if *left == 0 {
             self.queued.remove(&prompt);
-            let mut prefix = self.prefixes.remove(&prompt).expect("present");
-            self.store.free(&mut prefix.kv);
+            self.prefixes.get_mut(&prompt).expect("present").spent = true;
         }
         self.admissions += 1;
         let a = Active {

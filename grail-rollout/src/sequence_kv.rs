@@ -12,6 +12,8 @@ use crate::error::RolloutError;
 use crate::kv_blocks::{BlockPool, BlockTable, OutOfBlocks};
 
 /// The keys and values of every sequence of one generation.
+// One per generation, never moved while it runs: the size of the paged variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum KvStore {
     /// One block pool (see [`crate::kv_blocks`]).
     Paged {
@@ -93,6 +95,53 @@ impl KvStore {
             (KvStore::Paged { pool, .. }, SequenceKv::Table(t)) => SequenceKv::Table(t.fork(pool)),
             (_, SequenceKv::Cache(c)) => SequenceKv::Cache(c.clone()),
             _ => unreachable!("a sequence of another store"),
+        }
+    }
+
+    /// A sequence for `prompt` over the blocks other prompts published for its first positions
+    /// (see [`crate::kv_blocks`]), and how many positions those hold: 0 and an empty sequence
+    /// where nothing matches or caches are per sequence.
+    pub(crate) fn share_published(&mut self, prompt: &[u32]) -> (SequenceKv, usize) {
+        match self {
+            KvStore::Paged { pool, .. } => {
+                let table = pool.share_published(prompt);
+                let len = table.len();
+                (SequenceKv::Table(table), len)
+            }
+            KvStore::PerSequence { .. } => (self.new_sequence(), 0),
+        }
+    }
+
+    /// Whether `waiting` could share more whole blocks once `prefilling`'s prefill publishes its
+    /// blocks than it can now (both begin with those blocks' tokens); never for per-sequence
+    /// caches.
+    pub(crate) fn would_share_more(&self, prefilling: &[u32], waiting: &[u32]) -> bool {
+        let KvStore::Paged { pool, .. } = self else {
+            return false;
+        };
+        let n = pool.block_size();
+        // Whole blocks `prefilling` fills, leaving `waiting` at least its last token to compute.
+        let reach = (prefilling.len() / n).min((waiting.len() - 1) / n) * n;
+        let common = prefilling[..reach]
+            .iter()
+            .zip(waiting)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common / n * n > pool.published_len(waiting)
+    }
+
+    /// Publishes the full blocks of `seq`, a prompt's just-prefilled cache, for later prompts
+    /// that begin alike.
+    pub(crate) fn publish(&mut self, seq: &SequenceKv, prompt: &[u32]) {
+        if let (KvStore::Paged { pool, .. }, SequenceKv::Table(t)) = (self, seq) {
+            pool.publish(t, prompt);
+        }
+    }
+
+    /// Forgets every published block (new weights).
+    pub(crate) fn unpublish_all(&mut self) {
+        if let KvStore::Paged { pool, .. } = self {
+            pool.unpublish_all();
         }
     }
 

@@ -309,18 +309,10 @@ fn truncated_sampling_never_leaves_its_set() {
 
 #[test]
 fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
-    let device = Device::flex();
-    let old = CausalLm::init(&tiny_config(128), 1, &device);
-    let new = CausalLm::init(&tiny_config(128), 2, &device);
+    let (old, new) = old_and_new_weights();
     let cfg = GenerationConfig {
-        sampling: SamplingConfig {
-            temperature: 0.0,
-            ..SamplingConfig::default()
-        },
-        max_completion_length: 12,
-        max_batch: 4,
         sketch_seed: Some([3; 32]),
-        ..GenerationConfig::default()
+        ..greedy_generation(12, 4)
     };
     let prompts = [vec![3u32, 9, 4, 1], vec![5, 2], vec![8, 8, 7, 6, 1, 2, 3]];
     let requests = prompts.iter().enumerate().map(|(i, p)| GenerationRequest {
@@ -373,6 +365,70 @@ fn an_in_flight_switch_recomputes_the_cache_and_tags_every_token() {
             .copied()
             .collect();
         assert_eq!(g.sketches, want);
+    }
+}
+
+/// New weights arriving just after a prompt was admitted over another prompt's published blocks:
+/// those blocks hold the old weights' keys, so the prompt is prefilled whole with the new ones.
+#[test]
+fn a_switch_never_reads_blocks_another_prompt_published_with_old_weights() {
+    let (old, new) = old_and_new_weights();
+    let cfg = GenerationConfig {
+        kv_block_size: 4,
+        ..greedy_generation(8, 2)
+    };
+    // The second prompt waits a step for the first's blocks, is admitted over them, and then
+    // the new weights arrive (before the second forward call).
+    let preamble: Vec<u32> = (20..28).collect();
+    let prompts: Vec<Vec<u32>> = [1u32, 2]
+        .iter()
+        .map(|&t| preamble.iter().copied().chain([t]).collect())
+        .collect();
+    let requests = prompts.iter().enumerate().map(|(i, p)| GenerationRequest {
+        prompt_id: i as u64,
+        sample_index: 0,
+        prompt: Arc::new(p.clone()),
+    });
+    let (mut out, stats) = generate_switching(&old, &new, &cfg, requests, 1);
+    assert_eq!(stats.weight_switches, 1);
+    out.sort_by_key(|g| g.request.prompt_id);
+    let second = &out[1];
+    assert_eq!(second.versions, vec![1; 8], "{stats:?}");
+    assert_eq!(
+        second.ids,
+        greedy(&new, &prompts[1], 8, false).unwrap(),
+        "the new weights' greedy tokens, from a whole prefill"
+    );
+    let want = new
+        .completion_logprobs(&prompts[1], &second.ids, 1.0)
+        .unwrap();
+    let worst = want
+        .iter()
+        .zip(&second.logps)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "behaviour log-probs off by {worst:e}");
+}
+
+/// Two small random models: the weights before and after an in-flight switch.
+fn old_and_new_weights() -> (CausalLm, CausalLm) {
+    let device = Device::flex();
+    (
+        CausalLm::init(&tiny_config(128), 1, &device),
+        CausalLm::init(&tiny_config(128), 2, &device),
+    )
+}
+
+/// Greedy decoding of up to `max_completion_length` tokens, `max_batch` sequences at a time.
+fn greedy_generation(max_completion_length: usize, max_batch: usize) -> GenerationConfig {
+    GenerationConfig {
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            ..SamplingConfig::default()
+        },
+        max_completion_length,
+        max_batch,
+        ..GenerationConfig::default()
     }
 }
 
@@ -508,6 +564,54 @@ fn paged_generation_on_the_kernel_device_shares_prefixes_and_preempts_exactly() 
     let (got, stats) = generate_all(&model, &tight, &prompts, 4);
     assert!(stats.preemptions > 0, "{stats:?}");
     assert_same_completions(&got, &shared, "preempted on the device");
+}
+
+/// Prompts that begin alike (a 9-token preamble: two whole blocks of 4 and one token more) share
+/// the preamble's whole blocks: the later prompts wait a step for the first one's prefill and
+/// compute only what follows, and every completion equals the one generated alone.
+#[test]
+fn prompts_that_begin_alike_share_their_common_whole_blocks() {
+    let model = small_model(true);
+    let preamble: Vec<u32> = (20..29).collect();
+    let prompts: Vec<Vec<u32>> = [vec![1, 2], vec![3], vec![4, 5, 6]]
+        .iter()
+        .map(|tail| preamble.iter().chain(tail).copied().collect())
+        .collect();
+    let cfg = sampled(16);
+    let (shared, stats) = generate_all(&model, &cfg, &prompts, 2);
+    let lens: usize = prompts.iter().map(Vec::len).sum();
+    assert_eq!(
+        stats.prefill_tokens,
+        lens - 2 * 8,
+        "the later two read the preamble's two whole blocks: {stats:?}"
+    );
+    assert_eq!(
+        stats.shared_prompt_tokens,
+        2 * 8 + lens,
+        "two preambles' blocks, and each prompt's second sample"
+    );
+    let alone = generate_alone(&model, &cfg, &prompts, 2);
+    assert_same_completions(&shared, &alone, "prompts sharing a preamble");
+    // Samples that end at their first token free their prompt's blocks at once: the prompts
+    // waiting for those blocks are admitted before that.
+    let one_token = GenerationConfig {
+        max_completion_length: 1,
+        ..cfg.clone()
+    };
+    let (_, stats) = generate_all(&model, &one_token, &prompts, 2);
+    assert_eq!(stats.prefill_tokens, lens - 2 * 8, "{stats:?}");
+    // Per-sequence caches (the reference path) share nothing across prompts, nor does the pool
+    // with prefix caching off; both agree.
+    let (plain, stats) = generate_all(&small_model(false), &cfg, &prompts, 2);
+    assert_eq!(stats.prefill_tokens, lens);
+    assert_same_completions(&plain, &shared, "reference path");
+    let off = GenerationConfig {
+        enable_prefix_caching: false,
+        ..cfg
+    };
+    let (unshared, stats) = generate_all(&model, &off, &prompts, 2);
+    assert_eq!(stats.prefill_tokens, lens);
+    assert_same_completions(&unshared, &shared, "prefix caching off");
 }
 
 #[test]

@@ -64,7 +64,7 @@ impl PagedKvCache {
                 config.num_key_value_heads,
                 config.head_dim,
             ];
-            let zeros = || Tensor::<3>::zeros(shape, device);
+            let zeros = || Tensor::<3>::zeros(shape, device).cast(FloatDType::F32);
             Pools::Device(layers.map(|_| Some((zeros(), zeros()))).collect())
         };
         Self {
