@@ -192,6 +192,20 @@ impl KvStore {
         seqs: &mut [&mut SequenceKv],
         sketch: Option<&SketchCoefficients>,
     ) -> Result<(Vec<f32>, Vec<u32>), RolloutError> {
+        // On a rayon worker (inline when already on one), like the trainer's step: the CPU
+        // kernels' parallel sections are joins inside the pool instead of one injection (and
+        // wake-up) each from this thread, and this thread's serial work is a worker's.
+        rayon::scope(|_| self.forward_here(model, inputs, seqs, sketch))
+    }
+
+    /// [`forward`](Self::forward) on the calling thread.
+    fn forward_here(
+        &mut self,
+        model: &CausalLm,
+        inputs: &[&[u32]],
+        seqs: &mut [&mut SequenceKv],
+        sketch: Option<&SketchCoefficients>,
+    ) -> Result<(Vec<f32>, Vec<u32>), RolloutError> {
         let hidden = match self {
             KvStore::Paged { storage, .. } => {
                 let sequences: Vec<PagedSequence<'_>> = seqs
