@@ -20,7 +20,8 @@ use crate::cube_launch::{arg, dims3, empty_like, f32_contiguous, grid, u32_arg, 
 /// per token when keys are a contiguous range: the packed row itself for varlen attention, the
 /// gathered caches for generation). Saves the log-sum-exp. Tokens with no keys get zeros.
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
+// `div_ceil` is spelled out: kernel code is CubeCL's expansion, which has no such method.
+#[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
 fn attention_forward_kernel(
     q: &[f32],
     k: &[f32],
