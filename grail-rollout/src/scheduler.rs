@@ -202,7 +202,6 @@ impl<'a> Scheduler<'a> {
                     self.store
                         .reserve(&mut kv, prompt.len() - shared)
                         .expect("room was checked");
-                    self.stats.shared_prompt_tokens += shared;
                     let prefix = Prefix {
                         kv,
                         shared,
@@ -217,12 +216,13 @@ impl<'a> Scheduler<'a> {
                 }
             }
         }
-        self.drop_prefixes(|p| p.spent);
+        let spent = self.drop_prefixes(|p| p.spent);
         let waiting = !(self.queue.is_empty() && self.preempted.is_empty());
         if waiting && !self.has_work() {
-            // Nothing runs and nothing was admitted: only idle prefixes can be holding the pool
-            // (one sequence always fits, checked at the start).
-            if self.drop_prefixes(|_| true) == 0 {
+            // Nothing runs and nothing was admitted: only idle prefixes (the spent ones just
+            // dropped included) can be holding the pool (one sequence always fits, checked at
+            // the start).
+            if spent == 0 && self.drop_prefixes(|_| true) == 0 {
                 return Err(RolloutError::config(
                     "kv_cache_bytes",
                     format!("{:?}", self.cfg.kv_cache_bytes),
@@ -235,13 +235,26 @@ impl<'a> Scheduler<'a> {
     }
 
     /// New weights: cached keys/values are stale. Published blocks are forgotten, prefilled
-    /// prefixes (and those that would read shared blocks) are dropped (their samples still queued
-    /// prefill again), and every sequence with tokens re-prefills prompt + tokens.
+    /// prefixes are dropped (their samples still queued prefill again), a prefix that would read
+    /// shared blocks prefills its whole prompt, and every sequence with tokens re-prefills
+    /// prompt + tokens.
     pub(crate) fn switch_weights(&mut self) {
         self.stats.weight_switches += 1;
         self.store.unpublish_all();
-        // Prefixes about to prefill over shared blocks would read stale keys too.
-        self.drop_prefixes(|p| p.logits.is_some() || p.shared > 0);
+        self.drop_prefixes(|p| p.logits.is_some());
+        // A prefix about to prefill over shared blocks would read stale keys: it prefills its
+        // whole prompt instead, in blocks of its own (dropped if the pool has none to give).
+        let mut stale = Vec::new();
+        for (prompt, p) in self.prefixes.iter_mut().filter(|(_, p)| p.shared > 0) {
+            self.store.free(&mut p.kv);
+            p.shared = 0;
+            if self.store.reserve(&mut p.kv, prompt.len()).is_err() {
+                stale.push(prompt.clone());
+            }
+        }
+        for prompt in stale {
+            self.prefixes.remove(&prompt);
+        }
         for a in self.slots.iter_mut().flatten() {
             // Nothing cached yet (a fresh sample or a returning preempted sequence): what it
             // feeds next is already prompt + tokens, to be computed with the new weights.
@@ -289,6 +302,7 @@ impl<'a> Scheduler<'a> {
             return Ok(());
         }
         self.stats.prefill_tokens += prompts.iter().map(|(p, s)| p.len() - s).sum::<usize>();
+        self.stats.shared_prompt_tokens += prompts.iter().map(|(_, s)| s).sum::<usize>();
         let coefficients = (self.cfg.sketch_seed)
             .map(|seed| SketchCoefficients::for_version(&seed, policy.version));
         let (logits, sketches) =
@@ -465,7 +479,7 @@ impl<'a> Scheduler<'a> {
     /// Whether the pool has `blocks` free beside what is owed to what is already placed: a block
     /// for each running sequence's next token, all of its positions for one that re-prefills
     /// (its cache is empty until then), and a block for each prefix's next sample (its copy of
-    /// the shared partial block, or its first block of its own). Without the prefixes' blocks,
+    /// the shared partial block, or its first block of its own; a spent prefix has none left). Without the prefixes' blocks,
     /// two prefixes could fill the pool so that neither could ever be forked.
     fn room_for(&self, blocks: usize) -> bool {
         let Some(free) = self.store.free_blocks() else {
@@ -480,7 +494,8 @@ impl<'a> Scheduler<'a> {
                 false => 1,
             })
             .sum();
-        free >= blocks + running + self.prefixes.len()
+        let owed = self.prefixes.values().filter(|p| !p.spent).count();
+        free >= blocks + running + owed
     }
 
     fn place(&mut self, a: Active) {

@@ -192,10 +192,15 @@ impl KvStore {
         seqs: &mut [&mut SequenceKv],
         sketch: Option<&SketchCoefficients>,
     ) -> Result<(Vec<f32>, Vec<u32>), RolloutError> {
-        // On a rayon worker (inline when already on one), like the trainer's step: the CPU
-        // kernels' parallel sections are joins inside the pool instead of one injection (and
-        // wake-up) each from this thread, and this thread's serial work is a worker's.
-        rayon::scope(|_| self.forward_here(model, inputs, seqs, sketch))
+        // The CPU kernels: on a rayon worker (inline when already on one), like the trainer's
+        // step, so their parallel sections are joins inside the pool instead of one injection
+        // (and wake-up) each from this thread. A GPU backend's step stays on this thread (and
+        // its device stream).
+        if grail_kernels::host_kernels(&model.device()) {
+            rayon::scope(|_| self.forward_here(model, inputs, seqs, sketch))
+        } else {
+            self.forward_here(model, inputs, seqs, sketch)
+        }
     }
 
     /// [`forward`](Self::forward) on the calling thread.

@@ -391,6 +391,7 @@ fn a_switch_never_reads_blocks_another_prompt_published_with_old_weights() {
     });
     let (mut out, stats) = generate_switching(&old, &new, &cfg, requests, 1);
     assert_eq!(stats.weight_switches, 1);
+    assert_eq!(stats.shared_prompt_tokens, 0, "nothing was read shared");
     out.sort_by_key(|g| g.request.prompt_id);
     let second = &out[1];
     assert_eq!(second.versions, vec![1; 8], "{stats:?}");
@@ -538,8 +539,9 @@ fn generate_alone(
 }
 
 /// On the kernel device the pool lives in device memory: samples sharing their prompt's blocks
-/// (copy-on-write of the partial last block) equal samples generated alone, and a budget that
-/// forces preemption gives the completions of a roomy run. Runs wherever `GRAIL_TEST_DEVICE`
+/// (copy-on-write of the partial last block) equal samples generated alone, a budget that
+/// forces preemption gives the completions of a roomy run, and prompts that begin alike share
+/// whole blocks. Runs wherever `GRAIL_TEST_DEVICE`
 /// names a CubeCL device, lavapipe included.
 #[test]
 fn paged_generation_on_the_kernel_device_shares_prefixes_and_preempts_exactly() {
@@ -564,6 +566,16 @@ fn paged_generation_on_the_kernel_device_shares_prefixes_and_preempts_exactly() 
     let (got, stats) = generate_all(&model, &tight, &prompts, 4);
     assert!(stats.preemptions > 0, "{stats:?}");
     assert_same_completions(&got, &shared, "preempted on the device");
+    // Prompts that begin alike read the first one's published blocks from the device pool.
+    let preamble: Vec<u32> = (20..29).collect();
+    let alike: Vec<Vec<u32>> = [vec![1, 2], vec![3]]
+        .iter()
+        .map(|tail| preamble.iter().chain(tail).copied().collect())
+        .collect();
+    let (shared, stats) = generate_all(&model, &sampled(16), &alike, 2);
+    assert_eq!(stats.prefill_tokens, 11 + 2, "{stats:?}");
+    let alone = generate_alone(&model, &sampled(16), &alike, 2);
+    assert_same_completions(&shared, &alone, "a shared preamble on the device");
 }
 
 /// Prompts that begin alike (a 9-token preamble: two whole blocks of 4 and one token more) share
@@ -712,6 +724,25 @@ fn a_prompt_that_does_not_fit_neither_holds_back_samples_nor_locks_the_pool() {
         (6 + 40, 0),
         "{stats:?}"
     );
+}
+
+/// A prompt's samples that all end at their first token leave its prefix spent at once; the next
+/// prompt is admitted into the room that frees rather than the generation stopping with "no
+/// waiting sequence fits".
+#[test]
+fn a_prefix_spent_by_one_token_samples_leaves_room_for_the_next_prompt() {
+    let model = small_model(true);
+    let per_block = grail_core::model::PagedKvCache::bytes_per_block(&model.config, 16);
+    let cfg = GenerationConfig {
+        max_completion_length: 1,
+        kv_block_size: 16,
+        kv_cache_bytes: Some(3 * per_block),
+        ..sampled(1)
+    };
+    let prompts = vec![(1..9).collect::<Vec<u32>>(), (11..19).collect()];
+    let (out, stats) = generate_all(&model, &cfg, &prompts, 1);
+    assert_eq!(out.len(), 2, "{stats:?}");
+    assert_eq!(stats.prefill_tokens, 16);
 }
 
 #[test]
