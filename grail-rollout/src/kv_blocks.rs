@@ -154,30 +154,38 @@ impl BlockPool {
         }
     }
 
-    /// Positions of `tokens` that published blocks hold, whole blocks from position 0, leaving
-    /// at least the last token to compute (its logits are what a prefill is for).
-    pub fn published_len(&self, tokens: &[u32]) -> usize {
-        let mut len = 0;
-        while len + self.block_size < tokens.len()
-            && self
-                .published
-                .contains_key(&tokens[..len + self.block_size])
-        {
-            len += self.block_size;
+    /// The published blocks that hold the first positions of `tokens`, whole blocks from
+    /// position 0, leaving at least the last token to compute (its logits are what a prefill is
+    /// for).
+    fn published_blocks(&self, tokens: &[u32]) -> Vec<BlockId> {
+        let mut blocks = Vec::new();
+        loop {
+            let end = (blocks.len() + 1) * self.block_size;
+            if end >= tokens.len() {
+                return blocks;
+            }
+            match self.published.get(&tokens[..end]) {
+                Some(&b) => blocks.push(b),
+                None => return blocks,
+            }
         }
-        len
     }
 
-    /// A table over the first [`published_len`](Self::published_len) positions of `tokens`,
-    /// sharing the published blocks that hold them (empty if none do). Takes no free block.
+    /// Positions of `tokens` that published blocks hold
+    /// (see [`share_published`](Self::share_published)).
+    pub fn published_len(&self, tokens: &[u32]) -> usize {
+        self.published_blocks(tokens).len() * self.block_size
+    }
+
+    /// A table over the first positions of `tokens` that published blocks hold, whole blocks
+    /// from position 0 and leaving at least the last token to compute, sharing those blocks
+    /// (empty if none do). Takes no free block.
     pub fn share_published(&mut self, tokens: &[u32]) -> BlockTable {
-        let len = self.published_len(tokens);
-        let blocks: Vec<BlockId> = (1..=len / self.block_size)
-            .map(|i| self.published[&tokens[..i * self.block_size]])
-            .collect();
+        let blocks = self.published_blocks(tokens);
         for &b in &blocks {
             self.share(b);
         }
+        let len = blocks.len() * self.block_size;
         BlockTable { blocks, len }
     }
 

@@ -479,8 +479,9 @@ impl<'a> Scheduler<'a> {
     /// Whether the pool has `blocks` free beside what is owed to what is already placed: a block
     /// for each running sequence's next token, all of its positions for one that re-prefills
     /// (its cache is empty until then), and a block for each prefix's next sample (its copy of
-    /// the shared partial block, or its first block of its own; a spent prefix has none left). Without the prefixes' blocks,
-    /// two prefixes could fill the pool so that neither could ever be forked.
+    /// the shared partial block, or its first block of its own; a spent prefix has none left).
+    /// Without the prefixes' blocks, two prefixes could fill the pool so that neither could ever
+    /// be forked.
     fn room_for(&self, blocks: usize) -> bool {
         let Some(free) = self.store.free_blocks() else {
             return true;

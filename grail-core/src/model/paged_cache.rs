@@ -152,21 +152,19 @@ impl PagedKvCache {
 
     /// The pool row of position `p` of `seq`.
     fn row(&self, seq: &PagedSequence<'_>, p: usize) -> usize {
-        seq.blocks[p / self.block_size] as usize * self.block_size + p % self.block_size
+        pool_row(seq, self.block_size, p)
     }
 
     /// Writes `k`/`v` (`[new, kv_heads, head_dim]`) of `layer` at positions
     /// `seq.cached..seq.cached + new` (host memory).
     pub(crate) fn write(&mut self, layer: usize, seq: &PagedSequence<'_>, k: &[f32], v: &[f32]) {
-        let w = self.row_width;
-        let rows: Vec<usize> = (0..k.len() / w)
-            .map(|j| self.row(seq, seq.cached + j))
-            .collect();
+        let (w, block_size) = (self.row_width, self.block_size);
         let Pools::Host(layers) = &mut self.layers else {
             unreachable!("host keys written into a device pool (forward_paged checks the memory)")
         };
         let (keys, values) = &mut layers[layer];
-        for ((kr, vr), row) in k.chunks_exact(w).zip(v.chunks_exact(w)).zip(rows) {
+        for (j, (kr, vr)) in k.chunks_exact(w).zip(v.chunks_exact(w)).enumerate() {
+            let row = pool_row(seq, block_size, seq.cached + j);
             keys[row * w..(row + 1) * w].copy_from_slice(kr);
             values[row * w..(row + 1) * w].copy_from_slice(vr);
         }
@@ -245,6 +243,11 @@ impl PagedKvCache {
             len: positions,
         }
     }
+}
+
+/// The pool row of position `p` of `seq`, in blocks of `block_size` positions.
+fn pool_row(seq: &PagedSequence<'_>, block_size: usize, p: usize) -> usize {
+    seq.blocks[p / block_size] as usize * block_size + p % block_size
 }
 
 /// Row ids on `like`'s device.
