@@ -100,8 +100,8 @@ impl<'a> Scheduler<'a> {
             // Every slot's sequence and a prompt prefix per slot.
             None => cfg.max_batch * (one_sequence + blocks(longest)),
         };
-        let store = KvStore::for_model(model, num_blocks, block_size);
-        if store.free_blocks().is_some() && num_blocks < one_sequence {
+        // Checked before the pool is allocated (in device memory on a GPU backend).
+        if model.supports_paged_kv() && num_blocks < one_sequence {
             return Err(RolloutError::config(
                 "kv_cache_bytes",
                 format!("{}", cfg.kv_cache_bytes.unwrap_or(0)),
@@ -113,6 +113,7 @@ impl<'a> Scheduler<'a> {
                 ),
             ));
         }
+        let store = KvStore::for_model(model, num_blocks, block_size);
         let mut queued = HashMap::new();
         for r in &queue {
             *queued.entry(r.prompt.clone()).or_insert(0) += 1;

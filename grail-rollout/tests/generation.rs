@@ -576,6 +576,18 @@ fn paged_generation_on_the_kernel_device_shares_prefixes_and_preempts_exactly() 
     assert_eq!(stats.prefill_tokens, 11 + 2, "{stats:?}");
     let alone = generate_alone(&model, &sampled(16), &alike, 2);
     assert_same_completions(&shared, &alone, "a shared preamble on the device");
+    // A budget under one block is refused by name before any device memory is taken.
+    let nothing = GenerationConfig {
+        kv_cache_bytes: Some(per_block - 1),
+        ..sampled(4)
+    };
+    let request = GenerationRequest {
+        prompt_id: 0,
+        sample_index: 0,
+        prompt: Arc::new(vec![1; 9]),
+    };
+    let err = generate(&model, &nothing, [request], |_| {}).unwrap_err();
+    assert!(err.to_string().contains("holds 0 blocks"), "{err}");
 }
 
 /// Prompts that begin alike (a 9-token preamble: two whole blocks of 4 and one token more) share

@@ -329,12 +329,14 @@ impl CausalLm {
             ));
         }
         let host = grail_kernels::host_kernels(&self.device());
-        if kv.on_host() != host {
+        let device = self.device();
+        if kv.on_host() != host || kv.device() != &device {
             let memory = |on_host| if on_host { "host" } else { "device" };
             return Err(GrailError::Input(format!(
-                "forward_paged: the KV pool is in {} memory but the model's kernels read {} \
-                 memory; build the pool with the model's device",
+                "forward_paged: the KV pool is in {} memory of {:?} but the model's kernels read \
+                 {} memory of {device:?}; build the pool with the model's device",
                 memory(kv.on_host()),
+                kv.device(),
                 memory(host)
             )));
         }

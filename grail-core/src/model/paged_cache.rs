@@ -20,6 +20,8 @@ pub struct PagedKvCache {
     /// Values per position and layer: `kv_heads × head_dim`.
     row_width: usize,
     layers: Pools,
+    /// The device the pool was built for.
+    device: Device,
 }
 
 /// Where the blocks live.
@@ -72,7 +74,13 @@ impl PagedKvCache {
             num_blocks,
             row_width,
             layers,
+            device: device.clone(),
         }
+    }
+
+    /// The device the pool was built for (its memory is that device's kernels').
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Whether the blocks are in host memory (the host kernels read them there).
