@@ -67,6 +67,9 @@ enum Bench {
         /// Compute each prompt's shared beginning again (vLLM's prefix caching off).
         #[arg(long)]
         no_prefix_caching: bool,
+        /// Keep the matrices row-major (a rollout worker on the CPU holds them in panel order).
+        #[arg(long)]
+        row_major_weights: bool,
     },
     /// Weight-sync delta size, encode/apply/hash time after real AdamW steps (bf16 deltas; one
     /// line per compression, zstd and lz4, over the same steps).
@@ -285,6 +288,7 @@ struct RolloutShape {
     bf16_weights: bool,
     shared_prefix: usize,
     prefix_caching: bool,
+    panels: bool,
 }
 
 fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShape) -> Result<()> {
@@ -299,6 +303,7 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
         bf16_weights,
         shared_prefix,
         prefix_caching,
+        panels,
     } = shape;
     anyhow::ensure!(
         shared_prefix <= prompt_len,
@@ -311,6 +316,11 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
         CausalLm::build(&config, &mut Bf16Matrices(init))?
     } else {
         CausalLm::build(&config, &mut init)?
+    };
+    let model = if panels {
+        model.with_panel_matrices()
+    } else {
+        model
     };
     let mut rng = StdRng::seed_from_u64(args.seed);
     let vocab = config.vocab_size as u32;
@@ -366,7 +376,7 @@ fn rollout_bench(args: &Args, device: &Device, m: &ModelArgs, shape: RolloutShap
             "bench": "rollout", "device": args.device, "params": config.num_parameters(),
             "weights": if bf16_weights { "bf16" } else { "f32" },
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "shared_prefix": shared_prefix, "prefix_caching": prefix_caching,
+            "shared_prefix": shared_prefix, "prefix_caching": prefix_caching, "panels": panels,
             "generated_tokens": stats.generated_tokens, "tokens_per_s": stats.generated_tokens as f64 / total_s,
             "prompts": prompts, "num_generations": num_generations,
             "decode_tokens_per_s": (stats.generated_tokens - sequences) as f64 / decode_s,
@@ -790,6 +800,7 @@ fn main() -> Result<()> {
             bf16_weights,
             shared_prefix,
             no_prefix_caching,
+            row_major_weights,
         } => {
             let shape = RolloutShape {
                 batch: *batch,
@@ -800,6 +811,7 @@ fn main() -> Result<()> {
                 bf16_weights: *bf16_weights,
                 shared_prefix: *shared_prefix,
                 prefix_caching: !*no_prefix_caching,
+                panels: !*row_major_weights,
             };
             rollout_bench(&args, &device, model, shape)
         }

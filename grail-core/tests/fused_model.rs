@@ -216,32 +216,33 @@ fn kernel_model_equals_flex(config: &ModelConfig) {
 
 #[test]
 fn cached_generation_gives_the_same_logits_with_fused_ops_on_and_off() {
-    use grail_core::model::{CausalLm, KvCache};
     let config = tied_config();
     let fused = CausalLm::init(&config, 5, &Device::flex());
     let plain = fused.clone().with_fused_ops(false);
-    let run = |m: &CausalLm| {
-        let mut caches = vec![KvCache::new(2), KvCache::new(2), KvCache::new(2)];
-        let mut out = Vec::new();
-        // Prefill prompts of 1, 70 (two query tiles) and 5 tokens, then mixed decode steps.
-        let prompts: Vec<Vec<u32>> = vec![
-            vec![3],
-            (0..70).map(|i| i % 61).collect(),
-            vec![9, 8, 7, 6, 5],
-        ];
-        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        out.push(m.forward_cached(&refs, &mut caches).unwrap());
-        for step in 0..3u32 {
-            let next = [[step + 1], [step + 20], [step + 40]];
-            let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
-            out.push(m.forward_cached(&refs, &mut caches).unwrap());
-        }
-        out
-    };
-    for (a, b) in run(&fused).into_iter().zip(run(&plain)) {
+    for (a, b) in cached_logits(&fused).into_iter().zip(cached_logits(&plain)) {
         let e = rel(a, b);
         assert!(e <= 1e-5, "cached logits rel err {e:e}");
     }
+}
+
+/// The logits of a prefill of prompts of 1, 70 (two query tiles) and 5 tokens through
+/// per-sequence caches, then of three mixed decode steps (token ids below 61).
+fn cached_logits(m: &CausalLm) -> Vec<Tensor<2>> {
+    use grail_core::model::KvCache;
+    let mut caches = vec![KvCache::new(2), KvCache::new(2), KvCache::new(2)];
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![3],
+        (0..70).map(|i| i % 61).collect(),
+        vec![9, 8, 7, 6, 5],
+    ];
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let mut out = vec![m.forward_cached(&refs, &mut caches).unwrap()];
+    for step in 0..3u32 {
+        let next = [[step + 1], [step + 20], [step + 40]];
+        let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
+        out.push(m.forward_cached(&refs, &mut caches).unwrap());
+    }
+    out
 }
 
 /// A paged KV cache (blocks of 4 positions handed out in a scrambled order, one sequence's
@@ -382,7 +383,7 @@ fn refs_of(v: &[Vec<u32>]) -> Vec<&[u32]> {
 #[test]
 fn cached_generation_on_the_kernel_device_equals_flex() {
     use burn::module::Module;
-    use grail_core::model::{CausalLm, KvCache};
+    use grail_core::model::CausalLm;
     if kernel_test_device("kernel generation").is_none() {
         return;
     }
@@ -391,24 +392,122 @@ fn cached_generation_on_the_kernel_device_equals_flex() {
     let kernel = reference
         .clone()
         .to_device(&kernel_device().without_autodiff());
-    let run = |m: &CausalLm| {
-        let mut caches = vec![KvCache::new(2), KvCache::new(2), KvCache::new(2)];
-        let prompts: Vec<Vec<u32>> = vec![
-            vec![3],
-            (0..70).map(|i| i % 61).collect(),
-            vec![9, 8, 7, 6, 5],
-        ];
-        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let mut out = vec![m.forward_cached(&refs, &mut caches).unwrap()];
-        for step in 0..3u32 {
-            let next = [[step + 1], [step + 20], [step + 40]];
-            let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
-            out.push(m.forward_cached(&refs, &mut caches).unwrap());
-        }
-        out
-    };
-    for (step, (a, b)) in run(&kernel).into_iter().zip(run(&reference)).enumerate() {
+    for (step, (a, b)) in cached_logits(&kernel)
+        .into_iter()
+        .zip(cached_logits(&reference))
+        .enumerate()
+    {
         let e = rel(a, b);
         assert!(e <= 1e-5, "step {step}: cached logits rel err {e:e}");
     }
+}
+
+/// A model with its matrices in panel order (a rollout copy on the CPU) gives the outputs of the
+/// row-major model: logits of a packed forward (rows of 1 to 70 tokens) and of cached decode
+/// steps, with f32 and bf16 matrices, tied and untied lm_heads; its tensors and lm_head weight
+/// read back unchanged, and gradients through it equal the row-major model's. A vocabulary that
+/// fills no whole panel (61) keeps its embedding row-major.
+#[test]
+fn panel_matrices_give_the_outputs_of_row_major_ones() {
+    use burn::tensor::Int;
+    use grail_core::model::{Bf16Matrices, Layout, RandomInit};
+    // `untied_config`'s shape with another vocabulary, tied or not.
+    let vocab = |vocab_size: usize, tie_word_embeddings: bool| ModelConfig {
+        vocab_size,
+        tie_word_embeddings,
+        ..untied_config()
+    };
+    let flex = Device::flex();
+    for (name, config) in [
+        ("tied", vocab(64, true)),
+        ("untied", vocab(96, false)),
+        ("tied, vocab 61", tied_config()),
+    ] {
+        for bf16 in [false, true] {
+            let what = format!("{name}, {}", if bf16 { "bf16" } else { "f32" });
+            let mut init = RandomInit::new(7, 0.02, &flex);
+            let rows = if bf16 {
+                CausalLm::build(&config, &mut Bf16Matrices(init)).unwrap()
+            } else {
+                CausalLm::build(&config, &mut init).unwrap()
+            };
+            let panels = rows.clone().with_panel_matrices();
+            assert!(panels.model.layers[1].mlp.down_proj.panels, "{what}");
+            let head_packed = match &panels.lm_head {
+                Some(head) => head.panels,
+                None => panels.model.embed_tokens.panels,
+            };
+            assert_eq!(head_packed, config.vocab_size % 16 == 0, "{what}");
+            // A packed forward: rows of 1, 37, 70 tokens (the kernel's 6-row tiles and 48-row
+            // blocks, with ragged ends).
+            let v = config.vocab_size as i64;
+            let ids: Vec<i64> = (0..108).map(|i| i * 7 % v).collect();
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 108]), &flex);
+            let layout = Layout::Packed {
+                rows: vec![vec![1, 37, 70]],
+            };
+            let e = rel(
+                panels.forward(ids.clone(), &layout).unwrap(),
+                rows.forward(ids, &layout).unwrap(),
+            );
+            assert!(e <= 1e-5, "{what}: forward logits rel err {e:e}");
+            for (a, b) in cached_logits(&panels).into_iter().zip(cached_logits(&rows)) {
+                let e = rel(a, b);
+                assert!(e <= 1e-5, "{what}: decode logits rel err {e:e}");
+            }
+            let mut want = Vec::new();
+            rows.for_each_tensor(|name, data| want.push((name, data)));
+            let mut got = Vec::new();
+            panels.for_each_tensor(|name, data| got.push((name, data)));
+            assert_eq!(
+                got, want,
+                "{what}: tensors read back in Hugging Face layout"
+            );
+            assert_eq!(
+                panels.lm_head_weight().into_data(),
+                rows.lm_head_weight().into_data(),
+                "{what}"
+            );
+        }
+    }
+    // A packed model moved to a GPU backend gets its products from the row-major weights there.
+    if kernel_test_device("panel matrices on the kernel device").is_some() {
+        use burn::module::Module;
+        let rows = CausalLm::init(&vocab(64, true), 5, &Device::flex());
+        let panels = rows
+            .clone()
+            .with_panel_matrices()
+            .to_device(&kernel_device().without_autodiff());
+        for (a, b) in cached_logits(&panels).into_iter().zip(cached_logits(&rows)) {
+            let e = rel(a, b);
+            assert!(e <= 1e-5, "kernel device: cached logits rel err {e:e}");
+        }
+    }
+    // Training through panel-ordered weights takes the row-major path: the same gradients.
+    let config = vocab(64, true);
+    let rows = CausalLm::init(&config, 3, &device());
+    let panels = rows.clone().with_panel_matrices();
+    assert!(panels.model.embed_tokens.panels);
+    let ids: Vec<i64> = (0..40).map(|i| i * 5 % 64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 40]), &device());
+    let layout = Layout::Packed {
+        rows: vec![vec![40]],
+    };
+    let w = random([1, 40, 64], 9);
+    let loss = |m: &CausalLm| (m.forward(ids.clone(), &layout).unwrap() * w.clone()).sum();
+    let (gr, gp) = (loss(&rows).backward(), loss(&panels).backward());
+    let q = |m: &CausalLm| m.model.layers[0].self_attn.q_proj.row_major_weight();
+    let e = rel(
+        grail_kernels::row_order(
+            panels.model.layers[0]
+                .self_attn
+                .q_proj
+                .weight
+                .val()
+                .grad(&gp)
+                .unwrap(),
+        ),
+        q(&rows).grad(&gr).unwrap(),
+    );
+    assert!(e <= 1e-5, "gradient rel err {e:e}");
 }

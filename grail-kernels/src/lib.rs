@@ -53,7 +53,7 @@ pub mod swiglu;
 
 pub use attention::{CachedSpan, PagedSpan, cached_attention, paged_attention, varlen_attention};
 pub use device::parse_device;
-pub use linear::linear;
+pub use linear::{PANEL, linear, linear_panels, panel_order, row_order, to_panel_order};
 pub use logprob::{
     ChunkSizes, SelectiveLogProbs, gradient_surrogate, naive_selective_logprobs,
     selective_logprobs, selective_logprobs_backward, selective_logprobs_forward,

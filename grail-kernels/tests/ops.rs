@@ -414,6 +414,52 @@ fn op_linear_reads_a_bf16_weight_as_the_same_values_in_f32() {
     }
 }
 
+/// A weight in panel order gives the product of the row-major weight: on the kernel device (the
+/// CPU's panel kernel, or the row-major weight restored on a GPU backend), with f32 and bf16
+/// weights on the CPU, for row counts around the 6-row tiles and the 48-row blocks, widths that
+/// are no multiple of 8, and output widths of one and several panels. Reordering is exact both
+/// ways, and the host reorder gives what the tensor one does.
+#[test]
+fn op_linear_panels_equals_the_row_major_product() {
+    use burn::tensor::FloatDType;
+    use grail_kernels::{PANEL, linear, linear_panels, panel_order, row_order, to_panel_order};
+    for (rows, width, out) in [
+        (1, 19, 16),
+        (5, 67, 48),
+        (6, 8, 32),
+        (13, 133, 16),
+        (64, 19, 64),
+        (100, 37, 32),
+    ] {
+        let x = random([rows, width], 27).without_autodiff();
+        let w = random([out, width], 28).without_autodiff();
+        let packed = panel_order(w.clone());
+        let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        assert_eq!(values(row_order(packed.clone())), values(w.clone()));
+        assert_eq!(
+            values(packed.clone()),
+            to_panel_order(&values(w.clone()), out, width),
+            "host reorder"
+        );
+        let want = x.clone().matmul(w.clone().transpose());
+        let got = linear_panels(const_on_kernel(&x), const_on_kernel(&packed));
+        assert!(rel(got, want.clone()) <= 1e-5, "{rows} × {width} → {out}");
+        // bf16 on the CPU, read as it is stored: the row-major product's values.
+        let flex = Device::flex();
+        let (x, w16) = (
+            x.to_device(&flex),
+            w.to_device(&flex).cast(FloatDType::BF16),
+        );
+        let by_rows = linear(x.clone(), w16.clone());
+        let by_panels = linear_panels(x, panel_order(w16));
+        assert!(
+            rel(by_panels, by_rows) <= 1e-6,
+            "bf16: {rows} × {width} → {out}"
+        );
+    }
+    assert_eq!(PANEL, 16);
+}
+
 #[test]
 fn op_sum_squares_and_scale_match_tensor_math() {
     use grail_kernels::{scale, sum_squares};

@@ -46,15 +46,16 @@ impl WeightState {
 
     /// A model with the current weights. Weights sent at bf16 are held at bf16 where the
     /// kernels read them so (the CPU): the same values, half the memory and half the bytes each
-    /// decode step reads; each matrix is cast as it is built, so the f32 model never exists.
+    /// decode step reads; each matrix is cast as it is built, so the f32 model never exists. On
+    /// the CPU the matrices are then held in panel order for the decode kernel
+    /// ([`CausalLm::with_panel_matrices`]).
     pub fn build_model(&self, config: &ModelConfig, device: &Device) -> Result<CausalLm> {
         let mut source = NamedTensorSource::new(&self.tensors, device);
-        Ok(
-            if self.wire == WireDtype::Bf16 && grail_kernels::host_kernels(device) {
-                CausalLm::build(config, &mut Bf16Matrices(source))?
-            } else {
-                CausalLm::build(config, &mut source)?
-            },
-        )
+        let model = if self.wire == WireDtype::Bf16 && grail_kernels::host_kernels(device) {
+            CausalLm::build(config, &mut Bf16Matrices(source))?
+        } else {
+            CausalLm::build(config, &mut source)?
+        };
+        Ok(model.with_panel_matrices())
     }
 }

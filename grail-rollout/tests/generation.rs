@@ -861,10 +861,10 @@ fn sketches_commit_to_the_hidden_states_a_packed_forward_recomputes() {
     assert!(plain.iter().all(|g| g.sketches.is_empty()));
 }
 
-/// A worker holding weights sent at bf16 keeps its matrices at bf16 on the CPU: it generates the
-/// same tokens, log-probs and sketches, bit for bit, as a copy holding the same values at f32 (one
-/// sequence at a time and a batch of 12, through the few-row kernels), and the packed forward of a
-/// sequence above the few-row bound (through the GEMM) recomputes the same log-probs.
+/// A worker holding weights sent at bf16 keeps its matrices at bf16 (in panel order) on the CPU:
+/// it generates the same tokens, log-probs and sketches, bit for bit, as a copy holding the same
+/// values at f32 in the same order (one sequence at a time and a batch of 12), and the packed
+/// forward of 80 tokens recomputes the same log-probs.
 #[test]
 fn weights_held_at_bf16_generate_bit_for_bit_what_the_same_values_at_f32_do() {
     use burn::tensor::DType;
@@ -879,7 +879,9 @@ fn weights_held_at_bf16_generate_bit_for_bit_what_the_same_values_at_f32_do() {
         &config,
         &mut NamedTensorSource::new(state.tensors(), &device),
     )
-    .unwrap();
+    .unwrap()
+    .with_panel_matrices();
+    assert!(at_bf16.model.layers[0].mlp.up_proj.panels);
     assert_eq!(at_bf16.lm_head_weight().dtype(), DType::BF16);
     assert_eq!(at_f32.lm_head_weight().dtype(), DType::F32);
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, FloatDType, Int, Tensor};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorCreationOptions, TensorData};
 
 use super::kernels::Kernels;
 
@@ -20,6 +20,10 @@ pub struct Linear {
     /// The fused linear kernel or `matmul`.
     #[module(skip)]
     pub kernels: Kernels,
+    /// The weight is held in panel order ([`grail_kernels::panel_order`]) for the CPU's decode
+    /// kernel: a rollout copy ([`CausalLm::with_panel_matrices`](super::CausalLm::with_panel_matrices)).
+    #[module(skip)]
+    pub panels: bool,
 }
 
 impl Linear {
@@ -40,6 +44,7 @@ impl Linear {
             weight: Param::from_tensor(weight),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([out_features], device))),
             kernels: Kernels::default(),
+            panels: false,
         }
     }
 
@@ -50,18 +55,88 @@ impl Linear {
             self.weight.val(),
             self.bias.as_ref().map(Param::val),
             self.kernels,
+            self.panels,
         )
+    }
+
+    /// The weight `[out_features, in_features]` in Hugging Face's row-major layout, whatever
+    /// order it is held in.
+    pub fn row_major_weight(&self) -> Tensor<2> {
+        row_major(self.weight.val(), self.panels)
+    }
+
+    /// Holds the weight in panel order when its output features fill whole panels.
+    pub(crate) fn hold_in_panels(&mut self) {
+        hold_in_panels(&mut self.weight, &mut self.panels);
+    }
+}
+
+/// Reorders `weight` into panel order (and sets `panels`) when its rows fill whole panels.
+fn hold_in_panels(weight: &mut Param<Tensor<2>>, panels: &mut bool) {
+    if !*panels && weight.dims()[0].is_multiple_of(grail_kernels::PANEL) {
+        *weight = take_param(weight).map(panel_order);
+        *panels = true;
+    }
+}
+
+/// The param out of `slot` (an empty one left there), so that its tensor has no other handle
+/// and can be reordered without a copy of the old layout staying alive.
+fn take_param(slot: &mut Param<Tensor<2>>) -> Param<Tensor<2>> {
+    let device = slot.device();
+    std::mem::replace(slot, Param::from_tensor(Tensor::empty([0, 0], &device)))
+}
+
+/// `w` in panel order, stored contiguously (the CPU kernel reads the buffer as it lies). The
+/// host's f32 and bf16 matrices are reordered in one copy (the lm_head is the largest matrix:
+/// a round trip through tensor ops would hold it four times at once).
+fn panel_order(w: Tensor<2>) -> Tensor<2> {
+    let ([out, inp], device, trained) = (w.dims(), w.device(), w.is_require_grad());
+    let data = w.into_data();
+    let packed = match data.dtype() {
+        DType::F32 => data
+            .as_slice::<f32>()
+            .ok()
+            .map(|v| TensorData::new(grail_kernels::to_panel_order(v, out, inp), [out, inp])),
+        DType::BF16 => data
+            .as_slice::<half::bf16>()
+            .ok()
+            .map(|v| TensorData::new(grail_kernels::to_panel_order(v, out, inp), [out, inp])),
+        _ => None,
+    };
+    let dtype = data.dtype();
+    let options = TensorCreationOptions::new(device).with_dtype(dtype);
+    let data = match packed {
+        Some(packed) => packed,
+        None => grail_kernels::panel_order(Tensor::from_data(data, options.clone())).into_data(),
+    };
+    let packed = Tensor::from_data(data, options);
+    if trained {
+        packed.require_grad()
+    } else {
+        packed
+    }
+}
+
+/// `w` (held in panel order when `panels`) in row-major layout.
+fn row_major(w: Tensor<2>, panels: bool) -> Tensor<2> {
+    if panels {
+        grail_kernels::row_order(w)
+    } else {
+        w
     }
 }
 
 /// `x · weightᵀ + bias` over the last dimension, with `weight` `[out, in]`. The fused kernel
 /// multiplies by the weight in place and its weight gradient comes out contiguous (see
 /// [`grail_kernels::linear`]).
+/// A `weight` held in panel order (`panels`) goes through the panel kernel, or back to row-major
+/// where a gradient must flow or the fused kernels are off.
 pub(crate) fn project<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
     kernels: Kernels,
+    panels: bool,
 ) -> Tensor<D> {
     let dims = x.dims();
     let in_features = dims[D - 1];
@@ -69,10 +144,14 @@ pub(crate) fn project<const D: usize>(
     let out_features = weight.dims()[0];
     let x = x.reshape([rows, in_features]);
     let y = if kernels.fuse(&weight) {
-        grail_kernels::linear(x, weight)
+        if panels && !x.device().is_autodiff() {
+            grail_kernels::linear_panels(x, weight)
+        } else {
+            grail_kernels::linear(x, row_major(weight, panels))
+        }
     } else {
         // bf16 matrices (built through `Bf16Matrices`) meet the f32 activations widened.
-        x.matmul(weight.cast(FloatDType::F32).transpose())
+        x.matmul(row_major(weight, panels).cast(FloatDType::F32).transpose())
     };
     let y = match bias {
         Some(b) => y + b.unsqueeze::<2>(),
@@ -131,6 +210,10 @@ impl RmsNorm {
 pub struct Embedding {
     /// `[vocab_size, hidden_size]`.
     pub weight: Param<Tensor<2>>,
+    /// The table is held in panel order: it is the tied lm_head of a rollout copy (see
+    /// [`Linear::panels`]); lookups gather each row's values from its panel.
+    #[module(skip)]
+    pub panels: bool,
 }
 
 impl Embedding {
@@ -143,18 +226,41 @@ impl Embedding {
         );
         Self {
             weight: Param::from_tensor(weight),
+            panels: false,
         }
     }
 
     /// Looks up ids `[rows, cols]`, giving `[rows, cols, hidden]`.
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let [rows, cols] = ids.dims();
+        let n = rows * cols;
         let weight = self.weight.val();
-        let hidden = weight.dims()[1];
-        weight
-            .select(0, ids.reshape([rows * cols]))
-            .cast(FloatDType::F32)
-            .reshape([rows, cols, hidden])
+        let [vocab, hidden] = weight.dims();
+        let ids = ids.reshape([n]);
+        let found = if self.panels {
+            // Token t's values are lane t % 16 of panel t / 16, `[hidden, 16]`.
+            let lanes = grail_kernels::PANEL;
+            let panel = ids.clone().div_scalar(lanes as i64);
+            let lane = ids.remainder_scalar(lanes as i64).reshape([n, 1, 1]);
+            weight
+                .reshape([vocab / lanes, hidden, lanes])
+                .select(0, panel)
+                .gather(2, lane.expand([n, hidden, 1]))
+        } else {
+            weight.select(0, ids).reshape([n, hidden, 1])
+        };
+        found.cast(FloatDType::F32).reshape([rows, cols, hidden])
+    }
+
+    /// The table `[vocab, hidden]` in row-major layout, whatever order it is held in.
+    pub fn row_major_weight(&self) -> Tensor<2> {
+        row_major(self.weight.val(), self.panels)
+    }
+
+    /// Holds the table in panel order (for the logits of a tied lm_head) when the vocabulary
+    /// fills whole panels.
+    pub(crate) fn hold_in_panels(&mut self) {
+        hold_in_panels(&mut self.weight, &mut self.panels);
     }
 }
 

@@ -129,6 +129,7 @@ impl CausalLm {
             weight: t.matrix(TensorId::Layer(l, LayerTensor::Weight(p))),
             bias: t.optional_vector(TensorId::Layer(l, LayerTensor::Bias(p))),
             kernels: Kernels::Fused,
+            panels: false,
         };
         let optional_norm = |t: &mut Taken, id: TensorId| {
             t.optional_vector(id).map(|weight| RmsNorm {
@@ -172,6 +173,7 @@ impl CausalLm {
             model: DecoderModel {
                 embed_tokens: Embedding {
                     weight: t.matrix(TensorId::EmbedTokens),
+                    panels: false,
                 },
                 layers,
                 norm: norm(t, TensorId::Norm),
@@ -180,6 +182,7 @@ impl CausalLm {
                 weight,
                 bias: None,
                 kernels: Kernels::Fused,
+                panels: false,
             }),
             config: config.clone(),
             kernels: Kernels::Fused,
@@ -204,10 +207,10 @@ impl CausalLm {
     fn tensor_data(&self, id: TensorId) -> TensorData {
         let missing = || panic!("{id:?} is not a tensor of this model");
         match id {
-            TensorId::EmbedTokens => self.model.embed_tokens.weight.val().into_data(),
+            TensorId::EmbedTokens => self.model.embed_tokens.row_major_weight().into_data(),
             TensorId::Norm => self.model.norm.weight.val().into_data(),
             TensorId::LmHead => match &self.lm_head {
-                Some(head) => head.weight.val().into_data(),
+                Some(head) => head.row_major_weight().into_data(),
                 None => missing(),
             },
             TensorId::Layer(l, tensor) => {
@@ -229,7 +232,7 @@ impl CausalLm {
                             None => missing(),
                         }
                     }
-                    LayerTensor::Weight(p) => layer.projection(p).weight.val().into_data(),
+                    LayerTensor::Weight(p) => layer.projection(p).row_major_weight().into_data(),
                     LayerTensor::Bias(p) => match &layer.projection(p).bias {
                         Some(bias) => bias.val().into_data(),
                         None => missing(),
@@ -475,15 +478,56 @@ impl CausalLm {
     /// path multiplies hidden states by it chunk by chunk.
     pub fn lm_head_weight(&self) -> Tensor<2> {
         match &self.lm_head {
-            Some(head) => head.weight.val(),
-            None => self.model.embed_tokens.weight.val(),
+            Some(head) => head.row_major_weight(),
+            None => self.model.embed_tokens.row_major_weight(),
         }
     }
 
     /// Logits `[..., vocab]` from final hidden states `[..., hidden]` (through the fused linear
     /// kernel when the model runs fused ops, as every other projection does).
     pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
-        layers::project(hidden, self.lm_head_weight(), None, self.kernels)
+        let (weight, panels) = match &self.lm_head {
+            Some(head) => (head.weight.val(), head.panels),
+            None => (
+                self.model.embed_tokens.weight.val(),
+                self.model.embed_tokens.panels,
+            ),
+        };
+        layers::project(hidden, weight, None, self.kernels, panels)
+    }
+
+    /// This model with its matrices in panel order for the CPU's linear kernel (an inference
+    /// copy: rollout workers build theirs so): every projection, and the lm_head (the embedding
+    /// table when tied), whose output features fill whole panels of
+    /// [`grail_kernels::PANEL`]. The product of a few rows (a decode step) runs faster than
+    /// over the row-major weight and a prefill's as fast (docs/benchmarks.md), in the same
+    /// memory; the values,
+    /// tensors ([`for_each_tensor`](Self::for_each_tensor)) and [`lm_head_weight`](Self::lm_head_weight) are
+    /// unchanged. Only where the fused kernels run on the CPU; elsewhere the model is returned
+    /// as it is. Training through it works (the gradient takes the row-major path) but gains
+    /// nothing.
+    pub fn with_panel_matrices(mut self) -> Self {
+        if !self.uses_fused_ops() || !grail_kernels::host_kernels(&self.device()) {
+            return self;
+        }
+        for layer in &mut self.model.layers {
+            for proj in [
+                &mut layer.self_attn.q_proj,
+                &mut layer.self_attn.k_proj,
+                &mut layer.self_attn.v_proj,
+                &mut layer.self_attn.o_proj,
+                &mut layer.mlp.gate_proj,
+                &mut layer.mlp.up_proj,
+                &mut layer.mlp.down_proj,
+            ] {
+                proj.hold_in_panels();
+            }
+        }
+        match &mut self.lm_head {
+            Some(head) => head.hold_in_panels(),
+            None => self.model.embed_tokens.hold_in_panels(),
+        }
+        self
     }
 
     /// The log-prob of each completion token given the prompt and the tokens before it:

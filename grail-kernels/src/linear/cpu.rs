@@ -9,6 +9,7 @@ use burn::backend::flex::FlexTensor;
 use half::bf16;
 
 use super::LinearOps;
+use super::panels::panel_forward;
 use rayon::prelude::*;
 
 use crate::cpu_gemm::{View, dot, product_parallel};
@@ -296,6 +297,16 @@ impl LinearOps for Flex {
             // A rollout copy's weight, read as it is stored.
             Some(w) => linear_forward(&x, w, n, in_f, out_f),
             _ => linear_forward(&x, &host(&w), n, in_f, out_f),
+        };
+        flex(y, [n, out_f])
+    }
+
+    fn fused_linear_panels_forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let (n, in_f, out_f) = (x.shape()[0], x.shape()[1], w.shape()[0]);
+        let x = host(&x);
+        let y = match w.as_slice::<bf16>() {
+            Some(w) => panel_forward(&x, w, n, in_f, out_f),
+            _ => panel_forward(&x, &host(&w), n, in_f, out_f),
         };
         flex(y, [n, out_f])
     }

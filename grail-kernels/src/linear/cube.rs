@@ -6,11 +6,26 @@
 use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 
+use burn::backend::TensorMetadata;
+use burn::backend::ops::FloatTensorOps;
+use burn::tensor::Shape;
+
 use super::LinearOps;
+use super::panels::PANEL;
 use crate::cube_gemm::product;
 
 impl LinearOps for CubeBackend {
     fn fused_linear_forward(x: CubeTensor, w: CubeTensor) -> CubeTensor {
+        product(x, false, w, true)
+    }
+
+    fn fused_linear_panels_forward(x: CubeTensor, w: CubeTensor) -> CubeTensor {
+        // Back to row-major (panels are packed for the CPU kernel; a copy moved here still
+        // multiplies correctly).
+        let [out, inp] = [w.shape()[0], w.shape()[1]];
+        let w = CubeBackend::float_reshape(w, Shape::new([out / PANEL, inp, PANEL]));
+        let w = CubeBackend::float_swap_dims(w, 1, 2);
+        let w = CubeBackend::float_reshape(w, Shape::new([out, inp]));
         product(x, false, w, true)
     }
 

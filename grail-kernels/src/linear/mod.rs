@@ -16,6 +16,9 @@ use crate::autodiff::give;
 mod cpu;
 #[cfg(any(feature = "vulkan", feature = "cuda"))]
 mod cube;
+mod panels;
+
+pub use panels::{PANEL, to_panel_order};
 
 /// The linear product and its backward; `fused_linear` is differentiable.
 #[backend_extension(Flex, Cube: cfg(any(feature = "vulkan", feature = "cuda")), Autodiff)]
@@ -26,6 +29,10 @@ pub trait LinearOps: Backend {
     }
     /// Kernel: the product.
     fn fused_linear_forward(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Kernel: `x [N, in] · Wᵀ` for `W` `[out, in]` in panel order (see [`linear_panels`]); no
+    /// gradient.
+    fn fused_linear_panels_forward(x: FloatTensor<Self>, w: FloatTensor<Self>)
+    -> FloatTensor<Self>;
     /// Kernel: `(dx, dW)`.
     fn fused_linear_backward(
         x: FloatTensor<Self>,
@@ -71,6 +78,16 @@ impl<B: LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C> {
         ))
     }
 
+    fn fused_linear_panels_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_linear_panels_forward(
+            x.into_primitive(),
+            w.into_primitive(),
+        ))
+    }
+
     fn fused_linear_backward(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
@@ -94,4 +111,45 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         x.into_dispatch(),
         w.into_dispatch(),
     ))
+}
+
+/// [`linear`] for a weight `W` `[out, in]` held in panel order ([`panel_order`]; `out` a
+/// multiple of [`PANEL`]): on the CPU one kernel reads each 16-feature panel once per call and
+/// keeps whole output rows in registers (rollout copies are packed once, when built). Another
+/// device gets the row-major weight back first. No gradient flows through it.
+pub fn linear_panels(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    let w = if crate::supported_weight(&w.device(), w.dtype()) {
+        w
+    } else {
+        w.cast(FloatDType::F32)
+    };
+    Tensor::from_dispatch(<Dispatch as LinearOps>::fused_linear_panels_forward(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
+/// `w` `[out, in]` (row-major) reordered into panel order, on its device; see
+/// [`linear_panels`]. `out` must be a multiple of [`PANEL`].
+pub fn panel_order(w: Tensor<2>) -> Tensor<2> {
+    let [out, inp] = w.dims();
+    assert!(
+        out.is_multiple_of(PANEL),
+        "panel_order: {out} rows is not a multiple of {PANEL}"
+    );
+    w.reshape([out / PANEL, PANEL, inp])
+        .swap_dims(1, 2)
+        .reshape([out, inp])
+}
+
+/// The row-major `[out, in]` weight of `w`, a weight in panel order ([`panel_order`]).
+pub fn row_order(w: Tensor<2>) -> Tensor<2> {
+    let [out, inp] = w.dims();
+    assert!(
+        out.is_multiple_of(PANEL),
+        "row_order: {out} rows is not a multiple of {PANEL}"
+    );
+    w.reshape([out / PANEL, inp, PANEL])
+        .swap_dims(1, 2)
+        .reshape([out, inp])
 }
