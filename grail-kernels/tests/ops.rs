@@ -417,7 +417,8 @@ fn op_linear_reads_a_bf16_weight_as_the_same_values_in_f32() {
 /// A weight in panel order gives the product of the row-major weight: on the kernel device (the
 /// CPU's panel kernel, or the row-major weight restored on a GPU backend), with f32 and bf16
 /// weights on the CPU, for row counts around the 6-row tiles and the 48-row blocks, widths that
-/// are no multiple of 8, and output widths of one and several panels. Reordering is exact both
+/// are no multiple of 8, output widths of one and several panels, and a weight split over several
+/// tasks (one panel each at 2,100 inputs). Reordering is exact both
 /// ways, and the host reorder gives what the tensor one does.
 #[test]
 fn op_linear_panels_equals_the_row_major_product() {
@@ -430,6 +431,7 @@ fn op_linear_panels_equals_the_row_major_product() {
         (13, 133, 16),
         (64, 19, 64),
         (100, 37, 32),
+        (7, 2100, 48),
     ] {
         let x = random([rows, width], 27).without_autodiff();
         let w = random([out, width], 28).without_autodiff();

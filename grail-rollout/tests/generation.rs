@@ -801,9 +801,9 @@ fn recomputed_sketches(
     coefficients.sketches(&hidden[(prompt.len() - 1) * size..(n - 1) * size], size)
 }
 
-/// The sketches a worker records while it decodes (paged or per-sequence caches) are those of
-/// the hidden states a trainer's packed forward recomputes for the same tokens, and not those of
-/// another model's.
+/// The sketches a worker records while it decodes (paged or per-sequence caches, its matrices in
+/// panel order as workers hold them) are those of the hidden states a trainer's packed forward of
+/// the row-major model recomputes for the same tokens, and not those of another model's.
 #[test]
 fn sketches_commit_to_the_hidden_states_a_packed_forward_recomputes() {
     let seed = [7u8; 32];
@@ -815,7 +815,8 @@ fn sketches_commit_to_the_hidden_states_a_packed_forward_recomputes() {
             sketch_seed: Some(seed),
             ..sampled(4)
         };
-        let (out, _) = generate_all(&model, &cfg, &group_prompts(), 3);
+        let worker = model.clone().with_panel_matrices();
+        let (out, _) = generate_all(&worker, &cfg, &group_prompts(), 3);
         let (mut positions, mut exact, mut exact_other, mut near_other) = (0, 0, 0, 0);
         for g in &out {
             assert_eq!(g.sketches.len(), g.ids.len());

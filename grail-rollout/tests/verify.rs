@@ -92,8 +92,20 @@ fn sample(g: &Generated) -> Sample {
 
 fn generated(model: &CausalLm, max_batch: usize, groups: usize) -> Vec<Generated> {
     let mut out = Vec::new();
-    generate(model, &config(max_batch), requests(groups), |g| out.push(g)).unwrap();
+    generate(
+        &worker_copy(model),
+        &config(max_batch),
+        requests(groups),
+        |g| out.push(g),
+    )
+    .unwrap();
     out
+}
+
+/// `model` as a rollout worker holds it: its matrices in panel order on the CPU (the verifier
+/// recomputes with the row-major model, as a trainer holds it).
+fn worker_copy(model: &CausalLm) -> CausalLm {
+    model.clone().with_panel_matrices()
 }
 
 /// Checks every completion with `models` (index = version); the rejections.
@@ -183,7 +195,13 @@ fn honest_workers_pass_whatever_their_batch_kernels_or_weight_updates() {
     }
     // Version 1 arrives mid-completion: each token is checked with its own version's weights.
     let (old, new) = (model(1), model(2));
-    let (out, _) = generate_switching(&old, &new, &config(8), requests(8), 8);
+    let (out, _) = generate_switching(
+        &worker_copy(&old),
+        &worker_copy(&new),
+        &config(8),
+        requests(8),
+        8,
+    );
     assert!(
         out.iter()
             .any(|g| g.versions.windows(2).any(|w| w[0] != w[1]))
@@ -195,7 +213,8 @@ fn honest_workers_pass_whatever_their_batch_kernels_or_weight_updates() {
     checked += out.len();
     // Peaked distributions, as a trained model's. With the GEMM in decode, one challenged sketch
     // of the ×16 ones differed from the packed forward's (an activation on a bucket's edge), which
-    // an all-32 rule refused; any change of the decode arithmetic can bring such a flip back.
+    // an all-32 rule refused; any change of the decode arithmetic (the workers' panel-order
+    // matrices are one) can bring such a flip back.
     for scale in [4.0, 16.0] {
         let model = sharpened(1, scale);
         let out = generated(&model, 8, 64);

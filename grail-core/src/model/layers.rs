@@ -1,5 +1,6 @@
-//! The building blocks of the decoder, each holding its weights in Hugging Face layout so that a
-//! checkpoint maps onto them name by name.
+//! The building blocks of the decoder, each holding its weights in Hugging Face's shapes so that a
+//! checkpoint maps onto them name by name (a rollout copy on the CPU holds its matrices in panel
+//! order: `row_major_weight` reads them in Hugging Face's layout).
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
@@ -7,7 +8,8 @@ use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorCreationOptions
 
 use super::kernels::Kernels;
 
-/// A dense layer `y = x · Wᵀ + b` with `W` stored as Hugging Face stores it: `[out, in]`.
+/// A dense layer `y = x · Wᵀ + b` with `W` `[out, in]` as Hugging Face stores it (or in panel
+/// order, see [`Linear::panels`]).
 ///
 /// # Shapes
 /// - input `[..., in]`, output `[..., out]`.
@@ -22,6 +24,7 @@ pub struct Linear {
     pub kernels: Kernels,
     /// The weight is held in panel order ([`grail_kernels::panel_order`]) for the CPU's decode
     /// kernel: a rollout copy ([`CausalLm::with_panel_matrices`](super::CausalLm::with_panel_matrices)).
+    /// burn records (`into_record`, `save_file`) carry no such flag: they hold the panel order.
     #[module(skip)]
     pub panels: bool,
 }
@@ -238,16 +241,21 @@ impl Embedding {
         let [vocab, hidden] = weight.dims();
         let ids = ids.reshape([n]);
         let found = if self.panels {
-            // Token t's values are lane t % 16 of panel t / 16, `[hidden, 16]`.
-            let lanes = grail_kernels::PANEL;
-            let panel = ids.clone().div_scalar(lanes as i64);
-            let lane = ids.remainder_scalar(lanes as i64).reshape([n, 1, 1]);
+            // Value h of token t sits at (t / 16) · hidden · 16 + h · 16 + t % 16.
+            let lanes = grail_kernels::PANEL as i64;
+            let start = ids
+                .clone()
+                .div_scalar(lanes)
+                .mul_scalar(hidden as i64 * lanes)
+                + ids.remainder_scalar(lanes);
+            let along =
+                Tensor::<1, Int>::arange(0..hidden as i64, &weight.device()).mul_scalar(lanes);
+            let at = start.reshape([n, 1]) + along.reshape([1, hidden]);
             weight
-                .reshape([vocab / lanes, hidden, lanes])
-                .select(0, panel)
-                .gather(2, lane.expand([n, hidden, 1]))
+                .reshape([vocab * hidden])
+                .select(0, at.reshape([n * hidden]))
         } else {
-            weight.select(0, ids).reshape([n, hidden, 1])
+            weight.select(0, ids).reshape([n * hidden])
         };
         found.cast(FloatDType::F32).reshape([rows, cols, hidden])
     }

@@ -500,12 +500,13 @@ impl CausalLm {
     /// copy: rollout workers build theirs so): every projection, and the lm_head (the embedding
     /// table when tied), whose output features fill whole panels of
     /// [`grail_kernels::PANEL`]. The product of a few rows (a decode step) runs faster than
-    /// over the row-major weight and a prefill's as fast (docs/benchmarks.md), in the same
+    /// over the row-major weight and a prefill's about as fast (docs/benchmarks.md), in the same
     /// memory; the values,
     /// tensors ([`for_each_tensor`](Self::for_each_tensor)) and [`lm_head_weight`](Self::lm_head_weight) are
     /// unchanged. Only where the fused kernels run on the CPU; elsewhere the model is returned
     /// as it is. Training through it works (the gradient takes the row-major path) but gains
-    /// nothing.
+    /// nothing. Save its weights through [`for_each_tensor`](Self::for_each_tensor), not a burn
+    /// record, which would hold the panel order under Hugging Face's names.
     pub fn with_panel_matrices(mut self) -> Self {
         if !self.uses_fused_ops() || !grail_kernels::host_kernels(&self.device()) {
             return self;

@@ -1,5 +1,6 @@
-//! The CPU linear kernels: the shared GEMM over the weight read in place; at a few rows, dot
-//! products that also read bf16 weights (rollout copies) as they are, widening each on load.
+//! The CPU linear kernels over a row-major weight: the shared GEMM over the weight read in place;
+//! at a few rows, dot products that also read bf16 weights as they are, widening each on load.
+//! (Rollout copies hold their matrices in panel order instead: `panels.rs`.)
 
 use std::borrow::Cow;
 
@@ -294,7 +295,7 @@ impl LinearOps for Flex {
         let (n, in_f, out_f) = (x.shape()[0], x.shape()[1], w.shape()[0]);
         let x = host(&x);
         let y = match w.as_slice::<bf16>() {
-            // A rollout copy's weight, read as it is stored.
+            // A bf16 weight, read as it is stored.
             Some(w) => linear_forward(&x, w, n, in_f, out_f),
             _ => linear_forward(&x, &host(&w), n, in_f, out_f),
         };

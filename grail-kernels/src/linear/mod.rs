@@ -118,6 +118,12 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 /// keeps whole output rows in registers (rollout copies are packed once, when built). Another
 /// device gets the row-major weight back first. No gradient flows through it.
 pub fn linear_panels(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    let ([_, inp], [out, w_inp]) = (x.dims(), w.dims());
+    assert!(
+        inp == w_inp && out.is_multiple_of(PANEL),
+        "linear_panels: inputs of {inp} features against a [{out}, {w_inp}] weight (rows a \
+         multiple of {PANEL})"
+    );
     let w = if crate::supported_weight(&w.device(), w.dtype()) {
         w
     } else {

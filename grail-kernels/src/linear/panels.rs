@@ -31,6 +31,9 @@ pub fn to_panel_order<T: Copy>(w: &[T], out: usize, inp: usize) -> Vec<T> {
         "to_panel_order: {} values for [{out}, {inp}] (rows a multiple of {PANEL})",
         w.len()
     );
+    if inp == 0 {
+        return Vec::new();
+    }
     let mut packed = Vec::with_capacity(w.len());
     for panel in w.chunks_exact(PANEL * inp) {
         for k in 0..inp {
