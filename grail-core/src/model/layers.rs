@@ -95,22 +95,11 @@ fn take_param(slot: &mut Param<Tensor<2>>) -> Param<Tensor<2>> {
 fn panel_order(w: Tensor<2>) -> Tensor<2> {
     let ([out, inp], device, trained) = (w.dims(), w.device(), w.is_require_grad());
     let data = w.into_data();
-    let packed = match data.dtype() {
-        DType::F32 => data
-            .as_slice::<f32>()
-            .ok()
-            .map(|v| TensorData::new(grail_kernels::to_panel_order(v, out, inp), [out, inp])),
-        DType::BF16 => data
-            .as_slice::<half::bf16>()
-            .ok()
-            .map(|v| TensorData::new(grail_kernels::to_panel_order(v, out, inp), [out, inp])),
-        _ => None,
-    };
-    let dtype = data.dtype();
-    let options = TensorCreationOptions::new(device).with_dtype(dtype);
-    let data = match packed {
-        Some(packed) => packed,
-        None => grail_kernels::panel_order(Tensor::from_data(data, options.clone())).into_data(),
+    let options = TensorCreationOptions::new(device).with_dtype(data.dtype());
+    let data = match data.dtype() {
+        DType::F32 => reordered::<f32>(&data, out, inp),
+        DType::BF16 => reordered::<half::bf16>(&data, out, inp),
+        _ => grail_kernels::panel_order(Tensor::from_data(data, options.clone())).into_data(),
     };
     let packed = Tensor::from_data(data, options);
     if trained {
@@ -120,8 +109,14 @@ fn panel_order(w: Tensor<2>) -> Tensor<2> {
     }
 }
 
+/// The values of `data` `[out, inp]` (of element type `E`) in panel order.
+fn reordered<E: burn::tensor::Element>(data: &TensorData, out: usize, inp: usize) -> TensorData {
+    let values = data.as_slice::<E>().expect("the caller matched the dtype");
+    TensorData::new(grail_kernels::to_panel_order(values, out, inp), [out, inp])
+}
+
 /// `w` (held in panel order when `panels`) in row-major layout.
-fn row_major(w: Tensor<2>, panels: bool) -> Tensor<2> {
+pub(crate) fn row_major(w: Tensor<2>, panels: bool) -> Tensor<2> {
     if panels {
         grail_kernels::row_order(w)
     } else {

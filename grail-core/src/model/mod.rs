@@ -477,22 +477,26 @@ impl CausalLm {
     /// The lm_head weight `[vocab, hidden]` (the embedding matrix when tied); the fused log-prob
     /// path multiplies hidden states by it chunk by chunk.
     pub fn lm_head_weight(&self) -> Tensor<2> {
+        let (weight, panels) = self.held_lm_head();
+        layers::row_major(weight, panels)
+    }
+
+    /// The lm_head weight as it is held (the embedding matrix when tied), and whether in panel
+    /// order.
+    fn held_lm_head(&self) -> (Tensor<2>, bool) {
         match &self.lm_head {
-            Some(head) => head.row_major_weight(),
-            None => self.model.embed_tokens.row_major_weight(),
+            Some(head) => (head.weight.val(), head.panels),
+            None => (
+                self.model.embed_tokens.weight.val(),
+                self.model.embed_tokens.panels,
+            ),
         }
     }
 
     /// Logits `[..., vocab]` from final hidden states `[..., hidden]` (through the fused linear
     /// kernel when the model runs fused ops, as every other projection does).
     pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
-        let (weight, panels) = match &self.lm_head {
-            Some(head) => (head.weight.val(), head.panels),
-            None => (
-                self.model.embed_tokens.weight.val(),
-                self.model.embed_tokens.panels,
-            ),
-        };
+        let (weight, panels) = self.held_lm_head();
         layers::project(hidden, weight, None, self.kernels, panels)
     }
 

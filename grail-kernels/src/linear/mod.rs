@@ -102,15 +102,19 @@ impl<B: LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C> {
 /// `x [N, in] · Wᵀ` for a weight `W` `[out, in]` in Hugging Face layout. A weight whose dtype
 /// the device's kernel does not read as it is (bf16 off the CPU) is widened to f32 first.
 pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
-    let w = if crate::supported_weight(&w.device(), w.dtype()) {
+    Tensor::from_dispatch(<Dispatch as LinearOps>::fused_linear(
+        x.into_dispatch(),
+        readable(w).into_dispatch(),
+    ))
+}
+
+/// `w` in a dtype the device's kernel reads as it is (bf16 off the CPU widened to f32).
+fn readable(w: Tensor<2>) -> Tensor<2> {
+    if crate::supported_weight(&w.device(), w.dtype()) {
         w
     } else {
         w.cast(FloatDType::F32)
-    };
-    Tensor::from_dispatch(<Dispatch as LinearOps>::fused_linear(
-        x.into_dispatch(),
-        w.into_dispatch(),
-    ))
+    }
 }
 
 /// [`linear`] for a weight `W` `[out, in]` held in panel order ([`panel_order`]; `out` a
@@ -124,14 +128,9 @@ pub fn linear_panels(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         "linear_panels: inputs of {inp} features against a [{out}, {w_inp}] weight (rows a \
          multiple of {PANEL})"
     );
-    let w = if crate::supported_weight(&w.device(), w.dtype()) {
-        w
-    } else {
-        w.cast(FloatDType::F32)
-    };
     Tensor::from_dispatch(<Dispatch as LinearOps>::fused_linear_panels_forward(
         x.into_dispatch(),
-        w.into_dispatch(),
+        readable(w).into_dispatch(),
     ))
 }
 
